@@ -1,0 +1,42 @@
+"""The ``signbridge`` command."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import SignbridgeError
+from .admin import admin
+from .demo import demo
+from .server import server
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="signbridge")
+def cli() -> None:
+    """Sign with the tools you know, with keys you never hold."""
+
+
+cli.add_command(server)
+cli.add_command(admin)
+cli.add_command(demo)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False, prog_name="signbridge")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except SignbridgeError as exc:
+        click.echo(f"signbridge: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,153 @@
+"""``signbridge server``: create a data directory and run the signing service."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import UsageError
+from ..server.database import redact_url
+from ..server.datadir import init_data_dir, open_data_dir
+from ..server.demo_org import create_demo
+from ..server.keystores.factory import describe_keystore
+from .common import data_dir_option, print_json
+
+
+@click.group()
+def server() -> None:
+    """Create a data directory and run the signing service."""
+
+
+def _keystore_settings(kind: str, module: str | None, label: str | None, pin_env: str | None, pin_file: str | None) -> dict[str, Any]:
+    if kind == "software":
+        return {"backend": "software"}
+    if not module or not label:
+        raise UsageError("--keystore pkcs11 needs --pkcs11-module and --pkcs11-token-label")
+    if bool(pin_env) == bool(pin_file):
+        raise UsageError("--keystore pkcs11 needs exactly one of --pkcs11-pin-env or --pkcs11-pin-file")
+    settings: dict[str, Any] = {"backend": "pkcs11", "module": module, "tokenLabel": label}
+    settings["pinEnv" if pin_env else "pinFile"] = pin_env or str(Path(pin_file).resolve())  # type: ignore[arg-type]
+    return settings
+
+
+@server.command()
+@data_dir_option
+@click.option("--demo", is_flag=True, help="Also create the Demo Corp organization, its CA, policies and CI user.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--keystore", type=click.Choice(["software", "pkcs11"]), default="software", show_default=True)
+@click.option("--pkcs11-module", help="PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so).")
+@click.option("--pkcs11-token-label", help="Label of the token that holds the keys.")
+@click.option("--pkcs11-pin-env", metavar="VAR", help="Environment variable that holds the token's user PIN.")
+@click.option("--pkcs11-pin-file", metavar="FILE", help="File that holds the token's user PIN.")
+def init(
+    data_dir: Path,
+    database_url: str | None,
+    demo: bool,
+    as_json: bool,
+    keystore: str,
+    pkcs11_module: str | None,
+    pkcs11_token_label: str | None,
+    pkcs11_pin_env: str | None,
+    pkcs11_pin_file: str | None,
+) -> None:
+    """Create a data directory (and, with --demo, the demo organization)."""
+    settings = _keystore_settings(keystore, pkcs11_module, pkcs11_token_label, pkcs11_pin_env, pkcs11_pin_file)
+    store = init_data_dir(data_dir, database_url=database_url, keystore=settings)
+    try:
+        result: dict[str, Any] = {
+            "dataDir": str(store.settings.data_dir),
+            "databaseUrl": redact_url(store.settings.database_url),
+            "keystore": describe_keystore(store.settings.keystore),
+        }
+        if demo:
+            with store.session() as session:
+                info = create_demo(session, store.keystore)
+            root = store.settings.data_dir / "demo-root.pem"
+            root.write_text(info.root_pem)
+            result |= {
+                "organizationId": info.organization_id,
+                "apiToken": info.api_token,
+                "projectSlug": info.project_slug,
+                "signingPolicySlugs": list(info.policy_slugs),
+                "ciUser": info.ci_user,
+                "rootCertificate": str(root),
+            }
+    finally:
+        store.close()
+    if as_json:
+        print_json(result)
+        return
+    click.echo(f"Created the signbridge data directory {result['dataDir']}")
+    click.echo(f"  database: {result['databaseUrl']}")
+    click.echo(f"  keystore: {result['keystore']}")
+    if demo:
+        click.echo(f"Created the organization Demo Corp ({result['organizationId']}) with project 'demo' and the")
+        click.echo("signing policies release-signing, installer-signing and ecdsa-signing; CI user 'demo-ci'.")
+        click.echo(f"Demo root certificate: {result['rootCertificate']}")
+        click.echo("The API token is shown only now. To use it:")
+        click.echo(f"  export SIGNPATH_ORGANIZATION_ID={result['organizationId']}")
+        click.echo(f"  export SIGNPATH_API_TOKEN={result['apiToken']}")
+        click.echo("  export SIGNPATH_API_URL=http://127.0.0.1:8443/Api   # where `signbridge server run` listens")
+        click.echo(f"  export SIGNBRIDGE_ANCHORS={result['rootCertificate']}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@server.command()
+@data_dir_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True)
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate (chain) for HTTPS.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key for HTTPS.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Worker processes.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
+@click.option("--access-log/--no-access-log", default=True, show_default=True)
+def run(
+    data_dir: Path,
+    database_url: str | None,
+    host: str,
+    port: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+    workers: int,
+    log_level: str,
+    access_log: bool,
+) -> None:
+    """Run the signing service (uvicorn) until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    store = open_data_dir(data_dir, database_url=database_url)  # fails early, before workers start
+    store.close()
+    if not tls_cert and not _is_loopback(host):
+        click.echo(f"signbridge: warning: serving plain HTTP on {host}; use --tls-cert/--tls-key", err=True)
+    os.environ["SIGNBRIDGE_DATA_DIR"] = str(data_dir.resolve())
+    if database_url:
+        os.environ["SIGNBRIDGE_DATABASE_URL"] = database_url
+    scheme = "https" if tls_cert else "http"
+    click.echo(f"signbridge service: {scheme}://{host}:{port}/Api ({workers} worker{'s' if workers > 1 else ''})", err=True)
+    uvicorn.run(
+        "signbridge.server.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )

@@ -1,0 +1,270 @@
+"""The signing service: who may sign with which key, and the signing itself.
+
+HTTP-free: the routes in :mod:`.app` parse requests and call these methods, which raise
+:class:`~.problems.Problem` for anything the caller must be told.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from sqlalchemy import Engine, and_, or_, select
+
+from ..errors import KeystoreError, SignatureError
+from ..signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, verify_digest_signature
+from . import tokens
+from .audit import AuditEntry, AuditWriter
+from .keystores import KeyRef, Keystore
+from .models import ApiToken, Certificate, GroupMember, Project, SigningPolicy, Submitter, User
+from .problems import Problem
+from .ratelimit import RateLimiter
+from .requests import HashSigningRequest
+
+log = logging.getLogger("signbridge.server")
+
+
+@dataclass(frozen=True)
+class Caller:
+    user_id: str
+    user_name: str
+    organization_id: str
+    token_id: str
+
+
+@dataclass(frozen=True)
+class LoadedCertificate:
+    row_id: str
+    certificate: x509.Certificate
+    der: bytes
+    chain: tuple[bytes, ...]
+    public_key: PublicKeyTypes
+    key_ref: KeyRef
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SignResult:
+    request_id: str
+    signature: bytes
+
+
+class SigningService:
+    def __init__(
+        self, engine: Engine, keystore: Keystore, audit: AuditWriter, *, rate_limit_per_minute: int = 0
+    ) -> None:
+        self.engine = engine
+        self.keystore = keystore
+        self.audit = audit
+        self.rate_limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute > 0 else None
+        self._certificates: dict[str, LoadedCertificate] = {}
+        self._lock = threading.Lock()
+
+    # Authentication
+
+    def authenticate(self, authorization: str | None, organization_id: str) -> Caller:
+        if not authorization:
+            raise Problem(401, "No API token was sent; send the header 'Authorization: Bearer <token>'.")
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise Problem(401, "The Authorization header must be 'Bearer <token>'.")
+        value = credential.strip().split(":", 1)[0]  # "<ApiToken>:<TrustedBuildSystemToken>" is accepted
+        token_id = tokens.token_id_of(value)
+        row = None
+        if token_id is not None:
+            with self.engine.connect() as connection:
+                row = connection.execute(
+                    select(
+                        ApiToken.secret_hash, ApiToken.expires_at, ApiToken.revoked_at,
+                        User.id, User.name, User.organization_id,
+                    )
+                    .join(User, User.id == ApiToken.user_id)
+                    .where(ApiToken.id == token_id)
+                ).first()
+        if row is None or not tokens.matches(value, row.secret_hash):
+            raise Problem(401, "The API token is not valid.")
+        if row.revoked_at is not None:
+            raise Problem(401, "The API token was revoked.")
+        if row.expires_at is not None and _aware(row.expires_at) <= dt.datetime.now(dt.UTC):
+            raise Problem(401, "The API token has expired.")
+        caller = Caller(row.id, row.name, row.organization_id, token_id)  # type: ignore[arg-type]
+        if caller.organization_id != organization_id.lower():
+            raise Problem(403, f"The API token's user {caller.user_name!r} is not a member of organization {organization_id}.")
+        if self.rate_limiter is not None:
+            retry_after = self.rate_limiter.check(caller.token_id)
+            if retry_after is not None:
+                raise Problem(
+                    429,
+                    f"Too many requests with this API token; try again in {retry_after} s.",
+                    headers={"Retry-After": str(retry_after)},
+                )
+        return caller
+
+    # Policies
+
+    def _submitter_clause(self, caller: Caller):  # noqa: ANN202
+        groups = select(GroupMember.group_id).where(GroupMember.user_id == caller.user_id)
+        return (
+            select(Submitter.id)
+            .where(
+                Submitter.policy_id == SigningPolicy.id,
+                or_(Submitter.user_id == caller.user_id, Submitter.group_id.in_(groups)),
+            )
+            .exists()
+        )
+
+    def my_signing_policies(
+        self, caller: Caller, project_slug: str | None, policy_slug: str | None
+    ) -> list[dict]:
+        with self.engine.connect() as connection:
+            if project_slug is not None or policy_slug is not None:
+                self._check_filters(connection, caller, project_slug, policy_slug)
+            statement = (
+                select(SigningPolicy.id, SigningPolicy.slug, Project.slug.label("project_slug"), SigningPolicy.certificate_id)
+                .join(Project, Project.id == SigningPolicy.project_id)
+                .where(Project.organization_id == caller.organization_id, self._submitter_clause(caller))
+                .order_by(Project.slug, SigningPolicy.slug)
+            )
+            if project_slug is not None:
+                statement = statement.where(Project.slug == project_slug)
+            if policy_slug is not None:
+                statement = statement.where(SigningPolicy.slug == policy_slug)
+            rows = connection.execute(statement).all()
+        return [self._policy_json(row.id, row.project_slug, row.slug, self.certificate(row.certificate_id)) for row in rows]
+
+    def _check_filters(self, connection, caller: Caller, project_slug: str | None, policy_slug: str | None) -> None:  # noqa: ANN001
+        if project_slug is not None:
+            project = connection.execute(
+                select(Project.id).where(Project.organization_id == caller.organization_id, Project.slug == project_slug)
+            ).first()
+            if project is None:
+                raise Problem(404, f"There is no project with the slug {project_slug!r} in this organization.")
+        if policy_slug is not None:
+            statement = (
+                select(SigningPolicy.id)
+                .join(Project, Project.id == SigningPolicy.project_id)
+                .where(Project.organization_id == caller.organization_id, SigningPolicy.slug == policy_slug)
+            )
+            if project_slug is not None:
+                statement = statement.where(Project.slug == project_slug)
+            if connection.execute(statement).first() is None:
+                where = f" in project {project_slug!r}" if project_slug else ""
+                raise Problem(404, f"There is no signing policy with the slug {policy_slug!r}{where}.")
+
+    def _policy_json(self, policy_id: str, project_slug: str, policy_slug: str, loaded: LoadedCertificate) -> dict:
+        key = loaded.public_key
+        item: dict = {
+            "signingPolicyId": policy_id,
+            "signingPolicySlug": policy_slug,
+            "projectSlug": project_slug,
+            "certificateType": "X509",
+            "certificateBytes": base64.b64encode(loaded.der).decode(),
+        }
+        if isinstance(key, rsa.RSAPublicKey):
+            numbers = key.public_numbers()
+            item |= {
+                "keyType": "Rsa",
+                "keySizeInBits": key.key_size,
+                "publicKeyBytes": base64.b64encode(
+                    key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+                ).decode(),
+                "rsaParameters": {"publicExponent": _b64_int(numbers.e), "modulus": _b64_int(numbers.n)},
+            }
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            item |= {
+                "keyType": "Ecdsa",
+                "keySizeInBits": key.curve.key_size,
+                "publicKeyBytes": base64.b64encode(
+                    key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+                ).decode(),
+            }
+        item["certificateChain"] = [base64.b64encode(der).decode() for der in loaded.chain]
+        return item
+
+    def certificate(self, certificate_id: str) -> LoadedCertificate:
+        loaded = self._certificates.get(certificate_id)
+        if loaded is None:
+            with self.engine.connect() as connection:
+                row = connection.execute(select(Certificate).where(Certificate.id == certificate_id)).mappings().one()
+            certificate = x509.load_der_x509_certificate(row["der"])
+            loaded = LoadedCertificate(
+                row_id=certificate_id,
+                certificate=certificate,
+                der=row["der"],
+                chain=tuple(base64.b64decode(item) for item in row["chain"]),
+                public_key=certificate.public_key(),
+                key_ref=KeyRef.parse(row["key_ref"]),
+                sha256=row["sha256"],
+            )
+            with self._lock:
+                self._certificates[certificate_id] = loaded
+        return loaded
+
+    def resolve_policy(self, caller: Caller, project_slug: str, policy_slug: str) -> tuple[str, LoadedCertificate]:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(SigningPolicy.id, SigningPolicy.certificate_id, self._submitter_clause(caller).label("allowed"))
+                .join(Project, Project.id == SigningPolicy.project_id)
+                .where(
+                    and_(
+                        Project.organization_id == caller.organization_id,
+                        Project.slug == project_slug,
+                        SigningPolicy.slug == policy_slug,
+                    )
+                )
+            ).first()
+            if row is None:
+                self._check_filters(connection, caller, project_slug, policy_slug)
+                raise Problem(404, f"There is no signing policy {project_slug}/{policy_slug}.")
+        if not row.allowed:
+            raise Problem(
+                403,
+                f"User {caller.user_name!r} is not a submitter on signing policy {project_slug}/{policy_slug}.",
+            )
+        return row.id, self.certificate(row.certificate_id)
+
+    # Signing
+
+    def sign(self, caller: Caller, request: HashSigningRequest, entry: AuditEntry) -> tuple[SignResult, concurrent.futures.Future[int]]:
+        """Sign, and submit the audit record of the success; the caller must await the record
+        before the signature leaves the service."""
+        _, loaded = self.resolve_policy(caller, request.project_slug, request.policy_slug)
+        entry.certificate_sha256 = loaded.sha256
+        key = loaded.public_key
+        wanted = request.signature
+        if isinstance(key, rsa.RSAPublicKey) and wanted.scheme is Scheme.ECDSA:
+            raise Problem(400, "The signing policy's key is an RSA key; use an RSA signature algorithm.", field="signatureAlgorithm")
+        if isinstance(key, ec.EllipticCurvePublicKey) and wanted.scheme is not Scheme.ECDSA:
+            raise Problem(400, "The signing policy's key is an ECDSA key; use the Ecdsa signature algorithm.", field="signatureAlgorithm")
+        started = time.perf_counter()
+        try:
+            signature = self.keystore.sign(loaded.key_ref, wanted)
+            as_der = SignatureRequest(wanted.digest, wanted.hash_algorithm, wanted.scheme, EcdsaFormat.ASN1)
+            verify_digest_signature(key, as_der, signature)
+        except (KeystoreError, SignatureError) as exc:
+            log.error("signing with %s failed: %s", loaded.key_ref, exc)
+            raise Problem(503, "The keystore could not sign; try again later.", audit_outcome="failed") from None
+        if isinstance(key, ec.EllipticCurvePublicKey) and wanted.ecdsa_format is EcdsaFormat.IEEE:
+            signature = ecdsa_der_to_ieee(signature, key.curve)
+        log.debug("signed in %.1f ms", (time.perf_counter() - started) * 1000)
+        request_id = str(uuid.uuid4())
+        entry.outcome, entry.status, entry.request_id = "granted", 200, request_id
+        return SignResult(request_id, signature), self.audit.submit(entry)
+
+
+def _b64_int(value: int) -> str:
+    return base64.b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big")).decode()
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
