@@ -26,9 +26,7 @@ cli.add_command(demo)
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False, prog_name="signbridge")
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = cli.main(standalone_mode=False, prog_name="signbridge")
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -40,3 +38,5 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    # Without standalone mode click returns the code of an Exit raised by a command.
+    sys.exit(code if isinstance(code, int) else 0)

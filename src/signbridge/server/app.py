@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -168,10 +169,14 @@ class Api:
         async def parse(request: Request):  # noqa: ANN202
             if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
                 raise Problem(415, "Send the signing request as multipart/form-data.")
-            await read_body(request, self.settings.max_body_bytes)  # enforces the size limit; Starlette caches it
+            body = await read_body(request, self.settings.max_body_bytes)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield body
+
             try:
-                form = await request.form(max_files=2, max_fields=32)
-            except (ValueError, KeyError, AssertionError) as exc:
+                form = await MultiPartParser(request.headers, chunks(), max_files=2, max_fields=32).parse()
+            except (MultiPartException, ValueError, KeyError) as exc:
                 raise bad_request(f"The multipart body is malformed: {exc}") from None
             fields = {key: value for key, value in form.multi_items()}
             fast = get(fields, "IsFastSigningRequest")

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ..errors import SignbridgeError, TimestampError
 from ..hashes import HashAlgorithm
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
-from ..tsa import ID_CT_TST_INFO, FailureInfo, TimeStampResp, check_timestamping_certificate
+from ..tsa import ASN1_ERRORS, ID_CT_TST_INFO, FailureInfo, TimeStampResp, check_timestamping_certificate
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ _ECDSA_SIGNATURE_ALGORITHM = {
 
 # The digest that matches each curve's strength (P-256, P-384; larger curves get SHA-512).
 _ECDSA_DIGEST = {256: HashAlgorithm.SHA256, 384: HashAlgorithm.SHA384}
-
-_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError)
 
 
 class _Refusal(Exception):
@@ -90,8 +88,8 @@ class TimestampAuthority:
             self._signature_algorithm = _ECDSA_SIGNATURE_ALGORITHM[self._digest_algorithm]
         else:
             raise TimestampError(
-                f"the timestamping certificate has a {type(public_key).__name__}; only RSA and ECDSA keys can "
-                "sign timestamps"
+                f"the timestamping certificate has a {type(public_key).__name__}; only RSA and ECDSA "
+                "keys can sign timestamps"
             )
         if accuracy <= timedelta(0):
             raise TimestampError("the timestamp accuracy must be a positive duration")
@@ -107,10 +105,8 @@ class TimestampAuthority:
         self.accuracy = accuracy
         self._sign = sign
         self._public_key = public_key
-        self._certificate_asn1 = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
-        self._chain_asn1 = tuple(
-            asn1_x509.Certificate.load(issuer.public_bytes(serialization.Encoding.DER)) for issuer in self.chain
-        )
+        self._certificate_asn1 = _asn1_certificate(certificate)
+        self._chain_asn1 = tuple(_asn1_certificate(issuer) for issuer in self.chain)
 
     def respond(self, query_der: bytes) -> bytes:
         """The DER TimeStampResp for a DER TimeStampReq: a token, or a rejection saying why."""
@@ -126,35 +122,38 @@ class TimestampAuthority:
     def _parse(self, query_der: bytes) -> tsp.TimeStampReq:
         if len(query_der) > MAX_QUERY_SIZE:
             raise _Refusal(
-                FailureInfo.BAD_DATA_FORMAT, f"the request is {len(query_der)} bytes; a TimeStampReq is far smaller"
+                FailureInfo.BAD_DATA_FORMAT,
+                f"the request is {len(query_der)} bytes; a TimeStampReq is far smaller",
             )
         try:
             request = tsp.TimeStampReq.load(bytes(query_der), strict=True)
             request.native  # noqa: B018  (parses every field now, so malformed input fails here)
-        except _PARSE_ERRORS:
-            raise _Refusal(FailureInfo.BAD_DATA_FORMAT, "the request is not a DER-encoded TimeStampReq") from None
+        except ASN1_ERRORS:
+            raise _Refusal(
+                FailureInfo.BAD_DATA_FORMAT, "the request is not a DER-encoded TimeStampReq"
+            ) from None
 
         if request["version"].native != "v1":
             raise _Refusal(FailureInfo.BAD_DATA_FORMAT, "only version 1 TimeStampReq is supported")
 
         imprint = request["message_imprint"]
-        algorithm_id = imprint["hash_algorithm"]
-        oid = algorithm_id["algorithm"].dotted
+        # asn1crypto only parses SHA-2 identifiers with absent or NULL parameters; anything else
+        # failed above as badDataFormat.
+        oid = imprint["hash_algorithm"]["algorithm"].dotted
         accepted = ", ".join(_algorithm_name(a.oid) for a in self.hash_algorithms)
         algorithm = next((a for a in self.hash_algorithms if a.oid == oid), None)
         if algorithm is None:
             raise _Refusal(
                 FailureInfo.BAD_ALG,
-                f"the message imprint's hash algorithm {_algorithm_name(oid)} is not accepted; use {accepted}",
+                f"the message imprint's hash algorithm {_algorithm_name(oid)} is not accepted; "
+                f"use {accepted}",
             )
-        parameters = algorithm_id["parameters"]
-        if not isinstance(parameters, core.Void | core.Null):
-            raise _Refusal(FailureInfo.BAD_ALG, "the message imprint's hash algorithm has unexpected parameters")
         digest = imprint["hashed_message"].native
         if len(digest) != algorithm.digest_size:
             raise _Refusal(
                 FailureInfo.BAD_DATA_FORMAT,
-                f"a {algorithm.title} message imprint is {algorithm.digest_size} bytes long, not {len(digest)}",
+                f"a {algorithm.title} message imprint is {algorithm.digest_size} bytes long, "
+                f"not {len(digest)}",
             )
 
         req_policy = request["req_policy"]
@@ -166,29 +165,28 @@ class TimestampAuthority:
         extensions = request["extensions"]
         if not isinstance(extensions, core.Void) and len(extensions) > 0:
             names = ", ".join(extension["extn_id"].dotted for extension in extensions)
-            raise _Refusal(FailureInfo.UNACCEPTED_EXTENSION, f"request extensions are not supported ({names})")
+            raise _Refusal(
+                FailureInfo.UNACCEPTED_EXTENSION, f"request extensions are not supported ({names})"
+            )
         return request
 
     def _issue(self, request: tsp.TimeStampReq) -> cms.ContentInfo:
         gen_time = datetime.now(UTC)
         gen_time = gen_time.replace(microsecond=gen_time.microsecond // 1000 * 1000)
-        tst_info = tsp.TSTInfo(
-            {
-                "version": "v1",
-                "policy": self.policy,
-                # RFC 3161 §2.4.2: the same value as in the request.
-                "message_imprint": tsp.MessageImprint.load(request["message_imprint"].dump()),
-                # 128 random bits: unique across threads, processes and restarts without coordination.
-                "serial_number": secrets.randbits(128),
-                "gen_time": core.GeneralizedTime(gen_time),
-                "accuracy": _accuracy(self.accuracy),
-                "nonce": request["nonce"].native,
-                "tsa": asn1_x509.GeneralName({"directory_name": self._certificate_asn1.subject}),
-            }
-        )
-        if request["nonce"].native is None:
-            del tst_info["nonce"]
-        content = tst_info.dump()
+        fields = {
+            "version": "v1",
+            "policy": self.policy,
+            # RFC 3161 §2.4.2: the same value as in the request.
+            "message_imprint": tsp.MessageImprint.load(request["message_imprint"].dump()),
+            # 128 random bits: unique across threads, processes and restarts without coordination.
+            "serial_number": secrets.randbits(128),
+            "gen_time": core.GeneralizedTime(gen_time),
+            "accuracy": _accuracy(self.accuracy),
+            "tsa": asn1_x509.GeneralName({"directory_name": self._certificate_asn1.subject}),
+        }
+        if request["nonce"].native is not None:
+            fields["nonce"] = request["nonce"].native
+        content = tsp.TSTInfo(fields).dump()
 
         signed_attrs = cms.CMSAttributes(
             [
@@ -233,7 +231,7 @@ class TimestampAuthority:
         return cms.ContentInfo({"content_type": "signed_data", "content": cms.SignedData(signed_data)})
 
     def _signing_certificate_v2(self) -> tsp.SigningCertificateV2:
-        """ESS signingCertificateV2 (RFC 5035) naming the TSA certificate by SHA-256 hash and issuer/serial."""
+        """ESS signingCertificateV2 (RFC 5035): the TSA certificate's SHA-256 hash and issuer/serial."""
         return tsp.SigningCertificateV2(
             {
                 "certs": [
@@ -241,7 +239,9 @@ class TimestampAuthority:
                         # The hash algorithm is left at its DER default, SHA-256.
                         "cert_hash": HashAlgorithm.SHA256.digest(self._certificate_asn1.dump()),
                         "issuer_serial": {
-                            "issuer": [asn1_x509.GeneralName({"directory_name": self._certificate_asn1.issuer})],
+                            "issuer": [
+                                asn1_x509.GeneralName({"directory_name": self._certificate_asn1.issuer})
+                            ],
                             "serial_number": self._certificate_asn1.serial_number,
                         },
                     }
@@ -257,8 +257,14 @@ class TimestampAuthority:
             verify_digest_signature(self._public_key, request, signature)
         except SignbridgeError as exc:
             logger.error("the timestamp authority could not sign: %s", exc)
-            raise _Refusal(FailureInfo.SYSTEM_FAILURE, "the timestamp authority could not sign the timestamp") from None
+            raise _Refusal(
+                FailureInfo.SYSTEM_FAILURE, "the timestamp authority could not sign the timestamp"
+            ) from None
         return signature
+
+
+def _asn1_certificate(certificate: x509.Certificate) -> asn1_x509.Certificate:
+    return asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
 
 
 def _algorithm_name(oid: str) -> str:

@@ -1,0 +1,648 @@
+"""RFC 3161 timestamps: building requests, reading replies and tokens, and checking that a token is genuine.
+
+A timestamp token is a CMS SignedData whose content is a TSTInfo: the timestamp authority (TSA)
+signs "this digest existed at this time". Signatures carry the token as an unsigned attribute, so
+it outlives the signing certificate. :func:`request_timestamp` asks a TSA over HTTP;
+:func:`parse_token` reads a token found in a signature; :meth:`TimestampToken.verify` checks it.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from asn1crypto import algos, cms, core, tsp
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from .errors import SignatureError, TimestampError
+from .hashes import HashAlgorithm
+
+QUERY_CONTENT_TYPE = "application/timestamp-query"
+REPLY_CONTENT_TYPE = "application/timestamp-reply"
+# Some older TSAs still answer with the draft's name for the reply type.
+_LEGACY_REPLY_CONTENT_TYPE = "application/timestamp-response"
+
+ID_CT_TST_INFO = "1.2.840.113549.1.9.16.1.4"
+
+_MAX_CHAIN_LENGTH = 8
+
+# What asn1crypto raises, lazily, on malformed input (the list comes from fuzzing it).
+ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+
+
+class PKIStatus(enum.Enum):
+    """The status a TSA gives a request (RFC 3161 §2.4.2); values are asn1crypto's names."""
+
+    GRANTED = "granted"
+    GRANTED_WITH_MODS = "granted_with_mods"
+    REJECTION = "rejection"
+    WAITING = "waiting"
+    REVOCATION_WARNING = "revocation_warning"
+    REVOCATION_NOTIFICATION = "revocation_notification"
+
+
+class FailureInfo(enum.Enum):
+    """Why a TSA rejected a request (RFC 3161 §2.4.2 PKIFailureInfo); values are asn1crypto's names."""
+
+    BAD_ALG = "bad_alg"
+    BAD_REQUEST = "bad_request"
+    BAD_DATA_FORMAT = "bad_data_format"
+    TIME_NOT_AVAILABLE = "time_not_available"
+    UNACCEPTED_POLICY = "unaccepted_policy"
+    UNACCEPTED_EXTENSION = "unaccepted_extensions"
+    ADD_INFO_NOT_AVAILABLE = "add_info_not_available"
+    SYSTEM_FAILURE = "system_failure"
+
+    @property
+    def rfc_name(self) -> str:
+        """The name RFC 3161 (and ``openssl ts -reply -text``) uses: ``badAlg``."""
+        return _RFC_NAMES[self]
+
+
+_RFC_NAMES = {
+    FailureInfo.BAD_ALG: "badAlg",
+    FailureInfo.BAD_REQUEST: "badRequest",
+    FailureInfo.BAD_DATA_FORMAT: "badDataFormat",
+    FailureInfo.TIME_NOT_AVAILABLE: "timeNotAvailable",
+    FailureInfo.UNACCEPTED_POLICY: "unacceptedPolicy",
+    FailureInfo.UNACCEPTED_EXTENSION: "unacceptedExtension",
+    FailureInfo.ADD_INFO_NOT_AVAILABLE: "addInfoNotAvailable",
+    FailureInfo.SYSTEM_FAILURE: "systemFailure",
+}
+
+
+class TimeStampResp(core.Sequence):
+    """RFC 3161 TimeStampResp. asn1crypto's own class makes the token mandatory; a rejection has none."""
+
+    _fields = [
+        ("status", tsp.PKIStatusInfo),
+        ("time_stamp_token", cms.ContentInfo, {"optional": True}),
+    ]
+
+
+class TimestampRejected(TimestampError):
+    """The TSA answered, but did not grant a timestamp."""
+
+    def __init__(
+        self,
+        status: PKIStatus,
+        failures: frozenset[FailureInfo],
+        status_text: str,
+        source: str = "the timestamp authority",
+    ) -> None:
+        self.status = status
+        self.failures = failures
+        self.status_text = status_text
+        self.source = source
+        reasons = ", ".join(sorted(failure.rfc_name for failure in failures)) or "no reason code"
+        message = f"{source} refused the request ({status.value}, {reasons})"
+        if status_text:
+            message += f": {status_text}"
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def build_request(
+    digest: bytes, hash_algorithm: HashAlgorithm, *, nonce: int | None = None, cert_req: bool = True
+) -> bytes:
+    """The DER TimeStampReq asking for a timestamp over ``digest`` (no policy, no extensions)."""
+    try:
+        hash_algorithm.check_digest(digest)
+    except SignatureError as exc:
+        raise TimestampError(f"cannot ask for a timestamp: {exc}") from None
+    fields: dict[str, object] = {
+        "version": "v1",
+        "message_imprint": _message_imprint(digest, hash_algorithm),
+        "cert_req": cert_req,
+    }
+    if nonce is not None:
+        fields["nonce"] = nonce
+    return tsp.TimeStampReq(fields).dump()
+
+
+def _message_imprint(digest: bytes, hash_algorithm: HashAlgorithm) -> tsp.MessageImprint:
+    return tsp.MessageImprint(
+        {"hash_algorithm": algos.DigestAlgorithm({"algorithm": hash_algorithm.oid}), "hashed_message": digest}
+    )
+
+
+def request_timestamp(
+    url: str,
+    digest: bytes,
+    hash_algorithm: HashAlgorithm,
+    *,
+    timeout: float = 30.0,
+    client: httpx.Client | None = None,
+) -> TimestampToken:
+    """Ask the TSA at ``url`` for a timestamp over ``digest`` and return the token it issued.
+
+    The reply is checked against the request (status, nonce, imprint) and the token's signature
+    against the certificate it carries; whether that certificate is trusted is for
+    :meth:`TimestampToken.verify` to say.
+    """
+    nonce = secrets.randbits(63) | 1 << 62  # a full-width positive 64-bit INTEGER
+    query = build_request(digest, hash_algorithm, nonce=nonce, cert_req=True)
+    where = f"the timestamp authority at {url}"
+    try:
+        if client is None:
+            with httpx.Client(timeout=timeout) as own_client:
+                response = _post(own_client, url, query, timeout)
+        else:
+            response = _post(client, url, query, timeout)
+    except httpx.TimeoutException:
+        raise TimestampError(f"{where} did not answer within {timeout:g} seconds") from None
+    except httpx.HTTPError as exc:
+        raise TimestampError(f"could not reach {where}: {exc}") from None
+
+    if response.status_code != 200:
+        raise TimestampError(f"{where} answered HTTP {response.status_code} {response.reason_phrase}")
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in (REPLY_CONTENT_TYPE, _LEGACY_REPLY_CONTENT_TYPE):
+        shown = content_type or "no content type"
+        raise TimestampError(f"{where} answered with {shown}, not {REPLY_CONTENT_TYPE}")
+
+    try:
+        token = parse_response(response.content)
+    except TimestampRejected as exc:
+        raise TimestampRejected(exc.status, exc.failures, exc.status_text, source=where) from None
+    except TimestampError as exc:
+        raise TimestampError(f"{where} sent an unusable reply: {exc}") from None
+
+    if token.nonce != nonce:
+        raise TimestampError(f"{where} did not return the nonce it was sent; the reply may be a replay")
+    if token.hash_algorithm is not hash_algorithm or token.digest != digest:
+        raise TimestampError(f"{where} timestamped a different digest than the one it was sent")
+    try:
+        token.verify_signature()
+    except TimestampError as exc:
+        raise TimestampError(f"{where} returned a token that does not check out: {exc}") from None
+    return token
+
+
+def _post(client: httpx.Client, url: str, query: bytes, timeout: float) -> httpx.Response:
+    return client.post(url, content=query, headers={"Content-Type": QUERY_CONTENT_TYPE}, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies and tokens
+
+
+def parse_response(der: bytes) -> TimestampToken:
+    """The token in a DER TimeStampResp; :class:`TimestampRejected` if the TSA did not grant one."""
+    try:
+        response = TimeStampResp.load(der, strict=True)
+        status_info = response["status"]
+        status = PKIStatus(status_info["status"].native)
+        texts = status_info["status_string"].native or []
+        fail_info = status_info["fail_info"].native or set()
+    except ASN1_ERRORS as exc:
+        raise TimestampError(f"the reply is not a DER TimeStampResp ({exc})") from None
+    if status not in (PKIStatus.GRANTED, PKIStatus.GRANTED_WITH_MODS):
+        failures = frozenset(FailureInfo(name) for name in fail_info if name in _FAILURE_VALUES)
+        raise TimestampRejected(status, failures, "; ".join(texts))
+    token = response["time_stamp_token"]
+    if isinstance(token, core.Void):
+        raise TimestampError("the reply grants a timestamp but holds no token")
+    return parse_token(token.dump())
+
+
+_FAILURE_VALUES = {failure.value for failure in FailureInfo}
+
+
+@dataclass(frozen=True)
+class TimestampToken:
+    """An RFC 3161 TimeStampToken and what it says.
+
+    ``der`` is the ContentInfo as received: the bytes to embed in a signature's unsigned
+    attributes, and the bytes every check runs on.
+    """
+
+    der: bytes = field(repr=False)
+    gen_time: datetime
+    serial: int
+    policy: str
+    hash_algorithm: HashAlgorithm
+    digest: bytes
+    nonce: int | None
+    accuracy: timedelta | None
+    certificates: tuple[x509.Certificate, ...] = field(repr=False)
+
+    @property
+    def signer_certificate(self) -> x509.Certificate | None:
+        """The TSA's certificate, if the token carries it."""
+        try:
+            return _find_signer(_single_signer(_signed_data(self.der)), self.certificates)
+        except ASN1_ERRORS as exc:
+            raise TimestampError(f"the timestamp token's signer information is malformed ({exc})") from None
+
+    def verify_signature(self, certificates: Iterable[x509.Certificate] = ()) -> x509.Certificate:
+        """Check the token's CMS signature, its signed attributes and the signer's certificate
+        (ESS binding, EKU timeStamping), without judging trust. Returns the signer's certificate,
+        found among the token's own certificates and ``certificates``."""
+        signed_data = _signed_data(self.der)
+        try:
+            signer_info = _single_signer(signed_data)
+            signer = _find_signer(signer_info, (*self.certificates, *certificates))
+            if signer is None:
+                raise TimestampError(
+                    "the token does not carry the timestamp authority's certificate, and none was supplied"
+                )
+            content = bytes(signed_data["encap_content_info"]["content"])
+            _check_signed_attributes(signer_info, content, signer)
+            _check_signature(signer_info, signer)
+        except ASN1_ERRORS as exc:
+            raise TimestampError(f"the timestamp token's signer information is malformed ({exc})") from None
+        check_timestamping_certificate(signer)
+        return signer
+
+    def verify(
+        self,
+        digest: bytes,
+        hash_algorithm: HashAlgorithm,
+        anchors: Sequence[x509.Certificate],
+        *,
+        intermediates: Iterable[x509.Certificate] = (),
+        at: datetime | None = None,
+    ) -> None:
+        """Raise :class:`TimestampError` unless this token is a genuine timestamp of ``digest``.
+
+        Checks the imprint, the CMS signature over the stored signed-attribute bytes, the
+        messageDigest and contentType attributes, the ESS signing-certificate binding, the signer's
+        EKU (timeStamping, critical, alone), and a certificate chain from the signer to one of
+        ``anchors`` whose certificates were all valid at ``at`` (default: the token's genTime; a naive
+        ``at`` is taken as UTC).
+        """
+        if hash_algorithm is not self.hash_algorithm:
+            raise TimestampError(
+                f"the timestamp covers a {self.hash_algorithm.title} digest, not a {hash_algorithm.title} one"
+            )
+        if digest != self.digest:
+            raise TimestampError("the timestamp covers a different digest than the one being checked")
+        if not anchors:
+            raise TimestampError("no trusted root certificates were given to check the timestamp against")
+        extra = tuple(intermediates)
+        signer = self.verify_signature(extra)
+        when = self.gen_time if at is None else at if at.tzinfo else at.replace(tzinfo=UTC)
+        _check_chain(signer, (*self.certificates, *extra), tuple(anchors), when)
+
+
+def parse_token(der: bytes) -> TimestampToken:
+    """Read a DER TimeStampToken (a CMS ContentInfo), such as one embedded in a signature."""
+    try:
+        signed_data = _signed_data(der)
+        content = bytes(signed_data["encap_content_info"]["content"])
+        tst_info = tsp.TSTInfo.load(content, strict=True)
+        tst_info.native  # noqa: B018  (parses every field now, so malformed input fails here)
+        certificates = tuple(
+            x509.load_der_x509_certificate(choice.chosen.dump())
+            for choice in signed_data["certificates"]
+            if choice.name == "certificate"
+        )
+    except (*ASN1_ERRORS, x509.InvalidVersion) as exc:
+        raise TimestampError(f"the timestamp token is malformed ({exc})") from None
+
+    if tst_info["version"].native != "v1":
+        raise TimestampError(f"unsupported TSTInfo version {tst_info['version'].native}")
+    imprint = tst_info["message_imprint"]
+    try:
+        hash_algorithm = HashAlgorithm.from_oid(imprint["hash_algorithm"]["algorithm"].dotted)
+    except SignatureError as exc:
+        raise TimestampError(f"the timestamp token's imprint uses an {exc}") from None
+    digest = imprint["hashed_message"].native
+    if len(digest) != hash_algorithm.digest_size:
+        raise TimestampError(
+            f"the timestamp token's {hash_algorithm.title} imprint is {len(digest)} bytes long, "
+            f"not {hash_algorithm.digest_size}"
+        )
+    return TimestampToken(
+        der=der,
+        gen_time=tst_info["gen_time"].native,
+        serial=tst_info["serial_number"].native,
+        policy=tst_info["policy"].dotted,
+        hash_algorithm=hash_algorithm,
+        digest=digest,
+        nonce=tst_info["nonce"].native,
+        accuracy=_accuracy(tst_info["accuracy"]),
+        certificates=certificates,
+    )
+
+
+def _accuracy(value: tsp.Accuracy | core.Void) -> timedelta | None:
+    if isinstance(value, core.Void):
+        return None
+    parts = value.native
+    return timedelta(
+        seconds=parts["seconds"] or 0, milliseconds=parts["millis"] or 0, microseconds=parts["micros"] or 0
+    )
+
+
+def _signed_data(der: bytes) -> cms.SignedData:
+    try:
+        content_info = cms.ContentInfo.load(der, strict=True)
+        if content_info["content_type"].native != "signed_data":
+            raise TimestampError(
+                f"a timestamp token is CMS SignedData, not {content_info['content_type'].native}"
+            )
+        signed_data = content_info["content"]
+        content_type = signed_data["encap_content_info"]["content_type"].dotted
+    except ASN1_ERRORS as exc:
+        raise TimestampError(f"the timestamp token is not a CMS SignedData ({exc})") from None
+    if content_type != ID_CT_TST_INFO:
+        raise TimestampError(f"the signed content is {content_type}, not a TSTInfo ({ID_CT_TST_INFO})")
+    return signed_data
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a token
+
+
+def check_timestamping_certificate(certificate: x509.Certificate) -> None:
+    """Raise :class:`TimestampError` unless ``certificate`` may sign timestamps (RFC 3161 §2.3):
+    an extended key usage extension that is critical and names timeStamping alone, and a key
+    usage, if present, limited to digitalSignature and nonRepudiation."""
+    name = certificate.subject.rfc4514_string() or "(no subject)"
+    try:
+        eku = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    except x509.ExtensionNotFound:
+        raise TimestampError(
+            f'the certificate "{name}" has no extended key usage; a timestamping certificate needs a '
+            "critical extended key usage of timeStamping only"
+        ) from None
+    usages = list(eku.value)
+    if usages != [x509.ExtendedKeyUsageOID.TIME_STAMPING]:
+        shown = ", ".join(getattr(oid, "_name", oid.dotted_string) for oid in usages)
+        raise TimestampError(
+            f'the certificate "{name}" has extended key usage {shown}; a timestamping certificate must '
+            "have timeStamping only"
+        )
+    if not eku.critical:
+        raise TimestampError(
+            f'the certificate "{name}" has a non-critical extended key usage; RFC 3161 requires it critical'
+        )
+    try:
+        key_usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    allowed = key_usage.digital_signature or key_usage.content_commitment
+    others = (
+        key_usage.key_encipherment,
+        key_usage.data_encipherment,
+        key_usage.key_agreement,
+        key_usage.key_cert_sign,
+        key_usage.crl_sign,
+    )
+    if not allowed or any(others):
+        raise TimestampError(
+            f'the certificate "{name}" has a key usage other than digitalSignature/nonRepudiation, '
+            "which a timestamping certificate must not have"
+        )
+
+
+def _single_signer(signed_data: cms.SignedData) -> cms.SignerInfo:
+    signer_infos = signed_data["signer_infos"]
+    if len(signer_infos) != 1:
+        raise TimestampError(f"a timestamp token has exactly one signer, this one has {len(signer_infos)}")
+    return signer_infos[0]
+
+
+def _find_signer(signer_info: cms.SignerInfo, pool: Iterable[x509.Certificate]) -> x509.Certificate | None:
+    sid = signer_info["sid"]
+    for certificate in pool:
+        if sid.name == "issuer_and_serial_number":
+            wanted = sid.chosen
+            if certificate.serial_number != wanted["serial_number"].native:
+                continue
+            if _asn1_name(certificate.issuer) == wanted["issuer"]:
+                return certificate
+        else:
+            try:
+                ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            except x509.ExtensionNotFound:
+                continue
+            if ski.digest == sid.chosen.native:
+                return certificate
+    return None
+
+
+def _asn1_name(name: x509.Name) -> asn1_x509.Name:
+    return asn1_x509.Name.load(name.public_bytes())
+
+
+def _signed_attributes_der(signer_info: cms.SignerInfo) -> bytes:
+    """The signed attributes as they were signed: the stored bytes, re-tagged [0] → SET OF."""
+    attributes = signer_info["signed_attrs"]
+    if isinstance(attributes, core.Void):
+        raise TimestampError("the timestamp token's signer has no signed attributes")
+    stored = attributes.dump()
+    return b"\x31" + stored[1:]
+
+
+def _attribute_values(signer_info: cms.SignerInfo, name: str) -> list[core.Asn1Value] | None:
+    found = [attribute for attribute in signer_info["signed_attrs"] if attribute["type"].native == name]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise TimestampError(f"the timestamp token's signed attribute {name} appears more than once")
+    values = list(found[0]["values"])
+    if len(values) != 1:
+        raise TimestampError(f"the timestamp token's signed attribute {name} must hold exactly one value")
+    return values
+
+
+def _check_signed_attributes(signer_info: cms.SignerInfo, content: bytes, signer: x509.Certificate) -> None:
+    _signed_attributes_der(signer_info)
+    content_type = _attribute_values(signer_info, "content_type")
+    if content_type is None or content_type[0].dotted != ID_CT_TST_INFO:
+        raise TimestampError("the timestamp token's contentType attribute is missing or not id-ct-TSTInfo")
+
+    digest_algorithm = _hash_from_oid(signer_info["digest_algorithm"]["algorithm"].dotted, "signer digest")
+    message_digest = _attribute_values(signer_info, "message_digest")
+    if message_digest is None:
+        raise TimestampError("the timestamp token has no messageDigest attribute")
+    if message_digest[0].native != digest_algorithm.digest(content):
+        raise TimestampError("the timestamp token's TSTInfo does not match its messageDigest: it was altered")
+
+    _check_ess_binding(signer_info, signer)
+
+
+def _check_ess_binding(signer_info: cms.SignerInfo, signer: x509.Certificate) -> None:
+    """RFC 5035/2634: the signed attributes name the certificate that signed them."""
+    signer_der = signer.public_bytes(serialization.Encoding.DER)
+    v2 = _attribute_values(signer_info, "signing_certificate_v2")
+    if v2 is not None:
+        cert_id = v2[0]["certs"][0]
+        hash_algorithm = _hash_from_oid(cert_id["hash_algorithm"]["algorithm"].dotted, "ESS certificate hash")
+    else:
+        v1 = _attribute_values(signer_info, "signing_certificate")
+        if v1 is None:
+            raise TimestampError(
+                "the timestamp token names no signing certificate (no ESS signingCertificate attribute)"
+            )
+        cert_id = v1[0]["certs"][0]
+        hash_algorithm = HashAlgorithm.SHA1
+    if cert_id["cert_hash"].native != hash_algorithm.digest(signer_der):
+        raise TimestampError("the timestamp token was signed by a certificate other than the one it names")
+    issuer_serial = cert_id["issuer_serial"]
+    if isinstance(issuer_serial, core.Void):
+        return
+    if issuer_serial["serial_number"].native != signer.serial_number:
+        raise TimestampError(
+            "the timestamp token's signing-certificate serial number does not match its signer"
+        )
+    issuer = _asn1_name(signer.issuer)
+    names = [name.chosen for name in issuer_serial["issuer"] if name.name == "directory_name"]
+    if issuer not in names:
+        raise TimestampError("the timestamp token's signing-certificate issuer does not match its signer")
+
+
+def _hash_from_oid(oid: str, what: str) -> HashAlgorithm:
+    try:
+        return HashAlgorithm.from_oid(oid)
+    except SignatureError:
+        raise TimestampError(f"the timestamp token's {what} algorithm {oid} is not supported") from None
+
+
+def _check_signature(signer_info: cms.SignerInfo, signer: x509.Certificate) -> None:
+    signed = _signed_attributes_der(signer_info)
+    signature = signer_info["signature"].native
+    algorithm = signer_info["signature_algorithm"]
+    digest_algorithm = _hash_from_oid(signer_info["digest_algorithm"]["algorithm"].dotted, "signer digest")
+    try:
+        kind = algorithm.signature_algo
+    except ValueError:
+        raise TimestampError(
+            f"the timestamp token's signature algorithm {algorithm['algorithm'].dotted} is not supported"
+        ) from None
+    public_key = signer.public_key()
+    try:
+        if kind == "rsassa_pkcs1v15" and isinstance(public_key, rsa.RSAPublicKey):
+            _check_named_hash(algorithm, digest_algorithm)
+            public_key.verify(signature, signed, padding.PKCS1v15(), digest_algorithm.cryptography_hash())
+        elif kind == "rsassa_pss" and isinstance(public_key, rsa.RSAPublicKey):
+            params = algorithm["parameters"]
+            pss_hash = HashAlgorithm.from_name(params["hash_algorithm"]["algorithm"].native)
+            mgf_hash = HashAlgorithm.from_name(params["mask_gen_algorithm"]["parameters"]["algorithm"].native)
+            mgf = padding.MGF1(mgf_hash.cryptography_hash())
+            pss = padding.PSS(mgf=mgf, salt_length=params["salt_length"].native)
+            public_key.verify(signature, signed, pss, pss_hash.cryptography_hash())
+        elif kind == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):
+            _check_named_hash(algorithm, digest_algorithm)
+            public_key.verify(signature, signed, ec.ECDSA(digest_algorithm.cryptography_hash()))
+        else:
+            raise TimestampError(
+                f"the timestamp token's signature algorithm {algorithm['algorithm'].native} does not fit "
+                f"the key of its signing certificate"
+            )
+    except InvalidSignature:
+        raise TimestampError(
+            "the timestamp token's signature does not verify: it was altered or forged"
+        ) from None
+    except (ValueError, SignatureError) as exc:
+        raise TimestampError(f"the timestamp token's signature cannot be checked ({exc})") from None
+
+
+def _check_named_hash(algorithm: algos.SignedDigestAlgorithm, digest_algorithm: HashAlgorithm) -> None:
+    """A signature algorithm such as sha256WithRSAEncryption must agree with the signer's digest."""
+    try:
+        named = algorithm.hash_algo
+    except ValueError:
+        return
+    if named != digest_algorithm.hashlib_name:
+        raise TimestampError(
+            f"the timestamp token's signature algorithm uses {named} but its digest algorithm is "
+            f"{digest_algorithm.hashlib_name}"
+        )
+
+
+def _describe(certificate: x509.Certificate) -> str:
+    return f'"{certificate.subject.rfc4514_string() or "(no subject)"}"'
+
+
+def _check_validity(certificate: x509.Certificate, when: datetime) -> None:
+    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    if not start <= when <= end:
+        raise TimestampError(
+            f"the certificate {_describe(certificate)} was not valid at {when:%Y-%m-%d %H:%M:%S} UTC "
+            f"(valid {start:%Y-%m-%d} to {end:%Y-%m-%d})"
+        )
+
+
+def _check_chain(
+    leaf: x509.Certificate,
+    pool: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    when: datetime,
+) -> None:
+    """A path leaf → intermediates from ``pool`` → one of ``anchors``, each link signed by the next
+    certificate, every issuer a CA allowed to sign certificates, every certificate valid at ``when``."""
+    _check_validity(leaf, when)
+    if leaf in anchors:
+        return
+    failures: list[str] = []
+    if _extend_path(leaf, pool, anchors, when, [leaf], failures):
+        return
+    detail = f" ({failures[0]})" if failures else ""
+    raise TimestampError(
+        f"the timestamp authority's certificate {_describe(leaf)} does not chain to a trusted root{detail}"
+    )
+
+
+def _extend_path(
+    current: x509.Certificate,
+    pool: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    when: datetime,
+    path: list[x509.Certificate],
+    failures: list[str],
+) -> bool:
+    if len(path) > _MAX_CHAIN_LENGTH:
+        failures.append(f"the chain is longer than {_MAX_CHAIN_LENGTH} certificates")
+        return False
+    candidates = [(anchor, True) for anchor in anchors] + [
+        (certificate, False) for certificate in pool if certificate not in anchors
+    ]
+    for issuer, trusted in candidates:
+        if issuer.subject != current.issuer or issuer in path:
+            continue
+        try:
+            current.verify_directly_issued_by(issuer)
+            _check_issuer(issuer, intermediates_below=len(path) - 1)
+            _check_validity(issuer, when)
+        except (ValueError, TypeError, InvalidSignature, TimestampError) as exc:
+            failures.append(
+                f"{_describe(issuer)} is not a valid issuer of {_describe(current)}: {exc or 'bad signature'}"
+            )
+            continue
+        if trusted or _extend_path(issuer, pool, anchors, when, [*path, issuer], failures):
+            return True
+    if not failures:
+        failures.append(f"no issuer certificate found for {_describe(current)}")
+    return False
+
+
+def _check_issuer(issuer: x509.Certificate, intermediates_below: int) -> None:
+    try:
+        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise TimestampError("it is not a CA certificate (no basic constraints)") from None
+    if not constraints.ca:
+        raise TimestampError("it is not a CA certificate")
+    if constraints.path_length is not None and intermediates_below > constraints.path_length:
+        raise TimestampError(f"its path length constraint {constraints.path_length} is exceeded")
+    try:
+        key_usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not key_usage.key_cert_sign:
+        raise TimestampError("its key usage does not allow signing certificates")
