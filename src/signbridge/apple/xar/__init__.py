@@ -1,0 +1,81 @@
+"""Flat packages (xar archives): read, build, and re-sign them the way ``productsign`` does.
+
+- :class:`XarArchive` reads and checks a package (header, TOC, heap ranges, TOC checksum) and
+  streams file data out with its checksums verified.
+- :func:`write_package` builds an unsigned package from files.
+- :func:`prepare_signed` / :func:`finish` replace a package's signatures; :func:`signature_data`
+  reads them back.
+
+Signing a package::
+
+    prepared = prepare_signed(XarArchive.open(path), "sha256", 256, 9000, [leaf_der, *chain_der])
+    rsa = token_sign(prepared.toc_checksum)        # PKCS#1 v1.5, DigestInfo(sha256, checksum)
+    cms = build_cms(prepared.toc_checksum, ...)    # detached SignedData over the checksum
+    finish(prepared, rsa, cms, out_path)
+    if prepared.dropped_ticket: warn("the stapled notarization ticket was removed")
+
+Modules: header (28-byte header), tocxml (safe XML in/out), toc (TOC model), archive (reader),
+filedata (decoding file data), writer (unsigned packages), signing (signature surgery), output
+(atomic writes, in-kernel copies), errors.
+"""
+
+from .archive import TOC_SIZE_LIMIT, StapledTicket, XarArchive
+from .errors import (
+    ChecksumMismatchError,
+    DuplicateSignatureError,
+    HeapRangeError,
+    InvalidNumberError,
+    MalformedTocError,
+    NotXarError,
+    PackageBuildError,
+    SignatureSizeError,
+    SourceChangedError,
+    StapledTicketError,
+    TocTooLargeError,
+    TruncatedXarError,
+    UnsafeTocError,
+    UnsupportedChecksumError,
+    XarError,
+    XarFormatError,
+)
+from .header import XarHeader
+from .signing import PreparedPackage, SignatureData, finish, prepare_signed, signature_data
+from .toc import ChecksumSlot, FileChecksum, FileData, HeapRange, SignatureSlot, Toc, XarFile
+from .writer import PackageEntry, write_package
+
+__all__ = [
+    "TOC_SIZE_LIMIT",
+    "ChecksumMismatchError",
+    "ChecksumSlot",
+    "DuplicateSignatureError",
+    "FileChecksum",
+    "FileData",
+    "HeapRange",
+    "HeapRangeError",
+    "InvalidNumberError",
+    "MalformedTocError",
+    "NotXarError",
+    "PackageBuildError",
+    "PackageEntry",
+    "PreparedPackage",
+    "SignatureData",
+    "SignatureSizeError",
+    "SignatureSlot",
+    "SourceChangedError",
+    "StapledTicket",
+    "StapledTicketError",
+    "Toc",
+    "TocTooLargeError",
+    "TruncatedXarError",
+    "UnsafeTocError",
+    "UnsupportedChecksumError",
+    "XarArchive",
+    "XarError",
+    "XarFile",
+    "XarFormatError",
+    "XarHeader",
+    "finish",
+    "prepare_signed",
+    "signature_data",
+    "write_package",
+]
