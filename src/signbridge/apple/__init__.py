@@ -1,0 +1,10 @@
+"""Apple code-signing formats, parsed and written by signbridge's own code.
+
+- :mod:`.macho` parses thin and universal Mach-O files and validates their layout.
+- :mod:`.macho_writer` makes room for a signature, embeds it, strips it, re-lays universal files.
+- :mod:`.blobs` holds the generic blob and SuperBlob codecs and their magic numbers and slots.
+- :mod:`.codedirectory` builds, parses and hashes CodeDirectories (page hashing, cdhash).
+- :mod:`.requirements` encodes, parses and renders code requirements.
+- :mod:`.entitlements` builds the XML and DER entitlement blobs.
+- :mod:`.macho_signing` signs a whole file: ad hoc, or with a caller-supplied CMS signer.
+"""

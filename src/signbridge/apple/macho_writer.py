@@ -1,0 +1,220 @@
+"""Mach-O rewriting for signing: make room for a signature, embed it, strip it, re-lay universal files.
+
+Only the header, LC_CODE_SIGNATURE and ``__LINKEDIT`` change, the way ``codesign_allocate`` does
+it: the signature starts at the end of the other ``__LINKEDIT`` data rounded up to 16 bytes, its
+reserved size is a multiple of 16, ``__LINKEDIT.filesize`` ends with it, and ``vmsize`` grows (never
+shrinks) to ``filesize`` rounded up to the CPU's segment alignment.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .macho import (
+    FAT_ARCH_64_SIZE,
+    FAT_ARCH_SIZE,
+    FAT_HEADER_SIZE,
+    FAT_MAGIC,
+    FAT_MAGIC_64,
+    LC_CODE_SIGNATURE,
+    LINKEDIT_DATA_COMMAND_SIZE,
+    FatArch,
+    MachO,
+    MachOError,
+    SignatureLayoutError,
+    parse_macho,
+    segment_alignment,
+)
+
+SIGNATURE_ALIGNMENT = 16
+_U32_MAX = 0xFFFFFFFF
+
+
+class HeaderPaddingError(MachOError):
+    """There is no room after the load commands for a new LC_CODE_SIGNATURE."""
+
+
+class SignatureSpaceError(MachOError):
+    """A finished signature is larger than the space reserved for it."""
+
+
+def _round_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedSlice:
+    """A slice laid out for a signature of ``reserve`` bytes at ``code_limit``; not yet signed.
+
+    ``code`` is what the CodeDirectory hashes: the final header and load commands and everything up
+    to the signature. ``macho`` parses the laid-out slice (signature space zero-filled).
+    """
+
+    macho: MachO
+    code_limit: int
+    reserve: int
+    data: bytes = field(repr=False)
+
+    @property
+    def code(self) -> memoryview:
+        return memoryview(self.data)[: self.code_limit]
+
+
+def signature_offset(macho: MachO) -> int:
+    """Where a new signature will start: after the other ``__LINKEDIT`` data, 16-byte aligned."""
+    return _round_up(_linkedit_data_end(macho), SIGNATURE_ALIGNMENT)
+
+
+def _linkedit_data_end(macho: MachO) -> int:
+    linkedit = macho.linkedit
+    if linkedit is None:
+        raise SignatureLayoutError(
+            f"the {macho.file_type_name} has no __LINKEDIT segment to hold a signature"
+        )
+    for segment in macho.segments:
+        if segment is not linkedit and segment.filesize and segment.file_end > linkedit.fileoff:
+            raise SignatureLayoutError(
+                f"segment {segment.name} ends after __LINKEDIT starts; __LINKEDIT must be the last segment"
+            )
+    if len(macho.data) > linkedit.file_end:
+        raise SignatureLayoutError(
+            f"{len(macho.data) - linkedit.file_end} bytes follow __LINKEDIT at the end of the file; "
+            "signing would lose them"
+        )
+    if macho.code_signature is not None:
+        return macho.code_signature.dataoff
+    return linkedit.file_end
+
+
+def prepare_signature_layout(macho: MachO, reserve: int) -> PreparedSlice:
+    """Lay out ``macho`` for a signature of up to ``reserve`` bytes (rounded up to 16).
+
+    Replaces an existing signature, or inserts LC_CODE_SIGNATURE after the last load command when
+    there is none (raising :class:`HeaderPaddingError` when the header padding is too small).
+    """
+    if reserve <= 0:
+        raise ValueError("the signature reserve must be positive")
+    reserve = _round_up(reserve, SIGNATURE_ALIGNMENT)
+    offset = signature_offset(macho)
+    data_end = _linkedit_data_end(macho)
+    header = bytearray(macho.data[: min(macho.first_content_offset, data_end)])
+
+    if macho.code_signature is None:
+        end = macho.load_commands_end
+        padding = len(header) - end
+        if padding < LINKEDIT_DATA_COMMAND_SIZE or any(header[end : end + LINKEDIT_DATA_COMMAND_SIZE]):
+            raise HeaderPaddingError(
+                f"the {macho.arch} {macho.file_type_name} has {max(padding, 0)} free bytes after its load "
+                f"commands, and an LC_CODE_SIGNATURE needs {LINKEDIT_DATA_COMMAND_SIZE}; relink it with a "
+                "larger -headerpad (for example -headerpad_max_install_names)"
+            )
+        command_offset = end
+        struct.pack_into(
+            macho.fmt("II"), header, 16, macho.ncmds + 1, macho.sizeofcmds + LINKEDIT_DATA_COMMAND_SIZE
+        )
+    else:
+        command_offset = macho.code_signature.command_offset
+    struct.pack_into(
+        macho.fmt("IIII"),
+        header,
+        command_offset,
+        LC_CODE_SIGNATURE,
+        LINKEDIT_DATA_COMMAND_SIZE,
+        offset,
+        reserve,
+    )
+    _resize_linkedit(macho, header, offset + reserve)
+
+    body = memoryview(macho.data)[len(header) : data_end]
+    data = b"".join((header, body, bytes(offset - data_end + reserve)))
+    return PreparedSlice(macho=parse_macho(data), code_limit=offset, reserve=reserve, data=data)
+
+
+def _resize_linkedit(macho: MachO, header: bytearray, new_end: int) -> None:
+    linkedit = macho.linkedit
+    assert linkedit is not None
+    filesize = new_end - linkedit.fileoff
+    vmsize = linkedit.vmsize
+    if filesize > vmsize:
+        vmsize = _round_up(filesize, segment_alignment(macho.cputype))
+    # vmsize and filesize follow segname[16], vmaddr; fileoff sits between them.
+    if macho.is_64:
+        struct.pack_into(macho.fmt("Q"), header, linkedit.command_offset + 32, vmsize)
+        struct.pack_into(macho.fmt("Q"), header, linkedit.command_offset + 48, filesize)
+    else:
+        if filesize > _U32_MAX or vmsize > _U32_MAX:
+            raise SignatureLayoutError("a 32-bit Mach-O cannot grow __LINKEDIT past 4 GiB")
+        struct.pack_into(macho.fmt("I"), header, linkedit.command_offset + 28, vmsize)
+        struct.pack_into(macho.fmt("I"), header, linkedit.command_offset + 36, filesize)
+
+
+def embed_signature(prepared: PreparedSlice, signature: bytes) -> bytes:
+    """The signed slice: the prepared code, then ``signature`` zero-padded to the reserved size."""
+    if len(signature) > prepared.reserve:
+        raise SignatureSpaceError(
+            f"the signature is {len(signature)} bytes but only {prepared.reserve} were reserved for it"
+        )
+    code = memoryview(prepared.data)[: prepared.code_limit]
+    return b"".join((code, signature, bytes(prepared.reserve - len(signature))))
+
+
+def strip_signature(macho: MachO) -> bytes:
+    """The slice without its signature: LC_CODE_SIGNATURE removed, ``__LINKEDIT`` ends where it began."""
+    signature = macho.code_signature
+    if signature is None:
+        return macho.data
+    linkedit = macho.linkedit
+    assert linkedit is not None
+    header = bytearray(macho.data[: macho.load_commands_end])
+    start = signature.command_offset
+    del header[start : start + LINKEDIT_DATA_COMMAND_SIZE]
+    header += bytes(LINKEDIT_DATA_COMMAND_SIZE)
+    struct.pack_into(
+        macho.fmt("II"), header, 16, macho.ncmds - 1, macho.sizeofcmds - LINKEDIT_DATA_COMMAND_SIZE
+    )
+    linkedit_offset = linkedit.command_offset
+    if linkedit_offset > start:
+        linkedit_offset -= LINKEDIT_DATA_COMMAND_SIZE
+    filesize = signature.dataoff - linkedit.fileoff
+    if macho.is_64:
+        struct.pack_into(macho.fmt("Q"), header, linkedit_offset + 48, filesize)
+    else:
+        struct.pack_into(macho.fmt("I"), header, linkedit_offset + 36, filesize)
+    return b"".join((header, memoryview(macho.data)[len(header) : signature.dataoff]))
+
+
+def build_universal(arches: Sequence[FatArch], slices: Sequence[bytes], *, fat64: bool = False) -> bytes:
+    """A universal file holding ``slices`` in order, each at its arch's ``2^align`` boundary.
+
+    Offsets and sizes in ``arches`` are ignored (recomputed); cputype, subtype and align are kept.
+    A 32-bit fat header is used unless ``fat64`` is asked for or an offset or size needs 64 bits.
+    """
+    if len(arches) != len(slices) or not arches:
+        raise ValueError("build_universal needs one FatArch per slice")
+
+    def layout(entry_size: int) -> list[int]:
+        offsets, position = [], FAT_HEADER_SIZE + entry_size * len(arches)
+        for arch, data in zip(arches, slices, strict=True):
+            position = _round_up(position, 1 << arch.align)
+            offsets.append(position)
+            position += len(data)
+        return offsets
+
+    offsets = layout(FAT_ARCH_64_SIZE if fat64 else FAT_ARCH_SIZE)
+    if not fat64 and any(offset + len(data) > _U32_MAX for offset, data in zip(offsets, slices, strict=True)):
+        fat64 = True
+        offsets = layout(FAT_ARCH_64_SIZE)
+    parts = [struct.pack(">II", FAT_MAGIC_64 if fat64 else FAT_MAGIC, len(arches))]
+    for arch, offset, data in zip(arches, offsets, slices, strict=True):
+        if fat64:
+            entry = struct.pack(">IIQQII", arch.cputype, arch.cpusubtype, offset, len(data), arch.align, 0)
+        else:
+            entry = struct.pack(">IIIII", arch.cputype, arch.cpusubtype, offset, len(data), arch.align)
+        parts.append(entry)
+    position = sum(len(part) for part in parts)
+    for offset, data in zip(offsets, slices, strict=True):
+        parts += [bytes(offset - position), data]
+        position = offset + len(data)
+    return b"".join(parts)
