@@ -1,0 +1,47 @@
+"""PKCS#11 over p11-kit's RPC protocol: a token server for consumers and a pure-Python client.
+
+Provider side: build :class:`Token` objects (:func:`objects_for_identity` turns a certificate into
+its certificate/public-key/private-key objects) and :func:`serve` them on a Unix socket that
+``p11-kit-client.so`` reaches through ``P11_KIT_SERVER_ADDRESS=unix:path=...``.
+Tool side: :class:`Pkcs11Client` lists identities and signs digests over the same protocol.
+"""
+
+from .client import Pkcs11Client, Pkcs11Object, TokenInfo
+from .constants import CKA, CKC, CKF, CKG, CKK, CKM, CKO, CKR, CKS, CKU
+from .errors import Pkcs11Error, ProtocolError, SocketPathError
+from .identity import authority_object, objects_for_identity
+from .peer import CallerInfo
+from .server import Pkcs11Server, serve
+from .signing import pss_params
+from .token import Signer, Token, TokenObject
+from .wire import Mechanism, PssParams
+
+__all__ = [
+    "CKA",
+    "CKC",
+    "CKF",
+    "CKG",
+    "CKK",
+    "CKM",
+    "CKO",
+    "CKR",
+    "CKS",
+    "CKU",
+    "CallerInfo",
+    "Mechanism",
+    "Pkcs11Client",
+    "Pkcs11Error",
+    "Pkcs11Object",
+    "Pkcs11Server",
+    "PssParams",
+    "ProtocolError",
+    "Signer",
+    "SocketPathError",
+    "Token",
+    "TokenInfo",
+    "TokenObject",
+    "authority_object",
+    "objects_for_identity",
+    "pss_params",
+    "serve",
+]
