@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
+import fcntl
+import functools
 import hashlib
 import json
 import queue
@@ -18,9 +21,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select
 
 from ..errors import AuditError
+from .database import writing
 from .models import AuditHead, AuditRecord
 
 GENESIS = "0" * 64
@@ -59,31 +63,61 @@ def record_hash(seq: int, prev_hash: str, values: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _appending(engine: Engine) -> Iterator[Connection]:
+    """A write transaction on the chain. Service processes sharing one SQLite file queue on a file
+    lock first: SQLite's own busy handler would make them sleep and poll instead."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    with contextlib.ExitStack() as stack:
+        if database and database != ":memory:":
+            lock = stack.enter_context(open(f"{database}.audit-lock", "a+b"))  # noqa: SIM115
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        connection = stack.enter_context(writing(engine.connect()))
+        with connection.begin():
+            yield connection
+
+
 def ensure_head(engine: Engine) -> None:
-    with engine.begin() as connection:
+    with _appending(engine) as connection:
         if connection.execute(select(AuditHead.id).where(AuditHead.id == 1)).first() is None:
             connection.execute(insert(AuditHead).values(id=1, seq=0, record_hash=GENESIS))
 
 
+_COLUMNS = (*ENTRY_FIELDS, "seq", "prev_hash", "record_hash")
+
+
+@functools.cache
+def _statements(paramstyle: str) -> tuple[str, str, str]:
+    """The append path's SQL in the driver's own parameter style: it runs for every signature, and
+    going straight to the driver costs a tenth of building the statements each time."""
+    mark = "?" if paramstyle == "qmark" else "%s"
+    head = "SELECT seq, record_hash FROM audit_head WHERE id = 1" + ("" if mark == "?" else " FOR UPDATE")
+    insert_sql = (
+        f"INSERT INTO audit_records ({', '.join(_COLUMNS)}) VALUES ({', '.join(mark for _ in _COLUMNS)})"
+    )
+    update_sql = f"UPDATE audit_head SET seq = {mark}, record_hash = {mark} WHERE id = 1"
+    return head, insert_sql, update_sql
+
+
 def append_batch(engine: Engine, entries: list[AuditEntry]) -> list[int]:
     """Append ``entries`` in one transaction; returns their sequence numbers."""
-    with engine.begin() as connection:
-        head = connection.execute(
-            select(AuditHead.seq, AuditHead.record_hash).where(AuditHead.id == 1).with_for_update()
-        ).first()
+    head_sql, insert_sql, update_sql = _statements(engine.dialect.paramstyle)
+    with _appending(engine) as connection:
+        head = connection.exec_driver_sql(head_sql).first()
         if head is None:
             raise AuditError("the audit log has no head record; was the database initialized?")
-        seq, prev = head
+        first, prev = head
+        seq = first
         rows = []
         for entry in entries:
             seq += 1
             values = asdict(entry)
             digest = record_hash(seq, prev, values)
-            rows.append({**values, "seq": seq, "prev_hash": prev, "record_hash": digest})
+            rows.append((*(values[name] for name in ENTRY_FIELDS), seq, prev, digest))
             prev = digest
-        connection.execute(insert(AuditRecord), rows)
-        connection.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=seq, record_hash=prev))
-    return [row["seq"] for row in rows]
+        connection.exec_driver_sql(insert_sql, rows)
+        connection.exec_driver_sql(update_sql, (seq, prev))
+    return list(range(first + 1, seq + 1))
 
 
 class AuditWriter:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigError
 from .models import Base
@@ -20,7 +19,10 @@ def open_engine(url: str) -> Engine:
     """An engine on ``url``; for SQLite, writes take the lock when they begin and commits are fsynced."""
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            # One connection per worker thread, kept: opening one costs more than the query.
+            engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=48, max_overflow=16
+            )
             _make_sqlite_durable(engine)
         else:
             if url.startswith("postgresql://"):
@@ -44,7 +46,18 @@ def _make_sqlite_durable(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection) -> None:  # noqa: ANN001
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads run in autocommit and never block in WAL mode; writers take the lock up front (see
+        # ``writing``) so that two writers cannot deadlock upgrading a read lock.
+        if connection.get_execution_options().get(WRITE_OPTION):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+WRITE_OPTION = "signbridge_write"
+
+
+def writing(connection: Connection) -> Connection:
+    """Mark a connection whose next transaction writes (SQLite then takes the write lock at BEGIN)."""
+    return connection.execution_options(**{WRITE_OPTION: True})
 
 
 def create_schema(engine: Engine) -> None:
@@ -52,10 +65,6 @@ def create_schema(engine: Engine) -> None:
         Base.metadata.create_all(engine)
     except OperationalError as exc:
         raise ConfigError(f"cannot create the database schema at {redact_url(str(engine.url))}: {exc.orig}") from None
-
-
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 def redact_url(url: str) -> str:

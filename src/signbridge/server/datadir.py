@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import ConfigError
 from .audit import ensure_head
-from .database import create_schema, open_engine, session_factory, sqlite_url
+from .database import create_schema, open_engine, sqlite_url, writing
 from .keystores import Keystore
 from .keystores.factory import open_keystore
 from .settings import SETTINGS_FILE, ServerSettings
@@ -29,7 +29,7 @@ class DataDir:
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """A transaction: committed when the block ends, rolled back if it raises."""
-        with session_factory(self.engine)() as session, session.begin():
+        with writing(self.engine.connect()) as connection, Session(bind=connection) as session, session.begin():
             yield session
 
     def close(self) -> None:

@@ -19,14 +19,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Engine, or_, select, text
 
 from ..errors import KeystoreError, SignatureError
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, verify_digest_signature
 from . import tokens
 from .audit import AuditEntry, AuditWriter
 from .keystores import KeyRef, Keystore
-from .models import ApiToken, Certificate, GroupMember, Project, SigningPolicy, Submitter, User
+from .models import Certificate, GroupMember, Project, SigningPolicy, Submitter
 from .problems import Problem
 from .ratelimit import RateLimiter
 from .requests import HashSigningRequest
@@ -40,6 +40,16 @@ class Caller:
     user_name: str
     organization_id: str
     token_id: str
+
+
+@dataclass(frozen=True)
+class Grant:
+    """An authenticated caller, and the policy a request names (None when it names none or an unknown one)."""
+
+    caller: Caller
+    policy_id: str | None
+    certificate_id: str | None
+    allowed: bool
 
 
 @dataclass(frozen=True)
@@ -70,9 +80,16 @@ class SigningService:
         self._certificates: dict[str, LoadedCertificate] = {}
         self._lock = threading.Lock()
 
-    # Authentication
+    # Authentication and authorization
 
-    def authenticate(self, authorization: str | None, organization_id: str) -> Caller:
+    def authorize(
+        self,
+        authorization: str | None,
+        organization_id: str,
+        project_slug: str | None = None,
+        policy_slug: str | None = None,
+    ) -> Grant:
+        """Check the API token and, in the same query, find the policy and whether the caller may use it."""
         if not authorization:
             raise Problem(401, "No API token was sent; send the header 'Authorization: Bearer <token>'.")
         scheme, _, credential = authorization.partition(" ")
@@ -84,20 +101,15 @@ class SigningService:
         if token_id is not None:
             with self.engine.connect() as connection:
                 row = connection.execute(
-                    select(
-                        ApiToken.secret_hash, ApiToken.expires_at, ApiToken.revoked_at,
-                        User.id, User.name, User.organization_id,
-                    )
-                    .join(User, User.id == ApiToken.user_id)
-                    .where(ApiToken.id == token_id)
+                    _AUTHORIZE, {"token_id": token_id, "project": project_slug, "policy": policy_slug}
                 ).first()
-        if row is None or not tokens.matches(value, row.secret_hash):
+        if row is None or not tokens.matches(value, bytes(row.secret_hash)):
             raise Problem(401, "The API token is not valid.")
         if row.revoked_at is not None:
             raise Problem(401, "The API token was revoked.")
-        if row.expires_at is not None and _aware(row.expires_at) <= dt.datetime.now(dt.UTC):
+        if row.expires_at is not None and _parse_time(row.expires_at) <= dt.datetime.now(dt.UTC):
             raise Problem(401, "The API token has expired.")
-        caller = Caller(row.id, row.name, row.organization_id, token_id)  # type: ignore[arg-type]
+        caller = Caller(row.user_id, row.user_name, row.organization_id, token_id)  # type: ignore[arg-type]
         if caller.organization_id != organization_id.lower():
             raise Problem(403, f"The API token's user {caller.user_name!r} is not a member of organization {organization_id}.")
         if self.rate_limiter is not None:
@@ -108,7 +120,10 @@ class SigningService:
                     f"Too many requests with this API token; try again in {retry_after} s.",
                     headers={"Retry-After": str(retry_after)},
                 )
-        return caller
+        return Grant(caller, row.policy_id, row.certificate_id, bool(row.allowed))
+
+    def authenticate(self, authorization: str | None, organization_id: str) -> Caller:
+        return self.authorize(authorization, organization_id).caller
 
     # Policies
 
@@ -210,35 +225,26 @@ class SigningService:
                 self._certificates[certificate_id] = loaded
         return loaded
 
-    def resolve_policy(self, caller: Caller, project_slug: str, policy_slug: str) -> tuple[str, LoadedCertificate]:
-        with self.engine.connect() as connection:
-            row = connection.execute(
-                select(SigningPolicy.id, SigningPolicy.certificate_id, self._submitter_clause(caller).label("allowed"))
-                .join(Project, Project.id == SigningPolicy.project_id)
-                .where(
-                    and_(
-                        Project.organization_id == caller.organization_id,
-                        Project.slug == project_slug,
-                        SigningPolicy.slug == policy_slug,
-                    )
-                )
-            ).first()
-            if row is None:
-                self._check_filters(connection, caller, project_slug, policy_slug)
-                raise Problem(404, f"There is no signing policy {project_slug}/{policy_slug}.")
-        if not row.allowed:
+    def resolve_policy(self, grant: Grant, project_slug: str, policy_slug: str) -> LoadedCertificate:
+        if grant.policy_id is None or grant.certificate_id is None:
+            with self.engine.connect() as connection:
+                self._check_filters(connection, grant.caller, project_slug, policy_slug)
+            raise Problem(404, f"There is no signing policy {project_slug}/{policy_slug}.")
+        if not grant.allowed:
             raise Problem(
                 403,
-                f"User {caller.user_name!r} is not a submitter on signing policy {project_slug}/{policy_slug}.",
+                f"User {grant.caller.user_name!r} is not a submitter on signing policy {project_slug}/{policy_slug}.",
             )
-        return row.id, self.certificate(row.certificate_id)
+        return self.certificate(grant.certificate_id)
 
     # Signing
 
-    def sign(self, caller: Caller, request: HashSigningRequest, entry: AuditEntry) -> tuple[SignResult, concurrent.futures.Future[int]]:
+    def sign(
+        self, grant: Grant, request: HashSigningRequest, entry: AuditEntry
+    ) -> tuple[SignResult, concurrent.futures.Future[int]]:
         """Sign, and submit the audit record of the success; the caller must await the record
         before the signature leaves the service."""
-        _, loaded = self.resolve_policy(caller, request.project_slug, request.policy_slug)
+        loaded = self.resolve_policy(grant, request.project_slug, request.policy_slug)
         entry.certificate_sha256 = loaded.sha256
         key = loaded.public_key
         wanted = request.signature
@@ -249,8 +255,11 @@ class SigningService:
         started = time.perf_counter()
         try:
             signature = self.keystore.sign(loaded.key_ref, wanted)
-            as_der = SignatureRequest(wanted.digest, wanted.hash_algorithm, wanted.scheme, EcdsaFormat.ASN1)
-            verify_digest_signature(key, as_der, signature)
+            # A device can fail in ways that leak the key (a faulty RSA-CRT result) or sign with the wrong
+            # key; OpenSSL already checks its own CRT results, so in-process keys skip the second check.
+            if not self.keystore.signs_in_process:
+                as_der = SignatureRequest(wanted.digest, wanted.hash_algorithm, wanted.scheme, EcdsaFormat.ASN1)
+                verify_digest_signature(key, as_der, signature)
         except (KeystoreError, SignatureError) as exc:
             log.error("signing with %s failed: %s", loaded.key_ref, exc)
             raise Problem(503, "The keystore could not sign; try again later.", audit_outcome="failed") from None
@@ -266,5 +275,28 @@ def _b64_int(value: int) -> str:
     return base64.b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big")).decode()
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
+def _parse_time(value: dt.datetime | str) -> dt.datetime:
+    if isinstance(value, str):  # SQLite returns text for a raw query
+        value = dt.datetime.fromisoformat(value)
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+# The hot path's one query: the token, its user, the named policy, and whether the user submits to it
+# (directly or through a group).
+_AUTHORIZE = text(
+    """
+    SELECT t.secret_hash, t.expires_at, t.revoked_at,
+           u.id AS user_id, u.name AS user_name, u.organization_id,
+           p.id AS policy_id, p.certificate_id,
+           CASE WHEN p.id IS NULL THEN 0 ELSE (
+               SELECT COUNT(*) FROM submitters s
+               WHERE s.policy_id = p.id AND (s.user_id = u.id OR s.group_id IN
+                   (SELECT g.group_id FROM group_members g WHERE g.user_id = u.id))
+           ) END AS allowed
+    FROM api_tokens t
+    JOIN users u ON u.id = t.user_id
+    LEFT JOIN projects pr ON pr.organization_id = u.organization_id AND pr.slug = :project
+    LEFT JOIN signing_policies p ON p.project_id = pr.id AND p.slug = :policy
+    WHERE t.id = :token_id
+    """
+)

@@ -72,6 +72,9 @@ class Keystore(Protocol):
     """What every key backend provides."""
 
     backend: str
+    # True when signing is quick CPU work in this process (no device to wait for), so the service
+    # may sign on its event loop instead of handing the call to a thread.
+    signs_in_process: bool
 
     def generate(self, spec: KeySpec, label: str) -> KeyRef:
         """Create a key that can never be exported, and return its reference."""

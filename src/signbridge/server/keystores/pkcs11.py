@@ -93,6 +93,7 @@ class Pkcs11Keystore:
     """Keys on a PKCS#11 token, generated there as sensitive and non-extractable."""
 
     backend = "pkcs11"
+    signs_in_process = False
 
     def __init__(self, module: str, token_label: str, pin: str) -> None:
         if not pin:

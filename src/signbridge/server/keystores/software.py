@@ -52,6 +52,7 @@ class SoftwareKeystore:
     """Keys encrypted at rest under ``DATA_DIR/master.key``; the embedded default."""
 
     backend = "software"
+    signs_in_process = True
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
