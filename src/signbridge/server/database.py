@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -58,6 +59,17 @@ WRITE_OPTION = "signbridge_write"
 def writing(connection: Connection) -> Connection:
     """Mark a connection whose next transaction writes (SQLite then takes the write lock at BEGIN)."""
     return connection.execution_options(**{WRITE_OPTION: True})
+
+
+@functools.cache
+def _driver_sql(paramstyle: str, sql: str) -> str:
+    return sql if paramstyle == "qmark" else sql.replace("?", "%s")
+
+
+def driver_sql(engine: Engine, sql: str) -> str:
+    """``sql`` written with ``?`` placeholders, in the driver's own parameter style. The hot paths
+    send SQL straight to the driver: it costs a fraction of building SQLAlchemy statements."""
+    return _driver_sql(engine.dialect.paramstyle, sql)
 
 
 def create_schema(engine: Engine) -> None:

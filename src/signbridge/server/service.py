@@ -19,12 +19,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from sqlalchemy import Engine, or_, select, text
+from sqlalchemy import Engine, or_, select
 
 from ..errors import KeystoreError, SignatureError
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, verify_digest_signature
 from . import tokens
 from .audit import AuditEntry, AuditWriter
+from .database import driver_sql
 from .keystores import KeyRef, Keystore
 from .models import Certificate, GroupMember, Project, SigningPolicy, Submitter
 from .problems import Problem
@@ -100,8 +101,8 @@ class SigningService:
         row = None
         if token_id is not None:
             with self.engine.connect() as connection:
-                row = connection.execute(
-                    _AUTHORIZE, {"token_id": token_id, "project": project_slug, "policy": policy_slug}
+                row = connection.exec_driver_sql(
+                    driver_sql(self.engine, _AUTHORIZE), (project_slug, policy_slug, token_id)
                 ).first()
         if row is None or not tokens.matches(value, bytes(row.secret_hash)):
             raise Problem(401, "The API token is not valid.")
@@ -283,8 +284,7 @@ def _parse_time(value: dt.datetime | str) -> dt.datetime:
 
 # The hot path's one query: the token, its user, the named policy, and whether the user submits to it
 # (directly or through a group).
-_AUTHORIZE = text(
-    """
+_AUTHORIZE = """
     SELECT t.secret_hash, t.expires_at, t.revoked_at,
            u.id AS user_id, u.name AS user_name, u.organization_id,
            p.id AS policy_id, p.certificate_id,
@@ -295,8 +295,7 @@ _AUTHORIZE = text(
            ) END AS allowed
     FROM api_tokens t
     JOIN users u ON u.id = t.user_id
-    LEFT JOIN projects pr ON pr.organization_id = u.organization_id AND pr.slug = :project
-    LEFT JOIN signing_policies p ON p.project_id = pr.id AND p.slug = :policy
-    WHERE t.id = :token_id
-    """
-)
+    LEFT JOIN projects pr ON pr.organization_id = u.organization_id AND pr.slug = ?
+    LEFT JOIN signing_policies p ON p.project_id = pr.id AND p.slug = ?
+    WHERE t.id = ?
+"""
