@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import concurrent.futures
 import json
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +18,8 @@ import httpx
 import pytest
 
 from servicekit import init_demo, signbridge
-from signbridge.server.audit import AuditEntry, AuditWriter, ensure_head, verify
+from signbridge.errors import AuditError
+from signbridge.server.audit import AuditEntry, AuditLog, ensure_head, verify
 from signbridge.server.database import create_schema, open_engine
 from signbridge.server.process import ServiceProcess
 
@@ -29,45 +33,69 @@ def _engine(path: Path):
     return engine
 
 
+def _append_many(engine, entries: list[AuditEntry]) -> list[int]:
+    async def run() -> list[int]:
+        log = AuditLog(engine)
+        seqs = await asyncio.gather(*(log.append(entry) for entry in entries))
+        await log.aclose()
+        return list(seqs)
+
+    return asyncio.run(run())
+
+
 def test_concurrent_appends_form_one_chain(tmp_path: Path) -> None:
     engine = _engine(tmp_path / "a.db")
-    writer = AuditWriter(engine)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        seqs = list(pool.map(lambda i: writer.append_sync(AuditEntry("granted", 200, digest=f"{i:064x}")), range(500)))
-    writer.close()
-    assert sorted(seqs) == list(range(1, 501))
+    seqs = _append_many(engine, [AuditEntry("granted", 200, digest=f"{i:064x}") for i in range(500)])
+    assert seqs == list(range(1, 501))  # in order of appending, without gaps
     result = verify(engine)
     assert result.ok and result.records == 500
 
 
-def test_two_writers_on_one_database_share_the_chain(tmp_path: Path) -> None:
-    """Two service processes (here: two engines) append to one chain without forking it."""
-    first, second = _engine(tmp_path / "b.db"), open_engine(f"sqlite:///{tmp_path / 'b.db'}")
-    writers = [AuditWriter(first), AuditWriter(second)]
-    threads = [threading.Thread(target=lambda w=w: [w.append_sync(AuditEntry("granted", 200)) for _ in range(100)]) for w in writers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for writer in writers:
-        writer.close()
-    assert verify(first).ok and verify(first).records == 200
+def test_two_processes_on_one_database_share_the_chain(tmp_path: Path) -> None:
+    """Two service processes append to one SQLite chain without forking it."""
+    engine = _engine(tmp_path / "b.db")
+    script = (
+        "import sys; from test_audit import _append_many; from signbridge.server.audit import AuditEntry; "
+        "from signbridge.server.database import open_engine; "
+        "_append_many(open_engine(sys.argv[1]), [AuditEntry('granted', 200) for _ in range(300)])"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"sqlite:///{tmp_path / 'b.db'}"], env=env) for _ in range(2)]
+    assert [proc.wait(120) for proc in procs] == [0, 0]
+    result = verify(engine)
+    assert result.ok and result.records == 600
 
 
-def test_closed_writer_refuses(tmp_path: Path) -> None:
-    writer = AuditWriter(_engine(tmp_path / "c.db"))
-    writer.close()
-    with pytest.raises(Exception, match="closed"):
-        writer.submit(AuditEntry("granted", 200))
+def test_closed_log_refuses(tmp_path: Path) -> None:
+    async def run() -> None:
+        log = AuditLog(_engine(tmp_path / "c.db"))
+        await log.aclose()
+        with pytest.raises(AuditError, match="closed"):
+            await log.append(AuditEntry("granted", 200))
+
+    asyncio.run(run())
+
+
+def test_failed_commit_reaches_every_waiter(tmp_path: Path) -> None:
+    engine = _engine(tmp_path / "e.db")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE audit_head")
+
+    async def run() -> list:
+        log = AuditLog(engine)
+        results = await asyncio.gather(*(log.append(AuditEntry("granted", 200)) for _ in range(5)), return_exceptions=True)
+        await log.aclose()
+        return results
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, AuditError) and "could not be written" in str(r) for r in results)
 
 
 @pytest.fixture
 def populated(tmp_path: Path) -> Path:
     engine = _engine(tmp_path / "d.db")
-    writer = AuditWriter(engine)
     for i in range(6):
-        writer.append_sync(AuditEntry("granted", 200, user_name=f"user{i}", digest=f"{i:064x}"))
-    writer.close()
+        _append_many(engine, [AuditEntry("granted", 200, user_name=f"user{i}", digest=f"{i:064x}")])
     engine.dispose()
     (tmp_path / "server.json").write_text(json.dumps({"databaseUrl": f"sqlite:///{tmp_path / 'd.db'}"}))
     return tmp_path

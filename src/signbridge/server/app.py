@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -26,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import SignbridgeError
-from .audit import AuditEntry, AuditWriter
+from .audit import AuditEntry, AuditLog
 from .database import open_engine
 from .directory import load_chain, load_x509
 from .keystores import KeyRef
@@ -101,7 +100,7 @@ class Api:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         engine = open_engine(self.settings.database_url)
         keystore = open_keystore(self.settings.data_dir, self.settings.keystore)
-        audit = AuditWriter(engine)
+        audit = AuditLog(engine)
         self.service = SigningService(
             engine, keystore, audit, rate_limit_per_minute=self.settings.rate_limit_per_minute
         )
@@ -112,7 +111,7 @@ class Api:
         try:
             yield
         finally:
-            audit.close()
+            await audit.aclose()
             keystore.close()
             engine.dispose()
 
@@ -146,8 +145,7 @@ class Api:
         _describe(entry, grant.caller, parsed)
         if invalid is not None:
             raise invalid
-        result, committed = service.sign(grant, parsed, entry)
-        return echo(result), committed
+        return echo(service.sign(grant, parsed, entry))
 
     async def _signing_route(self, request: Request, read: Callable[[Request], Awaitable[Parse]]) -> Response:
         """Read, then authenticate, parse and sign in one worker thread; answer only once the audit
@@ -160,9 +158,9 @@ class Api:
             parse = await read(request)
             arguments = (request.headers.get("authorization"), organization_id, parse, entry)
             if self.inline:
-                body, committed = self._authorize_and_sign(*arguments)
+                body = self._authorize_and_sign(*arguments)
             else:
-                body, committed = await run_in_threadpool(self._authorize_and_sign, *arguments)
+                body = await run_in_threadpool(self._authorize_and_sign, *arguments)
         except Problem as problem:
             entry.outcome, entry.status, entry.reason = problem.audit_outcome, problem.status, problem.detail
             try:
@@ -172,7 +170,7 @@ class Api:
                 return problem_response(Problem(503, "The audit log is unavailable; try again later."))
             return problem_response(problem)
         try:
-            await asyncio.wrap_future(committed)
+            await service.audit.append(entry)
         except SignbridgeError as exc:
             log.error("%s; the signature was withheld", exc)
             return problem_response(Problem(503, "The audit log is unavailable; the signature was not released."))

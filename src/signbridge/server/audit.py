@@ -4,6 +4,8 @@ Every signing attempt becomes one record. Records are chained: each stores the h
 before it, and its own hash covers its sequence number, its fields and that previous hash, so an
 edited, deleted or reordered record breaks the chain. A record is committed (fsynced) before the
 signature it describes is returned; concurrent requests share one commit (group commit).
+Several service processes append to one chain: SQLite writers queue on a file lock, PostgreSQL
+writers on the head row's lock.
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
-import queue
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 
@@ -29,8 +28,6 @@ from .models import AuditHead, AuditRecord
 
 GENESIS = "0" * 64
 _BATCH = 512
-_GATHER_PAUSE = 0.0003  # seconds without a new record that end a batch
-_GATHER_LIMIT = 0.002  # the longest a record waits for others
 
 
 @dataclass
@@ -114,68 +111,51 @@ def append_batch(engine: Engine, entries: list[AuditEntry]) -> list[int]:
     return list(range(first + 1, seq + 1))
 
 
-class AuditWriter:
-    """Appends records from many threads or tasks, committing whatever is waiting in one transaction."""
+class AuditLog:
+    """Appends records for the tasks of one event loop, committing whatever is waiting in one
+    transaction (group commit): while one batch is being written, the next one gathers."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._queue: queue.SimpleQueue[tuple[AuditEntry, concurrent.futures.Future[int]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._pending: list[tuple[AuditEntry, asyncio.Future[int]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        # Commits run one at a time off the event loop; they wait on the disk, not the CPU.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
         self._closed = False
-        self._thread.start()
-
-    def submit(self, entry: AuditEntry) -> concurrent.futures.Future[int]:
-        if self._closed:
-            raise AuditError("the audit log is closed")
-        future: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._queue.put((entry, future))
-        return future
 
     async def append(self, entry: AuditEntry) -> int:
-        return await asyncio.wrap_future(self.submit(entry))
+        """Returns the record's sequence number once it is committed; raises AuditError if it could not be."""
+        if self._closed:
+            raise AuditError("the audit log is closed")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        return await future
 
-    def append_sync(self, entry: AuditEntry) -> int:
-        return self.submit(entry).result()
+    async def _write_pending(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            entries = [entry for entry, _ in batch]
+            try:
+                seqs = await loop.run_in_executor(self._executor, append_batch, self._engine, entries)
+            except Exception as exc:  # noqa: BLE001 - every waiter must learn that its record was not written
+                error = AuditError(f"the audit record could not be written: {exc}")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), seq in zip(batch, seqs, strict=True):
+                if not future.done():
+                    future.set_result(seq)
 
-    def close(self) -> None:
-        """Write everything submitted so far, then stop."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-            self._thread.join()
-
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            batch = []
-            deadline = time.monotonic() + _GATHER_LIMIT
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= _BATCH:
-                    break
-                # Wait a moment for the records of requests being served right now: one commit for
-                # many records costs far less than one each, and a lone request waits < 1 ms.
-                wait = min(_GATHER_PAUSE, deadline - time.monotonic())
-                try:
-                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                stopping = True
-            if batch:
-                self._write(batch)
-
-    def _write(self, batch: list[tuple[AuditEntry, concurrent.futures.Future[int]]]) -> None:
-        try:
-            seqs = append_batch(self._engine, [entry for entry, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - every waiter must learn that its record was not written
-            error = AuditError(f"the audit record could not be written: {exc}")
-            for _, future in batch:
-                future.set_exception(error)
-            return
-        for (_, future), seq in zip(batch, seqs, strict=True):
-            future.set_result(seq)
+    async def aclose(self) -> None:
+        """Write everything appended so far, then stop."""
+        self._closed = True
+        while self._writer is not None and not self._writer.done():
+            await self._writer
+        self._executor.shutdown(wait=True)
 
 
 # Reading and verifying

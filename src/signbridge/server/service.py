@@ -7,7 +7,6 @@ HTTP-free: the routes in :mod:`.app` parse requests and call these methods, whic
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import datetime as dt
 import logging
 import threading
@@ -24,7 +23,7 @@ from sqlalchemy import Engine, or_, select
 from ..errors import KeystoreError, SignatureError
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, verify_digest_signature
 from . import tokens
-from .audit import AuditEntry, AuditWriter
+from .audit import AuditEntry, AuditLog
 from .database import driver_sql
 from .keystores import KeyRef, Keystore
 from .models import Certificate, GroupMember, Project, SigningPolicy, Submitter
@@ -72,7 +71,7 @@ class SignResult:
 
 class SigningService:
     def __init__(
-        self, engine: Engine, keystore: Keystore, audit: AuditWriter, *, rate_limit_per_minute: int = 0
+        self, engine: Engine, keystore: Keystore, audit: AuditLog, *, rate_limit_per_minute: int = 0
     ) -> None:
         self.engine = engine
         self.keystore = keystore
@@ -101,16 +100,22 @@ class SigningService:
         row = None
         if token_id is not None:
             with self.engine.connect() as connection:
-                row = connection.exec_driver_sql(
-                    driver_sql(self.engine, _AUTHORIZE), (project_slug, policy_slug, token_id)
-                ).first()
-        if row is None or not tokens.matches(value, bytes(row.secret_hash)):
+                cursor = connection.connection.cursor()  # the driver's own: no result processing
+                try:
+                    cursor.execute(driver_sql(self.engine, _AUTHORIZE), (project_slug, policy_slug, token_id))
+                    row = cursor.fetchone()
+                finally:
+                    cursor.close()
+        if row is None:
             raise Problem(401, "The API token is not valid.")
-        if row.revoked_at is not None:
+        secret_hash, expires_at, revoked_at, user_id, user_name, organization, policy_id, certificate_id, allowed = row
+        if not tokens.matches(value, bytes(secret_hash)):
+            raise Problem(401, "The API token is not valid.")
+        if revoked_at is not None:
             raise Problem(401, "The API token was revoked.")
-        if row.expires_at is not None and _parse_time(row.expires_at) <= dt.datetime.now(dt.UTC):
+        if expires_at is not None and _parse_time(expires_at) <= dt.datetime.now(dt.UTC):
             raise Problem(401, "The API token has expired.")
-        caller = Caller(row.user_id, row.user_name, row.organization_id, token_id)  # type: ignore[arg-type]
+        caller = Caller(user_id, user_name, organization, token_id)
         if caller.organization_id != organization_id.lower():
             raise Problem(403, f"The API token's user {caller.user_name!r} is not a member of organization {organization_id}.")
         if self.rate_limiter is not None:
@@ -121,7 +126,7 @@ class SigningService:
                     f"Too many requests with this API token; try again in {retry_after} s.",
                     headers={"Retry-After": str(retry_after)},
                 )
-        return Grant(caller, row.policy_id, row.certificate_id, bool(row.allowed))
+        return Grant(caller, policy_id, certificate_id, bool(allowed))
 
     def authenticate(self, authorization: str | None, organization_id: str) -> Caller:
         return self.authorize(authorization, organization_id).caller
@@ -240,11 +245,9 @@ class SigningService:
 
     # Signing
 
-    def sign(
-        self, grant: Grant, request: HashSigningRequest, entry: AuditEntry
-    ) -> tuple[SignResult, concurrent.futures.Future[int]]:
-        """Sign, and submit the audit record of the success; the caller must await the record
-        before the signature leaves the service."""
+    def sign(self, grant: Grant, request: HashSigningRequest, entry: AuditEntry) -> SignResult:
+        """Sign, and complete ``entry`` as the record of the success; the caller must have the record
+        committed before the signature leaves the service."""
         loaded = self.resolve_policy(grant, request.project_slug, request.policy_slug)
         entry.certificate_sha256 = loaded.sha256
         key = loaded.public_key
@@ -269,7 +272,7 @@ class SigningService:
         log.debug("signed in %.1f ms", (time.perf_counter() - started) * 1000)
         request_id = str(uuid.uuid4())
         entry.outcome, entry.status, entry.request_id = "granted", 200, request_id
-        return SignResult(request_id, signature), self.audit.submit(entry)
+        return SignResult(request_id, signature)
 
 
 def _b64_int(value: int) -> str:
