@@ -1,20 +1,21 @@
 """SignHash throughput and latency over loopback, next to the raw RSA-2048 sign rate of the same key.
 
-    ./dev bench service [--workers N] [--seconds S]
+    ./dev bench service [--workers N] [--seconds S] [--clients 1,8,32]
 
 Starts a demo service with N worker processes (default: one per core), measures the raw sign rate of
 the release-signing key in N processes, then drives SignHash with 1, 8 and 32 concurrent keep-alive
-clients and prints throughput, p50/p99 latency and the ratio to the raw rate.
+connections (wrk, one thread) and prints throughput, p50/p99 latency and the ratio to the raw rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import multiprocessing
 import os
+import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -48,8 +49,10 @@ def raw_rate(data_dir: Path, key_ref: str, processes: int, seconds: float) -> fl
     return sum(counts) / seconds
 
 
-def build_requests(port: int, organization: str, token: str, count: int = 64) -> list[bytes]:
-    requests = []
+def wrk_script(directory: Path, organization: str, token: str, count: int = 64) -> Path:
+    """A wrk Lua script that posts SignHash requests with ``count`` different digests and prints
+    the exact numbers the table needs."""
+    bodies = []
     for i in range(count):
         body = json.dumps({
             "projectSlug": "demo",
@@ -59,63 +62,48 @@ def build_requests(port: int, organization: str, token: str, count: int = 64) ->
                 "signatureAlgorithm": "Rsa",
                 "rsaOptions": {"hashAlgorithmName": "Sha256", "paddingMode": "Pkcs1"},
             },
-        }).encode()
-        head = (
-            f"POST /Api/v1/{organization}/SigningRequests/SignHash HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        requests.append(head + body)
-    return requests
+        })
+        bodies.append("[[" + body + "]]")
+    script = directory / "signhash.lua"
+    script.write_text(
+        f"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+local bodies = {{{", ".join(bodies)}}}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("POST", "/Api/v1/{organization}/SigningRequests/SignHash", nil, bodies[i % #bodies + 1])
+end
+local failed = 0
+response = function(status, headers, body)
+  if status ~= 200 then failed = failed + 1 end
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests,
+    e.connect + e.read + e.write + e.timeout + e.status, summary.duration,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+    )
+    return script
 
 
-async def _client(port: int, requests: list[bytes], deadline: float, latencies: list[float], errors: list[int]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    i = 0
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        writer.write(requests[i % len(requests)])
-        i += 1
-        status_line = await reader.readline()
-        length = 0
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b""):
-                break
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await reader.readexactly(length)
-        if b" 200 " not in status_line:
-            errors.append(int(status_line.split()[1]))
-        latencies.append(time.perf_counter() - started)
-    writer.close()
-
-
-async def _load(port: int, requests: list[bytes], clients: int, seconds: float) -> tuple[list[float], list[int], float]:
-    latencies: list[float] = []
-    errors: list[int] = []
-    warmup = time.perf_counter() + 0.5
-    await asyncio.gather(*(_client(port, requests, warmup, [], []) for _ in range(clients)))
-    started = time.perf_counter()
-    await asyncio.gather(*(_client(port, requests, started + seconds, latencies, errors) for _ in range(clients)))
-    return latencies, errors, time.perf_counter() - started
-
-
-def load_worker(args: tuple[int, list[bytes], int, float]) -> tuple[list[float], list[int], float]:
-    port, requests, clients, seconds = args
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    return asyncio.run(_load(port, requests, clients, seconds))
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+def drive(url: str, script: Path, clients: int, seconds: float) -> tuple[int, int, float, float, float]:
+    """Runs wrk (one thread, ``clients`` keep-alive connections); returns requests, errors, seconds, p50 and p99 in ms."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("bench/service.py needs wrk (Debian package wrk); `./dev bench service` installs it")
+    subprocess.run([wrk, "-t1", f"-c{clients}", "-d1s", "-s", str(script), url], check=True, capture_output=True)  # warm-up
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(script), url],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    requests, errors, duration_us, p50_us, p99_us = (int(v) for v in line.split()[1:])
+    return requests, errors, duration_us / 1e6, p50_us / 1000, p99_us / 1000
 
 
 def main() -> int:
@@ -131,8 +119,6 @@ def main() -> int:
             [sys.executable, "-m", "signbridge", "server", "init", "--demo", "--json", "--data-dir", str(data_dir)],
             check=True, capture_output=True, text=True,
         ).stdout)
-        import sqlite3
-
         with sqlite3.connect(data_dir / "signbridge.db") as db:
             (key_ref,) = db.execute(
                 "SELECT c.key_ref FROM certificates c JOIN signing_policies p ON p.certificate_id = c.id "
@@ -141,18 +127,15 @@ def main() -> int:
 
         raw = raw_rate(data_dir, key_ref, args.workers, args.seconds)
         rows = []
+        script = wrk_script(Path(temporary), info["organizationId"], info["apiToken"])
         with ServiceProcess(data_dir, workers=args.workers) as service:
-            requests = build_requests(service.port, info["organizationId"], info["apiToken"])
             for clients in (int(c) for c in args.clients.split(",")):
-                # The load generator runs in its own process, as a separate client machine would.
-                with multiprocessing.get_context("spawn").Pool(1) as pool:
-                    latencies, errors, elapsed = pool.apply(load_worker, ((service.port, requests, clients, args.seconds),))
-                throughput = len(latencies) / elapsed
-                rows.append((clients, len(latencies), len(errors), throughput, percentile(latencies, 0.5) * 1000,
-                             percentile(latencies, 0.99) * 1000, throughput / raw))
+                count, errors, elapsed, p50, p99 = drive(service.api_url.removesuffix("/Api"), script, clients, args.seconds)
+                throughput = count / elapsed
+                rows.append((clients, count, errors, throughput, p50, p99, throughput / raw))
 
-    print(f"RSA-2048 SignHash over loopback; service: {args.workers} worker(s); {args.seconds:g} s per row; "
-          f"{os.cpu_count()} CPU core(s) shared by service, load generator and raw measurement (run one after the other)")
+    print(f"RSA-2048 SignHash over loopback; service: {args.workers} worker(s); load: wrk, one thread; "
+          f"{args.seconds:g} s per row; {os.cpu_count()} CPU core(s) shared by the service and wrk")
     print(f"raw RSA-2048 sign rate of the same key, {args.workers} process(es): {raw:,.0f} signatures/s")
     print()
     print(f"{'clients':>7}  {'requests':>8}  {'errors':>6}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'raw/s':>8}  {'ratio':>6}")

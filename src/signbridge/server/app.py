@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -94,7 +95,6 @@ class Api:
         self.settings = settings
         self.service: SigningService | None = None
         self.tsa: TimestampAuthority | None = None
-        self.inline = False
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -105,13 +105,15 @@ class Api:
             engine, keystore, audit, rate_limit_per_minute=self.settings.rate_limit_per_minute
         )
         self.tsa = self._load_tsa()
-        # With an embedded database and in-process keys a request is a few hundred microseconds of CPU:
-        # running it on the event loop beats handing it to a thread that would wait for the GIL anyway.
-        self.inline = engine.dialect.name == "sqlite" and keystore.signs_in_process
+        # Each request allocates a few thousand short-lived objects; with the default thresholds the
+        # cyclic collector runs every few requests and rescans everything loaded at start-up.
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         try:
             yield
         finally:
             await audit.aclose()
+            self.service.close()
             keystore.close()
             engine.dispose()
 
@@ -157,7 +159,7 @@ class Api:
         try:
             parse = await read(request)
             arguments = (request.headers.get("authorization"), organization_id, parse, entry)
-            if self.inline:
+            if service.inline:
                 body = self._authorize_and_sign(*arguments)
             else:
                 body = await run_in_threadpool(self._authorize_and_sign, *arguments)
