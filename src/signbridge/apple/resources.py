@@ -1,0 +1,510 @@
+"""The resource seal of a bundle: ``_CodeSignature/CodeResources``.
+
+CodeResources is an XML property list with four keys (reference/apple-signing.md §3.1-3.2):
+
+- ``rules`` / ``rules2``: which paths (relative to the bundle's content root, ``Contents/`` or
+  ``Versions/A/``) are sealed, as regular expressions with ``omit``, ``optional``, ``nested`` and
+  ``weight``; the rule of highest weight that matches a path decides. signbridge writes Apple's
+  defaults for bundles with a ``Resources`` directory.
+- ``files`` (version 1): SHA-1 of every regular file the v1 rules select.
+- ``files2`` (version 2): per path a dict of digests (``hash`` = SHA-1, ``hash2`` = SHA-256), a
+  ``{symlink: target}``, or for nested code ``{cdhash, requirement}``; ``optional`` when the rule
+  says so.
+
+Scanning follows Apple's ResourceBuilder: symbolic links are never followed; a directory that
+matches a ``nested`` rule and whose name contains a dot is nested code (a bundle) and is not entered;
+a regular file that matches a ``nested`` rule is nested code when it is a Mach-O file. Apple would
+sign a non-Mach-O file there (a script) with a detached signature; signbridge seals it as a plain
+resource, which Apple's verifier accepts. Excluded always: ``_CodeSignature``, ``CodeResources``
+(where a stapled ticket lives), ``_MASReceipt`` and the main executable.
+
+Files are hashed in a thread pool (hashlib releases the GIL), one task per file.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import plistlib
+import re
+import struct
+import xml.parsers.expat
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import SignbridgeError
+from .codedirectory import HashType
+from .macho import FAT_MAGIC, FAT_MAGIC_64, MAX_FAT_ARCHES, MH_CIGAM, MH_CIGAM_64, MH_MAGIC, MH_MAGIC_64
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
+
+OPTIONAL = 0x01
+OMITTED = 0x02
+NESTED = 0x04
+EXCLUSION = 0x10
+
+READ_CHUNK = 1 << 20
+DEFAULT_HASH_TYPES = (HashType.SHA1, HashType.SHA256)
+
+Progress = Callable[[int, int], None]
+NestedCheck = Callable[[Path], bytes]
+
+
+class ResourceError(SignbridgeError):
+    """The bundle's resources could not be read or sealed."""
+
+
+class UnreadableFileError(ResourceError):
+    """A file or directory inside the bundle cannot be read."""
+
+
+class ResourceSealError(ResourceError):
+    """A stored CodeResources is not a valid resource seal."""
+
+
+class NestedCodeNotSignedError(ResourceError):
+    """Nested code must be signed before the bundle around it is sealed."""
+
+
+# --- rules ------------------------------------------------------------------------------------------
+
+_RESOURCES = "^Resources/"
+
+# Apple's defaults for a bundle with a Resources directory (bundlediskrep.cpp, reference §3.2).
+# Weights are reals in Apple's plists.
+DEFAULT_RULES: dict[str, object] = {
+    "^version.plist$": True,
+    _RESOURCES: True,
+    _RESOURCES + r".*\.lproj/": {"optional": True, "weight": 1000.0},
+    _RESOURCES + r"Base\.lproj/": {"weight": 1010.0},
+    _RESOURCES + r".*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
+}
+DEFAULT_RULES2: dict[str, object] = {
+    "^.*": True,
+    "^[^/]+$": {"nested": True, "weight": 10.0},
+    "^(Frameworks|SharedFrameworks|PlugIns|Plug-ins|XPCServices|Helpers|MacOS|Library/"
+    "(Automator|Spotlight|LoginItems))/": {"nested": True, "weight": 10.0},
+    r".*\.dSYM($|/)": {"weight": 11.0},
+    r"^(.*/)?\.DS_Store$": {"omit": True, "weight": 2000.0},
+    r"^Info\.plist$": {"omit": True, "weight": 20.0},
+    r"^version\.plist$": {"weight": 20.0},
+    r"^embedded\.provisionprofile$": {"weight": 20.0},
+    "^PkgInfo$": {"omit": True, "weight": 20.0},
+    _RESOURCES: {"weight": 20.0},
+    _RESOURCES + r".*\.lproj/": {"optional": True, "weight": 1000.0},
+    _RESOURCES + r"Base\.lproj/": {"weight": 1010.0},
+    _RESOURCES + r".*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
+}
+
+
+@dataclass(frozen=True)
+class ResourceRule:
+    pattern: str
+    weight: int = 1
+    flags: int = 0
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            compiled = re.compile(self.pattern)
+        except re.error as error:
+            raise ResourceSealError(f"invalid resource rule {self.pattern!r}: {error}") from error
+        object.__setattr__(self, "regex", compiled)
+
+    @classmethod
+    def from_plist(cls, pattern: str, value: object) -> ResourceRule:
+        """A rule as CodeResources stores it: ``true``, ``false`` (omit) or a dict of options."""
+        if isinstance(value, bool):
+            return cls(pattern, 1, 0 if value else OMITTED)
+        if not isinstance(value, dict):
+            raise ResourceSealError(f"resource rule {pattern!r} is neither a boolean nor a dictionary")
+        weight = value.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ResourceSealError(f"resource rule {pattern!r} has an invalid weight")
+        flags = 0
+        for key, flag in (("omit", OMITTED), ("optional", OPTIONAL), ("nested", NESTED)):
+            if value.get(key) is True:
+                flags |= flag
+        return cls(pattern, int(weight), flags)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Resource rules plus the exclusions Apple adds for the bundle at hand."""
+
+    rules: tuple[ResourceRule, ...]
+
+    @classmethod
+    def from_plist(cls, rules: object, exclusions: Iterable[ResourceRule] = ()) -> RuleSet:
+        if not isinstance(rules, dict) or not all(isinstance(key, str) for key in rules):
+            raise ResourceSealError("the resource rules are not a dictionary of patterns")
+        parsed = [ResourceRule.from_plist(pattern, value) for pattern, value in rules.items()]
+        return cls((*exclusions, *parsed))
+
+    def find(self, path: str) -> ResourceRule | None:
+        """The deciding rule: an exclusion at once, else the matching rule of highest weight."""
+        best: ResourceRule | None = None
+        for rule in self.rules:
+            if rule.regex.search(path):
+                if rule.flags & EXCLUSION:
+                    return rule
+                if best is None or rule.weight > best.weight:
+                    best = rule
+        return best
+
+
+def seal_exclusions(content_root: Path, executable: Path | None) -> list[ResourceRule]:
+    """What Apple's BundleDiskRep keeps out of every seal: signature files and the main executable."""
+    exclusions = [
+        ResourceRule("^_CodeSignature$", 0, EXCLUSION),
+        ResourceRule("^CodeResources$", 0, EXCLUSION),
+        ResourceRule("^_MASReceipt$", 0, EXCLUSION),
+    ]
+    if executable is not None:
+        relative = executable.relative_to(content_root).as_posix()
+        exclusions.append(ResourceRule("^" + re.escape(relative) + "$", 0, EXCLUSION))
+    return exclusions
+
+
+# --- scanning ---------------------------------------------------------------------------------------
+
+
+class EntryKind(enum.Enum):
+    FILE = "file"
+    SYMLINK = "symlink"
+    NESTED_BUNDLE = "nested bundle"
+    NESTED_MACHO = "nested Mach-O"
+
+
+@dataclass(frozen=True)
+class SealedEntry:
+    path: str  # relative to the content root, "/"-separated
+    kind: EntryKind
+    flags: int
+
+    @property
+    def is_nested(self) -> bool:
+        return self.kind in (EntryKind.NESTED_BUNDLE, EntryKind.NESTED_MACHO)
+
+    @property
+    def is_regular_file(self) -> bool:
+        return self.kind in (EntryKind.FILE, EntryKind.NESTED_MACHO)
+
+
+def is_macho_file(path: Path) -> bool:
+    """Whether the file starts like a thin or universal Mach-O file."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(8)
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read {path}: {error.strerror}") from error
+    if len(head) < 4:
+        return False
+    magic = struct.unpack_from(">I", head)[0]
+    if magic in (MH_MAGIC, MH_CIGAM, MH_MAGIC_64, MH_CIGAM_64):
+        return True
+    if magic in (FAT_MAGIC, FAT_MAGIC_64) and len(head) == 8:
+        return 0 < struct.unpack_from(">I", head, 4)[0] <= MAX_FAT_ARCHES
+    return False
+
+
+def scan(content_root: Path, rules: RuleSet) -> list[SealedEntry]:
+    """Every path the rules seal under ``content_root``, sorted by path."""
+    entries: list[SealedEntry] = []
+    _scan_directory(content_root, "", rules, entries)
+    entries.sort(key=lambda entry: entry.path)
+    return entries
+
+
+def _scan_directory(directory: Path, prefix: str, rules: RuleSet, out: list[SealedEntry]) -> None:
+    try:
+        with os.scandir(directory) as iterator:
+            children = sorted(iterator, key=lambda child: child.name)
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read directory {directory}: {error.strerror}") from error
+    for child in children:
+        relative = prefix + child.name
+        rule = rules.find(relative)
+        if child.is_symlink():
+            if rule is not None and not rule.flags & (OMITTED | EXCLUSION):
+                out.append(SealedEntry(relative, EntryKind.SYMLINK, rule.flags & ~NESTED))
+        elif child.is_dir(follow_symlinks=False):
+            if rule is not None and rule.flags & NESTED and "." in child.name:
+                out.append(SealedEntry(relative, EntryKind.NESTED_BUNDLE, rule.flags))
+            elif rule is None or not rule.flags & EXCLUSION:
+                _scan_directory(Path(child.path), relative + "/", rules, out)
+        elif rule is not None and not rule.flags & (OMITTED | EXCLUSION):
+            if not child.is_file(follow_symlinks=False):
+                raise ResourceError(f"{child.path} is not a regular file, a directory or a symbolic link")
+            nested = rule.flags & NESTED and is_macho_file(Path(child.path))
+            kind = EntryKind.NESTED_MACHO if nested else EntryKind.FILE
+            out.append(SealedEntry(relative, kind, rule.flags if nested else rule.flags & ~NESTED))
+
+
+# --- hashing ----------------------------------------------------------------------------------------
+
+
+def hash_file(path: Path, hash_types: Sequence[HashType]) -> dict[HashType, bytes]:
+    """Digests of one file, read once."""
+    hashers = {hash_type: hashlib.new(hash_type.hashlib_name) for hash_type in hash_types}
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(READ_CHUNK):
+                for hasher in hashers.values():
+                    hasher.update(chunk)
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read {path}: {error.strerror}") from error
+    return {hash_type: hasher.digest()[: hash_type.size] for hash_type, hasher in hashers.items()}
+
+
+def hash_files(
+    paths: Sequence[Path],
+    hash_types: Sequence[HashType],
+    *,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> dict[Path, dict[HashType, bytes]]:
+    """Digests of many files, computed in a thread pool; ``progress(done, total)`` after each file."""
+    if executor is None:
+        with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+            return _hash_in(pool, paths, hash_types, progress)
+    return _hash_in(executor, paths, hash_types, progress)
+
+
+def _hash_in(
+    executor: Executor, paths: Sequence[Path], hash_types: Sequence[HashType], progress: Progress | None
+) -> dict[Path, dict[HashType, bytes]]:
+    total = len(paths)
+    if progress is not None:
+        progress(0, total)
+    futures: dict[Future, Path] = {executor.submit(hash_file, path, hash_types): path for path in paths}
+    results: dict[Path, dict[HashType, bytes]] = {}
+    try:
+        for done, future in enumerate(as_completed(futures), start=1):
+            results[futures[future]] = future.result()
+            if progress is not None:
+                progress(done, total)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    return results
+
+
+# --- building ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NestedCode:
+    """What a bundle's seal records about nested code: its cdhash and designated requirement text."""
+
+    cdhash: bytes
+    requirement: str
+
+
+def hash_key(hash_type: HashType) -> str:
+    """The files2 key of a digest: ``hash`` for SHA-1, ``hash<type number>`` otherwise."""
+    return "hash" if hash_type == HashType.SHA1 else f"hash{int(hash_type)}"
+
+
+def _hash_type_of_key(key: str) -> HashType | None:
+    if key == "hash":
+        return HashType.SHA1
+    if key.startswith("hash") and key[4:].isdigit():
+        try:
+            return HashType(int(key[4:]))
+        except ValueError:
+            return None
+    return None
+
+
+def build_code_resources(
+    bundle: Bundle,
+    nested_info: Mapping[str | Path, NestedCode],
+    *,
+    hash_types: Sequence[HashType] = DEFAULT_HASH_TYPES,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> bytes:
+    """The bundle's CodeResources as Apple writes it (XML plist bytes).
+
+    ``nested_info`` maps each nested code item (its path relative to the content root, such as
+    ``Frameworks/Demo.framework``, or its absolute path) to its cdhash and designated requirement;
+    every nested item must be there, signed first. ``hash_types`` are the files2 digests (Apple
+    uses the CodeDirectory digests: SHA-256 alone writes only ``hash2``).
+    """
+    exclusions = seal_exclusions(bundle.content_root, bundle.executable_path)
+    entries2 = scan(bundle.content_root, RuleSet.from_plist(DEFAULT_RULES2, exclusions))
+    entries1 = [
+        entry
+        for entry in scan(bundle.content_root, RuleSet.from_plist(DEFAULT_RULES, exclusions))
+        if entry.is_regular_file
+    ]
+    nested = {_seal_key(bundle, key): value for key, value in nested_info.items()}
+    to_hash = {entry.path for entry in entries2 if entry.kind == EntryKind.FILE}
+    to_hash.update(entry.path for entry in entries1)
+    wanted = tuple(dict.fromkeys((*hash_types, HashType.SHA1)))
+    digests = hash_files(
+        [bundle.content_root / path for path in sorted(to_hash)], wanted, executor=executor, progress=progress
+    )
+
+    def digest(path: str, hash_type: HashType) -> bytes:
+        return digests[bundle.content_root / path][hash_type]
+
+    files2: dict[str, object] = {}
+    for entry in entries2:
+        seal: dict[str, object]
+        if entry.is_nested:
+            code = nested.get(entry.path)
+            if code is None:
+                raise NestedCodeNotSignedError(
+                    f"nested code is not signed: {display_path(bundle, entry.path)} (sign it first)"
+                )
+            seal = {"cdhash": code.cdhash, "requirement": code.requirement}
+        elif entry.kind == EntryKind.SYMLINK:
+            seal = {"symlink": os.readlink(bundle.content_root / entry.path)}
+        else:
+            seal = {hash_key(hash_type): digest(entry.path, hash_type) for hash_type in hash_types}
+        if entry.flags & OPTIONAL:
+            seal["optional"] = True
+        files2[entry.path] = seal["hash"] if list(seal) == ["hash"] else seal
+
+    files: dict[str, object] = {}
+    for entry in entries1:
+        sha1 = digest(entry.path, HashType.SHA1)
+        files[entry.path] = sha1 if entry.flags == 0 else {"hash": sha1, "optional": bool(entry.flags & OPTIONAL)}
+
+    return serialize_code_resources(
+        {"files": files, "files2": files2, "rules": DEFAULT_RULES, "rules2": DEFAULT_RULES2}
+    )
+
+
+def _seal_key(bundle: Bundle, key: str | Path) -> str:
+    if isinstance(key, Path) and key.is_absolute():
+        return key.relative_to(bundle.content_root).as_posix()
+    return Path(key).as_posix()
+
+
+def display_path(bundle: Bundle, sealed_path: str) -> str:
+    """A sealed path as messages show it: relative to the bundle root (``Contents/Resources/x``)."""
+    return (bundle.content_root / sealed_path).relative_to(bundle.root).as_posix()
+
+
+_REAL = re.compile(rb"<real>(-?\d+)\.0</real>")
+
+
+def serialize_code_resources(plist: Mapping[str, object]) -> bytes:
+    """Apple's XML plist layout: sorted keys, tab indents, whole-number reals without ``.0``."""
+    data = plistlib.dumps(dict(plist), fmt=plistlib.FMT_XML, sort_keys=True)
+    return _REAL.sub(rb"<real>\1</real>", data)
+
+
+def parse_code_resources(data: bytes) -> dict:
+    try:
+        plist = plistlib.loads(data)
+    except (plistlib.InvalidFileException, xml.parsers.expat.ExpatError, ValueError) as error:
+        raise ResourceSealError(f"the sealed resource directory is invalid: {error}") from error
+    if not isinstance(plist, dict):
+        raise ResourceSealError("the sealed resource directory is invalid: not a dictionary")
+    return plist
+
+
+# --- verification -----------------------------------------------------------------------------------
+
+
+def verify_code_resources(
+    bundle: Bundle,
+    stored: bytes,
+    nested_check: NestedCheck,
+    *,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Compare the bundle on disk with its stored seal; one message per problem, none when intact.
+
+    Messages are Apple's: ``file added: …``, ``file modified: …``, ``file missing: …``, plus
+    ``nested code modified: …`` when nested code's cdhash differs from the seal. ``nested_check``
+    gets the absolute path of each nested bundle or Mach-O file and returns its cdhash; it raises a
+    SignbridgeError when that code does not verify (reported as ``nested code invalid: …``).
+    """
+    plist = parse_code_resources(stored)
+    if isinstance(plist.get("rules2"), dict) and isinstance(plist.get("files2"), dict):
+        rules, files, version = plist["rules2"], plist["files2"], 2
+    elif isinstance(plist.get("rules"), dict) and isinstance(plist.get("files"), dict):
+        rules, files, version = plist["rules"], plist["files"], 1
+    else:
+        raise ResourceSealError("the sealed resource directory is invalid: no rules and files")
+    exclusions = seal_exclusions(bundle.content_root, bundle.executable_path)
+    entries = scan(bundle.content_root, RuleSet.from_plist(rules, exclusions))
+    if version == 1:
+        entries = [entry for entry in entries if entry.is_regular_file]
+    on_disk = {entry.path: entry for entry in entries}
+
+    needed: set[HashType] = set()
+    to_hash = []
+    for path, entry in on_disk.items():
+        seal = files.get(path)
+        keys = _digest_types(seal)
+        if keys and entry.is_regular_file:
+            needed.update(keys)
+            to_hash.append(bundle.content_root / path)
+    digests = hash_files(to_hash, sorted(needed), executor=executor, progress=progress)
+
+    problems: list[str] = []
+    for path in sorted(set(on_disk) | set(files)):
+        shown = display_path(bundle, path)
+        seal, entry = files.get(path), on_disk.get(path)
+        if seal is None:
+            problems.append(f"file added: {shown}")
+        elif entry is None:
+            if not (isinstance(seal, dict) and seal.get("optional") is True):
+                problems.append(f"file missing: {shown}")
+        elif isinstance(seal, dict) and "cdhash" in seal:
+            problems.extend(_check_nested(bundle, entry, seal, shown, nested_check))
+        elif not _matches(bundle, entry, seal, digests):
+            problems.append(f"file modified: {shown}")
+    return problems
+
+
+def _digest_types(seal: object) -> list[HashType]:
+    if isinstance(seal, bytes):
+        return [HashType.SHA1]
+    if isinstance(seal, dict):
+        return [hash_type for key in seal if (hash_type := _hash_type_of_key(key)) is not None]
+    return []
+
+
+def _matches(
+    bundle: Bundle, entry: SealedEntry, seal: object, digests: Mapping[Path, Mapping[HashType, bytes]]
+) -> bool:
+    path = bundle.content_root / entry.path
+    if isinstance(seal, dict) and "symlink" in seal:
+        return entry.kind == EntryKind.SYMLINK and os.readlink(path) == seal["symlink"]
+    expected = {HashType.SHA1: seal} if isinstance(seal, bytes) else {}
+    if isinstance(seal, dict):
+        expected = {
+            hash_type: seal[key] for key in seal if (hash_type := _hash_type_of_key(key)) is not None
+        }
+    if not expected or not entry.is_regular_file:
+        return False
+    actual = digests[path]
+    return all(actual.get(hash_type) == value for hash_type, value in expected.items())
+
+
+def _check_nested(
+    bundle: Bundle, entry: SealedEntry, seal: dict, shown: str, nested_check: NestedCheck
+) -> list[str]:
+    if not entry.is_nested:
+        return [f"nested code modified: {shown}"]
+    try:
+        cdhash = nested_check(bundle.content_root / entry.path)
+    except SignbridgeError as error:
+        return [f"nested code invalid: {shown}: {error}"]
+    if cdhash != seal["cdhash"]:
+        return [f"nested code modified: {shown}"]
+    return []

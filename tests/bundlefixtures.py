@@ -1,0 +1,136 @@
+"""Real bundles for tests, built from the Mach-O fixtures of machofixtures.py.
+
+``build_myapp`` lays out MyApp.app: Contents/Info.plist, a universal main executable, resources
+(an icon, text, en.lproj and Base.lproj strings, an omitted locversion.plist and .DS_Store, a
+symbolic link), PkgInfo, and Contents/Frameworks/Demo.framework in the versioned layout
+(Versions/A/Demo, Versions/A/Resources/Info.plist, Versions/Current -> A, top-level symlinks).
+With ``extras`` it adds a second Mach-O executable and a script in Contents/MacOS and a plug-in
+(PlugIns/Widget.bundle, binary Info.plist) that holds its own nested dylib.
+
+``adhoc_sign_bundle`` signs a bundle ad hoc through the bundle API in the order the engine uses;
+``slice_cdhash`` is the cdhash a parent bundle records for nested code.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import random
+import shutil
+from pathlib import Path
+
+from machofixtures import MachOFixtures
+from signbridge.apple.bundle import Bundle, atomic_write, sign_bundle_plan
+from signbridge.apple.macho import CPU_TYPE_ARM64, parse_file
+from signbridge.apple.macho_signing import SigningOptions, read_signature, sign_path
+from signbridge.apple.requirements import cdhash as cdhash_requirement
+from signbridge.apple.requirements import render
+from signbridge.apple.resources import NestedCode, build_code_resources
+
+APP_ID = "com.example.MyApp"
+FRAMEWORK_ID = "com.example.Demo"
+WIDGET_ID = "com.example.Widget"
+
+APP_INFO = {
+    "CFBundleExecutable": "MyApp",
+    "CFBundleIdentifier": APP_ID,
+    "CFBundleName": "MyApp",
+    "CFBundlePackageType": "APPL",
+    "CFBundleShortVersionString": "1.0",
+    "CFBundleVersion": "1",
+    "LSMinimumSystemVersion": "10.15",
+}
+FRAMEWORK_INFO = {
+    "CFBundleExecutable": "Demo",
+    "CFBundleIdentifier": FRAMEWORK_ID,
+    "CFBundlePackageType": "FMWK",
+    "CFBundleShortVersionString": "1.0",
+}
+WIDGET_INFO = {
+    "CFBundleExecutable": "Widget",
+    "CFBundleIdentifier": WIDGET_ID,
+    "CFBundlePackageType": "BNDL",
+}
+
+
+def build_myapp(directory: Path, fx: MachOFixtures, *, extras: bool = False) -> Path:
+    app = directory / "MyApp.app"
+    contents = app / "Contents"
+    resources = contents / "Resources"
+    (contents / "MacOS").mkdir(parents=True)
+    (resources / "en.lproj").mkdir(parents=True)
+    (resources / "Base.lproj").mkdir()
+    (contents / "Info.plist").write_bytes(plistlib.dumps(APP_INFO))
+    (contents / "PkgInfo").write_bytes(b"APPL????")
+    _install(fx.path("exe.universal"), contents / "MacOS" / "MyApp")
+    (resources / "AppIcon.icns").write_bytes(random.Random(7).randbytes(64 * 1024))
+    (resources / "data.txt").write_text("sealed resource\n")
+    (resources / "en.lproj" / "Localizable.strings").write_text('"hello" = "Hello";\n')
+    (resources / "en.lproj" / "locversion.plist").write_bytes(plistlib.dumps({"LprojVersion": "1"}))
+    (resources / "Base.lproj" / "Main.strings").write_text('"title" = "MyApp";\n')
+    (resources / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    os.symlink("data.txt", resources / "current.txt")
+    build_framework(contents / "Frameworks", fx)
+    if extras:
+        _install(fx.path("hello.universal"), contents / "MacOS" / "helper")
+        (contents / "MacOS" / "launch.sh").write_text("#!/bin/sh\nexec ./MyApp\n")
+        os.chmod(contents / "MacOS" / "launch.sh", 0o755)
+        widget = contents / "PlugIns" / "Widget.bundle" / "Contents"
+        (widget / "MacOS").mkdir(parents=True)
+        (widget / "Resources").mkdir()
+        (widget / "Frameworks").mkdir()
+        (widget / "Info.plist").write_bytes(plistlib.dumps(WIDGET_INFO, fmt=plistlib.FMT_BINARY))
+        _install(fx.path("plugin.arm64.bundle"), widget / "MacOS" / "Widget")
+        _install(fx.path("libdemo.arm64.dylib"), widget / "Frameworks" / "libinner.dylib")
+        (widget / "Resources" / "widget.txt").write_text("widget resource\n")
+    return app
+
+
+def build_framework(directory: Path, fx: MachOFixtures) -> Path:
+    framework = directory / "Demo.framework"
+    version = framework / "Versions" / "A"
+    (version / "Resources").mkdir(parents=True)
+    _install(fx.path("libdemo.universal.dylib"), version / "Demo")
+    (version / "Resources" / "Info.plist").write_bytes(plistlib.dumps(FRAMEWORK_INFO))
+    (version / "Resources" / "notes.txt").write_text("framework resource\n")
+    os.symlink("A", framework / "Versions" / "Current")
+    os.symlink("Versions/Current/Demo", framework / "Demo")
+    os.symlink("Versions/Current/Resources", framework / "Resources")
+    return framework
+
+
+def _install(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    os.chmod(target, 0o755)
+
+
+def slice_cdhash(path: Path) -> bytes:
+    """The cdhash a parent records for nested code: the arm64 slice's, else the first slice's."""
+    parsed = parse_file(path.read_bytes())
+    chosen = next((s for s in parsed.slices if s.cputype == CPU_TYPE_ARM64), parsed.slices[0])
+    signature = read_signature(chosen)
+    if signature is None:
+        raise AssertionError(f"{path} is not signed")
+    return signature.code_directory.cdhash()
+
+
+def adhoc_sign_bundle(root: Path) -> dict[Path, NestedCode]:
+    """Sign a bundle and all its nested code ad hoc, innermost first; returns what each item recorded."""
+    done: dict[Path, NestedCode] = {}
+    for item in sign_bundle_plan(Bundle.open(root)):
+        if item.is_dir():
+            bundle = Bundle.open(item)
+            nested = {path: code for path, code in done.items() if path.is_relative_to(bundle.content_root)}
+            seal = build_code_resources(bundle, nested)
+            atomic_write(bundle.code_resources_path, seal)
+            options = SigningOptions(
+                identifier=bundle.identifier or item.stem, info_plist=bundle.info_plist_path.read_bytes(), code_resources=seal
+            )
+            sign_path(bundle.executable_path, options)
+            signed = bundle.executable_path
+        else:
+            sign_path(item, SigningOptions(identifier=item.stem))
+            signed = item
+        digest = slice_cdhash(signed)
+        done[item] = NestedCode(digest, render(cdhash_requirement(digest)))
+    return done
