@@ -2,39 +2,89 @@
 
 Transient failures (timeouts, connection errors, 5xx, 429) are retried with exponential backoff
 and jitter, honouring ``Retry-After``, until ``service_unavailable_timeout`` is spent; any other
-4xx fails at once with the problem's own message.
+4xx fails at once with the problem's own message, and so does a TLS certificate that does not
+verify (retrying cannot fix it).
+
+TLS verification is always on. The trusted roots are the system's (OpenSSL's default paths, which
+``SSL_CERT_FILE``/``SSL_CERT_DIR`` can move) plus, when given, an extra CA bundle for a service
+whose certificate comes from a private CA. ``proxy`` is SignPath's ``HttpProxy``; without it the
+usual ``HTTPS_PROXY``/``NO_PROXY`` variables apply.
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
+import enum
+import platform
 import random
+import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from cryptography import x509
 
 from .. import __version__
-from ..errors import SignbridgeError
+from ..errors import ConfigError, SignbridgeError
 from ..signatures import Scheme, SignatureRequest
 
-USER_AGENT = f"signbridge/{__version__}"
+if TYPE_CHECKING:
+    from ..config import ProviderSettings
+
+USER_AGENT = (
+    f"signbridge/{__version__} (crypto provider; {platform.system() or sys.platform}; "
+    f"Python {platform.python_version()})"
+)
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+_MAX_BACKOFF = 30.0
 
 
 class ApiError(SignbridgeError):
     """The service answered with an error that retrying will not fix (4xx), or another failure."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.detail = detail or message  # the service's own words (problem+json detail), when it answered
 
 
 class ServiceUnavailable(ApiError):
-    """The service stayed unreachable, or kept failing, until the retry budget was spent."""
+    """The service stayed unreachable, or kept failing, until the retry budget was spent.
+
+    ``status`` is the HTTP status of the last attempt, or None when it got no answer at all.
+    """
+
+
+class TlsVerificationError(ApiError):
+    """The service's TLS certificate did not verify against the trusted roots."""
+
+
+class Failure(enum.Enum):
+    """What kind of failure an exception from this client is; see :func:`classify`."""
+
+    TRANSIENT = "transient"  # timeouts, no connection, 503/429/504 after every retry
+    SERVER = "server"  # the service kept failing with another 5xx (500, 502)
+    CLIENT = "client"  # a 4xx: the request or its credentials are wrong
+    OTHER = "other"  # anything else: a malformed answer, TLS, a bug
+
+
+def classify(error: BaseException) -> Failure:
+    """The kind of failure behind ``error``, as SignPath's providers tell them apart."""
+    if isinstance(error, ServiceUnavailable):
+        if error.status in (500, 502):
+            return Failure.SERVER
+        return Failure.TRANSIENT
+    if isinstance(error, ApiError) and error.status is not None:
+        if 400 <= error.status < 500:
+            return Failure.CLIENT
+        if error.status >= 500:
+            return Failure.SERVER
+    return Failure.OTHER
 
 
 @dataclass(frozen=True)
@@ -54,19 +104,37 @@ class SigningPolicyInfo:
 
 
 def problem_message(response: httpx.Response) -> str:
-    """The person-readable part of an error response (problem+json or plain text)."""
+    """The person-readable part of an error response (problem+json or plain text), on one line."""
     try:
         body = response.json()
     except ValueError:
-        text = response.text.strip()
-        return text[:300] or response.reason_phrase
+        return _one_line(response.text)[:300] or response.reason_phrase
     if isinstance(body, dict):
         detail = body.get("detail")
         errors = body.get("errors")
         if not detail and isinstance(errors, dict):
-            detail = "; ".join(str(m) for messages in errors.values() for m in (messages if isinstance(messages, list) else [messages]))
-        return str(detail or body.get("title") or response.reason_phrase)
+            detail = "; ".join(
+                str(message)
+                for messages in errors.values()
+                for message in (messages if isinstance(messages, list) else [messages])
+            )
+        return _one_line(str(detail or body.get("title") or response.reason_phrase))
     return response.reason_phrase
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def tls_context(ca_bundle: str | Path | None = None) -> ssl.SSLContext:
+    """The system's trusted roots, plus those in ``ca_bundle`` (a PEM file) when given."""
+    context = ssl.create_default_context()
+    if ca_bundle is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"the CA bundle {ca_bundle} holds no usable PEM certificates: {exc}") from None
+    return context
 
 
 @dataclass
@@ -77,7 +145,7 @@ class ServiceClient:
     http_timeout: float = 30.0
     service_unavailable_timeout: float = 600.0
     proxy: str | None = None
-    ca_bundle: str | None = None
+    ca_bundle: str | Path | None = None
     on_retry: Callable[[str, float], None] | None = None
     _client: httpx.Client | None = field(default=None, repr=False)
 
@@ -86,9 +154,34 @@ class ServiceClient:
         self._client = httpx.Client(
             timeout=self.http_timeout,
             proxy=self.proxy,
-            verify=self.ca_bundle or True,
+            verify=tls_context(self.ca_bundle),
             headers={"User-Agent": USER_AGENT},
             limits=httpx.Limits(max_keepalive_connections=32, max_connections=64),
+        )
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ProviderSettings,
+        *,
+        organization_id: str | None = None,
+        api_token: str | None = None,
+        on_retry: Callable[[str, float], None] | None = None,
+    ) -> ServiceClient:
+        """A client with the provider's settings; ``organization_id``/``api_token`` replace its credentials."""
+        organization = organization_id or settings.organization_id
+        token = api_token or settings.api_token
+        if not organization or not token:
+            raise ConfigError("the signing service needs an organization id and an API token")
+        return cls(
+            settings.api_url,
+            organization,
+            token,
+            http_timeout=settings.http_request_timeout,
+            service_unavailable_timeout=settings.service_unavailable_timeout,
+            proxy=settings.http_proxy,
+            ca_bundle=settings.ca_bundle,
+            on_retry=on_retry,
         )
 
     def __repr__(self) -> str:
@@ -111,31 +204,41 @@ class ServiceClient:
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         assert self._client is not None
         headers = {"Authorization": f"Bearer {self.api_token}", **kwargs.pop("headers", {})}
-        deadline = time.monotonic() + self.service_unavailable_timeout
+        started = time.monotonic()
+        deadline = started + self.service_unavailable_timeout
         attempt = 0
         while True:
             attempt += 1
+            status: int | None = None
             try:
                 response = self._client.request(method, url, headers=headers, **kwargs)
             except httpx.TransportError as exc:
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                _raise_if_tls_failure(exc, self.api_url)
+                reason = f"{type(exc).__name__}: {_one_line(str(exc))}" if str(exc) else type(exc).__name__
                 retry_after = None
             else:
                 if response.status_code < 400:
                     return response
-                if response.status_code not in _TRANSIENT_STATUS:
-                    raise ApiError(
-                        f"{method} {url} failed with HTTP {response.status_code}: {problem_message(response)}",
-                        response.status_code,
-                    )
-                reason = f"HTTP {response.status_code}: {problem_message(response)}"
+                status = response.status_code
+                if status not in _TRANSIENT_STATUS:
+                    detail = problem_message(response)
+                    raise ApiError(f"HTTP {status} from {method} {url}: {detail}", status, detail)
+                reason = f"HTTP {status}: {problem_message(response)}"
                 retry_after = _retry_after(response)
-            delay = retry_after if retry_after is not None else min(30.0, 0.25 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                spent = time.monotonic() - started
                 raise ServiceUnavailable(
                     f"the signing service at {self.api_url} is unavailable ({reason}); gave up after "
-                    f"{attempt} attempt{'s' if attempt > 1 else ''} in {self.service_unavailable_timeout:g} s"
+                    f"{attempt} attempt{'s' if attempt > 1 else ''} in {spent:.0f} s "
+                    f"(ServiceUnavailableTimeoutInSeconds is {self.service_unavailable_timeout:g})",
+                    status,
                 )
+            if retry_after is not None:
+                delay = retry_after
+            else:
+                delay = min(_MAX_BACKOFF, 0.25 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            delay = min(delay, remaining)  # one last attempt at the deadline
             if self.on_retry is not None:
                 self.on_retry(reason, delay)
             time.sleep(delay)
@@ -190,16 +293,36 @@ class ServiceClient:
             raise ApiError(f"the service's SignHash answer is malformed: {exc}") from None
 
 
+def _raise_if_tls_failure(exc: httpx.TransportError, api_url: str) -> None:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or cause.reason or str(cause)
+            raise TlsVerificationError(
+                f"the TLS certificate of {api_url} did not verify ({reason}); if the service uses a "
+                "private CA, add its certificate with CaBundle (SIGNBRIDGE_CA_BUNDLE)"
+            ) from None
+        cause = cause.__cause__ or cause.__context__
+
+
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None
+    value = (response.headers.get("retry-after") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _policy_info(item: dict[str, Any]) -> SigningPolicyInfo:
     certificate = x509.load_der_x509_certificate(base64.b64decode(item["certificateBytes"]))
-    chain = tuple(x509.load_der_x509_certificate(base64.b64decode(der)) for der in item.get("certificateChain") or [])
+    chain = tuple(
+        x509.load_der_x509_certificate(base64.b64decode(der)) for der in item.get("certificateChain") or []
+    )
     return SigningPolicyInfo(
         project_slug=item["projectSlug"],
         signing_policy_slug=item["signingPolicySlug"],
@@ -209,4 +332,3 @@ def _policy_info(item: dict[str, Any]) -> SigningPolicyInfo:
         key_type=item.get("keyType", ""),
         key_size=int(item.get("keySizeInBits") or 0),
     )
-

@@ -9,7 +9,11 @@ import click
 from .. import __version__
 from ..errors import SignbridgeError
 from .admin import admin
+from .codesign import codesign
 from .demo import demo
+from .productsign import pkgutil, productsign
+from .provider import restart, start, status, stop
+from .security import pluginkit, security
 from .server import server
 
 
@@ -22,6 +26,15 @@ def cli() -> None:
 cli.add_command(server)
 cli.add_command(admin)
 cli.add_command(demo)
+cli.add_command(start)
+cli.add_command(stop)
+cli.add_command(status)
+cli.add_command(restart)
+cli.add_command(security)
+cli.add_command(pluginkit)
+cli.add_command(codesign)
+cli.add_command(productsign)
+cli.add_command(pkgutil)
 
 
 def main() -> None:
