@@ -2,39 +2,48 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from .. import __version__
 from ..errors import SignbridgeError
-from .admin import admin
-from .codesign import codesign
-from .demo import demo
-from .productsign import pkgutil, productsign
-from .provider import restart, start, status, stop
-from .security import pluginkit, security
-from .server import server
+
+# Command name -> "module:attribute". A command's module is imported only when that command runs:
+# `signbridge start` should not pay for the service's database layer, nor codesign for the server.
+COMMANDS = {
+    "server": "server:server",
+    "admin": "admin:admin",
+    "demo": "demo:demo",
+    "start": "provider:start",
+    "stop": "provider:stop",
+    "status": "provider:status",
+    "restart": "provider:restart",
+    "security": "security:security",
+    "pluginkit": "security:pluginkit",
+    "codesign": "codesign:codesign",
+    "productsign": "productsign:productsign",
+    "pkgutil": "productsign:pkgutil",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attribute = target.split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module_name}"), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="signbridge")
 def cli() -> None:
     """Sign with the tools you know, with keys you never hold."""
-
-
-cli.add_command(server)
-cli.add_command(admin)
-cli.add_command(demo)
-cli.add_command(start)
-cli.add_command(stop)
-cli.add_command(status)
-cli.add_command(restart)
-cli.add_command(security)
-cli.add_command(pluginkit)
-cli.add_command(codesign)
-cli.add_command(productsign)
-cli.add_command(pkgutil)
 
 
 def main() -> None:
