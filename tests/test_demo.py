@@ -17,7 +17,12 @@ def test_demo_runs_and_reports_each_step(tmp_path) -> None:
         "256-byte RsaPkcs1 signature verified against its certificate and chain",
         "64-byte Ecdsa signature verified",
         "verified against the demo root",
-        "audit log intact: 3 records, chain verified",
+        "Token signbridge-demo is ready: 3 identities",
+        '"Developer ID Application: Demo Corp (DEMOTEAM01)"',
+        "3 valid identities found",
+        "openssl dgst -verify with the certificate's public key: Verified OK",
+        "token signbridge-demo stopped",
+        "audit log intact: 4 records, chain verified",  # three SignHash calls and the one openssl made
         "Done:",
     ):
         assert expected in out, (expected, out)

@@ -1,79 +1,194 @@
-"""``signbridge demo``: the whole path a signature takes, on the embedded default, in one command."""
+"""``signbridge demo``: the whole path a signature takes, on the embedded default, in one command.
+
+A demo service with the Demo Corp organization; a signature with each of its keys through
+``SignHash``; a timestamp; then the crypto provider (``signbridge start``) serving those keys as a
+PKCS#11 token that openssl signs through; every result verified and the audit log checked.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from .api import ServiceClient
+from .errors import SignbridgeError
 from .hashes import HashAlgorithm
 from .server.process import ServiceProcess
 from .signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
+from .token.registration import client_module_path
 from .tsa import request_timestamp
 
 Echo = Callable[[str], None]
+TOKEN_NAME = "signbridge-demo"
 
 
-def _init_demo(data_dir: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "signbridge", "server", "init", "--demo", "--json", "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+class DemoError(SignbridgeError):
+    """A step of the demo failed; the message says which and why."""
+
+
+def _signbridge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "signbridge", *args], capture_output=True, text=True, env=env, check=False)
+
+
+def _checked(proc: subprocess.CompletedProcess[str], what: str) -> str:
     if proc.returncode != 0:
-        raise SystemExit(f"signbridge demo: creating the demo organization failed:\n{proc.stderr}")
-    return json.loads(proc.stdout)
+        detail = (proc.stderr or proc.stdout).strip()
+        raise DemoError(f"{what} failed (exit {proc.returncode}): {detail}")
+    return proc.stdout
+
+
+@dataclass
+class Demo:
+    echo: Echo
+    workdir: Path
+    info: dict | None = None
+    service: ServiceProcess | None = None
+    step: int = 0
+
+    def say(self, text: str) -> None:
+        self.step += 1
+        self.echo(f"{self.step}. {text}")
+
+    def detail(self, text: str) -> None:
+        self.echo(f"   {text}")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def root_certificate(self) -> x509.Certificate:
+        assert self.info is not None
+        return x509.load_pem_x509_certificate(Path(self.info["rootCertificate"]).read_bytes())
+
+    def provider_env(self) -> dict[str, str]:
+        """What a build machine sets to use the demo service: SignPath's variables, plus where the
+        token keeps its socket and log, the trust anchor and the TSA for the Apple tools."""
+        assert self.info is not None and self.service is not None
+        return {
+            **os.environ,
+            "SIGNPATH_API_URL": self.service.api_url,
+            "SIGNPATH_ORGANIZATION_ID": self.info["organizationId"],
+            "SIGNPATH_API_TOKEN": self.info["apiToken"],
+            "SIGNBRIDGE_RUNTIME_DIR": str(self.workdir / "run"),
+            "SIGNPATH_LOG_FILE_DIRECTORY": str(self.workdir / "logs"),
+            "SIGNBRIDGE_ANCHORS": self.info["rootCertificate"],
+            "SIGNBRIDGE_TIMESTAMP_URL": f"{self.service.api_url}/timestamp",
+        }
+
+    # The signing service
+
+    def create_organization(self) -> None:
+        self.say(f"Creating a data directory with the Demo Corp organization in {self.data_dir}")
+        out = _checked(_signbridge("server", "init", "--demo", "--json", "--data-dir", str(self.data_dir)),
+                       "creating the demo organization")
+        self.info = json.loads(out)
+        self.detail(f"organization {self.info['organizationId']}, project 'demo', CI user '{self.info['ciUser']}'")
+
+    def sign_through_the_api(self, client: ServiceClient) -> None:
+        policies = client.my_signing_policies()
+        self.say(f"The CI user may sign with {len(policies)} signing policies:")
+        for policy in policies:
+            self.detail(f"{policy.key_id:<28} {policy.key_type} {policy.key_size}  {policy.certificate.subject.rfc4514_string()}")
+        self.say("Signing a SHA-256 digest with each policy through SignHash; only the digest leaves this machine")
+        digest = HashAlgorithm.SHA256.digest(b"signbridge demo " + secrets.token_bytes(16))
+        for policy in policies:
+            scheme = Scheme.ECDSA if policy.key_type == "Ecdsa" else Scheme.RSA_PKCS1
+            request = SignatureRequest(digest, HashAlgorithm.SHA256, scheme, EcdsaFormat.IEEE)
+            signature = client.sign_hash(policy.project_slug, policy.signing_policy_slug, request, {"demo": True})
+            verify_digest_signature(policy.certificate.public_key(), request, signature)
+            for issuer, subject in zip(policy.chain, (policy.certificate, *policy.chain), strict=False):
+                subject.verify_directly_issued_by(issuer)
+            self.detail(f"{policy.key_id:<28} {len(signature)}-byte {scheme.value} signature verified against its certificate and chain")
+        self.say("Timestamping the digest with the service's RFC 3161 authority")
+        assert self.service is not None
+        token = request_timestamp(f"{self.service.api_url}/timestamp", digest, HashAlgorithm.SHA256)
+        token.verify(digest, HashAlgorithm.SHA256, [self.root_certificate])
+        self.detail(f"timestamp {token.gen_time.isoformat()} (serial {token.serial}) verified against the demo root")
+
+    # The crypto provider
+
+    def start_token(self) -> dict:
+        self.say("Starting the crypto provider: the demo's certificates become a PKCS#11 token")
+        out = _checked(_signbridge("start", "--name", TOKEN_NAME, env=self.provider_env()), "signbridge start")
+        self.detail(out.splitlines()[0])
+        status = json.loads(_checked(_signbridge("status", "--json", env=self.provider_env()), "signbridge status"))
+        (record,) = [token for token in status["tokens"] if token["name"] == TOKEN_NAME]
+        self.say("Identities on the running token, as `signbridge security find-identity -v` lists them:")
+        identities = _checked(_signbridge("security", "find-identity", "-v", env=self.provider_env()), "find-identity")
+        for line in identities.splitlines():
+            self.detail(line.strip())
+        return record
+
+    def sign_through_the_token(self, record: dict) -> None:
+        module = client_module_path()
+        if module is None:
+            raise DemoError("p11-kit-client.so is not installed (Debian package p11-kit-modules)")
+        self.say("Signing a file with openssl's pkcs11 engine through the token (one SignHash per signature)")
+        message = self.workdir / "message.txt"
+        message.write_text("Released by the Demo Corp build pipeline.\n")
+        signature, public_key = self.workdir / "message.sig", self.workdir / "release-signing.pub.pem"
+        certificate = self._policy_certificate("release-signing")
+        public_key.write_bytes(certificate.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        env = {**self.provider_env(), "PKCS11_MODULE_PATH": module, "P11_KIT_SERVER_ADDRESS": f"unix:path={record['socket']}"}
+        key_uri = "pkcs11:object=demo%2Frelease-signing;type=private;pin-value=CONFIG"
+        sign = ["openssl", "dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine", "-sign", key_uri,
+                "-out", str(signature), str(message)]
+        self.detail("$ " + " ".join(sign).replace(key_uri, f"'{key_uri}'"))
+        _checked(subprocess.run(sign, capture_output=True, text=True, env=env, check=False), "openssl dgst -sign")
+        verify = ["openssl", "dgst", "-sha256", "-verify", str(public_key), "-signature", str(signature), str(message)]
+        out = _checked(subprocess.run(verify, capture_output=True, text=True, check=False), "openssl dgst -verify")
+        self.detail(f"openssl dgst -verify with the certificate's public key: {out.strip()}")
+
+    def stop_token(self) -> None:
+        _checked(_signbridge("stop", TOKEN_NAME, env=self.provider_env()), "signbridge stop")
+        self.detail(f"token {TOKEN_NAME} stopped; its socket and p11-kit registration are gone")
+
+    def _policy_certificate(self, slug: str) -> x509.Certificate:
+        assert self.info is not None and self.service is not None
+        with ServiceClient(self.service.api_url, self.info["organizationId"], self.info["apiToken"]) as client:
+            (policy,) = client.my_signing_policies("demo", slug)
+        return policy.certificate
+
+    # The end
+
+    def verify_audit_log(self) -> None:
+        out = _checked(_signbridge("admin", "--data-dir", str(self.data_dir), "audit", "verify"), "audit verify")
+        self.detail(out.strip())
 
 
 def run_demo(echo: Echo, *, keep: Path | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="signbridge-demo-") as temporary:
-        data_dir = (keep or Path(temporary)) / "data"
-        echo(f"1. Creating a data directory with the Demo Corp organization in {data_dir}")
-        info = _init_demo(data_dir)
-        echo(f"   organization {info['organizationId']}, project 'demo', CI user '{info['ciUser']}'")
-        root = x509.load_pem_x509_certificate(Path(info["rootCertificate"]).read_bytes())
-
-        service = ServiceProcess(data_dir)
-        echo("2. Starting the signing service on a free loopback port")
-        with service:
-            echo(f"   listening at {service.api_url}")
-            with ServiceClient(service.api_url, info["organizationId"], info["apiToken"], service_unavailable_timeout=10) as client:
-                policies = client.my_signing_policies()
-                echo(f"3. The CI user may sign with {len(policies)} signing policies:")
-                for policy in policies:
-                    echo(f"   {policy.key_id:<28} {policy.key_type} {policy.key_size}  {policy.certificate.subject.rfc4514_string()}")
-                echo("4. Signing a SHA-256 digest with each policy through SignHash; only the digest leaves this machine")
-                digest = HashAlgorithm.SHA256.digest(b"signbridge demo " + secrets.token_bytes(16))
-                for policy in policies:
-                    scheme = Scheme.ECDSA if policy.key_type == "Ecdsa" else Scheme.RSA_PKCS1
-                    request = SignatureRequest(digest, HashAlgorithm.SHA256, scheme, EcdsaFormat.IEEE)
-                    signature = client.sign_hash(policy.project_slug, policy.signing_policy_slug, request, {"demo": True})
-                    verify_digest_signature(policy.certificate.public_key(), request, signature)
-                    for issuer, subject in zip((*policy.chain,), (policy.certificate, *policy.chain), strict=False):
-                        subject.verify_directly_issued_by(issuer)
-                    echo(f"   {policy.key_id:<28} {len(signature)}-byte {scheme.value} signature verified against its certificate and chain")
-                echo("5. Timestamping the digest with the service's RFC 3161 authority")
-                token = request_timestamp(f"{service.api_url}/timestamp", digest, HashAlgorithm.SHA256)
-                token.verify(digest, HashAlgorithm.SHA256, [root])
-                echo(f"   timestamp {token.gen_time.isoformat()} (serial {token.serial}) verified against the demo root")
-            echo("6. Stopping the service (SIGTERM); every signature above is in the audit log")
+        demo = Demo(echo, keep or Path(temporary))
+        demo.create_organization()
+        demo.service = ServiceProcess(demo.data_dir)
+        demo.say("Starting the signing service on a free loopback port")
+        with demo.service:
+            demo.detail(f"listening at {demo.service.api_url}")
+            assert demo.info is not None
+            with ServiceClient(demo.service.api_url, demo.info["organizationId"], demo.info["apiToken"],
+                               service_unavailable_timeout=10) as client:
+                demo.sign_through_the_api(client)
+            record = demo.start_token()
+            try:
+                demo.sign_through_the_token(record)
+            finally:
+                demo.stop_token()
+            demo.say("Stopping the service (SIGTERM); every signature above is in the audit log")
         # uvicorn re-raises SIGTERM after its graceful shutdown, so -SIGTERM is a clean exit.
-        if service.process is not None and service.process.returncode not in (0, -signal.SIGTERM, None):
-            raise SystemExit(f"signbridge demo: the service exited with code {service.process.returncode}")
-        verify = subprocess.run(
-            [sys.executable, "-m", "signbridge", "admin", "--data-dir", str(data_dir), "audit", "verify"],
-            capture_output=True, text=True, check=False,
-        )
-        echo(f"   {(verify.stdout or verify.stderr).strip()}")
-        if verify.returncode != 0:
-            raise SystemExit("signbridge demo: the audit log did not verify")
-        echo("Done: keys stayed in the service, every signature was verified, audited and timestamped.")
+        if demo.service.process is not None and demo.service.process.returncode not in (0, -signal.SIGTERM, None):
+            raise DemoError(f"the service exited with code {demo.service.process.returncode}")
+        demo.verify_audit_log()
+        echo("Done: keys stayed in the service; every signature was verified, audited and timestamped.")
