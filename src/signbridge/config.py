@@ -632,7 +632,7 @@ def load_settings(
 
     _split_organization_from_token(chosen, origins, sources)
     api_url = chosen.get("api_url", DEFAULT_API_URL)
-    if urlsplit(api_url).scheme == "http" and not _is_loopback(urlsplit(api_url).hostname or ""):
+    if urlsplit(api_url).scheme == "http" and not is_loopback_host(urlsplit(api_url).hostname or ""):
         warnings.append(f"ApiUrl {_mask_url_password(api_url)} is not HTTPS: the API token travels unencrypted")
     return ProviderSettings(**chosen, config_file=config_file, sources=sources, warnings=tuple(warnings))
 
@@ -687,7 +687,8 @@ def setting_names(field_name: str) -> dict[str, str]:
     return {"flag": key.flag, "env": key.env[0], "json": key.json}
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address."""
     if host == "localhost":
         return True
     try:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ..config import is_loopback_host
 from ..errors import UsageError
 from ..server.database import redact_url
 from ..server.datadir import init_data_dir, open_data_dir
@@ -95,15 +95,6 @@ def init(
         click.echo(f"  export SIGNBRIDGE_ANCHORS={result['rootCertificate']}")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @server.command()
 @data_dir_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -131,7 +122,7 @@ def run(
         raise UsageError("--tls-cert and --tls-key go together")
     store = open_data_dir(data_dir, database_url=database_url)  # fails early, before workers start
     store.close()
-    if not tls_cert and not _is_loopback(host):
+    if not tls_cert and not is_loopback_host(host):
         click.echo(f"signbridge: warning: serving plain HTTP on {host}; use --tls-cert/--tls-key", err=True)
     os.environ["SIGNBRIDGE_DATA_DIR"] = str(data_dir.resolve())
     if database_url:
