@@ -583,7 +583,7 @@ def _certificates(signed_data: cms.SignedData) -> tuple[x509.Certificate, ...]:
             continue
         try:
             certificates.append(x509.load_der_x509_certificate(choice.chosen.dump()))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise CmsFormatError(f"a certificate in the CMS signature cannot be read ({exc})") from None
     return tuple(certificates)
 
@@ -795,6 +795,73 @@ def _check_imprint(token: TimestampToken, signature: bytes) -> None:
         raise TimestampMismatch(
             "the timestamp does not cover this signature (its imprint is not the hash of the signature value)"
         )
+
+
+def check_unsigned_fields(parsed: ParsedSignature) -> None:
+    """Raise :class:`CmsFormatError` unless the parts of the CMS, and of its timestamp token, that no
+    signature covers hold what RFC 5652 requires of them.
+
+    A signature covers the signed attributes (or the content digest) only. Without this check, the
+    SignedData and SignerInfo versions, the list of digest algorithms, the algorithms' parameters
+    and the framing of the unsigned attributes could be altered unnoticed. Checked, for the
+    signature and for its timestamp token: both versions match the signer identifier and content
+    type (RFC 5652 §5.1, §5.3); the digest algorithms listed are the signer's; digest, PKCS#1 v1.5
+    and ECDSA algorithm identifiers carry no parameters other than NULL; a signature algorithm that
+    names a hash names the signer's; the only unsigned attribute is one timestamp token.
+    """
+    _check_unsigned_fields(parsed.der, "the CMS signature")
+    if parsed.timestamp is not None:
+        _check_unsigned_fields(parsed.timestamp.der, "the signature's timestamp")
+
+
+def _check_unsigned_fields(der: bytes, what: str) -> None:
+    try:
+        top = _read_tlv(der, 0, len(der), 0)
+        fields = _children(der, _children(der, _children(der, top)[1])[0])
+        if fields[1].identifier != b"\x31":
+            raise CmsFormatError(f"{what}'s list of digest algorithms is not a SET")
+        unsigned = next((child for child in _raw_signer_info(der, top) if child.identifier == b"\xa1"), None)
+        token_type = core.ObjectIdentifier(ATTR_TIMESTAMP_TOKEN).dump()
+        attributes = _children(der, unsigned) if unsigned is not None else []
+        for attribute in attributes:
+            parts = _children(der, attribute)
+            if attribute.identifier != b"\x30" or [part.identifier for part in parts] != [b"\x06", b"\x31"]:
+                raise CmsFormatError(f"an unsigned attribute of {what} is malformed")
+            if der[parts[0].start : parts[0].end] != token_type or len(attributes) > 1:
+                raise CmsFormatError(f"{what} has unsigned attributes other than one timestamp")
+        signed_data = cms.ContentInfo.load(der)["content"]
+        signer_info = signed_data["signer_infos"][0]
+        digest = signer_info["digest_algorithm"]["algorithm"].dotted
+        by_key_identifier = signer_info["sid"].name == "subject_key_identifier"
+        wanted = "v3" if by_key_identifier else "v1"
+        if signer_info["version"].native != wanted:
+            raise CmsFormatError(f"{what}'s signer version is {signer_info['version'].native}, not {wanted}")
+        data_content = signed_data["encap_content_info"]["content_type"].dotted == ID_DATA
+        wanted = "v1" if data_content and not by_key_identifier else "v3"
+        if signed_data["version"].native != wanted:
+            raise CmsFormatError(f"{what}'s SignedData version is {signed_data['version'].native}, not {wanted}")
+        listed = list(signed_data["digest_algorithms"])
+        if not listed:
+            raise CmsFormatError(f"{what} lists no digest algorithm")
+        for algorithm in [*listed, signer_info["digest_algorithm"]]:
+            if algorithm["algorithm"].dotted != digest:
+                raise CmsFormatError(
+                    f"{what} lists the digest algorithm {algorithm['algorithm'].dotted}, but its signer uses {digest}"
+                )
+            if algorithm["parameters"].native is not None:
+                raise CmsFormatError(f"a digest algorithm in {what} has parameters")
+        signature_algorithm = signer_info["signature_algorithm"]
+        if signature_algorithm.signature_algo != "rsassa_pss":
+            if signature_algorithm["parameters"].native is not None:
+                raise CmsFormatError(f"the signature algorithm of {what} has parameters")
+            try:
+                named = HashAlgorithm.from_name(signature_algorithm.hash_algo).oid
+            except ValueError:  # rsaEncryption names no hash
+                named = digest
+            if named != digest:
+                raise CmsFormatError(f"the signature algorithm of {what} names another hash than its signer's")
+    except ASN1_ERRORS as exc:
+        raise CmsFormatError(f"{what} is malformed ({exc})") from None
 
 
 def _verify_parsed(parsed: ParsedSignature, digest: bytes, message: str) -> None:
