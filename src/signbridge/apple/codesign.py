@@ -1,0 +1,1410 @@
+"""Signing code as Apple's ``codesign -s`` does: Mach-O files (thin or universal) and bundles.
+
+:func:`sign_code` signs a path with an :class:`~signbridge.identity.Identity` (or ad hoc when the
+identity is None) and replaces it atomically: the signed file is written beside the input and
+swapped in (:class:`StagedFile`), and a bundle is signed in a staged copy that replaces it only
+when every nested piece is signed, so on any failure the input is unchanged.
+
+What it builds, as Apple's tools do:
+
+- Per Mach-O slice, the CodeDirectories (SHA-256; SHA-1 first, as the primary, when the
+  deployment target predates macOS 10.11.4 or ``--digest-algorithm`` asks), the requirement set,
+  the XML and DER entitlements, and a CMS signature (see :func:`cms_signer`): only the SHA-256 of
+  its DER signed attributes goes to ``identity.sign``, and the returned signature is verified
+  against the certificate before anything is written.
+- The requirement set holds the designated requirement (:func:`designated_requirement`) when
+  signing with an identity, as Apple's signer adds it; ad-hoc signatures carry the empty set and
+  their designated requirement is implicit (the cdhash).
+- The team identifier is the leaf's subject OU when the chain carries Apple's developer
+  intermediate markers (Developer ID or WWDR), as codesign only trusts Apple-issued team ids.
+- Bundles: nested code innermost first, then ``_CodeSignature/CodeResources``, then the main
+  executable with Info.plist in slot 1 and CodeResources in slot 3.
+
+Messages do not name the path; the command line prefixes it, as Apple's does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import plistlib
+import stat
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from ..errors import SignbridgeError, UsageError
+from ..hashes import HashAlgorithm
+from ..identity import Identity
+from ..signatures import EcdsaFormat
+from . import cms
+from .blobs import (
+    SUPERBLOB_HEADER_SIZE,
+    SUPERBLOB_INDEX_ENTRY_SIZE,
+    CodeSignatureFormatError,
+    Magic,
+    Slot,
+    decode_superblob,
+    encode_blob,
+    encode_superblob,
+)
+from .bundle import Bundle, BundleKind, atomic_write, sign_bundle_plan, staged_bundle
+from .certificates import (
+    DEVELOPER_ID_INTERMEDIATE,
+    WWDR_INTERMEDIATE,
+    extension_oids,
+)
+from .codedirectory import (
+    PAGE_SIZE,
+    CodeDirectory,
+    CodeDirectoryFlags,
+    ExecSegment,
+    ExecSegmentFlags,
+    HashType,
+    choose_version,
+    code_directory_size,
+    default_hash_types,
+    hash_code,
+)
+from .entitlements import der_entitlements_blob, entitlements_blob, exec_segment_flags, load_entitlements
+from .macho import (
+    FAT_ARCH_64_SIZE,
+    FAT_ARCH_SIZE,
+    FAT_HEADER_SIZE,
+    FAT_MAGIC,
+    FAT_MAGIC_64,
+    LC_CODE_SIGNATURE,
+    LINKEDIT_DATA_COMMAND_SIZE,
+    MH_EXECUTE,
+    MachO,
+    MachOError,
+    MachOFile,
+    SignatureLayoutError,
+    parse_file,
+    segment_alignment,
+)
+from .macho_signing import DEFAULT_CMS_RESERVE, EmbeddedSignature, read_signature
+from .macho_writer import SIGNATURE_ALIGNMENT, HeaderPaddingError, SignatureSpaceError, signature_offset
+from .requirements import (
+    ANCHOR_CERT,
+    EMPTY_REQUIREMENT_SET,
+    LEAF_CERT,
+    OID_DEVELOPER_ID_CA,
+    OID_DEVELOPER_ID_LEAF,
+    Expr,
+    Match,
+    MatchOp,
+    Op,
+    RequirementType,
+    anchor_apple_generic,
+    certificate_field,
+    certificate_generic,
+    encode_requirement_set,
+    parse_requirement_set,
+    render,
+)
+from .requirements import (
+    identifier as identifier_expr,
+)
+from .resources import NestedCode, build_code_resources
+from .trust import APPLE_ROOT_FINGERPRINTS
+
+APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
+TIMESTAMP_URL_ENVIRONMENT_VARIABLE = "SIGNBRIDGE_TIMESTAMP_URL"
+CMS_DIGEST = HashAlgorithm.SHA256
+
+# codesign's names for the CodeDirectory flags (``-o``/``--options``), in Apple's table order.
+FLAG_NAMES: tuple[tuple[str, int], ...] = (
+    ("host", CodeDirectoryFlags.HOST),
+    ("adhoc", CodeDirectoryFlags.ADHOC),
+    ("hard", CodeDirectoryFlags.FORCE_HARD),
+    ("kill", CodeDirectoryFlags.FORCE_KILL),
+    ("expires", CodeDirectoryFlags.FORCE_EXPIRATION),
+    ("restrict", CodeDirectoryFlags.RESTRICT),
+    ("enforcement", CodeDirectoryFlags.ENFORCEMENT),
+    ("library-validation", CodeDirectoryFlags.LIBRARY_VALIDATION),
+    ("runtime", CodeDirectoryFlags.RUNTIME),
+    ("linker-signed", CodeDirectoryFlags.LINKER_SIGNED),
+)
+# Special slots whose content the signature itself holds (Info.plist and CodeResources are only hashed).
+_EMBEDDED_SPECIAL_SLOTS = frozenset({Slot.REQUIREMENTS, Slot.ENTITLEMENTS, Slot.DER_ENTITLEMENTS})
+_SETTABLE_FLAGS = frozenset(name for name, _ in FLAG_NAMES if name not in ("adhoc", "linker-signed"))
+
+# Apple's preference when one CodeDirectory must stand for the code (display, cdhash, nesting).
+HASH_PREFERENCE = (
+    HashType.SHA384,
+    HashType.SHA256,
+    HashType.SHA256_TRUNCATED,
+    HashType.SHA1,
+    HashType.SHA512,
+)
+# The slice that stands for a universal file: what an Apple silicon Mac runs.
+ARCH_PREFERENCE = ("arm64e", "arm64", "x86_64h", "x86_64")
+
+_CODE_DIRECTORY_ALGORITHMS = {
+    HashType.SHA1: HashAlgorithm.SHA1,
+    HashType.SHA256: HashAlgorithm.SHA256,
+    HashType.SHA256_TRUNCATED: HashAlgorithm.SHA256,
+    HashType.SHA384: HashAlgorithm.SHA384,
+    HashType.SHA512: HashAlgorithm.SHA512,
+}
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+class CodesignError(SignbridgeError):
+    """Signing could not be done; the input is unchanged."""
+
+
+class AlreadySignedError(CodesignError):
+    """The code carries a signature and ``--force`` was not given."""
+
+    def __init__(self) -> None:
+        super().__init__("is already signed")
+
+
+class UnsignedNestedCodeError(CodesignError):
+    """Nested code is not signed, and ``--deep`` was not given to sign it."""
+
+    def __init__(self, subcomponent: Path) -> None:
+        super().__init__("code object is not signed at all")
+        self.subcomponent = str(subcomponent)
+
+
+class FlagsError(UsageError):
+    """``--options`` names a flag codesign does not know."""
+
+
+class UnreadableCodeError(CodesignError):
+    """The code (or part of a bundle) cannot be read or written."""
+
+
+# --- options --------------------------------------------------------------------------------------
+
+
+def parse_flags(text: str) -> int:
+    """The CodeDirectory flags of an ``-o`` value: names (unique prefixes allowed) or a number."""
+    value = text.strip()
+    if not value:
+        raise FlagsError("--options needs a comma-separated list of flags, e.g. runtime")
+    try:
+        return int(value, 0)
+    except ValueError:
+        pass
+    flags = 0
+    for raw in value.split(","):
+        word = raw.strip().lower()
+        exact = [(name, bit) for name, bit in FLAG_NAMES if name == word]
+        matches = exact or [(name, bit) for name, bit in FLAG_NAMES if name.startswith(word) and word]
+        if len(matches) != 1 or matches[0][0] not in _SETTABLE_FLAGS:
+            known = ", ".join(name for name, _ in FLAG_NAMES if name in _SETTABLE_FLAGS)
+            reason = "is ambiguous" if len(matches) > 1 else "is not a flag codesign can set"
+            raise FlagsError(f'--options: "{raw.strip()}" {reason}; the flags are {known}')
+        flags |= matches[0][1]
+    return flags
+
+
+def flag_names(flags: int) -> str:
+    """``0x10000(runtime)`` as ``codesign -d`` prints a flag word; ``0x0(none)`` when empty."""
+    if not flags:
+        return "0x0(none)"
+    names = [name for name, bit in FLAG_NAMES if flags & bit]
+    if flags & ~sum(bit for _, bit in FLAG_NAMES):
+        names.append("???")
+    return f"{flags:#x}({','.join(names)})"
+
+
+def parse_digest_algorithms(text: str) -> tuple[HashType, ...]:
+    """``--digest-algorithm sha1,sha256``: the CodeDirectory hash types, SHA-1 first when present."""
+    types = []
+    for name in text.split(","):
+        try:
+            types.append(HashType.from_name(name.strip()))
+        except CodeSignatureFormatError as exc:
+            raise UsageError(f"--digest-algorithm: {exc}") from None
+    ordered = tuple(dict.fromkeys(types))
+    if HashType.SHA1 in ordered:
+        ordered = (HashType.SHA1, *(t for t in ordered if t != HashType.SHA1))
+    return ordered
+
+
+def resolve_timestamp_url(
+    requested: str | None, configured: str | None = None, *, environ: os._Environ | dict | None = None
+) -> str | None:
+    """The TSA ``--timestamp[=URL]`` asks for: None when absent or ``none``; the given URL; for
+    ``--timestamp`` alone (``requested == ""``) the configured TSA (``TimestampUrl`` /
+    ``SIGNBRIDGE_TIMESTAMP_URL``), else Apple's."""
+    if requested is None or requested == "none":
+        return None
+    if requested:
+        return requested
+    environ = os.environ if environ is None else environ
+    return configured or environ.get(TIMESTAMP_URL_ENVIRONMENT_VARIABLE) or APPLE_TIMESTAMP_URL
+
+
+@dataclass(frozen=True)
+class CodesignOptions:
+    """What ``codesign -s`` was asked for. ``flags`` are CodeDirectoryFlags (``-o``).
+
+    ``timestamp_url`` is the TSA to ask (None: no timestamp); ``timestamp`` overrides it with a
+    ready :data:`signbridge.apple.cms.Timestamper`. ``entitlements`` are the bytes of the file
+    given with ``--entitlements`` (XML or binary plist).
+    """
+
+    identifier: str | None = None
+    prefix: str | None = None
+    force: bool = False
+    flags: int = 0
+    runtime_version: int | None = None
+    entitlements: bytes | None = None
+    hash_types: tuple[HashType, ...] | None = None
+    timestamp_url: str | None = None
+    timestamp: cms.Timestamper | None = None
+    deep: bool = False
+    signing_time: datetime | None = None
+
+
+Progress = Callable[[int, int], None]
+"""Called with (work done, total work): bytes for a Mach-O file, files for a resource seal."""
+
+
+class Reporter(Protocol):
+    """Where the engine tells the user what it does (the command line prefixes the path)."""
+
+    def note(self, path: Path, message: str) -> None: ...
+
+    def progress(self, description: str) -> contextlib.AbstractContextManager[Progress]:
+        """A context whose value is called with (done, total) as the work advances."""
+        ...
+
+
+class QuietReporter:
+    """A reporter that keeps notes in a list and shows no progress."""
+
+    def __init__(self) -> None:
+        self.notes: list[tuple[Path, str]] = []
+
+    def note(self, path: Path, message: str) -> None:
+        self.notes.append((path, message))
+
+    @contextlib.contextmanager
+    def progress(self, description: str) -> Iterator[Progress]:
+        yield lambda done, total: None
+
+
+# --- results --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignedCode:
+    """What :func:`sign_code` did to one piece of code."""
+
+    path: Path
+    identifier: str
+    format: str  # as ``codesign -d`` names it: "Mach-O thin (arm64)", "app bundle with ..."
+    cdhash: bytes  # of the preferred slice's preferred CodeDirectory
+    requirement: str | None  # the designated requirement's text
+    nested: tuple[SignedCode, ...] = field(default=(), repr=False)
+
+
+# --- designated requirement -----------------------------------------------------------------------
+
+
+def certificate_sha1(certificate: x509.Certificate) -> bytes:
+    return certificate.fingerprint(hashes.SHA1())  # noqa: S303 - Apple's requirement language names it
+
+
+def designated_requirement(
+    identifier: str,
+    certificates: Sequence[x509.Certificate],
+    *,
+    apple_roots: frozenset[bytes] = APPLE_ROOT_FINGERPRINTS,
+) -> Expr | None:
+    """The designated requirement Apple's DRMaker derives for a signature by ``certificates``
+    (leaf first, up to the anchor); None for ad-hoc code (no certificates).
+
+    Under an Apple root: the Developer ID form (``anchor apple generic and certificate
+    1[field.1.2.840.113635.100.6.2.6] /* exists */ and certificate leaf[field....6.1.13] /* exists */
+    and certificate leaf[subject.OU] = TEAM``), the WWDR form for development and distribution
+    certificates, else ``anchor apple``. Under any other root: ``certificate <slot> = H"<sha1>"``
+    for the highest certificate whose Organization is the leaf's. The terms nest to the right,
+    as DRMaker writes them.
+    """
+    if not certificates:
+        return None
+    anchor = certificates[-1]
+    if anchor.fingerprint(hashes.SHA256()) in apple_roots:
+        tail = _apple_anchor(certificates)
+    else:
+        tail = _non_apple_anchor(certificates)
+    return Expr(Op.AND, (identifier_expr(identifier), tail))
+
+
+def _right_and(*terms: Expr) -> Expr:
+    result = terms[-1]
+    for term in reversed(terms[:-1]):
+        result = Expr(Op.AND, (term, result))
+    return result
+
+
+def _apple_anchor(certificates: Sequence[x509.Certificate]) -> Expr:
+    leaf = certificates[0]
+    if len(certificates) == 3 and WWDR_INTERMEDIATE in extension_oids(certificates[1]):
+        common_name = _subject_value(leaf, NameOID.COMMON_NAME) or ""
+        return _right_and(
+            anchor_apple_generic(),
+            certificate_field(LEAF_CERT, "subject.CN", Match(MatchOp.EQUAL, common_name.encode())),
+            certificate_generic(1, WWDR_INTERMEDIATE, Match(MatchOp.EXISTS)),
+        )
+    if len(certificates) == 3 and DEVELOPER_ID_INTERMEDIATE in extension_oids(certificates[1]):
+        team = _subject_value(leaf, NameOID.ORGANIZATIONAL_UNIT_NAME) or ""
+        return _right_and(
+            anchor_apple_generic(),
+            certificate_generic(1, OID_DEVELOPER_ID_CA, Match(MatchOp.EXISTS)),
+            certificate_generic(LEAF_CERT, OID_DEVELOPER_ID_LEAF, Match(MatchOp.EXISTS)),
+            certificate_field(LEAF_CERT, "subject.OU", Match(MatchOp.EQUAL, team.encode())),
+        )
+    return Expr(Op.APPLE_ANCHOR)
+
+
+def _non_apple_anchor(certificates: Sequence[x509.Certificate]) -> Expr:
+    organization = _subject_value(certificates[0], NameOID.ORGANIZATION_NAME)
+    slot = 0
+    if organization is not None:
+        while slot + 1 < len(certificates):
+            if _subject_value(certificates[slot + 1], NameOID.ORGANIZATION_NAME) != organization:
+                break
+            slot += 1
+        if slot == len(certificates) - 1:
+            return Expr(Op.ANCHOR_HASH, (ANCHOR_CERT, certificate_sha1(certificates[slot])))
+    return Expr(Op.ANCHOR_HASH, (slot if slot else LEAF_CERT, certificate_sha1(certificates[slot])))
+
+
+def _subject_value(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
+    values = certificate.subject.get_attributes_for_oid(oid)
+    return str(values[0].value) if values else None
+
+
+def signing_chain(identity: Identity) -> tuple[x509.Certificate, ...]:
+    """The identity's certificate followed by its issuers (as the CMS carries them)."""
+    chain = [identity.certificate]
+    for certificate in identity.chain:
+        if certificate not in chain:
+            chain.append(certificate)
+    return tuple(chain)
+
+
+def team_identifier(identity: Identity | None) -> str | None:
+    """The team id codesign records: the leaf's OU, only under Apple's developer intermediates."""
+    if identity is None:
+        return None
+    markers: set[str] = set()
+    for certificate in identity.chain:
+        markers |= extension_oids(certificate)
+    if markers & {DEVELOPER_ID_INTERMEDIATE, WWDR_INTERMEDIATE}:
+        return identity.team_id
+    return None
+
+
+# --- identifiers ----------------------------------------------------------------------------------
+
+
+def canonical_identifier(name: str) -> str:
+    """Apple's default identifier for a file: the base name without its final (non-numeric)
+    extension, and without numeric suffixes after the first (``libfrotz7.3.5.dylib`` -> ``libfrotz7``,
+    ``mumble.77.plugin`` -> ``mumble.77``)."""
+    text = name.rsplit("/", 1)[-1]
+    dot = text.rfind(".")
+    if dot >= 0 and dot + 1 < len(text) and not text[dot + 1].isdigit():
+        text = text[:dot]
+    if not text or text[0] in "0123456789.":
+        return text
+    position = len(text) - 1
+    while position >= 0 and text[position] in "0123456789.":
+        position -= 1
+    position += 1
+    if position < len(text) and text[position] == ".":
+        position += 1
+    while position < len(text) and text[position].isdigit():
+        position += 1
+    return text[:position]
+
+
+def default_identifier(path: Path, info_plist: bytes | None, prefix: str | None) -> str:
+    """The identifier codesign uses when ``-i`` is not given: CFBundleIdentifier, else the
+    canonical file name, with ``--prefix`` prepended when that has no dot."""
+    bundle_id = bundle_identifier(info_plist)
+    if bundle_id:
+        return bundle_id
+    name = canonical_identifier(path.name)
+    if prefix and "." not in name:
+        return prefix + name
+    return name
+
+
+def bundle_identifier(info_plist: bytes | None) -> str | None:
+    if not info_plist:
+        return None
+    try:
+        info = plistlib.loads(info_plist)
+    except (plistlib.InvalidFileException, ValueError, TypeError):
+        return None
+    value = info.get("CFBundleIdentifier") if isinstance(info, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+# --- reading existing signatures ------------------------------------------------------------------
+
+
+def _code_directory_flags(macho: MachO) -> int | None:
+    """The flags of the slice's primary CodeDirectory; None when unsigned. Raises
+    CodeSignatureFormatError when the signature cannot be read."""
+    raw = macho.signature_data
+    if raw is None:
+        return None
+    superblob = decode_superblob(raw, Magic.EMBEDDED_SIGNATURE)
+    directory = superblob.get(Slot.CODE_DIRECTORY)
+    if directory is None or len(directory) < 16:
+        raise CodeSignatureFormatError("the embedded signature has no CodeDirectory")
+    return int.from_bytes(directory[12:16], "big")
+
+
+def existing_signature_state(parsed: MachOFile) -> str | None:
+    """``"signed"``, ``"invalid"`` (a signature that cannot be read) or None (unsigned or only
+    linker-signed, which codesign replaces without ``-f``)."""
+    state = None
+    for macho in parsed.slices:
+        try:
+            flags = _code_directory_flags(macho)
+        except CodeSignatureFormatError:
+            state = "invalid"
+            continue
+        if flags is not None and not flags & CodeDirectoryFlags.LINKER_SIGNED:
+            return "signed"
+    return state
+
+
+def preferred_slice(parsed: MachOFile, architecture: str | None = None) -> MachO:
+    """The slice that stands for the file: ``architecture`` when given, else what Apple silicon runs."""
+    by_arch = {macho.arch: macho for macho in parsed.slices}
+    if architecture is not None:
+        if architecture not in by_arch:
+            raise CodesignError(
+                f"the file holds no {architecture} code (it holds {' '.join(by_arch)})"
+            )
+        return by_arch[architecture]
+    for arch in ARCH_PREFERENCE:
+        if arch in by_arch:
+            return by_arch[arch]
+    return parsed.slices[0]
+
+
+def preferred_directory(directories: Sequence[CodeDirectory]) -> CodeDirectory:
+    """The CodeDirectory Apple's tools treat as the code's: the strongest supported hash."""
+    for hash_type in HASH_PREFERENCE:
+        for directory in directories:
+            if directory.hash_type == hash_type:
+                return directory
+    return directories[0]
+
+
+def _replacing(state: str) -> str:
+    return "replacing existing signature" if state == "signed" else "replacing invalid existing signature"
+
+
+def macho_format(parsed: MachOFile) -> str:
+    if parsed.is_universal:
+        return f"Mach-O universal ({' '.join(macho.arch for macho in parsed.slices)})"
+    return f"Mach-O thin ({parsed.slices[0].arch})"
+
+
+# --- the CMS --------------------------------------------------------------------------------------
+
+
+def cms_signer(
+    identity: Identity,
+    *,
+    timestamp: cms.Timestamper | None = None,
+    signing_time: datetime | None = None,
+) -> Callable[[Sequence[CodeDirectory]], bytes]:
+    """The ``cms_signer`` for :func:`~signbridge.apple.macho_signing.sign_file`: a detached CMS over
+    the primary CodeDirectory with Apple's CDHashes attributes, the whole chain, and a timestamp
+    when asked. ``identity.sign`` sees one SHA-256 digest of the signed attributes."""
+    chain = signing_chain(identity)[1:]
+
+    def sign(directories: Sequence[CodeDirectory]) -> bytes:
+        primary = directories[0]
+        cdhashes = [directory.cdhash() for directory in directories]
+        agile = [(_CODE_DIRECTORY_ALGORITHMS[d.hash_type], d.full_hash()) for d in directories]
+        return cms.sign_detached(
+            CMS_DIGEST.digest(primary.blob),
+            identity.sign,
+            identity.certificate,
+            chain,
+            hash_algorithm=CMS_DIGEST,
+            timestamp=timestamp,
+            signing_time=signing_time,
+            cdhashes_plist=cms.build_cdhashes_plist(cdhashes),
+            cdhashes2=agile,
+            ecdsa_format=EcdsaFormat.ASN1,
+        )
+
+    return sign
+
+
+def cms_reserve(identity: Identity, hash_types: Sequence[HashType], with_timestamp: bool) -> int:
+    """Room for the CMS: an upper bound for this chain, CodeDirectory count and timestamp."""
+    return cms.estimate_size(
+        signing_chain(identity),
+        with_timestamp=with_timestamp,
+        code_directories=[_CODE_DIRECTORY_ALGORITHMS[t] for t in hash_types],
+        hash_algorithm=CMS_DIGEST,
+    )
+
+
+def _timestamper(options: CodesignOptions) -> cms.Timestamper | None:
+    if options.timestamp is not None:
+        return options.timestamp
+    if options.timestamp_url:
+        return cms.timestamper(options.timestamp_url, hash_algorithm=CMS_DIGEST)
+    return None
+
+
+# --- Mach-O ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachOJob:
+    """One Mach-O file to sign, with what its container binds into it."""
+
+    path: Path
+    identifier: str | None = None  # None: the default for the file
+    info_plist: bytes | None = None  # a bundle's Info.plist (slot 1)
+    code_resources: bytes | None = None  # a bundle's CodeResources (slot 3)
+    entitlements: bool = True  # whether the options' entitlements apply to this file
+    nested: bool = False  # signed because of --deep or as bundle content (no "already signed" stop)
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """What every slice's signature holds besides its code: the signer's part of the signature."""
+
+    identifier: str
+    team_id: str | None
+    requirements: bytes
+    signer: Callable[[Sequence[CodeDirectory]], bytes] | None
+    cms_reserve: int
+    hash_types: tuple[HashType, ...] | None
+    flags: int
+    runtime_version: int | None
+    entitlements: bytes | None
+    info_plist: bytes | None
+    code_resources: bytes | None
+    page_size: int = PAGE_SIZE
+
+
+def slice_plan(
+    parsed: MachOFile,
+    identity: Identity | None,
+    options: CodesignOptions,
+    *,
+    identifier: str,
+    info_plist: bytes | None = None,
+    code_resources: bytes | None = None,
+    entitlements: bytes | None = None,
+) -> SlicePlan:
+    """The signer's part: team id, requirement set, CMS signer and its reserved size."""
+    requirements = EMPTY_REQUIREMENT_SET
+    signer = None
+    reserve = DEFAULT_CMS_RESERVE
+    if identity is not None:
+        requirement = designated_requirement(identifier, signing_chain(identity))
+        if requirement is not None:
+            requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
+        timestamp = _timestamper(options)
+        signer = cms_signer(identity, timestamp=timestamp, signing_time=options.signing_time)
+        reserve = cms_reserve(identity, options.hash_types or _widest_default(parsed), timestamp is not None)
+    return SlicePlan(
+        identifier=identifier,
+        team_id=team_identifier(identity),
+        requirements=requirements,
+        signer=signer,
+        cms_reserve=reserve,
+        hash_types=options.hash_types,
+        flags=options.flags,
+        runtime_version=options.runtime_version,
+        entitlements=entitlements,
+        info_plist=info_plist,
+        code_resources=code_resources,
+    )
+
+
+def _widest_default(parsed: MachOFile) -> tuple[HashType, ...]:
+    widest: tuple[HashType, ...] = (HashType.SHA256,)
+    for macho in parsed.slices:
+        if macho.build_version is not None:
+            types = default_hash_types(macho.build_version.platform, macho.build_version.minos)
+            if len(types) > len(widest):
+                widest = types
+    return widest
+
+
+# --- Mach-O: signing a slice without copying its code ----------------------------------------------
+#
+# The result is byte for byte what macho_signing.sign_slice builds (the tests compare them), but
+# the slice is never joined into a new buffer: the code is hashed where it lies (the new header,
+# the input's pages through a memory map, a zero tail), the kernel copies the unchanged code into
+# the output while it is hashed, and only the new header and signature are written from here.
+
+
+@dataclass(frozen=True)
+class SignedSlice:
+    """A signed slice as the parts to write, in order, and its CodeDirectories (primary first)."""
+
+    parts: tuple[bytes | memoryview, ...] = field(repr=False)
+    size: int
+    directories: tuple[CodeDirectory, ...] = field(repr=False)
+    superblob: bytes = field(repr=False)
+    signature: bytes = field(default=b"", repr=False)  # the SuperBlob zero-padded to its reserved size
+
+
+def _round_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def _linkedit_data_end(macho: MachO) -> int:
+    """Where the slice's __LINKEDIT data ends before any signature (validated as macho_writer does)."""
+    signature_offset(macho)  # raises the layout errors macho_writer raises
+    if macho.code_signature is not None:
+        return macho.code_signature.dataoff
+    assert macho.linkedit is not None
+    return macho.linkedit.file_end
+
+
+def _new_header(macho: MachO, data_end: int, code_limit: int, reserve: int) -> bytes:
+    """The slice's header region with LC_CODE_SIGNATURE and __LINKEDIT set for the new signature
+    (the edits :func:`~signbridge.apple.macho_writer.prepare_signature_layout` makes)."""
+    header = bytearray(macho.data[: min(macho.first_content_offset, data_end)])
+    if macho.code_signature is None:
+        end = macho.load_commands_end
+        padding = len(header) - end
+        if padding < LINKEDIT_DATA_COMMAND_SIZE or any(header[end : end + LINKEDIT_DATA_COMMAND_SIZE]):
+            raise HeaderPaddingError(
+                f"the {macho.arch} {macho.file_type_name} has {max(padding, 0)} free bytes after its load "
+                f"commands, and an LC_CODE_SIGNATURE needs {LINKEDIT_DATA_COMMAND_SIZE}; relink it with a "
+                "larger -headerpad (for example -headerpad_max_install_names)"
+            )
+        command_offset = end
+        commands = (macho.ncmds + 1, macho.sizeofcmds + LINKEDIT_DATA_COMMAND_SIZE)
+        struct.pack_into(macho.fmt("II"), header, 16, *commands)
+    else:
+        command_offset = macho.code_signature.command_offset
+    command = (LC_CODE_SIGNATURE, LINKEDIT_DATA_COMMAND_SIZE, code_limit, reserve)
+    struct.pack_into(macho.fmt("IIII"), header, command_offset, *command)
+    linkedit = macho.linkedit
+    assert linkedit is not None
+    filesize = code_limit + reserve - linkedit.fileoff
+    vmsize = linkedit.vmsize
+    if filesize > vmsize:
+        vmsize = _round_up(filesize, segment_alignment(macho.cputype))
+    if macho.is_64:
+        struct.pack_into(macho.fmt("Q"), header, linkedit.command_offset + 32, vmsize)
+        struct.pack_into(macho.fmt("Q"), header, linkedit.command_offset + 48, filesize)
+    else:
+        if filesize > 0xFFFFFFFF or vmsize > 0xFFFFFFFF:
+            raise SignatureLayoutError("a 32-bit Mach-O cannot grow __LINKEDIT past 4 GiB")
+        struct.pack_into(macho.fmt("I"), header, linkedit.command_offset + 28, vmsize)
+        struct.pack_into(macho.fmt("I"), header, linkedit.command_offset + 36, filesize)
+    return bytes(header)
+
+
+def _code_parts(header: bytes, body: memoryview, zeros: int, page_size: int) -> list[bytes | memoryview]:
+    """The code as pieces that each start on a page boundary: the header with the body up to the
+    next page, the body's whole pages (a view, not a copy), the last partial page with the zeros."""
+    head_end = min(_round_up(len(header), page_size), len(header) + len(body))
+    head = header + bytes(body[: head_end - len(header)])
+    rest = body[head_end - len(header) :]
+    whole = len(rest) - len(rest) % page_size
+    tail = bytes(rest[whole:]) + bytes(zeros)
+    return [head, rest[:whole], tail]
+
+
+def _page_hashes(
+    parts: Sequence[bytes | memoryview], hash_type: HashType, page_size: int, executor: Executor | None
+) -> list[bytes]:
+    hashes: list[bytes] = []
+    for part in parts:
+        hashes.extend(hash_code(part, hash_type, page_size, executor))
+    return hashes
+
+
+def _slice_hash_types(macho: MachO, plan: SlicePlan) -> tuple[HashType, ...]:
+    if plan.hash_types:
+        types = tuple(dict.fromkeys(plan.hash_types))
+    elif macho.build_version is not None:
+        types = default_hash_types(macho.build_version.platform, macho.build_version.minos)
+    else:
+        types = (HashType.SHA256,)
+    if HashType.SHA1 in types:
+        types = (HashType.SHA1, *(t for t in types if t != HashType.SHA1))
+    return types
+
+
+def _slice_exec_segment(macho: MachO, entitlements: dict | None) -> ExecSegment | None:
+    text = macho.text
+    if macho.build_version is None or text is None:
+        return None
+    flags = ExecSegmentFlags(0)
+    if macho.filetype == MH_EXECUTE:
+        flags |= ExecSegmentFlags.MAIN_BINARY
+    if entitlements:
+        flags |= exec_segment_flags(entitlements)
+    return ExecSegment(text.fileoff, text.filesize, int(flags))
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """Everything about a slice's signature that is known before its code is hashed."""
+
+    macho: MachO = field(repr=False)
+    header: bytes = field(repr=False)  # the new header region
+    body: memoryview = field(repr=False)  # the unchanged code after it, up to the old __LINKEDIT end
+    code_limit: int
+    reserve: int
+    special: dict[int, bytes] = field(repr=False)
+    flags: int
+    runtime: int
+    exec_segment: ExecSegment | None
+    hash_types: tuple[HashType, ...]
+    version: int
+
+    @property
+    def size(self) -> int:
+        return self.code_limit + self.reserve
+
+    @property
+    def zeros(self) -> int:
+        """Zero bytes between the old data and the signature (its 16-byte alignment)."""
+        return self.code_limit - len(self.header) - len(self.body)
+
+
+def lay_out_slice(macho: MachO, plan: SlicePlan) -> SliceLayout:
+    """The slice's new header and signature size, its special slots and CodeDirectory fields."""
+    special: dict[int, bytes] = {Slot.REQUIREMENTS: plan.requirements}
+    info_plist = plan.info_plist if plan.info_plist is not None else macho.info_plist
+    if info_plist is not None:
+        special[Slot.INFO_PLIST] = bytes(info_plist)
+    if plan.code_resources is not None:
+        special[Slot.RESOURCE_DIR] = plan.code_resources
+    entitlements = None
+    if plan.entitlements is not None:
+        entitlements = load_entitlements(plan.entitlements)
+        special[Slot.ENTITLEMENTS] = entitlements_blob(plan.entitlements)
+        special[Slot.DER_ENTITLEMENTS] = der_entitlements_blob(entitlements)
+
+    flags = plan.flags & ~(CodeDirectoryFlags.LINKER_SIGNED | CodeDirectoryFlags.ADHOC)
+    if plan.signer is None:
+        flags |= CodeDirectoryFlags.ADHOC
+    runtime = 0
+    if flags & CodeDirectoryFlags.RUNTIME:
+        runtime = plan.runtime_version or (macho.build_version.sdk if macho.build_version else 0)
+    exec_segment = _slice_exec_segment(macho, entitlements)
+    hash_types = _slice_hash_types(macho, plan)
+
+    data_end = _linkedit_data_end(macho)
+    code_limit = _round_up(data_end, SIGNATURE_ALIGNMENT)
+    version = choose_version(
+        runtime=runtime,
+        exec_segment_limit=exec_segment.limit if exec_segment else 0,
+        code_limit=code_limit,
+        team_id=plan.team_id,
+    )
+    directory_sizes = sum(
+        code_directory_size(
+            identifier=plan.identifier,
+            team_id=plan.team_id,
+            hash_type=hash_type,
+            special_slot_count=max(special),
+            code_limit=code_limit,
+            version=version,
+            page_size=plan.page_size,
+        )
+        for hash_type in hash_types
+    )
+    embedded = [blob for slot, blob in special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
+    cms_room = 8 + (plan.cms_reserve if plan.signer is not None else 0)
+    reserve = _round_up(
+        SUPERBLOB_HEADER_SIZE
+        + SUPERBLOB_INDEX_ENTRY_SIZE * (len(hash_types) + len(embedded) + 1)
+        + directory_sizes
+        + sum(len(blob) for blob in embedded)
+        + cms_room,
+        SIGNATURE_ALIGNMENT,
+    )
+    header = _new_header(macho, data_end, code_limit, reserve)
+    return SliceLayout(
+        macho=macho,
+        header=header,
+        body=memoryview(macho.data)[len(header) : data_end],
+        code_limit=code_limit,
+        reserve=reserve,
+        special=special,
+        flags=int(flags),
+        runtime=runtime,
+        exec_segment=exec_segment,
+        hash_types=hash_types,
+        version=version,
+    )
+
+
+def finish_slice(layout: SliceLayout, plan: SlicePlan, *, executor: Executor | None = None) -> SignedSlice:
+    """Hash the slice's code and build its signature: CodeDirectories, CMS, SuperBlob."""
+    exec_segment = layout.exec_segment or ExecSegment(0, 0, 0)
+    parts = _code_parts(layout.header, layout.body, layout.zeros, plan.page_size)
+    directories = []
+    for hash_type in layout.hash_types:
+        code_hashes = _page_hashes(parts, hash_type, plan.page_size, executor)
+        directory = CodeDirectory(
+            identifier=plan.identifier,
+            hash_type=hash_type,
+            code_limit=layout.code_limit,
+            code_hashes=tuple(code_hashes),
+            special_slots={int(slot): hash_type.digest(content) for slot, content in layout.special.items()},
+            version=layout.version,
+            flags=layout.flags,
+            team_id=plan.team_id or None,
+            page_size=plan.page_size,
+            exec_segment_base=exec_segment.base,
+            exec_segment_limit=exec_segment.limit,
+            exec_segment_flags=exec_segment.flags,
+            runtime=layout.runtime,
+        )
+        # Keep the encoding: the cdhash, the CMS and the SuperBlob all need the same bytes.
+        directories.append(replace(directory, source=directory.encode()))
+    cms_der = plan.signer(directories) if plan.signer is not None else b""
+    entries = [(int(Slot.CODE_DIRECTORY), directories[0].blob)]
+    entries += [(int(Slot.ALTERNATE_CODE_DIRECTORY) + n, cd.blob) for n, cd in enumerate(directories[1:])]
+    entries += [(int(slot), blob) for slot, blob in layout.special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
+    entries.append((int(Slot.SIGNATURE), encode_blob(Magic.BLOB_WRAPPER, cms_der)))
+    superblob = encode_superblob(Magic.EMBEDDED_SIGNATURE, entries)
+    if len(superblob) > layout.reserve:
+        raise SignatureSpaceError(
+            f"the signature is {len(superblob)} bytes but only {layout.reserve} were reserved for it"
+        )
+    signature = superblob + bytes(layout.reserve - len(superblob))
+    written: list[bytes | memoryview] = [layout.header]
+    if len(layout.body):
+        written.append(layout.body)
+    written += [part for part in (bytes(layout.zeros), signature) if len(part)]
+    return SignedSlice(
+        parts=tuple(written),
+        size=layout.size,
+        directories=tuple(directories),
+        superblob=superblob,
+        signature=signature,
+    )
+
+
+def sign_slice_streaming(macho: MachO, plan: SlicePlan, *, executor: Executor | None = None) -> SignedSlice:
+    """Sign one thin slice (see the section comment)."""
+    return finish_slice(lay_out_slice(macho, plan), plan, executor=executor)
+
+
+def universal_layout(parsed: MachOFile, sizes: Sequence[int]) -> tuple[bytes, list[int]]:
+    """The fat header and each slice's offset, at its ``2^align`` boundary (the layout
+    :func:`~signbridge.apple.macho_writer.build_universal` writes)."""
+    assert parsed.fat_arches is not None
+    arches = parsed.fat_arches
+
+    def layout(entry_size: int) -> list[int]:
+        offsets, position = [], FAT_HEADER_SIZE + entry_size * len(arches)
+        for arch, size in zip(arches, sizes, strict=True):
+            position = _round_up(position, 1 << arch.align)
+            offsets.append(position)
+            position += size
+        return offsets
+
+    fat64 = parsed.fat64
+    offsets = layout(FAT_ARCH_64_SIZE if fat64 else FAT_ARCH_SIZE)
+    if not fat64 and any(offset + size > 0xFFFFFFFF for offset, size in zip(offsets, sizes, strict=True)):
+        fat64 = True
+        offsets = layout(FAT_ARCH_64_SIZE)
+    header = [struct.pack(">II", FAT_MAGIC_64 if fat64 else FAT_MAGIC, len(arches))]
+    for arch, offset, size in zip(arches, offsets, sizes, strict=True):
+        if fat64:
+            header.append(struct.pack(">IIQQII", arch.cputype, arch.cpusubtype, offset, size, arch.align, 0))
+        else:
+            header.append(struct.pack(">IIIII", arch.cputype, arch.cpusubtype, offset, size, arch.align))
+    return b"".join(header), offsets
+
+
+def universal_parts(parsed: MachOFile, signed: Sequence[SignedSlice]) -> list[bytes | memoryview]:
+    """The bytes of a signed universal file, in order."""
+    header, offsets = universal_layout(parsed, [item.size for item in signed])
+    parts: list[bytes | memoryview] = [header]
+    position = len(header)
+    for offset, item in zip(offsets, signed, strict=True):
+        parts.append(bytes(offset - position))
+        parts.extend(item.parts)
+        position = offset + item.size
+    return parts
+
+
+class StagedFile:
+    """The output, written beside the target and swapped in by :meth:`commit`; what was never
+    written reads as zeros. Removed unless committed."""
+
+    def __init__(self, target: Path, *, mode_from: Path | None = None) -> None:
+        source = mode_from or target
+        try:
+            self.mode = stat.S_IMODE(source.stat().st_mode)
+        except FileNotFoundError:
+            self.mode = 0o755
+        self.target = target
+        try:
+            self.descriptor, self.path = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".sb-signing", dir=target.parent
+            )
+        except OSError as exc:
+            raise UnreadableCodeError(
+                f"cannot write beside {target.name} in {target.parent}: {exc.strerror or exc}"
+            ) from None
+        self.open = True
+
+    def write(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while len(view):
+            written = os.pwrite(self.descriptor, view, offset)
+            view, offset = view[written:], offset + written
+
+    def copy(self, source: int, source_offset: int, length: int, offset: int) -> None:
+        """Copy ``length`` bytes of the open file ``source`` (in the kernel where it can)."""
+        done = 0
+        try:
+            while done < length:
+                copied = os.copy_file_range(
+                    source, self.descriptor, length - done, source_offset + done, offset + done
+                )
+                if not copied:
+                    raise OSError(errno.EIO, "the input file ended early")
+                done += copied
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            while done < length:
+                chunk = os.pread(source, min(1 << 24, length - done), source_offset + done)
+                if not chunk:
+                    raise OSError(errno.EIO, "the input file ended early") from None
+                self.write(chunk, offset + done)
+                done += len(chunk)
+
+    def commit(self, size: int) -> None:
+        """Give the file its final size and mode and put it in the target's place."""
+        os.ftruncate(self.descriptor, size)
+        os.close(self.descriptor)
+        self.open = False
+        os.chmod(self.path, self.mode)
+        if _exchange(self.path, self.target):
+            os.unlink(self.path)  # now the old file
+        else:
+            os.replace(self.path, self.target)
+        self.committed = True
+
+    def __enter__(self) -> StagedFile:
+        self.committed = False
+        return self
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        if self.open:
+            os.close(self.descriptor)
+            self.open = False
+        if not self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError | SignbridgeError):
+            raise UnreadableCodeError(f"cannot be written: {error.strerror or error}") from error
+
+
+def sign_macho_bytes(
+    data: bytes,
+    identity: Identity | None,
+    options: CodesignOptions,
+    *,
+    identifier: str,
+    info_plist: bytes | None = None,
+    code_resources: bytes | None = None,
+    entitlements: bytes | None = None,
+    executor: Executor | None = None,
+) -> bytes:
+    """The signed bytes of a Mach-O file held in memory (thin or universal)."""
+    parsed = parse_file(data)
+    plan = slice_plan(
+        parsed,
+        identity,
+        options,
+        identifier=identifier,
+        info_plist=info_plist,
+        code_resources=code_resources,
+        entitlements=entitlements,
+    )
+    signed = [sign_slice_streaming(macho, plan, executor=executor) for macho in parsed.slices]
+    parts = universal_parts(parsed, signed) if parsed.is_universal else signed[0].parts
+    return b"".join(parts)
+
+
+def _read_code(path: Path) -> bytes:
+    with mapped(path) as (data, _):
+        return bytes(data)
+
+
+@contextlib.contextmanager
+def mapped(path: Path) -> Iterator[tuple[bytes | mmap.mmap, int]]:
+    """The file's bytes (memory-mapped, read-only, when it is not empty) and its descriptor."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise CodesignError("is a directory but not a bundle signbridge can sign") from None
+    except OSError as exc:
+        raise UnreadableCodeError(f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        size = os.fstat(descriptor).st_size
+        if not size:
+            yield b"", descriptor
+            return
+        try:
+            view = mmap.mmap(descriptor, size, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise UnreadableCodeError(f"cannot be read: {exc.strerror or exc}") from None
+        try:
+            yield view, descriptor
+        finally:
+            # Views into the map may outlive this block (a traceback holds them); the mapping then
+            # goes away with the last of them instead of now.
+            with contextlib.suppress(BufferError):
+                view.close()
+    finally:
+        os.close(descriptor)
+
+
+def sign_macho_file(
+    job: MachOJob,
+    identity: Identity | None,
+    options: CodesignOptions,
+    reporter: Reporter,
+    *,
+    executor: Executor,
+    output: Path | None = None,
+) -> SignedCode:
+    """Sign one Mach-O file in place (or into ``output``), atomically.
+
+    The output is laid out before any hashing; the kernel copies the unchanged code into it
+    while the pages are hashed, then the new headers and signatures are written around it.
+    """
+    with mapped(job.path) as (data, descriptor):
+        parsed = parse_file(data)
+        state = existing_signature_state(parsed)
+        if state is not None and not job.nested:
+            if not options.force:
+                raise AlreadySignedError()
+            reporter.note(job.path, _replacing(state))
+        embedded_plist = job.info_plist
+        if embedded_plist is None:
+            plists = (bytes(m.info_plist) for m in parsed.slices if m.info_plist is not None)
+            embedded_plist = next(plists, None)
+        identifier = job.identifier or options.identifier
+        identifier = identifier or default_identifier(job.path, embedded_plist, options.prefix)
+        plan = slice_plan(
+            parsed,
+            identity,
+            options,
+            identifier=identifier,
+            info_plist=job.info_plist,
+            code_resources=job.code_resources,
+            entitlements=options.entitlements if job.entitlements else None,
+        )
+        layouts = [lay_out_slice(macho, plan) for macho in parsed.slices]
+        fat_header, offsets = b"", [0]
+        sources = [0]
+        if parsed.fat_arches is not None:
+            fat_header, offsets = universal_layout(parsed, [layout.size for layout in layouts])
+            sources = [arch.offset for arch in parsed.fat_arches]
+        with StagedFile(output or job.path, mode_from=job.path) as staged:
+            copies = []
+            for layout, source, offset in zip(layouts, sources, offsets, strict=True):
+                start, length = len(layout.header), len(layout.body)
+                if length:
+                    task = executor.submit(staged.copy, descriptor, source + start, length, offset + start)
+                    copies.append(task)
+            try:
+                signed = []
+                with reporter.progress(f"signing {job.path.name}") as advance:
+                    for layout in layouts:
+                        advance(sum(item.size for item in signed), len(data))
+                        signed.append(finish_slice(layout, plan, executor=executor))
+                    advance(len(data), len(data))
+            finally:
+                # The copies write into the staged file: they must be over before it is closed.
+                wait(copies)
+            for copy in copies:
+                copy.result()
+            if fat_header:
+                staged.write(fat_header, 0)
+            for layout, item, offset in zip(layouts, signed, offsets, strict=True):
+                staged.write(layout.header, offset)
+                staged.write(item.signature, offset + layout.code_limit)
+            result = describe_signed(parsed, signed, job.path)
+            staged.commit(offsets[-1] + layouts[-1].size)
+        for layout in layouts:
+            layout.body.release()
+    return result
+
+
+def describe_signed(parsed: MachOFile, signed: Sequence[SignedSlice], path: Path) -> SignedCode:
+    """What was just signed: identifier, the preferred cdhash and the designated requirement."""
+    chosen = preferred_slice(parsed)
+    item = signed[parsed.slices.index(chosen)]
+    superblob = decode_superblob(item.superblob, Magic.EMBEDDED_SIGNATURE)
+    wrapper = superblob.get(Slot.SIGNATURE)
+    signature = EmbeddedSignature(
+        superblob=superblob,
+        code_directories=item.directories,
+        requirements=superblob.get(Slot.REQUIREMENTS),
+        entitlements=superblob.get(Slot.ENTITLEMENTS),
+        der_entitlements=superblob.get(Slot.DER_ENTITLEMENTS),
+        cms=wrapper[8:] if wrapper is not None else None,
+    )
+    directory = preferred_directory(item.directories)
+    requirement = render(stored_designated_requirement(signature, directory))
+    return SignedCode(path, directory.identifier, macho_format(parsed), directory.cdhash(), requirement)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: str | Path, second: str | Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2``); False where the system cannot."""
+    if not sys.platform.startswith("linux") or not Path(second).exists():
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+# --- the entry point ------------------------------------------------------------------------------
+
+
+def sign_code(
+    path: str | os.PathLike[str],
+    identity: Identity | None,
+    options: CodesignOptions,
+    reporter: Reporter | None = None,
+    *,
+    executor: Executor | None = None,
+) -> SignedCode:
+    """Sign the Mach-O file or bundle at ``path`` in place with ``identity`` (None: ad hoc).
+
+    Raises :class:`AlreadySignedError` when it is signed and ``options.force`` is false,
+    ``FileNotFoundError`` when it does not exist, a :class:`~signbridge.apple.macho.MachOError` for
+    malformed Mach-O, and other :class:`~signbridge.errors.SignbridgeError` subclasses (token,
+    timestamp, bundle layout) with the input unchanged.
+    """
+    target = Path(path)
+    reporter = reporter or QuietReporter()
+    if not target.exists() and not target.is_symlink():
+        raise FileNotFoundError(2, "No such file or directory", str(target))
+    own_executor = executor is None
+    pool = executor or ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        if target.is_dir():
+            return sign_bundle(target, identity, options, reporter, executor=pool)
+        return sign_macho_file(MachOJob(target), identity, options, reporter, executor=pool)
+    finally:
+        if own_executor:
+            pool.shutdown(wait=True)
+
+
+# --- bundles --------------------------------------------------------------------------------------
+
+
+def bundle_format(bundle: Bundle, executable_format: str) -> str:
+    """``app bundle with Mach-O ...`` for applications, ``bundle with Mach-O ...`` for the rest."""
+    prefix = "app bundle" if bundle.kind is BundleKind.APPLICATION else "bundle"
+    return f"{prefix} with {executable_format}"
+
+
+def bundle_signature_state(bundle: Bundle) -> str | None:
+    """Like :func:`existing_signature_state` for a bundle's main executable and its seal."""
+    try:
+        parsed = parse_file(_read_code(bundle.executable_path))
+    except MachOError:
+        return "invalid"
+    state = existing_signature_state(parsed)
+    if state is None and bundle.code_resources_path.is_file():
+        return "signed"
+    return state
+
+
+def nested_code_record(path: Path) -> NestedCode:
+    """What a parent's seal records for nested code that is already signed (no ``--deep``): the
+    cdhash of its preferred CodeDirectory and its designated requirement's text."""
+    executable = path
+    if path.is_dir():
+        nested = Bundle.open(path)
+        if not nested.code_resources_path.is_file():
+            raise UnsignedNestedCodeError(path)
+        executable = nested.executable_path
+    try:
+        parsed = parse_file(_read_code(executable))
+        signature = read_signature(preferred_slice(parsed))
+    except (MachOError, CodeSignatureFormatError) as exc:
+        raise CodesignError(f"the signature of nested code {path} cannot be read: {exc}") from None
+    if signature is None:
+        raise UnsignedNestedCodeError(path)
+    directory = preferred_directory(signature.code_directories)
+    return NestedCode(directory.cdhash(), render(stored_designated_requirement(signature, directory)))
+
+
+def stored_designated_requirement(signature: EmbeddedSignature, directory: CodeDirectory) -> Expr:
+    """The designated requirement of signed code, without judging trust: the explicit one, else
+    the one derived from the CMS certificates, else (ad hoc) its cdhash."""
+    if signature.requirements:
+        try:
+            explicit = parse_requirement_set(signature.requirements).get(RequirementType.DESIGNATED)
+        except CodeSignatureFormatError:
+            explicit = None
+        if explicit is not None:
+            return explicit
+    if signature.cms:
+        try:
+            parsed = cms.parse_signed_data(signature.cms)
+        except SignbridgeError:
+            parsed = None
+        if parsed is not None:
+            derived = designated_requirement(directory.identifier, issuer_chain(parsed))
+            if derived is not None:
+                return derived
+    return Expr(Op.CDHASH, (directory.cdhash(),))
+
+
+def issuer_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:
+    """The CMS certificates ordered from the signer up its issuers, as far as they go."""
+    chain = [parsed.signer_certificate]
+    while len(chain) <= len(parsed.certificates):
+        current = chain[-1]
+        if current.issuer == current.subject:
+            break
+        issuers = (c for c in parsed.certificates if c.subject == current.issuer and c not in chain)
+        issuer = next(issuers, None)
+        if issuer is None:
+            break
+        chain.append(issuer)
+    return chain
+
+
+def _seal_hash_types(bundle: Bundle, options: CodesignOptions) -> tuple[HashType, ...]:
+    if options.hash_types:
+        return options.hash_types
+    return _widest_default(parse_file(_read_code(bundle.executable_path)))
+
+
+def _sign_one_bundle(
+    bundle: Bundle,
+    identity: Identity | None,
+    options: CodesignOptions,
+    reporter: Reporter,
+    nested: dict[Path, NestedCode],
+    *,
+    top: bool,
+    executor: Executor,
+) -> SignedCode:
+    records = {path: code for path, code in nested.items() if path.is_relative_to(bundle.content_root)}
+    if not options.deep:
+        for item in bundle.nested():
+            item_path = item.root if isinstance(item, Bundle) else item
+            if item_path not in records:
+                records[item_path] = nested_code_record(item_path)
+    with reporter.progress(f"sealing {bundle.root.name}") as advance:
+        seal = build_code_resources(
+            bundle,
+            records,
+            hash_types=_seal_hash_types(bundle, options),
+            executor=executor,
+            progress=advance,
+        )
+    atomic_write(bundle.code_resources_path, seal)
+    identifier = (options.identifier if top else None) or bundle.identifier
+    if identifier is None:
+        identifier = default_identifier(bundle.root, None, options.prefix)
+    job = MachOJob(
+        bundle.executable_path,
+        identifier=identifier,
+        info_plist=bundle.info_plist_path.read_bytes(),
+        code_resources=seal,
+        entitlements=top,
+        nested=True,
+    )
+    signed = sign_macho_file(job, identity, options, reporter, executor=executor)
+    executable_format = bundle_format(bundle, signed.format)
+    return SignedCode(bundle.root, signed.identifier, executable_format, signed.cdhash, signed.requirement)
+
+
+def sign_bundle(
+    path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
+) -> SignedCode:
+    """Sign a bundle (and with ``options.deep`` all its nested code, innermost first) in a staged
+    copy that replaces the original only when everything is signed."""
+    original = Bundle.open(path)
+    state = bundle_signature_state(original)
+    if state is not None:
+        if not options.force:
+            raise AlreadySignedError()
+        reporter.note(path, _replacing(state))
+    with staged_bundle(original.root) as staged:
+        root = Bundle.open(staged)
+        plan = sign_bundle_plan(root) if options.deep else [root.root]
+        done: dict[Path, NestedCode] = {}
+        results: list[SignedCode] = []
+        for item in plan:
+            if item == root.root:
+                signed = _sign_one_bundle(
+                    root, identity, options, reporter, done, top=True, executor=executor
+                )
+            elif item.is_dir():
+                nested_bundle = Bundle.open(item)
+                signed = _sign_one_bundle(
+                    nested_bundle, identity, options, reporter, done, top=False, executor=executor
+                )
+            else:
+                job = MachOJob(item, entitlements=False, nested=True)
+                signed = sign_macho_file(job, identity, options, reporter, executor=executor)
+            done[item] = NestedCode(signed.cdhash, signed.requirement or "")
+            results.append(signed)
+    final = results[-1]
+    nested = tuple(results[:-1])
+    return SignedCode(path, final.identifier, final.format, final.cdhash, final.requirement, nested)

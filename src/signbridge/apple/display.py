@@ -1,0 +1,391 @@
+"""What ``codesign -d`` prints: the signing information of a Mach-O file or bundle, in Apple's format.
+
+:func:`signing_information` reads a signature without judging it (display never verifies, as
+Apple's does not); :func:`display_lines` renders it at a verbosity level, line for line as
+Apple's ``codesign -d -v...`` writes it::
+
+    Executable=/path/MyApp.app/Contents/MacOS/MyApp
+    Identifier=com.example.MyApp
+    Format=app bundle with Mach-O universal (x86_64 arm64)
+    CodeDirectory v=20500 size=1234 flags=0x10000(runtime) hashes=27+7 location=embedded
+    Hash type=sha256 size=32                               (-vvv and up)
+    CandidateCDHash sha256=...   CandidateCDHashFull sha256=...   Hash choices=sha256
+    CMSDigest=...   CMSDigestType=2   CDHash=...
+    Signature size=8950
+    Authority=Developer ID Application: ... (TEAMID)       (-vv and up; leaf to root)
+    Timestamp=Mar 11, 2021 at 12:44:53 PM
+    Info.plist entries=12
+    TeamIdentifier=TEAMID
+    Runtime Version=11.0.0
+    Sealed Resources version=2 rules=13 files=3
+    Internal requirements count=1 size=180
+
+Every line goes to standard error except what ``-r-`` and ``--entitlements -`` ask for, which
+goes to standard output, as in Apple's tool. Dates are local time in Apple's en_US medium style.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from . import cms
+from .blobs import CodeSignatureFormatError, decode_blob
+from .bundle import Bundle
+from .certificates import common_name
+from .codedirectory import CodeDirectory, HashType
+from .codesign import (
+    bundle_format,
+    flag_names,
+    issuer_chain,
+    macho_format,
+    preferred_directory,
+    preferred_slice,
+    stored_designated_requirement,
+)
+from .entitlements import EntitlementsError, decode_der, load_entitlements
+from .macho import MachO, MachOFile, parse_file
+from .macho_signing import EmbeddedSignature, read_signature
+from .requirements import RequirementType, parse_requirement_set, render
+from .verify import NotSignedError
+
+STDERR = "stderr"
+STDOUT = "stdout"
+
+HASH_NAMES = {
+    HashType.SHA1: "sha1",
+    HashType.SHA256: "sha256",
+    HashType.SHA256_TRUNCATED: "sha256T",
+    HashType.SHA384: "sha384",
+    HashType.SHA512: "sha512",
+}
+CMS_DIGEST_TYPE = HashType.SHA256
+
+
+@dataclass(frozen=True)
+class ResourceSeal:
+    """What ``_CodeSignature/CodeResources`` holds, for the "Sealed Resources" line."""
+
+    version: int
+    rules: int
+    files: int
+    nested: tuple[str, ...] = ()  # files2 entries that are nested code (have a requirement)
+
+
+@dataclass(frozen=True)
+class SigningInformation:
+    """One piece of code's signature, read for display."""
+
+    executable: Path
+    format: str
+    parsed: MachOFile = field(repr=False)
+    macho: MachO = field(repr=False)
+    signature: EmbeddedSignature = field(repr=False)
+    info_plist: bytes | None = field(default=None, repr=False)
+    seal: ResourceSeal | None = None
+
+    @property
+    def directory(self) -> CodeDirectory:
+        return preferred_directory(self.signature.code_directories)
+
+    @property
+    def cms(self) -> cms.ParsedSignature | None:
+        return _parsed_cms(self.signature)
+
+
+def _parsed_cms(signature: EmbeddedSignature) -> cms.ParsedSignature | None:
+    if not signature.cms:
+        return None
+    try:
+        return cms.parse_signed_data(signature.cms)
+    except cms.CmsFormatError:
+        return None
+
+
+def macho_information(
+    executable: Path,
+    data: bytes,
+    *,
+    architecture: str | None = None,
+    format_prefix: str = "",
+    info_plist: bytes | None = None,
+    seal: ResourceSeal | None = None,
+    bundle: bool = False,
+) -> SigningInformation:
+    """The signing information of a Mach-O file (``bundle``: its Info.plist is the bundle's)."""
+    parsed = parse_file(data)
+    macho = preferred_slice(parsed, architecture)
+    try:
+        signature = read_signature(macho)
+    except CodeSignatureFormatError:
+        signature = None
+    if signature is None:
+        raise NotSignedError()
+    return SigningInformation(
+        executable=executable,
+        format=format_prefix + macho_format(parsed),
+        parsed=parsed,
+        macho=macho,
+        signature=signature,
+        info_plist=info_plist if bundle else macho.info_plist,
+        seal=seal,
+    )
+
+
+def resource_seal(code_resources: bytes | None) -> ResourceSeal | None:
+    """Count the rules and files of a CodeResources plist (version 2 when it has rules2)."""
+    if code_resources is None:
+        return None
+    try:
+        document = plistlib.loads(code_resources)
+    except (plistlib.InvalidFileException, ValueError, TypeError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    if isinstance(document.get("rules2"), dict):
+        files = document.get("files2") or {}
+        nested = tuple(
+            sorted(path for path, seal in files.items() if isinstance(seal, dict) and "requirement" in seal)
+        )
+        return ResourceSeal(2, len(document["rules2"]), len(files), nested)
+    return ResourceSeal(1, len(document.get("rules") or {}), len(document.get("files") or {}))
+
+
+def signing_information(
+    path: str | os.PathLike[str], *, architecture: str | None = None
+) -> SigningInformation:
+    """Read the signature of the Mach-O file or bundle at ``path``; :class:`NotSignedError` when
+    there is none, ``FileNotFoundError`` when there is no such file."""
+    target = Path(path)
+    if not target.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(target))
+    if target.is_dir():
+        return bundle_information(target, architecture=architecture)
+    return macho_information(target.resolve(), target.read_bytes(), architecture=architecture)
+
+
+def bundle_information(path: Path, *, architecture: str | None = None) -> SigningInformation:
+    """The signing information of a bundle: its main executable's signature, its Info.plist and seal."""
+    bundle = Bundle.open(path)
+    executable = bundle.executable_path
+    data = executable.read_bytes()
+    seal_bytes = bundle.code_resources_path.read_bytes() if bundle.code_resources_path.is_file() else None
+    info = macho_information(
+        executable,
+        data,
+        architecture=architecture,
+        info_plist=bundle.info_plist_path.read_bytes(),
+        seal=resource_seal(seal_bytes),
+        bundle=True,
+    )
+    return SigningInformation(
+        executable=info.executable,
+        format=bundle_format(bundle, info.format),
+        parsed=info.parsed,
+        macho=info.macho,
+        signature=info.signature,
+        info_plist=info.info_plist,
+        seal=info.seal,
+    )
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+def format_date(when: datetime) -> str:
+    """CFDateFormatter's medium date and time style in en_US, local time: ``Mar 11, 2021 at 12:44:53 PM``."""
+    local = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone()
+    hour = local.hour % 12 or 12
+    return f"{local:%b} {local.day}, {local.year} at {hour}:{local:%M:%S} {'AM' if local.hour < 12 else 'PM'}"
+
+
+def runtime_version(packed: int) -> str:
+    """``Runtime Version=`` shows all three components: ``11.0.0``."""
+    return f"{packed >> 16}.{(packed >> 8) & 0xFF}.{packed & 0xFF}"
+
+
+def display_lines(info: SigningInformation, verbose: int, *, nested: bool = False) -> list[tuple[str, str]]:
+    """(stream, line) pairs for ``codesign -d`` with ``verbose`` ``-v`` flags after ``-d``."""
+    lines: list[tuple[str, str]] = []
+
+    def note(level: int, text: str) -> None:
+        if verbose >= level:
+            lines.append((STDERR, text))
+
+    directory = info.directory
+    directories = info.signature.code_directories
+    note(0, f"Executable={info.executable}")
+    note(1, f"Identifier={directory.identifier}")
+    note(1, f"Format={info.format}")
+    note(
+        1,
+        f"CodeDirectory v={directory.version:x} size={len(directory.blob)} "
+        f"flags={flag_names(directory.flags)} "
+        f"hashes={len(directory.code_hashes)}+{directory.special_slot_count} location=embedded",
+    )
+    if directory.platform:
+        note(1, f"Platform identifier={directory.platform}")
+    build = info.macho.build_version
+    if build is not None:
+        note(4, f"VersionPlatform={build.platform}")
+        note(4, f"VersionMin={build.minos}")
+        note(4, f"VersionSDK={build.sdk}")
+    note(3, f"Hash type={HASH_NAMES.get(directory.hash_type, 'UNKNOWN')} size={directory.hash_type.size}")
+    for candidate in directories:
+        name = HASH_NAMES.get(candidate.hash_type, f"UNKNOWN({int(candidate.hash_type)})")
+        note(3, f"CandidateCDHash {name}={candidate.cdhash().hex()}")
+        note(3, f"CandidateCDHashFull {name}={candidate.full_hash().hex()}")
+    note(3, "Hash choices=" + ",".join(HASH_NAMES.get(d.hash_type, "UNKNOWN") for d in directories))
+    note(3, f"CMSDigest={CMS_DIGEST_TYPE.digest(directories[0].blob).hex()}")
+    note(3, f"CMSDigestType={int(CMS_DIGEST_TYPE)}")
+    if directory.exec_segment_limit:
+        note(4, f"Executable Segment base={directory.exec_segment_base}")
+        note(4, f"Executable Segment limit={directory.exec_segment_limit}")
+        note(4, f"Executable Segment flags={directory.exec_segment_flags:#x}")
+    note(4, f"Page size={directory.page_size}")
+    if verbose >= 5:
+        last = len(directory.code_hashes) if verbose > 5 else 0
+        for slot in range(-directory.special_slot_count, last):
+            digest = directory.code_hashes[slot] if slot >= 0 else directory.special_slots.get(-slot)
+            lines.append((STDERR, f"{slot:6d}={(digest or bytes(directory.hash_type.size)).hex()}"))
+    note(3, f"CDHash={directory.cdhash().hex()}")
+
+    if directory.flags & 0x2:  # CS_ADHOC
+        note(1, "Signature=adhoc")
+    elif info.signature.cms:
+        parsed = info.cms
+        note(1, f"Signature size={len(info.signature.cms)}")
+        if parsed is not None:
+            for certificate in authority_chain(parsed):
+                note(2, f"Authority={common_name(certificate)}")
+            if parsed.timestamp is not None:
+                note(1, f"Timestamp={format_date(parsed.timestamp.gen_time)}")
+            elif parsed.signing_time is not None:
+                note(1, f"Signed Time={format_date(parsed.signing_time)}")
+    else:
+        lines.append((STDERR, f"{info.executable}: no signature"))
+
+    plist = _plist(info.info_plist) if directory.special_slots.get(1) else None
+    note(1, f"Info.plist entries={len(plist)}" if plist is not None else "Info.plist=not bound")
+    note(1, f"TeamIdentifier={directory.team_id or 'not set'}")
+    if directory.flags & 0x10000 and directory.runtime:
+        note(1, f"Runtime Version={runtime_version(directory.runtime)}")
+    if info.seal is not None:
+        seal = info.seal
+        note(1, f"Sealed Resources version={seal.version} rules={seal.rules} files={seal.files}")
+        if nested:
+            for path in info.seal.nested:
+                lines.append((STDERR, f"Nested={path}"))
+    else:
+        note(1, "Sealed Resources=none")
+    requirements = info.signature.requirements
+    if requirements is not None:
+        try:
+            count = len(parse_requirement_set(requirements))
+        except CodeSignatureFormatError:
+            count = 0
+        note(1, f"Internal requirements count={count} size={len(requirements)}")
+    else:
+        note(1, "Internal requirements=none")
+    return lines
+
+
+def authority_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:
+    """The CMS certificates from the signer up its issuers (the ``Authority=`` lines)."""
+    return issuer_chain(parsed)
+
+
+def _plist(data: bytes | None) -> dict[str, Any] | None:
+    if not data:
+        return None
+    try:
+        value = plistlib.loads(data)
+    except (plistlib.InvalidFileException, ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def requirement_lines(info: SigningInformation, designated: str | None) -> list[str]:
+    """What ``-r-`` prints on standard output: each internal requirement as ``type => text``, and
+    ``# designated => ...`` for an implicit designated requirement (``designated``)."""
+    lines = []
+    explicit: dict[int, Any] = {}
+    if info.signature.requirements:
+        try:
+            explicit = parse_requirement_set(info.signature.requirements)
+        except CodeSignatureFormatError:
+            explicit = {}
+    for kind, expr in explicit.items():
+        try:
+            name = RequirementType(kind).name.lower()
+        except ValueError:
+            name = f"type {kind}"
+        lines.append(f"{name} => {render(expr)}")
+    if RequirementType.DESIGNATED not in explicit and designated is not None:
+        lines.append(f"# designated => {designated}")
+    return lines
+
+
+def implicit_designated(info: SigningInformation) -> str:
+    """The designated requirement Apple derives when the signature carries none: from the CMS
+    certificates, or ``cdhash H"..."`` for ad-hoc code."""
+    return render(stored_designated_requirement(info.signature, info.directory))
+
+
+# --- entitlements ---------------------------------------------------------------------------------
+
+
+def entitlements_of(signature: EmbeddedSignature) -> tuple[dict[str, Any] | None, bytes | None, bytes | None]:
+    """(dictionary, XML plist bytes, DER bytes) of the signature's entitlements."""
+    xml = der = None
+    value = None
+    try:
+        if signature.entitlements is not None:
+            xml = decode_blob(signature.entitlements)[1]
+            value = load_entitlements(xml)
+        if signature.der_entitlements is not None:
+            der = decode_blob(signature.der_entitlements)[1]
+            if value is None:
+                value = decode_der(der)
+    except (EntitlementsError, CodeSignatureFormatError):
+        pass
+    return value, xml, der
+
+
+def xml_entitlements(entitlements: dict[str, Any]) -> bytes:
+    return plistlib.dumps(entitlements, fmt=plistlib.FMT_XML)
+
+
+def entitlements_text(entitlements: dict[str, Any]) -> str:
+    """Apple's ``[Dict]`` rendering (``codesign -d --entitlements -``)."""
+    lines: list[str] = []
+    _render_value(entitlements, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render_value(value: Any, depth: int, lines: list[str]) -> None:
+    indent = "\t" * depth
+    if isinstance(value, dict):
+        lines.append(f"{indent}[Dict]")
+        for key, item in value.items():
+            lines.append(f"{indent}\t[Key] {key}")
+            lines.append(f"{indent}\t[Value]")
+            _render_value(item, depth + 2, lines)
+    elif isinstance(value, list | tuple):
+        lines.append(f"{indent}[Array]")
+        for item in value:
+            _render_value(item, depth + 1, lines)
+    elif isinstance(value, bool):
+        lines.append(f"{indent}[Bool] {'true' if value else 'false'}")
+    elif isinstance(value, int):
+        lines.append(f"{indent}[Integer] {value}")
+    elif isinstance(value, bytes):
+        lines.append(f"{indent}[Data] {value.hex()}")
+    else:
+        lines.append(f"{indent}[String] {value}")
