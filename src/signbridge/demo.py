@@ -2,26 +2,31 @@
 
 A demo service with the Demo Corp organization; a signature with each of its keys through
 ``SignHash``; a timestamp; then the crypto provider (``signbridge start``) serving those keys as a
-PKCS#11 token that openssl signs through; every result verified and the audit log checked.
+PKCS#11 token that openssl, codesign and productsign sign through; every result verified and the
+audit log checked.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import plistlib
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .api import ServiceClient
+from .apple.component import build_component_package
 from .errors import SignbridgeError
 from .hashes import HashAlgorithm
 from .server.process import ServiceProcess
@@ -31,6 +36,7 @@ from .tsa import request_timestamp
 
 Echo = Callable[[str], None]
 TOKEN_NAME = "signbridge-demo"
+DEMO_TEAM_ID = "DEMOTEAM01"
 
 
 class DemoError(SignbridgeError):
@@ -152,6 +158,68 @@ class Demo:
         out = _checked(subprocess.run(verify, capture_output=True, text=True, check=False), "openssl dgst -verify")
         self.detail(f"openssl dgst -verify with the certificate's public key: {out.strip()}")
 
+    # Apple's tools, through the token
+
+    def build_sample_app(self) -> Path:
+        """MyApp.app: a universal executable and a nested Demo.framework (versioned layout), from the
+        binaries the project built with clang and ld64.lld (scripts/build_demo_binaries.py)."""
+        binaries = resources.files("signbridge") / "demo_app"
+        app = self.workdir / "MyApp.app"
+        if app.exists():
+            shutil.rmtree(app)
+        contents = app / "Contents"
+        (contents / "MacOS").mkdir(parents=True)
+        (contents / "Resources").mkdir()
+        (contents / "Info.plist").write_bytes(plistlib.dumps({
+            "CFBundleExecutable": "MyApp", "CFBundleIdentifier": "com.democorp.MyApp", "CFBundleName": "MyApp",
+            "CFBundlePackageType": "APPL", "CFBundleShortVersionString": "1.0", "CFBundleVersion": "1",
+            "LSMinimumSystemVersion": "11.0",
+        }))
+        (contents / "MacOS" / "MyApp").write_bytes((binaries / "MyApp").read_bytes())
+        (contents / "Resources" / "Readme.txt").write_text("MyApp, signed by signbridge.\n")
+        version = contents / "Frameworks" / "Demo.framework" / "Versions" / "A"
+        (version / "Resources").mkdir(parents=True)
+        (version / "Demo").write_bytes((binaries / "Demo").read_bytes())
+        (version / "Resources" / "Info.plist").write_bytes(plistlib.dumps({
+            "CFBundleExecutable": "Demo", "CFBundleIdentifier": "com.democorp.Demo", "CFBundlePackageType": "FMWK",
+            "CFBundleShortVersionString": "1.0",
+        }))
+        framework = version.parent.parent
+        os.symlink("A", framework / "Versions" / "Current")
+        os.symlink("Versions/Current/Demo", framework / "Demo")
+        os.symlink("Versions/Current/Resources", framework / "Resources")
+        for executable in (contents / "MacOS" / "MyApp", version / "Demo"):
+            executable.chmod(0o755)
+        return app
+
+    def _run_tool(self, *args: str, show: str = "stdout+stderr") -> str:
+        self.detail("$ signbridge " + " ".join(f"'{a}'" if " " in a else a for a in args))
+        proc = _signbridge(*args, env=self.provider_env())
+        output = (proc.stdout if "stdout" in show else "") + (proc.stderr if "stderr" in show else "")
+        for line in output.splitlines():
+            self.detail("  " + line.replace(str(self.workdir) + "/", ""))
+        if proc.returncode != 0:
+            raise DemoError(f"signbridge {args[0]} exited {proc.returncode}")
+        return output
+
+    def codesign_app(self, app: Path) -> None:
+        self.say("Signing MyApp.app (universal executable, nested framework) with codesign through the token")
+        self._run_tool("codesign", "-s", "Developer ID Application", "--timestamp", "--options", "runtime", "--deep",
+                       "-v", str(app))
+        self.say("Verifying it as Apple's codesign would, against the demo root (SIGNBRIDGE_ANCHORS)")
+        self._run_tool("codesign", "--verify", "--strict", "--deep", "--verbose=2", str(app))
+        self.say("What the signature holds (codesign -dvvv)")
+        self._run_tool("codesign", "-dvvv", str(app))
+
+    def productsign_app(self, app: Path) -> None:
+        self.say("Wrapping the signed app in a component package and signing it with the installer identity")
+        unsigned, signed = self.workdir / "MyApp.pkg", self.workdir / "MyApp-signed.pkg"
+        build_component_package(app, unsigned, identifier="com.democorp.MyApp.pkg")
+        # As in SignPath's example: the team id alone selects the installer certificate.
+        self._run_tool("productsign", "--timestamp", "--sign", DEMO_TEAM_ID, str(unsigned), str(signed))
+        self.say("Checking the package's signature (pkgutil --check-signature)")
+        self._run_tool("pkgutil", "--check-signature", str(signed))
+
     def stop_token(self) -> None:
         _checked(_signbridge("stop", TOKEN_NAME, env=self.provider_env()), "signbridge stop")
         self.detail(f"token {TOKEN_NAME} stopped; its socket and p11-kit registration are gone")
@@ -184,6 +252,9 @@ def run_demo(echo: Echo, *, keep: Path | None = None) -> None:
             record = demo.start_token()
             try:
                 demo.sign_through_the_token(record)
+                app = demo.build_sample_app()
+                demo.codesign_app(app)
+                demo.productsign_app(app)
             finally:
                 demo.stop_token()
             demo.say("Stopping the service (SIGTERM); every signature above is in the audit log")
