@@ -242,7 +242,7 @@ class TimestampToken:
     def signer_certificate(self) -> x509.Certificate | None:
         """The TSA's certificate, if the token carries it."""
         try:
-            return _find_signer(_single_signer(_signed_data(self.der)), self.certificates)
+            return find_signer_certificate(_single_signer(_signed_data(self.der))["sid"], self.certificates)
         except ASN1_ERRORS as exc:
             raise TimestampError(f"the timestamp token's signer information is malformed ({exc})") from None
 
@@ -253,7 +253,7 @@ class TimestampToken:
         signed_data = _signed_data(self.der)
         try:
             signer_info = _single_signer(signed_data)
-            signer = _find_signer(signer_info, (*self.certificates, *certificates))
+            signer = find_signer_certificate(signer_info["sid"], (*self.certificates, *certificates))
             if signer is None:
                 raise TimestampError(
                     "the token does not carry the timestamp authority's certificate, and none was supplied"
@@ -416,8 +416,8 @@ def _single_signer(signed_data: cms.SignedData) -> cms.SignerInfo:
     return signer_infos[0]
 
 
-def _find_signer(signer_info: cms.SignerInfo, pool: Iterable[x509.Certificate]) -> x509.Certificate | None:
-    sid = signer_info["sid"]
+def find_signer_certificate(sid: cms.SignerIdentifier, pool: Iterable[x509.Certificate]) -> x509.Certificate | None:
+    """The certificate a CMS SignerIdentifier names (issuer and serial number, or subject key identifier)."""
     for certificate in pool:
         if sid.name == "issuer_and_serial_number":
             wanted = sid.chosen

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from ..errors import SignatureError, TimestampError
 from ..hashes import HashAlgorithm
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, curve_size, ecdsa_ieee_to_der
-from ..tsa import ASN1_ERRORS, TimestampToken, parse_token, request_timestamp
+from ..tsa import ASN1_ERRORS, TimestampToken, find_signer_certificate, parse_token, request_timestamp
 
 ID_DATA = "1.2.840.113549.1.7.1"
 ID_SIGNED_DATA = "1.2.840.113549.1.7.2"
@@ -504,7 +504,7 @@ def _parse(der: bytes, top: _Tlv) -> ParsedSignature:
     raw_signer_info = _raw_signer_info(der, top)
 
     certificates = _certificates(signed_data)
-    signer = _find_signer(signer_info["sid"], certificates)
+    signer = find_signer_certificate(signer_info["sid"], certificates)
     if signer is None:
         raise CmsFormatError("the CMS signature does not include the signer's certificate")
 
@@ -586,26 +586,6 @@ def _certificates(signed_data: cms.SignedData) -> tuple[x509.Certificate, ...]:
         except (ValueError, x509.InvalidVersion) as exc:
             raise CmsFormatError(f"a certificate in the CMS signature cannot be read ({exc})") from None
     return tuple(certificates)
-
-
-def _find_signer(
-    sid: cms.SignerIdentifier, certificates: Sequence[x509.Certificate]
-) -> x509.Certificate | None:
-    for certificate in certificates:
-        if sid.name == "issuer_and_serial_number":
-            wanted = sid.chosen
-            if certificate.serial_number == wanted["serial_number"].native and (
-                _asn1_certificate(certificate).issuer == wanted["issuer"]
-            ):
-                return certificate
-        else:
-            try:
-                ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            except x509.ExtensionNotFound:
-                continue
-            if ski.digest == sid.chosen.native:
-                return certificate
-    return None
 
 
 def _hash_algorithm(oid: str, what: str) -> HashAlgorithm:
