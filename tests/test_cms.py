@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import require_tool, run
+from pkikit import EKU_CODE, Pki, certificate, make_pki, name, new_key, write_pem
 from signbridge.apple.cms import (
     ATTR_APPLE_CDHASHES,
     ATTR_APPLE_CDHASHES2,
@@ -49,7 +50,6 @@ from signbridge.hashes import HashAlgorithm
 from signbridge.server.tsa import TimestampAuthority
 from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
 from signbridge.tsa import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE, build_request, parse_response
-from test_trust import EKU_CODE, Pki, certificate, make_pki, name, new_key, write_pem
 
 SHA1, SHA256 = HashAlgorithm.SHA1, HashAlgorithm.SHA256
 # Stand-ins for CodeDirectory blobs: the CMS signs the primary one, the cdhashes name all of them.

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import require_tool, run
+from pkikit import key_usage as usage_extension
 from signbridge.errors import KeystoreError, TimestampError
 from signbridge.hashes import HashAlgorithm
 from signbridge.server.tsa import DEFAULT_POLICY_OID, TimestampAuthority
@@ -65,21 +66,6 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _key_usage(**usages: bool) -> x509.KeyUsage:
-    names = [
-        "digital_signature",
-        "content_commitment",
-        "key_encipherment",
-        "data_encipherment",
-        "key_agreement",
-        "key_cert_sign",
-        "crl_sign",
-        "encipher_only",
-        "decipher_only",
-    ]
-    return x509.KeyUsage(**{name: usages.get(name, False) for name in names})
-
-
 def _ca(common_name: str, key, issuer: x509.Certificate | None = None, issuer_key=None) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
@@ -90,7 +76,7 @@ def _ca(common_name: str, key, issuer: x509.Certificate | None = None, issuer_ke
         .not_valid_before(NOW - dt.timedelta(days=1))
         .not_valid_after(NOW + dt.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(usage_extension(key_cert_sign=True, crl_sign=True), critical=True)
     )
     return builder.sign(issuer_key or key, hashes.SHA256())
 
@@ -114,7 +100,7 @@ def _leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOW - dt.timedelta(days=1))
         .not_valid_after(not_after or NOW + dt.timedelta(days=90))
-        .add_extension(key_usage or _key_usage(digital_signature=True), critical=True)
+        .add_extension(key_usage or usage_extension(digital_signature=True), critical=True)
     )
     if eku is None:
         eku = [ExtendedKeyUsageOID.TIME_STAMPING]
@@ -680,7 +666,7 @@ def test_concurrent_requests_get_unique_serials(tsa, tmp_path, data_file):
         (
             [ExtendedKeyUsageOID.TIME_STAMPING],
             True,
-            _key_usage(digital_signature=True, key_encipherment=True),
+            usage_extension(digital_signature=True, key_encipherment=True),
             "key usage other than digitalSignature",
         ),
     ],
