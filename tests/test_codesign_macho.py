@@ -146,13 +146,14 @@ def _agile(value) -> tuple[bytes, bytes]:
     return oid, _content(digest)
 
 
-# --- the streaming signer builds what macho_signing builds -------------------------------------------
+# --- codesign's file writer builds what macho_signing.sign_file builds -------------------------------
 
 
 @pytest.mark.parametrize("name", [*machofixtures.THIN, *machofixtures.UNIVERSAL])
 @pytest.mark.parametrize("variant", ["adhoc", "identity", "runtime+entitlements", "sha1+sha256"])
-def test_streaming_signer_matches_macho_signing(fx, pki, name, variant):
-    """codesign hashes and writes slices without copying them; the bytes must be exactly those
+def test_streaming_signer_matches_macho_signing(fx, pki, tmp_path, name, variant):
+    """codesign writes signed files without copying their code through Python (kernel copy of the
+    unchanged code, positioned writes of headers and signatures); the file must be exactly the bytes
     of macho_signing.sign_file for the same inputs (RSA PKCS#1 v1.5 is deterministic)."""
     from signbridge.apple.macho_signing import SigningOptions, sign_file
 
@@ -160,23 +161,29 @@ def test_streaming_signer_matches_macho_signing(fx, pki, name, variant):
     identity = None if variant == "adhoc" else local_identity(pki)[0]
     entitlements = plistlib.dumps({"get-task-allow": True}) if variant == "runtime+entitlements" else None
     options = cs.CodesignOptions(
+        identifier="com.example.x",
+        force=True,
+        entitlements=entitlements,
         signing_time=datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
         flags=cs.parse_flags("runtime") if variant == "runtime+entitlements" else 0,
         hash_types=cs.parse_digest_algorithms("sha1,sha256") if variant == "sha1+sha256" else None,
     )
-    ours = cs.sign_macho_bytes(data, identity, options, identifier="com.example.x", entitlements=entitlements)
     parsed = mo.parse_file(data)
     plan = cs.slice_plan(parsed, identity, options, identifier="com.example.x", entitlements=entitlements)
     reference = SigningOptions(
         identifier="com.example.x",
-        team_id=plan.team_id,
-        hash_types=plan.hash_types,
-        flags=plan.flags,
+        team_id=plan.options.team_id,
+        hash_types=plan.options.hash_types,
+        flags=plan.options.flags,
         entitlements=entitlements,
-        requirements=plan.requirements,
-        cms_reserve=plan.cms_reserve,
+        requirements=plan.options.requirements,
+        cms_reserve=plan.options.cms_reserve,
     )
-    assert ours == sign_file(data, reference, plan.signer)
+    expected = sign_file(data, reference, plan.signer)
+    path = tmp_path / name
+    path.write_bytes(data)
+    cs.sign_code(path, identity, options)
+    assert path.read_bytes() == expected
 
 
 # --- the CMS ---------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ __all__ = [
     "UnreadableFileError",
     "UnsealedContentError",
     "atomic_write",
+    "exchange_paths",
     "sign_bundle_plan",
     "staged_bundle",
 ]
@@ -377,7 +378,7 @@ def staged_bundle(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _swap_into_place(staged: Path, original: Path, aside: Path) -> None:
-    if _exchange(staged, original):
+    if exchange_paths(staged, original):
         return
     os.rename(original, aside)
     try:
@@ -391,9 +392,10 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2``); False where the system cannot."""
-    if not sys.platform.startswith("linux"):
+def exchange_paths(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> bool:
+    """Atomically swap two paths (Linux ``renameat2``); False where the system cannot or ``second``
+    does not exist (the caller then renames)."""
+    if not sys.platform.startswith("linux") or not os.path.lexists(second):
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)

@@ -390,7 +390,7 @@ class ExecSegment:
 
 
 def build_code_directory(
-    code: bytes | memoryview,
+    code: bytes | memoryview | None,
     *,
     identifier: str,
     hash_type: HashType = HashType.SHA256,
@@ -403,17 +403,21 @@ def build_code_directory(
     page_size: int = PAGE_SIZE,
     executor: Executor | None = None,
     code_hashes: Sequence[bytes] | None = None,
+    code_limit: int | None = None,
 ) -> CodeDirectory:
     """Build the CodeDirectory of ``code``: the slice's bytes up to its code limit (the signature offset).
 
     ``special_slot_data`` maps slot number to the *content* to hash with this CodeDirectory's hash
     type (Info.plist bytes, the requirements blob, CodeResources, entitlement blobs), so that one
     mapping serves CodeDirectories of different hash types. ``code_hashes`` skips page hashing when
-    the caller already has them.
+    the caller already has them; ``code`` may then be None, with ``code_limit`` giving its length.
     """
     if page_size and page_size & (page_size - 1):
         raise CodeSignatureFormatError(f"page size {page_size} is not a power of two")
+    if code is None and (code_hashes is None or code_limit is None):
+        raise ValueError("without the code, build_code_directory needs its page hashes and length")
     if code_hashes is None:
+        assert code is not None
         code_hashes = hash_code(code, hash_type, page_size, executor)
     special_slots = {}
     for slot, content in (special_slot_data or {}).items():
@@ -421,7 +425,9 @@ def build_code_directory(
             raise CodeSignatureFormatError(f"slot {slot} is not a special slot")
         special_slots[int(slot)] = hash_type.digest(content)
     exec_segment = exec_segment or ExecSegment(0, 0, 0)
-    code_limit = len(code)
+    if code is not None:
+        code_limit = len(code)
+    assert code_limit is not None
     version = choose_version(
         runtime=runtime, exec_segment_limit=exec_segment.limit, code_limit=code_limit, team_id=team_id
     )

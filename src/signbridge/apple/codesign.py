@@ -26,18 +26,15 @@ Messages do not name the path; the command line prefixes it, as Apple's does.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
 import plistlib
 import stat
-import struct
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -52,52 +49,38 @@ from ..identity import Identity
 from ..signatures import EcdsaFormat
 from . import cms
 from .blobs import (
-    SUPERBLOB_HEADER_SIZE,
-    SUPERBLOB_INDEX_ENTRY_SIZE,
     CodeSignatureFormatError,
     Magic,
     Slot,
     decode_superblob,
-    encode_blob,
-    encode_superblob,
 )
-from .bundle import Bundle, BundleKind, atomic_write, sign_bundle_plan, staged_bundle
+from .bundle import Bundle, BundleKind, atomic_write, exchange_paths, sign_bundle_plan, staged_bundle
 from .certificates import (
     DEVELOPER_ID_INTERMEDIATE,
     WWDR_INTERMEDIATE,
     extension_oids,
 )
 from .codedirectory import (
-    PAGE_SIZE,
     CodeDirectory,
     CodeDirectoryFlags,
-    ExecSegment,
-    ExecSegmentFlags,
     HashType,
-    choose_version,
-    code_directory_size,
     default_hash_types,
-    hash_code,
 )
-from .entitlements import der_entitlements_blob, entitlements_blob, exec_segment_flags, load_entitlements
 from .macho import (
-    FAT_ARCH_64_SIZE,
-    FAT_ARCH_SIZE,
-    FAT_HEADER_SIZE,
-    FAT_MAGIC,
-    FAT_MAGIC_64,
-    LC_CODE_SIGNATURE,
-    LINKEDIT_DATA_COMMAND_SIZE,
-    MH_EXECUTE,
     MachO,
     MachOError,
     MachOFile,
-    SignatureLayoutError,
     parse_file,
-    segment_alignment,
 )
-from .macho_signing import DEFAULT_CMS_RESERVE, EmbeddedSignature, read_signature
-from .macho_writer import SIGNATURE_ALIGNMENT, HeaderPaddingError, SignatureSpaceError, signature_offset
+from .macho_signing import (
+    DEFAULT_CMS_RESERVE,
+    CmsSigner,
+    EmbeddedSignature,
+    SignedSlice,
+    SigningOptions,
+    read_signature,
+    sign_into,
+)
 from .requirements import (
     ANCHOR_CERT,
     EMPTY_REQUIREMENT_SET,
@@ -139,8 +122,6 @@ FLAG_NAMES: tuple[tuple[str, int], ...] = (
     ("runtime", CodeDirectoryFlags.RUNTIME),
     ("linker-signed", CodeDirectoryFlags.LINKER_SIGNED),
 )
-# Special slots whose content the signature itself holds (Info.plist and CodeResources are only hashed).
-_EMBEDDED_SPECIAL_SLOTS = frozenset({Slot.REQUIREMENTS, Slot.ENTITLEMENTS, Slot.DER_ENTITLEMENTS})
 _SETTABLE_FLAGS = frozenset(name for name, _ in FLAG_NAMES if name not in ("adhoc", "linker-signed"))
 
 # Apple's preference when one CodeDirectory must stand for the code (display, cdhash, nesting).
@@ -540,7 +521,7 @@ def cms_signer(
     *,
     timestamp: cms.Timestamper | None = None,
     signing_time: datetime | None = None,
-) -> Callable[[Sequence[CodeDirectory]], bytes]:
+) -> CmsSigner:
     """The ``cms_signer`` for :func:`~signbridge.apple.macho_signing.sign_file`: a detached CMS over
     the primary CodeDirectory with Apple's CDHashes attributes, the whole chain, and a timestamp
     when asked. ``identity.sign`` sees one SHA-256 digest of the signed attributes."""
@@ -601,20 +582,10 @@ class MachOJob:
 
 @dataclass(frozen=True)
 class SlicePlan:
-    """What every slice's signature holds besides its code: the signer's part of the signature."""
+    """What every slice's signature holds besides its code, and who signs it (None: ad hoc)."""
 
-    identifier: str
-    team_id: str | None
-    requirements: bytes
-    signer: Callable[[Sequence[CodeDirectory]], bytes] | None
-    cms_reserve: int
-    hash_types: tuple[HashType, ...] | None
-    flags: int
-    runtime_version: int | None
-    entitlements: bytes | None
-    info_plist: bytes | None
-    code_resources: bytes | None
-    page_size: int = PAGE_SIZE
+    options: SigningOptions
+    signer: CmsSigner | None
 
 
 def slice_plan(
@@ -638,19 +609,19 @@ def slice_plan(
         timestamp = _timestamper(options)
         signer = cms_signer(identity, timestamp=timestamp, signing_time=options.signing_time)
         reserve = cms_reserve(identity, options.hash_types or _widest_default(parsed), timestamp is not None)
-    return SlicePlan(
+    signing = SigningOptions(
         identifier=identifier,
         team_id=team_identifier(identity),
-        requirements=requirements,
-        signer=signer,
-        cms_reserve=reserve,
         hash_types=options.hash_types,
         flags=options.flags,
         runtime_version=options.runtime_version,
         entitlements=entitlements,
+        requirements=requirements,
         info_plist=info_plist,
         code_resources=code_resources,
+        cms_reserve=reserve,
     )
+    return SlicePlan(signing, signer)
 
 
 def _widest_default(parsed: MachOFile) -> tuple[HashType, ...]:
@@ -661,307 +632,6 @@ def _widest_default(parsed: MachOFile) -> tuple[HashType, ...]:
             if len(types) > len(widest):
                 widest = types
     return widest
-
-
-# --- Mach-O: signing a slice without copying its code ----------------------------------------------
-#
-# The result is byte for byte what macho_signing.sign_slice builds (the tests compare them), but
-# the slice is never joined into a new buffer: the code is hashed where it lies (the new header,
-# the input's pages through a memory map, a zero tail), the kernel copies the unchanged code into
-# the output while it is hashed, and only the new header and signature are written from here.
-
-
-@dataclass(frozen=True)
-class SignedSlice:
-    """A signed slice as the parts to write, in order, and its CodeDirectories (primary first)."""
-
-    parts: tuple[bytes | memoryview, ...] = field(repr=False)
-    size: int
-    directories: tuple[CodeDirectory, ...] = field(repr=False)
-    superblob: bytes = field(repr=False)
-    signature: bytes = field(default=b"", repr=False)  # the SuperBlob zero-padded to its reserved size
-
-
-def _round_up(value: int, alignment: int) -> int:
-    return -(-value // alignment) * alignment
-
-
-def _linkedit_data_end(macho: MachO) -> int:
-    """Where the slice's __LINKEDIT data ends before any signature (validated as macho_writer does)."""
-    signature_offset(macho)  # raises the layout errors macho_writer raises
-    if macho.code_signature is not None:
-        return macho.code_signature.dataoff
-    assert macho.linkedit is not None
-    return macho.linkedit.file_end
-
-
-def _new_header(macho: MachO, data_end: int, code_limit: int, reserve: int) -> bytes:
-    """The slice's header region with LC_CODE_SIGNATURE and __LINKEDIT set for the new signature
-    (the edits :func:`~signbridge.apple.macho_writer.prepare_signature_layout` makes)."""
-    header = bytearray(macho.data[: min(macho.first_content_offset, data_end)])
-    if macho.code_signature is None:
-        end = macho.load_commands_end
-        padding = len(header) - end
-        if padding < LINKEDIT_DATA_COMMAND_SIZE or any(header[end : end + LINKEDIT_DATA_COMMAND_SIZE]):
-            raise HeaderPaddingError(
-                f"the {macho.arch} {macho.file_type_name} has {max(padding, 0)} free bytes after its load "
-                f"commands, and an LC_CODE_SIGNATURE needs {LINKEDIT_DATA_COMMAND_SIZE}; relink it with a "
-                "larger -headerpad (for example -headerpad_max_install_names)"
-            )
-        command_offset = end
-        commands = (macho.ncmds + 1, macho.sizeofcmds + LINKEDIT_DATA_COMMAND_SIZE)
-        struct.pack_into(macho.fmt("II"), header, 16, *commands)
-    else:
-        command_offset = macho.code_signature.command_offset
-    command = (LC_CODE_SIGNATURE, LINKEDIT_DATA_COMMAND_SIZE, code_limit, reserve)
-    struct.pack_into(macho.fmt("IIII"), header, command_offset, *command)
-    linkedit = macho.linkedit
-    assert linkedit is not None
-    filesize = code_limit + reserve - linkedit.fileoff
-    vmsize = linkedit.vmsize
-    if filesize > vmsize:
-        vmsize = _round_up(filesize, segment_alignment(macho.cputype))
-    if macho.is_64:
-        struct.pack_into(macho.fmt("Q"), header, linkedit.command_offset + 32, vmsize)
-        struct.pack_into(macho.fmt("Q"), header, linkedit.command_offset + 48, filesize)
-    else:
-        if filesize > 0xFFFFFFFF or vmsize > 0xFFFFFFFF:
-            raise SignatureLayoutError("a 32-bit Mach-O cannot grow __LINKEDIT past 4 GiB")
-        struct.pack_into(macho.fmt("I"), header, linkedit.command_offset + 28, vmsize)
-        struct.pack_into(macho.fmt("I"), header, linkedit.command_offset + 36, filesize)
-    return bytes(header)
-
-
-def _code_parts(header: bytes, body: memoryview, zeros: int, page_size: int) -> list[bytes | memoryview]:
-    """The code as pieces that each start on a page boundary: the header with the body up to the
-    next page, the body's whole pages (a view, not a copy), the last partial page with the zeros."""
-    head_end = min(_round_up(len(header), page_size), len(header) + len(body))
-    head = header + bytes(body[: head_end - len(header)])
-    rest = body[head_end - len(header) :]
-    whole = len(rest) - len(rest) % page_size
-    tail = bytes(rest[whole:]) + bytes(zeros)
-    return [head, rest[:whole], tail]
-
-
-def _page_hashes(
-    parts: Sequence[bytes | memoryview], hash_type: HashType, page_size: int, executor: Executor | None
-) -> list[bytes]:
-    hashes: list[bytes] = []
-    for part in parts:
-        hashes.extend(hash_code(part, hash_type, page_size, executor))
-    return hashes
-
-
-def _slice_hash_types(macho: MachO, plan: SlicePlan) -> tuple[HashType, ...]:
-    if plan.hash_types:
-        types = tuple(dict.fromkeys(plan.hash_types))
-    elif macho.build_version is not None:
-        types = default_hash_types(macho.build_version.platform, macho.build_version.minos)
-    else:
-        types = (HashType.SHA256,)
-    if HashType.SHA1 in types:
-        types = (HashType.SHA1, *(t for t in types if t != HashType.SHA1))
-    return types
-
-
-def _slice_exec_segment(macho: MachO, entitlements: dict | None) -> ExecSegment | None:
-    text = macho.text
-    if macho.build_version is None or text is None:
-        return None
-    flags = ExecSegmentFlags(0)
-    if macho.filetype == MH_EXECUTE:
-        flags |= ExecSegmentFlags.MAIN_BINARY
-    if entitlements:
-        flags |= exec_segment_flags(entitlements)
-    return ExecSegment(text.fileoff, text.filesize, int(flags))
-
-
-@dataclass(frozen=True)
-class SliceLayout:
-    """Everything about a slice's signature that is known before its code is hashed."""
-
-    macho: MachO = field(repr=False)
-    header: bytes = field(repr=False)  # the new header region
-    body: memoryview = field(repr=False)  # the unchanged code after it, up to the old __LINKEDIT end
-    code_limit: int
-    reserve: int
-    special: dict[int, bytes] = field(repr=False)
-    flags: int
-    runtime: int
-    exec_segment: ExecSegment | None
-    hash_types: tuple[HashType, ...]
-    version: int
-
-    @property
-    def size(self) -> int:
-        return self.code_limit + self.reserve
-
-    @property
-    def zeros(self) -> int:
-        """Zero bytes between the old data and the signature (its 16-byte alignment)."""
-        return self.code_limit - len(self.header) - len(self.body)
-
-
-def lay_out_slice(macho: MachO, plan: SlicePlan) -> SliceLayout:
-    """The slice's new header and signature size, its special slots and CodeDirectory fields."""
-    special: dict[int, bytes] = {Slot.REQUIREMENTS: plan.requirements}
-    info_plist = plan.info_plist if plan.info_plist is not None else macho.info_plist
-    if info_plist is not None:
-        special[Slot.INFO_PLIST] = bytes(info_plist)
-    if plan.code_resources is not None:
-        special[Slot.RESOURCE_DIR] = plan.code_resources
-    entitlements = None
-    if plan.entitlements is not None:
-        entitlements = load_entitlements(plan.entitlements)
-        special[Slot.ENTITLEMENTS] = entitlements_blob(plan.entitlements)
-        special[Slot.DER_ENTITLEMENTS] = der_entitlements_blob(entitlements)
-
-    flags = plan.flags & ~(CodeDirectoryFlags.LINKER_SIGNED | CodeDirectoryFlags.ADHOC)
-    if plan.signer is None:
-        flags |= CodeDirectoryFlags.ADHOC
-    runtime = 0
-    if flags & CodeDirectoryFlags.RUNTIME:
-        runtime = plan.runtime_version or (macho.build_version.sdk if macho.build_version else 0)
-    exec_segment = _slice_exec_segment(macho, entitlements)
-    hash_types = _slice_hash_types(macho, plan)
-
-    data_end = _linkedit_data_end(macho)
-    code_limit = _round_up(data_end, SIGNATURE_ALIGNMENT)
-    version = choose_version(
-        runtime=runtime,
-        exec_segment_limit=exec_segment.limit if exec_segment else 0,
-        code_limit=code_limit,
-        team_id=plan.team_id,
-    )
-    directory_sizes = sum(
-        code_directory_size(
-            identifier=plan.identifier,
-            team_id=plan.team_id,
-            hash_type=hash_type,
-            special_slot_count=max(special),
-            code_limit=code_limit,
-            version=version,
-            page_size=plan.page_size,
-        )
-        for hash_type in hash_types
-    )
-    embedded = [blob for slot, blob in special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
-    cms_room = 8 + (plan.cms_reserve if plan.signer is not None else 0)
-    reserve = _round_up(
-        SUPERBLOB_HEADER_SIZE
-        + SUPERBLOB_INDEX_ENTRY_SIZE * (len(hash_types) + len(embedded) + 1)
-        + directory_sizes
-        + sum(len(blob) for blob in embedded)
-        + cms_room,
-        SIGNATURE_ALIGNMENT,
-    )
-    header = _new_header(macho, data_end, code_limit, reserve)
-    return SliceLayout(
-        macho=macho,
-        header=header,
-        body=memoryview(macho.data)[len(header) : data_end],
-        code_limit=code_limit,
-        reserve=reserve,
-        special=special,
-        flags=int(flags),
-        runtime=runtime,
-        exec_segment=exec_segment,
-        hash_types=hash_types,
-        version=version,
-    )
-
-
-def finish_slice(layout: SliceLayout, plan: SlicePlan, *, executor: Executor | None = None) -> SignedSlice:
-    """Hash the slice's code and build its signature: CodeDirectories, CMS, SuperBlob."""
-    exec_segment = layout.exec_segment or ExecSegment(0, 0, 0)
-    parts = _code_parts(layout.header, layout.body, layout.zeros, plan.page_size)
-    directories = []
-    for hash_type in layout.hash_types:
-        code_hashes = _page_hashes(parts, hash_type, plan.page_size, executor)
-        directory = CodeDirectory(
-            identifier=plan.identifier,
-            hash_type=hash_type,
-            code_limit=layout.code_limit,
-            code_hashes=tuple(code_hashes),
-            special_slots={int(slot): hash_type.digest(content) for slot, content in layout.special.items()},
-            version=layout.version,
-            flags=layout.flags,
-            team_id=plan.team_id or None,
-            page_size=plan.page_size,
-            exec_segment_base=exec_segment.base,
-            exec_segment_limit=exec_segment.limit,
-            exec_segment_flags=exec_segment.flags,
-            runtime=layout.runtime,
-        )
-        # Keep the encoding: the cdhash, the CMS and the SuperBlob all need the same bytes.
-        directories.append(replace(directory, source=directory.encode()))
-    cms_der = plan.signer(directories) if plan.signer is not None else b""
-    entries = [(int(Slot.CODE_DIRECTORY), directories[0].blob)]
-    entries += [(int(Slot.ALTERNATE_CODE_DIRECTORY) + n, cd.blob) for n, cd in enumerate(directories[1:])]
-    entries += [(int(slot), blob) for slot, blob in layout.special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
-    entries.append((int(Slot.SIGNATURE), encode_blob(Magic.BLOB_WRAPPER, cms_der)))
-    superblob = encode_superblob(Magic.EMBEDDED_SIGNATURE, entries)
-    if len(superblob) > layout.reserve:
-        raise SignatureSpaceError(
-            f"the signature is {len(superblob)} bytes but only {layout.reserve} were reserved for it"
-        )
-    signature = superblob + bytes(layout.reserve - len(superblob))
-    written: list[bytes | memoryview] = [layout.header]
-    if len(layout.body):
-        written.append(layout.body)
-    written += [part for part in (bytes(layout.zeros), signature) if len(part)]
-    return SignedSlice(
-        parts=tuple(written),
-        size=layout.size,
-        directories=tuple(directories),
-        superblob=superblob,
-        signature=signature,
-    )
-
-
-def sign_slice_streaming(macho: MachO, plan: SlicePlan, *, executor: Executor | None = None) -> SignedSlice:
-    """Sign one thin slice (see the section comment)."""
-    return finish_slice(lay_out_slice(macho, plan), plan, executor=executor)
-
-
-def universal_layout(parsed: MachOFile, sizes: Sequence[int]) -> tuple[bytes, list[int]]:
-    """The fat header and each slice's offset, at its ``2^align`` boundary (the layout
-    :func:`~signbridge.apple.macho_writer.build_universal` writes)."""
-    assert parsed.fat_arches is not None
-    arches = parsed.fat_arches
-
-    def layout(entry_size: int) -> list[int]:
-        offsets, position = [], FAT_HEADER_SIZE + entry_size * len(arches)
-        for arch, size in zip(arches, sizes, strict=True):
-            position = _round_up(position, 1 << arch.align)
-            offsets.append(position)
-            position += size
-        return offsets
-
-    fat64 = parsed.fat64
-    offsets = layout(FAT_ARCH_64_SIZE if fat64 else FAT_ARCH_SIZE)
-    if not fat64 and any(offset + size > 0xFFFFFFFF for offset, size in zip(offsets, sizes, strict=True)):
-        fat64 = True
-        offsets = layout(FAT_ARCH_64_SIZE)
-    header = [struct.pack(">II", FAT_MAGIC_64 if fat64 else FAT_MAGIC, len(arches))]
-    for arch, offset, size in zip(arches, offsets, sizes, strict=True):
-        if fat64:
-            header.append(struct.pack(">IIQQII", arch.cputype, arch.cpusubtype, offset, size, arch.align, 0))
-        else:
-            header.append(struct.pack(">IIIII", arch.cputype, arch.cpusubtype, offset, size, arch.align))
-    return b"".join(header), offsets
-
-
-def universal_parts(parsed: MachOFile, signed: Sequence[SignedSlice]) -> list[bytes | memoryview]:
-    """The bytes of a signed universal file, in order."""
-    header, offsets = universal_layout(parsed, [item.size for item in signed])
-    parts: list[bytes | memoryview] = [header]
-    position = len(header)
-    for offset, item in zip(offsets, signed, strict=True):
-        parts.append(bytes(offset - position))
-        parts.extend(item.parts)
-        position = offset + item.size
-    return parts
 
 
 class StagedFile:
@@ -1018,7 +688,7 @@ class StagedFile:
         os.close(self.descriptor)
         self.open = False
         os.chmod(self.path, self.mode)
-        if _exchange(self.path, self.target):
+        if exchange_paths(self.path, self.target):
             os.unlink(self.path)  # now the old file
         else:
             os.replace(self.path, self.target)
@@ -1037,33 +707,6 @@ class StagedFile:
                 os.unlink(self.path)
         if isinstance(error, OSError) and not isinstance(error, FileNotFoundError | SignbridgeError):
             raise UnreadableCodeError(f"cannot be written: {error.strerror or error}") from error
-
-
-def sign_macho_bytes(
-    data: bytes,
-    identity: Identity | None,
-    options: CodesignOptions,
-    *,
-    identifier: str,
-    info_plist: bytes | None = None,
-    code_resources: bytes | None = None,
-    entitlements: bytes | None = None,
-    executor: Executor | None = None,
-) -> bytes:
-    """The signed bytes of a Mach-O file held in memory (thin or universal)."""
-    parsed = parse_file(data)
-    plan = slice_plan(
-        parsed,
-        identity,
-        options,
-        identifier=identifier,
-        info_plist=info_plist,
-        code_resources=code_resources,
-        entitlements=entitlements,
-    )
-    signed = [sign_slice_streaming(macho, plan, executor=executor) for macho in parsed.slices]
-    parts = universal_parts(parsed, signed) if parsed.is_universal else signed[0].parts
-    return b"".join(parts)
 
 
 def _read_code(path: Path) -> bytes:
@@ -1113,8 +756,8 @@ def sign_macho_file(
 ) -> SignedCode:
     """Sign one Mach-O file in place (or into ``output``), atomically.
 
-    The output is laid out before any hashing; the kernel copies the unchanged code into it
-    while the pages are hashed, then the new headers and signatures are written around it.
+    The output is written by :func:`~signbridge.apple.macho_signing.sign_into` without copying the
+    code through Python, into a :class:`StagedFile` swapped in at the end.
     """
     with mapped(job.path) as (data, descriptor):
         parsed = parse_file(data)
@@ -1138,40 +781,13 @@ def sign_macho_file(
             code_resources=job.code_resources,
             entitlements=options.entitlements if job.entitlements else None,
         )
-        layouts = [lay_out_slice(macho, plan) for macho in parsed.slices]
-        fat_header, offsets = b"", [0]
-        sources = [0]
-        if parsed.fat_arches is not None:
-            fat_header, offsets = universal_layout(parsed, [layout.size for layout in layouts])
-            sources = [arch.offset for arch in parsed.fat_arches]
         with StagedFile(output or job.path, mode_from=job.path) as staged:
-            copies = []
-            for layout, source, offset in zip(layouts, sources, offsets, strict=True):
-                start, length = len(layout.header), len(layout.body)
-                if length:
-                    task = executor.submit(staged.copy, descriptor, source + start, length, offset + start)
-                    copies.append(task)
-            try:
-                signed = []
-                with reporter.progress(f"signing {job.path.name}") as advance:
-                    for layout in layouts:
-                        advance(sum(item.size for item in signed), len(data))
-                        signed.append(finish_slice(layout, plan, executor=executor))
-                    advance(len(data), len(data))
-            finally:
-                # The copies write into the staged file: they must be over before it is closed.
-                wait(copies)
-            for copy in copies:
-                copy.result()
-            if fat_header:
-                staged.write(fat_header, 0)
-            for layout, item, offset in zip(layouts, signed, offsets, strict=True):
-                staged.write(layout.header, offset)
-                staged.write(item.signature, offset + layout.code_limit)
+            with reporter.progress(f"signing {job.path.name}") as advance:
+                signed, size = sign_into(
+                    staged, parsed, descriptor, plan.options, plan.signer, executor=executor, progress=advance
+                )
             result = describe_signed(parsed, signed, job.path)
-            staged.commit(offsets[-1] + layouts[-1].size)
-        for layout in layouts:
-            layout.body.release()
+            staged.commit(size)
     return result
 
 
@@ -1179,41 +795,10 @@ def describe_signed(parsed: MachOFile, signed: Sequence[SignedSlice], path: Path
     """What was just signed: identifier, the preferred cdhash and the designated requirement."""
     chosen = preferred_slice(parsed)
     item = signed[parsed.slices.index(chosen)]
-    superblob = decode_superblob(item.superblob, Magic.EMBEDDED_SIGNATURE)
-    wrapper = superblob.get(Slot.SIGNATURE)
-    signature = EmbeddedSignature(
-        superblob=superblob,
-        code_directories=item.directories,
-        requirements=superblob.get(Slot.REQUIREMENTS),
-        entitlements=superblob.get(Slot.ENTITLEMENTS),
-        der_entitlements=superblob.get(Slot.DER_ENTITLEMENTS),
-        cms=wrapper[8:] if wrapper is not None else None,
-    )
+    signature = item.embedded_signature()
     directory = preferred_directory(item.directories)
     requirement = render(stored_designated_requirement(signature, directory))
     return SignedCode(path, directory.identifier, macho_format(parsed), directory.cdhash(), requirement)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(first: str | Path, second: str | Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2``); False where the system cannot."""
-    if not sys.platform.startswith("linux") or not Path(second).exists():
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(second))
 
 
 # --- the entry point ------------------------------------------------------------------------------

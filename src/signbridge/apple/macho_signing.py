@@ -6,16 +6,23 @@ CodeDirectories (0x1000...), and the CMS BlobWrapper (0x10000). Ad-hoc signing (
 sets CS_ADHOC and stores an empty BlobWrapper, as codesign does; the requirement set is the empty
 one unless the caller gives another. The CMS itself is produced by the caller's ``cms_signer``,
 which receives the finished CodeDirectories (primary first) and returns DER ``ContentInfo`` bytes.
+
+A slice is never joined into a new buffer while it is signed: :func:`lay_out_slice` computes the
+new header and the signature's size before any hashing, :func:`finish_slice` hashes the code where
+it lies (the new header, the input's pages, a zero tail) and builds the signature, and the result
+is a list of parts: the new header, a view of the unchanged code, the signature. :func:`sign_into`
+writes them into an output file, copying the unchanged code from the input file in the kernel
+while it is hashed; :func:`sign_file` joins them in memory.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from .blobs import (
     ALTERNATE_CODE_DIRECTORY_MAX,
@@ -30,6 +37,7 @@ from .blobs import (
     encode_blob,
     encode_superblob,
 )
+from .bundle import atomic_write
 from .codedirectory import (
     PAGE_SIZE,
     CodeDirectory,
@@ -41,15 +49,25 @@ from .codedirectory import (
     choose_version,
     code_directory_size,
     default_hash_types,
+    hash_code,
 )
 from .entitlements import der_entitlements_blob, entitlements_blob, exec_segment_flags, load_entitlements
 from .macho import MH_EXECUTE, MachO, MachOFile, parse_file
-from .macho_writer import build_universal, embed_signature, prepare_signature_layout, signature_offset
+from .macho_writer import (
+    SIGNATURE_ALIGNMENT,
+    SignatureSpaceError,
+    linkedit_data_end,
+    round_up,
+    signature_header,
+    signature_offset,
+    universal_layout,
+)
 from .requirements import EMPTY_REQUIREMENT_SET
 
 DEFAULT_CMS_RESERVE = 18000  # codesign's default room for the CMS blob
 
 CmsSigner = Callable[[Sequence[CodeDirectory]], bytes]
+Progress = Callable[[int, int], None]
 
 # Special slots whose content is itself stored in the SuperBlob (Info.plist and CodeResources live
 # outside the binary and are only hashed).
@@ -109,6 +127,10 @@ def read_signature(macho: MachO) -> EmbeddedSignature | None:
     directories = tuple(CodeDirectory.parse(blob) for slot in slots if (blob := superblob.get(slot)))
     if not directories:
         raise CodeSignatureFormatError("the embedded signature has no CodeDirectory")
+    return _embedded_signature(superblob, directories)
+
+
+def _embedded_signature(superblob: SuperBlob, directories: tuple[CodeDirectory, ...]) -> EmbeddedSignature:
     wrapper = superblob.get(Slot.SIGNATURE)
     return EmbeddedSignature(
         superblob=superblob,
@@ -120,59 +142,48 @@ def read_signature(macho: MachO) -> EmbeddedSignature | None:
     )
 
 
-def sign_file(
-    data: bytes,
-    options: SigningOptions,
-    cms_signer: CmsSigner | None = None,
-    *,
-    executor: Executor | None = None,
-) -> bytes:
-    """Sign every slice of a thin or universal Mach-O file; ad hoc when ``cms_signer`` is None."""
-    parsed = parse_file(data)
-    if executor is None:
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            return _sign_parsed(parsed, options, cms_signer, pool)
-    return _sign_parsed(parsed, options, cms_signer, executor)
+# --- laying out and signing one slice -----------------------------------------------------------
 
 
-def sign_path(
-    path: str | os.PathLike[str],
-    options: SigningOptions,
-    cms_signer: CmsSigner | None = None,
-    *,
-    output: str | os.PathLike[str] | None = None,
-    executor: Executor | None = None,
-) -> bytes:
-    """Sign the file at ``path`` into ``output`` (default: in place) and return the signed bytes.
+@dataclass(frozen=True)
+class SliceLayout:
+    """Everything about a slice's signature that is known before its code is hashed."""
 
-    The result is written to a temporary file beside the target and renamed over it, so a failure
-    at any point leaves both the input and any existing output untouched.
-    """
-    source = Path(path)
-    target = Path(output) if output is not None else source
-    signed = sign_file(source.read_bytes(), options, cms_signer, executor=executor)
-    mode = source.stat().st_mode & 0o7777
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".signing", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(signed)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    return signed
+    macho: MachO = field(repr=False)
+    header: bytes = field(repr=False)  # the new header region
+    body: memoryview = field(repr=False)  # the unchanged code after it, up to the old __LINKEDIT end
+    code_limit: int
+    reserve: int
+    special: dict[int, bytes] = field(repr=False)
+    flags: int
+    runtime: int
+    exec_segment: ExecSegment | None
+    hash_types: tuple[HashType, ...]
+    version: int
+
+    @property
+    def size(self) -> int:
+        return self.code_limit + self.reserve
+
+    @property
+    def zeros(self) -> int:
+        """Zero bytes between the old data and the signature (its 16-byte alignment)."""
+        return self.code_limit - len(self.header) - len(self.body)
 
 
-def _sign_parsed(
-    parsed: MachOFile, options: SigningOptions, cms_signer: CmsSigner | None, executor: Executor
-) -> bytes:
-    signed = [sign_slice(macho, options, cms_signer, executor=executor) for macho in parsed.slices]
-    if parsed.fat_arches is None:
-        return signed[0]
-    return build_universal(parsed.fat_arches, signed, fat64=parsed.fat64)
+@dataclass(frozen=True)
+class SignedSlice:
+    """A signed slice as the parts to write, in order, and its CodeDirectories (primary first)."""
+
+    parts: tuple[bytes | memoryview, ...] = field(repr=False)
+    size: int
+    directories: tuple[CodeDirectory, ...] = field(repr=False)
+    superblob: bytes = field(repr=False)
+    signature: bytes = field(default=b"", repr=False)  # the SuperBlob zero-padded to its reserved size
+
+    def embedded_signature(self) -> EmbeddedSignature:
+        """The signature as :func:`read_signature` would read it back."""
+        return _embedded_signature(decode_superblob(self.superblob, Magic.EMBEDDED_SIGNATURE), self.directories)
 
 
 def _hash_types(macho: MachO, options: SigningOptions) -> tuple[HashType, ...]:
@@ -199,18 +210,13 @@ def _exec_segment(macho: MachO, entitlements: dict | None) -> ExecSegment | None
     return ExecSegment(text.fileoff, text.filesize, int(flags))
 
 
-def sign_slice(
-    macho: MachO,
-    options: SigningOptions,
-    cms_signer: CmsSigner | None = None,
-    *,
-    executor: Executor | None = None,
-) -> bytes:
-    """One signed thin slice."""
+def lay_out_slice(macho: MachO, options: SigningOptions, *, with_cms: bool) -> SliceLayout:
+    """The slice's new header and signature size, its special slots and CodeDirectory fields;
+    ``with_cms`` is whether a CMS signer will sign it (else it is ad hoc)."""
     special: dict[int, bytes] = {Slot.REQUIREMENTS: options.requirements}
     info_plist = options.info_plist if options.info_plist is not None else macho.info_plist
     if info_plist is not None:
-        special[Slot.INFO_PLIST] = info_plist
+        special[Slot.INFO_PLIST] = bytes(info_plist)
     if options.code_resources is not None:
         special[Slot.RESOURCE_DIR] = options.code_resources
     entitlements = None
@@ -221,7 +227,7 @@ def sign_slice(
             special[Slot.DER_ENTITLEMENTS] = der_entitlements_blob(entitlements)
 
     flags = options.flags & ~(CodeDirectoryFlags.LINKER_SIGNED | CodeDirectoryFlags.ADHOC)
-    if cms_signer is None:
+    if not with_cms:
         flags |= CodeDirectoryFlags.ADHOC
     runtime = 0
     if flags & CodeDirectoryFlags.RUNTIME:
@@ -229,6 +235,7 @@ def sign_slice(
     exec_segment = _exec_segment(macho, entitlements)
     hash_types = _hash_types(macho, options)
 
+    data_end = linkedit_data_end(macho)
     code_limit = signature_offset(macho)
     version = choose_version(
         runtime=runtime,
@@ -248,37 +255,218 @@ def sign_slice(
         )
         for hash_type in hash_types
     )
-    other_blobs = [blob for slot, blob in special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
-    cms_room = 8 + (options.cms_reserve if cms_signer is not None else 0)
-    blob_count = len(hash_types) + len(other_blobs) + 1
-    reserve = (
+    embedded = [blob for slot, blob in special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
+    cms_room = 8 + (options.cms_reserve if with_cms else 0)
+    reserve = round_up(
         SUPERBLOB_HEADER_SIZE
-        + SUPERBLOB_INDEX_ENTRY_SIZE * blob_count
+        + SUPERBLOB_INDEX_ENTRY_SIZE * (len(hash_types) + len(embedded) + 1)
         + directory_sizes
-        + sum(len(blob) for blob in other_blobs)
-        + cms_room
+        + sum(len(blob) for blob in embedded)
+        + cms_room,
+        SIGNATURE_ALIGNMENT,
     )
-    prepared = prepare_signature_layout(macho, reserve)
+    header = signature_header(macho, reserve)
+    return SliceLayout(
+        macho=macho,
+        header=header,
+        body=memoryview(macho.data)[len(header) : data_end],
+        code_limit=code_limit,
+        reserve=reserve,
+        special=special,
+        flags=int(flags),
+        runtime=runtime,
+        exec_segment=exec_segment,
+        hash_types=hash_types,
+        version=version,
+    )
 
-    directories = [
-        build_code_directory(
-            prepared.code,
+
+def _code_parts(header: bytes, body: memoryview, zeros: int, page_size: int) -> list[bytes | memoryview]:
+    """The code as pieces that each start on a page boundary: the header with the body up to the
+    next page, the body's whole pages (a view, not a copy), the last partial page with the zeros."""
+    if not page_size:
+        return [b"".join((header, body, bytes(zeros)))]
+    head_end = min(round_up(len(header), page_size), len(header) + len(body) + zeros)
+    in_head = min(head_end - len(header), len(body))
+    zeros_in_head = head_end - len(header) - in_head
+    head = header + bytes(body[:in_head]) + bytes(zeros_in_head)
+    rest = body[in_head:]
+    whole = len(rest) - len(rest) % page_size
+    tail = bytes(rest[whole:]) + bytes(zeros - zeros_in_head)
+    return [head, rest[:whole], tail]
+
+
+def finish_slice(
+    layout: SliceLayout,
+    options: SigningOptions,
+    cms_signer: CmsSigner | None = None,
+    *,
+    executor: Executor | None = None,
+) -> SignedSlice:
+    """Hash the slice's code and build its signature: CodeDirectories, CMS, SuperBlob."""
+    parts = _code_parts(layout.header, layout.body, layout.zeros, options.page_size)
+    directories = []
+    for hash_type in layout.hash_types:
+        code_hashes = [
+            page for part in parts for page in hash_code(part, hash_type, options.page_size, executor)
+        ]
+        directory = build_code_directory(
+            None,
+            code_hashes=code_hashes,
+            code_limit=layout.code_limit,
             identifier=options.identifier,
             hash_type=hash_type,
-            flags=int(flags),
+            flags=layout.flags,
             team_id=options.team_id,
-            special_slot_data=special,
-            exec_segment=exec_segment,
-            runtime=runtime,
+            special_slot_data=layout.special,
+            exec_segment=layout.exec_segment,
+            runtime=layout.runtime,
             page_size=options.page_size,
-            executor=executor,
         )
-        for hash_type in hash_types
-    ]
+        # Keep the encoding: the cdhash, the CMS and the SuperBlob all need the same bytes.
+        directories.append(replace(directory, source=directory.encode()))
     cms = cms_signer(directories) if cms_signer is not None else b""
-    entries = [(int(Slot.CODE_DIRECTORY), directories[0].encode())]
-    entries += [(int(Slot.ALTERNATE_CODE_DIRECTORY) + n, cd.encode()) for n, cd in enumerate(directories[1:])]
-    entries += [(int(slot), blob) for slot, blob in special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
+    entries = [(int(Slot.CODE_DIRECTORY), directories[0].blob)]
+    entries += [(int(Slot.ALTERNATE_CODE_DIRECTORY) + n, cd.blob) for n, cd in enumerate(directories[1:])]
+    entries += [(int(slot), blob) for slot, blob in layout.special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
     entries.append((int(Slot.SIGNATURE), encode_blob(Magic.BLOB_WRAPPER, cms)))
-    return embed_signature(prepared, encode_superblob(Magic.EMBEDDED_SIGNATURE, entries))
+    superblob = encode_superblob(Magic.EMBEDDED_SIGNATURE, entries)
+    if len(superblob) > layout.reserve:
+        raise SignatureSpaceError(
+            f"the signature is {len(superblob)} bytes but only {layout.reserve} were reserved for it"
+        )
+    signature = superblob + bytes(layout.reserve - len(superblob))
+    written: list[bytes | memoryview] = [layout.header]
+    if len(layout.body):
+        written.append(layout.body)
+    written += [part for part in (bytes(layout.zeros), signature) if len(part)]
+    return SignedSlice(
+        parts=tuple(written),
+        size=layout.size,
+        directories=tuple(directories),
+        superblob=superblob,
+        signature=signature,
+    )
 
+
+def sign_slice(
+    macho: MachO,
+    options: SigningOptions,
+    cms_signer: CmsSigner | None = None,
+    *,
+    executor: Executor | None = None,
+) -> bytes:
+    """One signed thin slice."""
+    layout = lay_out_slice(macho, options, with_cms=cms_signer is not None)
+    return b"".join(finish_slice(layout, options, cms_signer, executor=executor).parts)
+
+
+# --- whole files ---------------------------------------------------------------------------------
+
+
+def file_layout(parsed: MachOFile, sizes: Sequence[int]) -> tuple[bytes, list[int]]:
+    """The fat header (empty for a thin file) and where each signed slice of ``sizes`` starts."""
+    if parsed.fat_arches is None:
+        return b"", [0]
+    return universal_layout(parsed.fat_arches, sizes, fat64=parsed.fat64)
+
+
+def sign_file(
+    data: bytes,
+    options: SigningOptions,
+    cms_signer: CmsSigner | None = None,
+    *,
+    executor: Executor | None = None,
+) -> bytes:
+    """Sign every slice of a thin or universal Mach-O file; ad hoc when ``cms_signer`` is None."""
+    parsed = parse_file(data)
+    if executor is None:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return sign_file(data, options, cms_signer, executor=pool)
+    layouts = [lay_out_slice(macho, options, with_cms=cms_signer is not None) for macho in parsed.slices]
+    signed = [finish_slice(layout, options, cms_signer, executor=executor) for layout in layouts]
+    fat_header, offsets = file_layout(parsed, [item.size for item in signed])
+    parts: list[bytes | memoryview] = [fat_header]
+    position = len(fat_header)
+    for offset, item in zip(offsets, signed, strict=True):
+        parts.append(bytes(offset - position))
+        parts.extend(item.parts)
+        position = offset + item.size
+    return b"".join(parts)
+
+
+def sign_path(
+    path: str | os.PathLike[str],
+    options: SigningOptions,
+    cms_signer: CmsSigner | None = None,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    executor: Executor | None = None,
+) -> bytes:
+    """Sign the file at ``path`` into ``output`` (default: in place) and return the signed bytes.
+
+    The result is written to a temporary file beside the target and renamed over it, so a failure
+    at any point leaves both the input and any existing output untouched.
+    """
+    source = Path(path)
+    signed = sign_file(source.read_bytes(), options, cms_signer, executor=executor)
+    mode = source.stat().st_mode & 0o7777
+    atomic_write(Path(output) if output is not None else source, signed, mode=mode)
+    return signed
+
+
+class SignedOutput(Protocol):
+    """Where :func:`sign_into` writes: positioned writes, and copies from an open input file."""
+
+    def write(self, data: bytes | memoryview, offset: int) -> None: ...
+
+    def copy(self, source: int, source_offset: int, length: int, offset: int) -> None: ...
+
+
+def sign_into(
+    output: SignedOutput,
+    parsed: MachOFile,
+    source: int,
+    options: SigningOptions,
+    cms_signer: CmsSigner | None = None,
+    *,
+    executor: Executor,
+    progress: Progress | None = None,
+) -> tuple[list[SignedSlice], int]:
+    """Sign ``parsed`` (read from the open file ``source``) into ``output``; the signed slices and
+    the output's size. The output is laid out before any hashing; ``executor`` copies the unchanged
+    code into it while the pages are hashed, then the new headers and signatures are written
+    around it. ``progress`` is called with (bytes done, bytes in all). The views of ``parsed`` the
+    slices' ``parts`` hold are released on return (the caller may unmap the input)."""
+    total = os.fstat(source).st_size
+    layouts = [lay_out_slice(macho, options, with_cms=cms_signer is not None) for macho in parsed.slices]
+    try:
+        fat_header, offsets = file_layout(parsed, [layout.size for layout in layouts])
+        sources = [arch.offset for arch in parsed.fat_arches] if parsed.fat_arches is not None else [0]
+        copies = []
+        for layout, start, offset in zip(layouts, sources, offsets, strict=True):
+            head, length = len(layout.header), len(layout.body)
+            if length:
+                copies.append(executor.submit(output.copy, source, start + head, length, offset + head))
+        try:
+            signed: list[SignedSlice] = []
+            for layout in layouts:
+                if progress is not None:
+                    progress(sum(item.size for item in signed), total)
+                signed.append(finish_slice(layout, options, cms_signer, executor=executor))
+            if progress is not None:
+                progress(total, total)
+        finally:
+            # The copies write into the output: they must be over before it is closed.
+            wait(copies)
+        for copy in copies:
+            copy.result()
+        if fat_header:
+            output.write(fat_header, 0)
+        for layout, item, offset in zip(layouts, signed, offsets, strict=True):
+            output.write(layout.header, offset)
+            output.write(item.signature, offset + layout.code_limit)
+        return signed, offsets[-1] + layouts[-1].size
+    finally:
+        for layout in layouts:
+            layout.body.release()

@@ -40,7 +40,7 @@ class SignatureSpaceError(MachOError):
     """A finished signature is larger than the space reserved for it."""
 
 
-def _round_up(value: int, alignment: int) -> int:
+def round_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
@@ -64,7 +64,7 @@ class PreparedSlice:
 
 def signature_offset(macho: MachO) -> int:
     """Where a new signature will start: after the other ``__LINKEDIT`` data, 16-byte aligned."""
-    return _round_up(_linkedit_data_end(macho), SIGNATURE_ALIGNMENT)
+    return round_up(_linkedit_data_end(macho), SIGNATURE_ALIGNMENT)
 
 
 def _linkedit_data_end(macho: MachO) -> int:
@@ -88,19 +88,18 @@ def _linkedit_data_end(macho: MachO) -> int:
     return linkedit.file_end
 
 
-def prepare_signature_layout(macho: MachO, reserve: int) -> PreparedSlice:
-    """Lay out ``macho`` for a signature of up to ``reserve`` bytes (rounded up to 16).
+def linkedit_data_end(macho: MachO) -> int:
+    """Where the slice's ``__LINKEDIT`` data ends before any signature (its layout validated)."""
+    return _linkedit_data_end(macho)
 
-    Replaces an existing signature, or inserts LC_CODE_SIGNATURE after the last load command when
-    there is none (raising :class:`HeaderPaddingError` when the header padding is too small).
+
+def signature_header(macho: MachO, reserve: int) -> bytes:
+    """The slice's header region laid out for a signature of ``reserve`` bytes (a multiple of 16)
+    at :func:`signature_offset`: LC_CODE_SIGNATURE replaced or inserted after the last load command
+    (raising :class:`HeaderPaddingError` when the header padding is too small), ``__LINKEDIT`` resized.
     """
-    if reserve <= 0:
-        raise ValueError("the signature reserve must be positive")
-    reserve = _round_up(reserve, SIGNATURE_ALIGNMENT)
     offset = signature_offset(macho)
-    data_end = _linkedit_data_end(macho)
-    header = bytearray(macho.data[: min(macho.first_content_offset, data_end)])
-
+    header = bytearray(macho.data[: min(macho.first_content_offset, _linkedit_data_end(macho))])
     if macho.code_signature is None:
         end = macho.load_commands_end
         padding = len(header) - end
@@ -126,7 +125,20 @@ def prepare_signature_layout(macho: MachO, reserve: int) -> PreparedSlice:
         reserve,
     )
     _resize_linkedit(macho, header, offset + reserve)
+    return bytes(header)
 
+
+def prepare_signature_layout(macho: MachO, reserve: int) -> PreparedSlice:
+    """Lay out ``macho`` for a signature of up to ``reserve`` bytes (rounded up to 16), as a copy.
+
+    Replaces an existing signature, or inserts LC_CODE_SIGNATURE (see :func:`signature_header`).
+    """
+    if reserve <= 0:
+        raise ValueError("the signature reserve must be positive")
+    reserve = round_up(reserve, SIGNATURE_ALIGNMENT)
+    offset = signature_offset(macho)
+    data_end = _linkedit_data_end(macho)
+    header = signature_header(macho, reserve)
     body = memoryview(macho.data)[len(header) : data_end]
     data = b"".join((header, body, bytes(offset - data_end + reserve)))
     return PreparedSlice(macho=parse_macho(data), code_limit=offset, reserve=reserve, data=data)
@@ -138,7 +150,7 @@ def _resize_linkedit(macho: MachO, header: bytearray, new_end: int) -> None:
     filesize = new_end - linkedit.fileoff
     vmsize = linkedit.vmsize
     if filesize > vmsize:
-        vmsize = _round_up(filesize, segment_alignment(macho.cputype))
+        vmsize = round_up(filesize, segment_alignment(macho.cputype))
     # vmsize and filesize follow segname[16], vmaddr; fileoff sits between them.
     if macho.is_64:
         struct.pack_into(macho.fmt("Q"), header, linkedit.command_offset + 32, vmsize)
@@ -185,35 +197,44 @@ def strip_signature(macho: MachO) -> bytes:
     return b"".join((header, memoryview(macho.data)[len(header) : signature.dataoff]))
 
 
-def build_universal(arches: Sequence[FatArch], slices: Sequence[bytes], *, fat64: bool = False) -> bytes:
-    """A universal file holding ``slices`` in order, each at its arch's ``2^align`` boundary.
+def universal_layout(
+    arches: Sequence[FatArch], sizes: Sequence[int], *, fat64: bool = False
+) -> tuple[bytes, list[int]]:
+    """The fat header for slices of ``sizes`` and each slice's offset, at its ``2^align`` boundary.
 
     Offsets and sizes in ``arches`` are ignored (recomputed); cputype, subtype and align are kept.
     A 32-bit fat header is used unless ``fat64`` is asked for or an offset or size needs 64 bits.
     """
-    if len(arches) != len(slices) or not arches:
-        raise ValueError("build_universal needs one FatArch per slice")
+    if len(arches) != len(sizes) or not arches:
+        raise ValueError("a universal file needs one FatArch per slice")
 
     def layout(entry_size: int) -> list[int]:
         offsets, position = [], FAT_HEADER_SIZE + entry_size * len(arches)
-        for arch, data in zip(arches, slices, strict=True):
-            position = _round_up(position, 1 << arch.align)
+        for arch, size in zip(arches, sizes, strict=True):
+            position = round_up(position, 1 << arch.align)
             offsets.append(position)
-            position += len(data)
+            position += size
         return offsets
 
     offsets = layout(FAT_ARCH_64_SIZE if fat64 else FAT_ARCH_SIZE)
-    if not fat64 and any(offset + len(data) > _U32_MAX for offset, data in zip(offsets, slices, strict=True)):
+    if not fat64 and any(offset + size > _U32_MAX for offset, size in zip(offsets, sizes, strict=True)):
         fat64 = True
         offsets = layout(FAT_ARCH_64_SIZE)
     parts = [struct.pack(">II", FAT_MAGIC_64 if fat64 else FAT_MAGIC, len(arches))]
-    for arch, offset, data in zip(arches, offsets, slices, strict=True):
+    for arch, offset, size in zip(arches, offsets, sizes, strict=True):
         if fat64:
-            entry = struct.pack(">IIQQII", arch.cputype, arch.cpusubtype, offset, len(data), arch.align, 0)
+            entry = struct.pack(">IIQQII", arch.cputype, arch.cpusubtype, offset, size, arch.align, 0)
         else:
-            entry = struct.pack(">IIIII", arch.cputype, arch.cpusubtype, offset, len(data), arch.align)
+            entry = struct.pack(">IIIII", arch.cputype, arch.cpusubtype, offset, size, arch.align)
         parts.append(entry)
-    position = sum(len(part) for part in parts)
+    return b"".join(parts), offsets
+
+
+def build_universal(arches: Sequence[FatArch], slices: Sequence[bytes], *, fat64: bool = False) -> bytes:
+    """A universal file holding ``slices`` in order, laid out by :func:`universal_layout`."""
+    header, offsets = universal_layout(arches, [len(data) for data in slices], fat64=fat64)
+    parts = [header]
+    position = len(header)
     for offset, data in zip(offsets, slices, strict=True):
         parts += [bytes(offset - position), data]
         position = offset + len(data)
