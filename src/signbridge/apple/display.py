@@ -53,7 +53,7 @@ from .entitlements import EntitlementsError, decode_der, load_entitlements
 from .macho import MachO, MachOFile, parse_file
 from .macho_signing import EmbeddedSignature, read_signature
 from .requirements import RequirementType, parse_requirement_set, render
-from .verify import NotSignedError
+from .verify import NotSignedError, plist_dict
 
 STDERR = "stderr"
 STDOUT = "stdout"
@@ -271,7 +271,7 @@ def display_lines(info: SigningInformation, verbose: int, *, nested: bool = Fals
     else:
         lines.append((STDERR, f"{info.executable}: no signature"))
 
-    plist = _plist(info.info_plist) if directory.special_slots.get(1) else None
+    plist = plist_dict(info.info_plist) if directory.special_slots.get(1) else None
     note(1, f"Info.plist entries={len(plist)}" if plist is not None else "Info.plist=not bound")
     note(1, f"TeamIdentifier={directory.team_id or 'not set'}")
     if directory.flags & 0x10000 and directory.runtime:
@@ -299,16 +299,6 @@ def display_lines(info: SigningInformation, verbose: int, *, nested: bool = Fals
 def authority_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:
     """The CMS certificates from the signer up its issuers (the ``Authority=`` lines)."""
     return issuer_chain(parsed)
-
-
-def _plist(data: bytes | None) -> dict[str, Any] | None:
-    if not data:
-        return None
-    try:
-        value = plistlib.loads(data)
-    except (plistlib.InvalidFileException, ValueError, TypeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def requirement_lines(info: SigningInformation, designated: str | None) -> list[str]:

@@ -1014,7 +1014,7 @@ def requirement_context(
         certificates=certificates,
         trusted=trusted,
         anchors=tuple(options.anchors),
-        info=_plist_dict(info_plist),
+        info=plist_dict(info_plist),
         entitlements=entitlements_of(signature),
         cdhashes=frozenset(d.cdhash() for d in signature.code_directories),
         platform=directory.platform,
@@ -1022,7 +1022,8 @@ def requirement_context(
     )
 
 
-def _plist_dict(data: bytes | None) -> dict[str, Any] | None:
+def plist_dict(data: bytes | None) -> dict[str, Any] | None:
+    """A property list's top-level dictionary, or None when the data is absent or not one."""
     if not data:
         return None
     try:
