@@ -131,7 +131,8 @@ class Api:
         return TimestampAuthority(load_x509(row), load_chain(row), lambda request: keystore.sign(ref, request))
 
     def _authorize_and_sign(self, authorization: str | None, organization_id: str, parse: Parse, entry: AuditEntry):  # noqa: ANN202
-        """Runs in a worker thread: authenticate, parse, sign. ``entry`` learns each fact as it is established."""
+        """Authenticate, parse, sign (on the event loop or in a worker thread, see ``SigningService.inline``).
+        ``entry`` learns each fact as it is established."""
         service = self.service
         assert service is not None
         try:
@@ -150,8 +151,8 @@ class Api:
         return echo(service.sign(grant, parsed, entry))
 
     async def _signing_route(self, request: Request, read: Callable[[Request], Awaitable[Parse]]) -> Response:
-        """Read, then authenticate, parse and sign in one worker thread; answer only once the audit
-        record is committed."""
+        """Read the request, then authenticate, parse and sign it; answer only once the audit record
+        is committed."""
         service = self.service
         assert service is not None
         organization_id = request.path_params["organization_id"]
