@@ -7,6 +7,7 @@ extensions and extended key usages of each kind, and the intermediate markers.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -77,3 +78,12 @@ def team_identifier(cert: x509.Certificate) -> str | None:
     """Apple puts the team id in the subject's OU."""
     units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     return str(units[0].value) if units else None
+
+
+def unique_certificates(certificates: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    """The certificates without repeats, in the order they first appear."""
+    unique: list[x509.Certificate] = []
+    for certificate in certificates:
+        if certificate not in unique:
+            unique.append(certificate)
+    return unique

@@ -34,6 +34,7 @@ from ..errors import SignatureError, TimestampError
 from ..hashes import HashAlgorithm
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, curve_size, ecdsa_ieee_to_der
 from ..tsa import ASN1_ERRORS, TimestampToken, find_signer_certificate, parse_token, request_timestamp
+from .certificates import unique_certificates
 
 ID_DATA = "1.2.840.113549.1.7.1"
 ID_SIGNED_DATA = "1.2.840.113549.1.7.2"
@@ -174,7 +175,7 @@ def assemble_signed_data(
     der = _encode_signed_data(
         signed_attrs_der=signed_attrs_der,
         signature=signature,
-        certificates=_unique([signer_certificate, *chain]),
+        certificates=unique_certificates([signer_certificate, *chain]),
         signer_certificate=signer_certificate,
         hash_algorithm=hash_algorithm,
         scheme=scheme,
@@ -306,7 +307,7 @@ def estimate_size(
     der = _encode_signed_data(
         signed_attrs_der=attrs,
         signature=b"\xff" * signature_size,
-        certificates=_unique(certificates),
+        certificates=unique_certificates(certificates),
         signer_certificate=leaf,
         hash_algorithm=hash_algorithm,
         scheme=_scheme_for(leaf, None),
@@ -345,14 +346,6 @@ def _der(tag: int, content: bytes) -> bytes:
 def _der_set_of(encodings: list[bytes]) -> bytes:
     """X.690 §11.6: the elements of a DER SET OF are in ascending order of their encodings."""
     return _der(0x31, b"".join(sorted(encodings)))
-
-
-def _unique(certificates: Sequence[x509.Certificate]) -> list[x509.Certificate]:
-    unique: list[x509.Certificate] = []
-    for certificate in certificates:
-        if certificate not in unique:
-            unique.append(certificate)
-    return unique
 
 
 def _scheme_for(certificate: x509.Certificate, requested: Scheme | None) -> Scheme:
@@ -685,7 +678,6 @@ def _timestamp(der: bytes, raw_signer_info: list[_Tlv]) -> TimestampToken | None
 
 # ---------------------------------------------------------------------------------------------
 # Verifying
-
 
 
 def verify_detached(

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from ..errors import SignatureError
 from ..hashes import HashAlgorithm
 from . import cms
+from .certificates import unique_certificates
 from .trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
 from .xar import ChecksumMismatchError, SignatureSlot, XarArchive, XarError, signature_data
 
@@ -192,7 +193,7 @@ def _check_signatures(archive: XarArchive) -> _Signed:
         signers.append(signer)
     if any(signer != signers[0] for signer in signers):
         raise _Invalid(PackageStatus.INVALID_SIGNATURE, "the RSA and CMS signatures name different signers")
-    pool = _unique([*cms_certificates, *rsa_certificates, *(parsed.certificates if parsed else ())])
+    pool = unique_certificates([*cms_certificates, *rsa_certificates, *(parsed.certificates if parsed else ())])
     return _Signed(
         signer=signers[0],
         certificates=tuple(pool),
@@ -390,11 +391,3 @@ def _only_time_is_wrong(
 
 def _verdict(path: Path, status: PackageStatus, *, status_text: str | None = None, **fields) -> PackageVerdict:
     return PackageVerdict(path=path, status=status, status_text=status_text or status.value, **fields)
-
-
-def _unique(certificates: Sequence[x509.Certificate]) -> list[x509.Certificate]:
-    unique: list[x509.Certificate] = []
-    for certificate in certificates:
-        if certificate not in unique:
-            unique.append(certificate)
-    return unique

@@ -36,7 +36,7 @@ from ..hashes import HashAlgorithm
 from ..identity import Identity
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from . import cms
-from .certificates import Usage
+from .certificates import Usage, unique_certificates
 from .xar import PreparedPackage, XarArchive, finish, prepare_signed
 from .xar.header import HEADER_SIZE
 
@@ -100,7 +100,7 @@ def sign_package(
     leaf = identity.certificate
     if identity.usage is not Usage.INSTALLER:
         raise InstallerIdentityError(f'"{identity.common_name}" cannot sign packages. {INSTALLER_IDENTITY_REQUIRED}')
-    certificates = _unique([leaf, *identity.chain, *extra_certificates])
+    certificates = unique_certificates([leaf, *identity.chain, *extra_certificates])
     public_key = leaf.public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
         rsa_size: int | None = (public_key.key_size + 7) // 8
@@ -197,14 +197,6 @@ def _prepare_in_phase(
 
 def _der(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.DER)
-
-
-def _unique(certificates: Sequence[x509.Certificate]) -> list[x509.Certificate]:
-    unique: list[x509.Certificate] = []
-    for certificate in certificates:
-        if certificate not in unique:
-            unique.append(certificate)
-    return unique
 
 
 def _source(identity: Identity) -> str:

@@ -39,6 +39,7 @@ from .certificates import (
     common_name,
     extended_key_usages,
     extension_oids,
+    unique_certificates,
     usage,
 )
 
@@ -167,13 +168,13 @@ def load_anchors(spec: str | os.PathLike[str] | None) -> list[x509.Certificate]:
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(entry for entry in path.iterdir() if entry.is_file() and entry.name[:1] != ".")
-        anchors = _unique(certificate for file in files for certificate in _read_certificates(file))
+        anchors = unique_certificates(certificate for file in files for certificate in _read_certificates(file))
         if not anchors:
             raise TrustAnchorError(f"the trust anchor directory {path} holds no certificate files")
         return anchors
     if not path.exists():
         raise TrustAnchorError(f"the trust anchors file {path} does not exist")
-    return _unique(_read_certificates(path))
+    return unique_certificates(_read_certificates(path))
 
 
 def anchors_from_environment(
@@ -188,7 +189,7 @@ def anchors_from_environment(
     if value is None or str(value) == "":
         return []
     parts = [part for part in str(value).split(os.pathsep) if part]
-    return _unique(anchor for part in parts for anchor in load_anchors(part))
+    return unique_certificates(anchor for part in parts for anchor in load_anchors(part))
 
 
 def _read_certificates(path: Path) -> list[x509.Certificate]:
@@ -212,14 +213,6 @@ def _read_certificates(path: Path) -> list[x509.Certificate]:
         raise TrustAnchorError(
             f"the trust anchors file {path} is neither a PEM nor a DER certificate"
         ) from None
-
-
-def _unique(certificates: Iterator[x509.Certificate] | Sequence[x509.Certificate]) -> list[x509.Certificate]:
-    unique: list[x509.Certificate] = []
-    for certificate in certificates:
-        if certificate not in unique:
-            unique.append(certificate)
-    return unique
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +283,8 @@ def evaluate_chain(
     purpose = Purpose(purpose)
     at = _utc(at) if at is not None else datetime.now(UTC)
     timestamp_time = _utc(timestamp_time) if timestamp_time is not None else None
-    anchors = _unique(anchors)
-    pool = [certificate for certificate in _unique(intermediates) if certificate != leaf]
+    anchors = unique_certificates(anchors)
+    pool = [certificate for certificate in unique_certificates(intermediates) if certificate != leaf]
 
     failures: list[str] = []
     longest: list[x509.Certificate] = [leaf]
@@ -507,4 +500,3 @@ def _name(name: x509.Name) -> str:
 
 def _describe(certificate: x509.Certificate) -> str:
     return f'"{common_name(certificate) if certificate.subject else "(no subject)"}"'
-
