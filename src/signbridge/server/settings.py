@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from .database import sqlite_url
 
 SETTINGS_FILE = "server.json"
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -21,7 +22,7 @@ class ServerSettings:
     keystore: dict[str, Any] = field(default_factory=lambda: {"backend": "software"})
     # Requests per minute per API token; 0 turns the limit off.
     rate_limit_per_minute: int = 0
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @property
     def path(self) -> Path:
@@ -68,5 +69,5 @@ class ServerSettings:
             database_url=database_url or raw.get("databaseUrl") or sqlite_url(data_dir),
             keystore=raw.get("keystore", {"backend": "software"}),
             rate_limit_per_minute=raw.get("rateLimitPerMinute", 0),
-            max_body_bytes=raw.get("maxBodyBytes", 1024 * 1024),
+            max_body_bytes=raw.get("maxBodyBytes", DEFAULT_MAX_BODY_BYTES),
         )
