@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,3 +105,37 @@ def demo_service(
     process = ServiceProcess(data_dir, workers=workers, extra_env=env or {}, database_url=database_url)
     with process:
         yield DemoService(data_dir, info, process)
+
+
+class SigningLoad:
+    """Clients that keep sending SignHash requests to a service being stopped; ``granted`` collects
+    the request ids of every signature they received."""
+
+    def __init__(self, process: ServiceProcess, info: dict, clients: int = 8) -> None:
+        self.url = f"{process.api_url}/v1/{info['organizationId']}/SigningRequests/SignHash"
+        self.headers = {"Authorization": f"Bearer {info['apiToken']}"}
+        self.granted: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+
+    def _client(self) -> None:
+        body = {"projectSlug": "demo", "signingPolicySlug": "release-signing", "hashSigningData": {
+            "hash": base64.b64encode(bytes(32)).decode(), "signatureAlgorithm": "Rsa", "rsaOptions": {"hashAlgorithmName": "Sha256"}}}
+        with httpx.Client(headers=self.headers, timeout=10) as http:
+            while not self._stop.is_set():
+                try:
+                    response = http.post(self.url, json=body)
+                except httpx.TransportError:
+                    return
+                if response.status_code == 200:
+                    self.granted.append(response.json()["signingRequestId"])
+
+    def __enter__(self) -> SigningLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()

@@ -10,14 +10,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from servicekit import init_demo, signbridge
+from servicekit import SigningLoad, init_demo, signbridge
 from signbridge.errors import AuditError
 from signbridge.server.audit import AuditEntry, AuditLog, ensure_head, verify
 from signbridge.server.database import create_schema, open_engine
@@ -155,32 +153,11 @@ def test_sigterm_loses_no_audit_record(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     info = init_demo(data_dir)
     process = ServiceProcess(data_dir).start()
-    url = f"{process.api_url}/v1/{info['organizationId']}/SigningRequests/SignHash"
-    headers = {"Authorization": f"Bearer {info['apiToken']}"}
-    granted: list[str] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(headers=headers, timeout=10) as http:
-            while not stop.is_set():
-                body = {"projectSlug": "demo", "signingPolicySlug": "release-signing",
-                        "hashSigningData": {"hash": H32, "signatureAlgorithm": "Rsa", "rsaOptions": {"hashAlgorithmName": "Sha256"}}}
-                try:
-                    response = http.post(url, json=body)
-                except httpx.TransportError:
-                    return
-                if response.status_code == 200:
-                    granted.append(response.json()["signingRequestId"])
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.5)
-    process.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    code = process.process.wait(30)  # type: ignore[union-attr]
-    stop.set()
-    for thread in threads:
-        thread.join()
+    with SigningLoad(process, info) as load:
+        time.sleep(1.5)
+        process.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        code = process.process.wait(30)  # type: ignore[union-attr]
+    granted = load.granted
     assert code in (0, -signal.SIGTERM)
     assert len(granted) > 20
     records = json.loads(signbridge("admin", "--data-dir", str(data_dir), "audit", "list", "--json", "--limit", "1000000").stdout)

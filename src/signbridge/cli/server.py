@@ -129,9 +129,12 @@ def run(
         os.environ["SIGNBRIDGE_DATABASE_URL"] = database_url
     scheme = "https" if tls_cert else "http"
     click.echo(f"signbridge service: {scheme}://{host}:{port}/Api ({workers} worker{'s' if workers > 1 else ''})", err=True)
+    from ..server.httpprotocol import HttpProtocol
+
     uvicorn.run(
         "signbridge.server.app:create_app_from_env",
         factory=True,
+        http=HttpProtocol,
         host=host,
         port=port,
         workers=workers,

@@ -1,4 +1,9 @@
-"""The HTTP API (Starlette): SignPath's crypto-provider routes under ``/Api``, plus the timestamp authority."""
+"""The HTTP API: SignPath's crypto-provider routes under ``/Api``, plus the timestamp authority.
+
+Starlette serves every route. The two signing routes are plain ASGI endpoints, and the front door
+(:class:`ServiceApp`) hands POSTs to them straight away: they are the service's hot path, where
+Starlette's middleware, router and request objects would cost as much as the application itself.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,13 +22,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import SignbridgeError
@@ -46,6 +52,9 @@ MAX_TIMESTAMP_QUERY = 64 * 1024
 Parse = Callable[[], tuple[Any, Callable[[Any], dict]]]
 """Turns a request read off the wire into (HashSigningRequest, echo); raises Problem."""
 
+ReadRequest = Callable[[Scope, dict[bytes, bytes], Receive], Awaitable[Parse]]
+"""Reads a signing route's request (scope, headers by lower-case name, body) into its Parse."""
+
 
 def problem_response(problem: Problem) -> JSONResponse:
     return JSONResponse(
@@ -53,26 +62,52 @@ def problem_response(problem: Problem) -> JSONResponse:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+def _too_large(limit: int) -> Problem:
+    return Problem(413, f"The request body is larger than the service accepts ({limit} bytes).")
+
+
+async def read_limited(chunks: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
+    """The body, refused with 413 as soon as its declared or received size exceeds ``limit``."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, f"The request body is larger than the service accepts ({limit} bytes).")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+        raise _too_large(limit)
+    parts, size = [], 0
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
-            raise Problem(413, f"The request body is larger than the service accepts ({limit} bytes).")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
-def _audit_entry(request: Request, organization_id: str) -> AuditEntry:
-    return AuditEntry(
-        outcome="rejected",
-        status=400,
-        organization_id=organization_id.lower(),
-        remote_address=request.client.host if request.client else None,
-    )
+async def read_body(request: Request, limit: int) -> bytes:
+    return await read_limited(request.stream(), request.headers.get("content-length"), limit)
+
+
+async def _asgi_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+async def send_json(send: Send, status: int, content: Any, content_type: bytes = b"application/json",
+                    headers: dict[str, str] | None = None) -> None:
+    body = _JSON.encode(content).encode()
+    raw_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
+    start: Message = {"type": "http.response.start", "status": status, "headers": raw_headers}
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_problem(send: Send, problem: Problem) -> None:
+    await send_json(send, problem.status, problem.body(), PROBLEM_CONTENT_TYPE.encode(), problem.headers)
 
 
 def _describe(entry: AuditEntry, caller: Caller | None, parsed) -> None:  # noqa: ANN001
@@ -150,38 +185,48 @@ class Api:
             raise invalid
         return echo(service.sign(grant, parsed, entry))
 
-    async def _signing_route(self, request: Request, read: Callable[[Request], Awaitable[Parse]]) -> Response:
+    async def _signing_route(self, scope: Scope, receive: Receive, send: Send, read: ReadRequest) -> None:
         """Read the request, then authenticate, parse and sign it; answer only once the audit record
         is committed."""
         service = self.service
         assert service is not None
-        organization_id = request.path_params["organization_id"]
-        entry = _audit_entry(request, organization_id)
+        organization_id = scope["path_params"]["organization_id"]
+        client = scope.get("client")
+        entry = AuditEntry(
+            outcome="rejected", status=400, organization_id=organization_id.lower(), remote_address=client[0] if client else None
+        )
+        headers = {name: value for name, value in reversed(scope["headers"])}  # the first of repeated headers wins
         try:
-            parse = await read(request)
-            arguments = (request.headers.get("authorization"), organization_id, parse, entry)
+            parse = await read(scope, headers, receive)
+            authorization = headers.get(b"authorization")
+            arguments = (authorization and authorization.decode("latin-1"), organization_id, parse, entry)
             if service.inline:
                 body = self._authorize_and_sign(*arguments)
             else:
                 body = await run_in_threadpool(self._authorize_and_sign, *arguments)
+        except ClientDisconnect:
+            return  # nothing was signed, and there is nobody to answer
         except Problem as problem:
             entry.outcome, entry.status, entry.reason = problem.audit_outcome, problem.status, problem.detail
             try:
                 await service.audit.append(entry)
             except SignbridgeError as exc:
                 log.error("%s", exc)
-                return problem_response(Problem(503, "The audit log is unavailable; try again later."))
-            return problem_response(problem)
+                problem = Problem(503, "The audit log is unavailable; try again later.")
+            await send_problem(send, problem)
+            return
         try:
             await service.audit.append(entry)
         except SignbridgeError as exc:
             log.error("%s; the signature was withheld", exc)
-            return problem_response(Problem(503, "The audit log is unavailable; the signature was not released."))
-        return JSONResponse(body)
+            await send_problem(send, Problem(503, "The audit log is unavailable; the signature was not released."))
+            return
+        await send_json(send, 200, body)
 
-    async def sign_hash(self, request: Request) -> Response:
-        async def read(request: Request) -> Parse:
-            body = await read_body(request, self.settings.max_body_bytes)
+    async def sign_hash(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def read(_scope: Scope, headers: dict[bytes, bytes], receive: Receive) -> Parse:
+            declared = headers.get(b"content-length")
+            body = await read_limited(_asgi_chunks(receive), declared and declared.decode("latin-1"), self.settings.max_body_bytes)
 
             def parse():  # noqa: ANN202
                 parsed = parse_sign_hash(_json(body))
@@ -197,22 +242,25 @@ class Api:
 
             return parse
 
-        return await self._signing_route(request, read)
+        await self._signing_route(scope, receive, send, read)
 
-    async def fast_signing_request(self, request: Request) -> Response:
-        async def read(request: Request) -> Parse:
+    async def fast_signing_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def read(scope: Scope, headers: dict[bytes, bytes], receive: Receive) -> Parse:
             fields: dict = {}
             problem: Problem | None = None
-            if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            if not headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
                 problem = Problem(415, "Send the signing request as multipart/form-data.")
             else:
-                body = await read_body(request, self.settings.max_body_bytes)
+                declared = headers.get(b"content-length")
+                body = await read_limited(
+                    _asgi_chunks(receive), declared and declared.decode("latin-1"), self.settings.max_body_bytes
+                )
 
                 async def chunks() -> AsyncIterator[bytes]:
                     yield body
 
                 try:
-                    form = await MultiPartParser(request.headers, chunks(), max_files=2, max_fields=32).parse()
+                    form = await MultiPartParser(Headers(scope=scope), chunks(), max_files=2, max_fields=32).parse()
                     fields = {key: value for key, value in form.multi_items()}
                     artifact = get(fields, "Artifact")
                     if isinstance(artifact, UploadFile):
@@ -227,7 +275,7 @@ class Api:
 
             return parse
 
-        return await self._signing_route(request, read)
+        await self._signing_route(scope, receive, send, read)
 
     async def my_signing_policies(self, request: Request) -> Response:
         service = self.service
@@ -293,17 +341,43 @@ def _parse_fast_signing_fields(fields: dict):  # noqa: ANN202
     return parsed, echo
 
 
-class CaseInsensitivePaths:
-    """ASP.NET routes ignore case (clients write Api, API or api); ours are declared in lower case."""
+class Endpoint:
+    """A plain ASGI endpoint for Starlette's router (a bound method would be wrapped as a Request handler)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope = dict(scope)
-            scope["path"] = scope["path"].lower()
-        await self.app(scope, receive, send)
+        await self.handler(scope, receive, send)
+
+
+_SIGNING_PATH = re.compile(r"/api/v1/([^/]+)/signingrequests(/signhash)?")
+
+
+class ServiceApp:
+    """The ASGI application uvicorn runs. Paths are matched case-insensitively, as ASP.NET does (clients
+    write Api, API or api; ours are declared in lower case); POSTs to the signing routes skip Starlette."""
+
+    def __init__(self, api: Api, starlette: Starlette) -> None:
+        self.api = api
+        self.starlette = starlette
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.starlette(scope, receive, send)
+            return
+        path = scope["path"].lower()
+        match = _SIGNING_PATH.fullmatch(path) if scope["method"] == "POST" else None
+        if match is None:
+            await self.starlette({**scope, "path": path}, receive, send)
+            return
+        scope["path_params"] = {"organization_id": match[1]}
+        endpoint = self.api.sign_hash if match[2] else self.api.fast_signing_request
+        try:
+            await endpoint(scope, receive, send)
+        except Exception as exc:
+            log.exception("unexpected error", exc_info=exc)
+            await send_problem(send, _UNEXPECTED)
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
@@ -314,9 +388,12 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return problem_response(Problem(exc.status_code, detail, headers=dict(exc.headers or {})))
 
 
+_UNEXPECTED = Problem(500, "The service failed unexpectedly; the administrator can find details in its log.")
+
+
 async def _server_error(_request: Request, exc: Exception) -> Response:
     log.exception("unexpected error", exc_info=exc)
-    return problem_response(Problem(500, "The service failed unexpectedly; the administrator can find details in its log."))
+    return problem_response(_UNEXPECTED)
 
 
 def create_app(settings: ServerSettings) -> ASGIApp:
@@ -327,8 +404,8 @@ def create_app(settings: ServerSettings) -> ASGIApp:
         Route("/api/swagger/v1/swagger.json", api.openapi, methods=["GET"]),
         Route("/api/openapi.json", api.openapi, methods=["GET"]),
         Route(f"{org}/cryptoki/mysigningpolicies", api.my_signing_policies, methods=["GET"]),
-        Route(f"{org}/signingrequests", api.fast_signing_request, methods=["POST"]),
-        Route(f"{org}/signingrequests/signhash", api.sign_hash, methods=["POST"]),
+        Route(f"{org}/signingrequests", Endpoint(api.fast_signing_request), methods=["POST"]),
+        Route(f"{org}/signingrequests/signhash", Endpoint(api.sign_hash), methods=["POST"]),
         Route("/api/timestamp", api.timestamp, methods=["POST"]),
     ]
     app = Starlette(
@@ -336,7 +413,7 @@ def create_app(settings: ServerSettings) -> ASGIApp:
         lifespan=api.lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
-    return CaseInsensitivePaths(app)
+    return ServiceApp(api, app)
 
 
 def create_app_from_env() -> ASGIApp:

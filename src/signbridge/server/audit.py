@@ -11,18 +11,18 @@ writers on the head row's lock.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
 
 from sqlalchemy import Connection, Engine, insert, select
 
 from ..errors import AuditError
+from .audit_writer import AuditWriter
 from .database import driver_sql, writing
 from .models import AuditHead, AuditRecord
 
@@ -53,12 +53,12 @@ class AuditEntry:
 ENTRY_FIELDS = tuple(f.name for f in fields(AuditEntry))
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def record_hash(seq: int, prev_hash: str, values: dict) -> str:
-    canonical = json.dumps(
-        {"seq": seq, "prev": prev_hash, **{name: values.get(name) for name in ENTRY_FIELDS}},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    """The SHA-256 of the record's canonical JSON: its fields, sequence number and previous hash, keys sorted."""
+    canonical = _CANONICAL.encode({"seq": seq, "prev": prev_hash, **{name: values.get(name) for name in ENTRY_FIELDS}})
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -90,8 +90,14 @@ _INSERT_SQL = f"INSERT INTO audit_records ({', '.join(_COLUMNS)}) VALUES ({', '.
 _UPDATE_SQL = "UPDATE audit_head SET seq = ?, record_hash = ? WHERE id = 1"
 
 
-def append_batch(engine: Engine, entries: list[AuditEntry]) -> list[int]:
-    """Append ``entries`` in one transaction; returns their sequence numbers."""
+def entry_row(entry: AuditEntry) -> tuple:
+    """The entry's values in ``ENTRY_FIELDS`` order."""
+    values = vars(entry)
+    return tuple(values[name] for name in ENTRY_FIELDS)
+
+
+def append_batch(engine: Engine, rows: Sequence[tuple]) -> list[int]:
+    """Append ``rows`` (see :func:`entry_row`) in one transaction; returns their sequence numbers."""
     head_sql = _HEAD_SQL if engine.dialect.name == "sqlite" else _HEAD_SQL + " FOR UPDATE"
     with _appending(engine) as connection:
         head = connection.exec_driver_sql(driver_sql(engine, head_sql)).first()
@@ -99,28 +105,26 @@ def append_batch(engine: Engine, entries: list[AuditEntry]) -> list[int]:
             raise AuditError("the audit log has no head record; was the database initialized?")
         first, prev = head
         seq = first
-        rows = []
-        for entry in entries:
+        records = []
+        for row in rows:
             seq += 1
-            values = asdict(entry)
-            digest = record_hash(seq, prev, values)
-            rows.append((*(values[name] for name in ENTRY_FIELDS), seq, prev, digest))
+            digest = record_hash(seq, prev, dict(zip(ENTRY_FIELDS, row, strict=True)))
+            records.append((*row, seq, prev, digest))
             prev = digest
-        connection.exec_driver_sql(driver_sql(engine, _INSERT_SQL), rows)
+        connection.exec_driver_sql(driver_sql(engine, _INSERT_SQL), records)
         connection.exec_driver_sql(driver_sql(engine, _UPDATE_SQL), (seq, prev))
     return list(range(first + 1, seq + 1))
 
 
 class AuditLog:
     """Appends records for the tasks of one event loop, committing whatever is waiting in one
-    transaction (group commit): while one batch is being written, the next one gathers."""
+    transaction (group commit): while one batch is being written, the next one gathers. The commits
+    happen in the audit writer process (:mod:`.audit_writer`)."""
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
         self._pending: list[tuple[AuditEntry, asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
-        # Commits run one at a time off the event loop; they wait on the disk, not the CPU.
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
+        self._process = AuditWriter(engine.url.render_as_string(hide_password=False))
         self._closed = False
 
     async def append(self, entry: AuditEntry) -> int:
@@ -134,14 +138,11 @@ class AuditLog:
         return await future
 
     async def _write_pending(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
-            entries = [entry for entry, _ in batch]
             try:
-                seqs = await loop.run_in_executor(self._executor, append_batch, self._engine, entries)
-            except Exception as exc:  # noqa: BLE001 - every waiter must learn that its record was not written
-                error = AuditError(f"the audit record could not be written: {exc}")
+                seqs = await self._process.append([entry_row(entry) for entry, _ in batch])
+            except AuditError as error:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
@@ -151,11 +152,11 @@ class AuditLog:
                     future.set_result(seq)
 
     async def aclose(self) -> None:
-        """Write everything appended so far, then stop."""
+        """Write everything appended so far, then stop the writer process."""
         self._closed = True
         while self._writer is not None and not self._writer.done():
             await self._writer
-        self._executor.shutdown(wait=True)
+        await self._process.aclose()
 
 
 # Reading and verifying

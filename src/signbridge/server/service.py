@@ -84,6 +84,7 @@ class SigningService:
         # and the loop keeps one database connection of its own.
         self.inline = engine.dialect.name == "sqlite" and keystore.signs_in_process
         self._loop_connection = engine.raw_connection() if self.inline else None
+        self._authorize_sql = driver_sql(engine, _AUTHORIZE)
 
     def close(self) -> None:
         if self._loop_connection is not None:
@@ -109,7 +110,7 @@ class SigningService:
         token_id = tokens.token_id_of(value)
         row = None
         if token_id is not None:
-            row = self._fetch_one(driver_sql(self.engine, _AUTHORIZE), (project_slug, policy_slug, token_id))
+            row = self._fetch_one(self._authorize_sql, (project_slug, policy_slug, token_id))
         if row is None:
             raise Problem(401, "The API token is not valid.")
         secret_hash, expires_at, revoked_at, user_id, user_name, organization, policy_id, certificate_id, allowed = row
@@ -135,12 +136,7 @@ class SigningService:
     def _fetch_one(self, sql: str, parameters: tuple) -> tuple | None:
         """One row through the driver's own cursor (no result processing): the hot path's query."""
         if self._loop_connection is not None:
-            cursor = self._loop_connection.cursor()
-            try:
-                cursor.execute(sql, parameters)
-                return cursor.fetchone()
-            finally:
-                cursor.close()
+            return self._loop_connection.driver_connection.execute(sql, parameters).fetchone()
         with self.engine.connect() as connection:
             cursor = connection.connection.cursor()
             try:
