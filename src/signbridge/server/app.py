@@ -223,10 +223,13 @@ class Api:
             return
         await send_json(send, 200, body)
 
+    async def _read_signing_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        declared = headers.get(b"content-length")
+        return await read_limited(_asgi_chunks(receive), declared and declared.decode("latin-1"), self.settings.max_body_bytes)
+
     async def sign_hash(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def read(_scope: Scope, headers: dict[bytes, bytes], receive: Receive) -> Parse:
-            declared = headers.get(b"content-length")
-            body = await read_limited(_asgi_chunks(receive), declared and declared.decode("latin-1"), self.settings.max_body_bytes)
+            body = await self._read_signing_body(headers, receive)
 
             def parse():  # noqa: ANN202
                 parsed = parse_sign_hash(_json(body))
@@ -251,10 +254,7 @@ class Api:
             if not headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
                 problem = Problem(415, "Send the signing request as multipart/form-data.")
             else:
-                declared = headers.get(b"content-length")
-                body = await read_limited(
-                    _asgi_chunks(receive), declared and declared.decode("latin-1"), self.settings.max_body_bytes
-                )
+                body = await self._read_signing_body(headers, receive)
 
                 async def chunks() -> AsyncIterator[bytes]:
                     yield body

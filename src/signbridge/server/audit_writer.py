@@ -60,9 +60,7 @@ class AuditWriter:
 
     async def aclose(self) -> None:
         """Close the socket (the writer finishes and exits) and wait for the process."""
-        if self._writer is not None:
-            self._writer.close()
-            await self._discard()
+        await self._discard()
 
     async def _start(self) -> None:
         ours, theirs = socket.socketpair()
