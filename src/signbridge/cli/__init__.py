@@ -25,6 +25,8 @@ COMMANDS = {
     "codesign": "codesign:codesign",
     "productsign": "productsign:productsign",
     "pkgutil": "productsign:pkgutil",
+    "notarytool": "notarytool:notarytool",
+    "stapler": "stapler:stapler",
 }
 
 

@@ -1,0 +1,229 @@
+"""``signbridge notarytool``: xcrun notarytool's submit, info, wait, log, history and
+store-credentials against the Notary API v2, plus an offline ``preflight``."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..apple.notary.api import NotaryClient, Submission, file_sha256
+from ..apple.notary.credentials import ApiKey, resolve_api_key, store_profile
+from ..errors import UsageError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """notarytool's ``--timeout``: a number of seconds, or with ``s``, ``m``, ``h`` or ``d``."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise UsageError(f"{text!r} is not a duration; write e.g. 3600, 45m, 2h or 1d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _credential_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option("--key", "key", metavar="PATH", help="App Store Connect API key (AuthKey_<ID>.p8)."),
+            click.option("--key-id", "key_id", metavar="ID", help="The API key's ID."),
+            click.option("--issuer", metavar="UUID", help="The API key's issuer (team) ID."),
+            click.option("-p", "--keychain-profile", "profile", metavar="NAME", help="A profile saved by store-credentials."),
+            click.option(
+                "-f", "--output-format", "output_format", type=click.Choice(["normal", "json"]), default="normal",
+                help="Human-readable output, or JSON for scripts.",
+            ),
+            click.option("--api-url", hidden=True, envvar="SIGNBRIDGE_NOTARY_API_URL"),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+class _Output:
+    def __init__(self, output_format: str) -> None:
+        self.json = output_format == "json"
+
+    def human(self, text: str) -> None:
+        if not self.json:
+            click.echo(text)
+
+    def progress(self, text: str) -> None:
+        if not self.json:
+            click.echo(text, err=True)
+
+    def record(self, message: str, fields: dict[str, Any]) -> None:
+        if self.json:
+            click.echo(json.dumps({**fields, "message": message}, sort_keys=True))
+        else:
+            click.echo(message)
+            for key in sorted(fields):
+                click.echo(f"  {key}: {fields[key]}")
+
+
+def _client(key: str | None, key_id: str | None, issuer: str | None, profile: str | None, api_url: str | None) -> NotaryClient:
+    api_key: ApiKey = resolve_api_key(key=key, key_id=key_id, issuer=issuer, profile=profile)
+    return NotaryClient(api_key, base_url=api_url)
+
+
+def _final_exit(submission: Submission) -> None:
+    if submission.status != "Accepted":
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def notarytool() -> None:
+    """Submit software to Apple's notary service (xcrun notarytool's command line)."""
+
+
+@notarytool.command("store-credentials")
+@click.argument("profile_name")
+@click.option("--key", required=True, metavar="PATH")
+@click.option("--key-id", "key_id", required=True, metavar="ID")
+@click.option("--issuer", required=True, metavar="UUID")
+def store_credentials(profile_name: str, key: str, key_id: str, issuer: str) -> None:
+    """Save an API key under PROFILE_NAME (a file only you can read) for --keychain-profile."""
+    store_profile(profile_name, key, key_id, issuer)
+    click.echo(f'Credentials saved to Keychain.\nTo use them, specify `--keychain-profile "{profile_name}"`')
+
+
+@notarytool.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@_credential_options
+@click.option("--wait", is_flag=True, help="Wait until the notary service has processed the submission.")
+@click.option("--timeout", metavar="DURATION", help="With --wait: give up after this long (3600, 45m, 2h).")
+@click.option("--staple", is_flag=True, help="With --wait: staple the ticket when the submission is accepted.")
+@click.option("--no-preflight", is_flag=True, help="Skip the offline pre-flight checks.")
+@click.option("--anchors", metavar="PATH", envvar="SIGNBRIDGE_ANCHORS", help="Trust anchors for the pre-flight.")
+@click.option("--webhook", metavar="URL", help="Ask the notary service to call this URL when done.")
+@click.option("--no-progress", is_flag=True, help="Do not print upload progress.")
+def submit(
+    path: Path, key: str | None, key_id: str | None, issuer: str | None, profile: str | None, output_format: str,
+    api_url: str | None, wait: bool, timeout: str | None, staple: bool, no_preflight: bool, anchors: str | None,
+    webhook: str | None, no_progress: bool,
+) -> None:
+    """Upload PATH (a zip, DMG or package) for notarization."""
+    from ..apple.notary.upload import upload
+
+    out = _Output(output_format)
+    if staple and not wait:
+        raise UsageError("--staple needs --wait")
+    seconds = parse_duration(timeout) if timeout else None
+    if not no_preflight:
+        _preflight_or_exit([path], anchors, out)
+    out.human(f"Conducting pre-submission checks for {path.name} and initiating connection to the Apple notary service...")
+    with _client(key, key_id, issuer, profile, api_url) as client:
+        target = client.create_submission(path.name, file_sha256(path), webhook)
+        out.human(f"Submission ID received\n  id: {target.submission_id}")
+        report = None if (no_progress or out.json) else _upload_progress()
+        upload(path, target, progress=report)
+        if report is not None:
+            click.echo("", err=True)
+        if not wait:
+            out.record("Successfully uploaded file", {"id": target.submission_id, "path": str(path)})
+            return
+        out.human(f"Successfully uploaded file\n  id: {target.submission_id}\n  path: {path}")
+        out.human("Waiting for processing to complete.")
+        result = client.wait(target.submission_id, timeout=seconds, on_status=_status_printer(out))
+        out.record("Processing complete", {"id": result.id, "status": result.status})
+    if staple and result.status == "Accepted":
+        from ..apple.notary.stapler import staple as staple_path
+
+        staple_path(path)
+        out.human("The staple and validate action worked!")
+    _final_exit(result)
+
+
+def _upload_progress() -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        share = 100.0 * done / total if total else 100.0
+        click.echo(f"\rUpload progress: {share:.2f}% ({_size(done)} of {_size(total)})", nl=False, err=True)
+
+    return report
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000  # type: ignore[assignment]
+    return str(count)
+
+
+def _status_printer(out: _Output) -> Callable[[Submission], None]:
+    def show(submission: Submission) -> None:
+        out.progress(f"Current status: {submission.status}...")
+
+    return show
+
+
+@notarytool.command()
+@click.argument("submission_id")
+@_credential_options
+def info(submission_id: str, key: str | None, key_id: str | None, issuer: str | None, profile: str | None,
+         output_format: str, api_url: str | None) -> None:
+    """Show a submission's status."""
+    with _client(key, key_id, issuer, profile, api_url) as client:
+        submission = client.submission(submission_id)
+    _Output(output_format).record("Successfully received submission info", submission.fields())
+
+
+@notarytool.command("wait")
+@click.argument("submission_id")
+@_credential_options
+@click.option("--timeout", metavar="DURATION", help="Give up after this long (3600, 45m, 2h).")
+def wait_command(submission_id: str, key: str | None, key_id: str | None, issuer: str | None, profile: str | None,
+                 output_format: str, api_url: str | None, timeout: str | None) -> None:
+    """Wait until a submission is processed."""
+    out = _Output(output_format)
+    seconds = parse_duration(timeout) if timeout else None
+    with _client(key, key_id, issuer, profile, api_url) as client:
+        result = client.wait(submission_id, timeout=seconds, on_status=_status_printer(out))
+    out.record("Processing complete", {"id": result.id, "status": result.status})
+    _final_exit(result)
+
+
+@notarytool.command()
+@click.argument("submission_id")
+@click.argument("output_path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@_credential_options
+def log(submission_id: str, output_path: Path | None, key: str | None, key_id: str | None, issuer: str | None,
+        profile: str | None, output_format: str, api_url: str | None) -> None:
+    """Fetch a submission's log (to OUTPUT_PATH, or print it)."""
+    from ..apple.bundle import atomic_write
+
+    with _client(key, key_id, issuer, profile, api_url) as client:
+        content = client.log(submission_id)
+    if output_path is None:
+        click.echo(content.decode("utf-8", errors="replace"))
+        return
+    atomic_write(output_path, content)
+    _Output(output_format).record("Successfully downloaded submission log", {"id": submission_id, "location": str(output_path)})
+
+
+@notarytool.command()
+@_credential_options
+def history(key: str | None, key_id: str | None, issuer: str | None, profile: str | None, output_format: str,
+            api_url: str | None) -> None:
+    """List the team's submissions."""
+    with _client(key, key_id, issuer, profile, api_url) as client:
+        submissions = client.history()
+    if output_format == "json":
+        click.echo(json.dumps({"history": [s.fields() for s in submissions],
+                               "message": "Successfully received submission history."}, sort_keys=True))
+        return
+    click.echo("Successfully received submission history.")
+    for submission in submissions:
+        click.echo("  " + "-" * 50)
+        for name, value in sorted(submission.fields().items()):
+            click.echo(f"  {name}: {value}")
+
+
+def _preflight_or_exit(paths: list[Path], anchors: str | None, out: _Output) -> None:
+    """Placeholder until the pre-flight lands: nothing is checked."""
