@@ -1,0 +1,237 @@
+"""Stapling: attach a notarization ticket to what it covers, and check it offline.
+
+Each format is a :class:`Stapleable`, found by the openers in :data:`FORMATS` (the first that
+recognizes the path wins; a new format appends its opener):
+
+- a bundle (``.app``, a framework...): the ticket is the file ``Contents/CodeResources``, looked
+  up by the main executable's CodeDirectory hash;
+- a flat package: the ticket follows the xar archive between two ``t8lr`` markers, looked up by
+  the TOC checksum.
+
+:func:`staple` computes the lookup record, fetches the ticket (or takes one given as bytes, the
+same path from there on), checks that it parses and covers the file, and writes it with a
+temporary file renamed into place. :func:`validate` checks a stapled ticket offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+
+from ..blobs import CodeSignatureFormatError
+from ..bundle import Bundle, BundleError, atomic_write
+from ..codesign import preferred_directory, preferred_slice
+from ..macho import MachOError, parse_file
+from ..macho_signing import read_signature
+from ..xar import XarArchive, XarError
+from ..xar.output import atomic_output, copy_range
+from .errors import StapleError, TicketError
+from .lookup import fetch_ticket
+from .ticket import HASH_SHA1, HASH_SHA256, Ticket, parse_ticket, record_name
+
+_T8LR = struct.Struct("<4sHHII")  # magic, version, kind, length, unused
+_T8LR_MAGIC = b"t8lr"
+_T8LR_START, _T8LR_TICKET = 1, 2
+
+
+class Stapleable(Protocol):
+    path: Path
+    kind: str
+
+    def digests(self) -> list[tuple[int, bytes]]:
+        """(hash type, digest) the ticket must cover; the first is the one looked up."""
+        ...
+
+    def read_ticket(self) -> bytes | None: ...
+
+    def write_ticket(self, ticket: bytes) -> None: ...
+
+    def remove_ticket(self) -> bool: ...
+
+
+@dataclass
+class BundleTarget:
+    path: Path
+    bundle: Bundle
+    kind: str = "app"
+
+    @property
+    def ticket_path(self) -> Path:
+        return self.bundle.content_root / "CodeResources"
+
+    def digests(self) -> list[tuple[int, bytes]]:
+        executable = self.bundle.executable_path
+        try:
+            parsed = parse_file(executable.read_bytes())
+            chosen = preferred_slice(parsed)
+            found = []
+            for macho in [chosen, *(m for m in parsed.slices if m is not chosen)]:
+                signature = read_signature(macho)
+                if signature is None:
+                    raise StapleError(f"{self.path.name}: the main executable is not signed; sign it before stapling")
+                directory = preferred_directory(signature.code_directories)
+                found.append((int(directory.hash_type), directory.cdhash()))
+            return found
+        except (OSError, MachOError, CodeSignatureFormatError) as exc:
+            raise StapleError(f"{self.path.name}: cannot read the main executable's signature: {exc}") from None
+
+    def read_ticket(self) -> bytes | None:
+        try:
+            return self.ticket_path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_ticket(self, ticket: bytes) -> None:
+        atomic_write(self.ticket_path, ticket)
+
+    def remove_ticket(self) -> bool:
+        try:
+            self.ticket_path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+
+@dataclass
+class PackageTarget:
+    path: Path
+    archive: XarArchive
+    kind: str = "package"
+
+    def digests(self) -> list[tuple[int, bytes]]:
+        algorithm = self.archive.header.checksum_name
+        hash_type = {"sha1": HASH_SHA1, "sha256": HASH_SHA256}.get(algorithm)
+        if hash_type is None:
+            raise StapleError(f"{self.path.name}: a package with a {algorithm} TOC checksum cannot be notarized")
+        if not self.archive.toc.signatures:
+            raise StapleError(f"{self.path.name} is not signed; sign it with productsign before stapling")
+        return [(hash_type, hashlib.new(algorithm, self.archive.toc_compressed).digest())]
+
+    @property
+    def _xar_end(self) -> int:
+        stapled = self.archive.stapled_ticket
+        return stapled.offset if stapled else self.archive.identity.size
+
+    def read_ticket(self) -> bytes | None:
+        stapled = self.archive.stapled_ticket
+        if stapled is None:
+            return None
+        with self.path.open("rb") as stream:
+            stream.seek(stapled.offset + _T8LR.size)
+            return stream.read(stapled.ticket_length)
+
+    def _rewrite(self, ticket: bytes | None) -> None:
+        mode = self.path.stat().st_mode & 0o7777
+        with self.path.open("rb") as source, atomic_output(self.path, mode) as out:
+            copy_range(source, out, 0, self._xar_end, str(self.path))
+            if ticket is not None:
+                out.write(_T8LR.pack(_T8LR_MAGIC, 1, _T8LR_START, 0, 0))
+                out.write(ticket)
+                out.write(_T8LR.pack(_T8LR_MAGIC, 1, _T8LR_TICKET, len(ticket), 0))
+        self.archive = XarArchive.open(self.path)
+
+    def write_ticket(self, ticket: bytes) -> None:
+        self._rewrite(ticket)
+
+    def remove_ticket(self) -> bool:
+        if self.archive.stapled_ticket is None:
+            return False
+        self._rewrite(None)
+        return True
+
+
+def _open_bundle(path: Path) -> Stapleable | None:
+    if not path.is_dir():
+        return None
+    try:
+        bundle = Bundle.open(path)
+    except BundleError as exc:
+        raise StapleError(f"{path.name}: {exc}") from None
+    if bundle.content_root.name != "Contents":
+        raise StapleError(f"{path.name}: only bundles with a Contents folder can carry a ticket")
+    return BundleTarget(path, bundle)
+
+
+def _open_package(path: Path) -> Stapleable | None:
+    try:
+        with path.open("rb") as stream:
+            if stream.read(4) != b"xar!":
+                return None
+    except OSError:
+        return None
+    try:
+        return PackageTarget(path, XarArchive.open(path))
+    except XarError as exc:
+        raise StapleError(str(exc)) from None
+
+
+FORMATS: list[Callable[[Path], Stapleable | None]] = [_open_bundle, _open_package]
+
+
+def open_stapleable(path: str | os.PathLike[str]) -> Stapleable:
+    target = Path(path)
+    if not target.exists():
+        raise StapleError(f"{target}: no such file or directory")
+    for opener in FORMATS:
+        found = opener(target)
+        if found is not None:
+            return found
+    raise StapleError(
+        f"{target.name}: stapling is supported for apps and other bundles, disk images and flat packages"
+    )
+
+
+def lookup_record(target: Stapleable) -> str:
+    hash_type, digest = target.digests()[0]
+    return record_name(hash_type, digest)
+
+
+def check_ticket(target: Stapleable, data: bytes, anchors: tuple[x509.Certificate, ...] = ()) -> Ticket:
+    """Parse ``data`` and check that it is signed and covers ``target``."""
+    ticket = parse_ticket(data)
+    ticket.verify_signature(anchors)
+    digests = target.digests()
+    if not any(ticket.covers(hash_type, digest) for hash_type, digest in digests):
+        wanted = ", ".join(record_name(t, d) for t, d in digests)
+        raise TicketError(f"the ticket does not cover {target.path.name} (it has no entry for {wanted})")
+    return ticket
+
+
+def staple(
+    path: str | os.PathLike[str],
+    *,
+    ticket: bytes | None = None,
+    wait: float = 0.0,
+    interval: float = 15.0,
+    anchors: tuple[x509.Certificate, ...] = (),
+) -> Ticket:
+    """Fetch (unless ``ticket`` is given) and staple the ticket; nothing is written if it does not check."""
+    target = open_stapleable(path)
+    data = ticket if ticket is not None else fetch_ticket(lookup_record(target), wait=wait, interval=interval)
+    parsed = check_ticket(target, data, anchors)
+    target.write_ticket(parsed.raw)
+    return parsed
+
+
+def validate(path: str | os.PathLike[str], anchors: tuple[x509.Certificate, ...] = ()) -> Ticket:
+    target = open_stapleable(path)
+    data = target.read_ticket()
+    if data is None:
+        raise StapleError(f"{target.path.name} does not have a ticket stapled to it.")
+    return check_ticket(target, data, anchors)
+
+
+def unstaple(path: str | os.PathLike[str]) -> bytes | None:
+    """Remove the stapled ticket and return it (None when there was none)."""
+    target = open_stapleable(path)
+    data = target.read_ticket()
+    if data is not None:
+        target.remove_ticket()
+    return data

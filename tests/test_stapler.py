@@ -1,0 +1,161 @@
+"""Tickets and stapling on the real tickets Apple stapled to the corpus's packages and disk images."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from corpuskit import copy_item, corpus_item
+from notarykit import NotaryState, notary_server
+from signbridge.apple.notary.errors import StapleError, TicketError
+from signbridge.apple.notary.stapler import open_stapleable, staple, unstaple, validate
+from signbridge.apple.notary.ticket import parse_ticket, record_name
+
+PKG = "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__{}.pkg"
+STAPLED_117, UNSTAPLED_117 = PKG.format("1.17.0-stapled"), PKG.format("1.17.0-unstapled")
+STAPLED_PKGS = [STAPLED_117, PKG.format("1.27.0")]
+ALL_STAPLED_PKGS = [*STAPLED_PKGS, PKG.format("2.4.0"), PKG.format("4.3.0"), PKG.format("6.14.0")]
+DMGS = [
+    "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__VirtualHIDDevice-0.90.6.dmg",
+    "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__Karabiner-VirtualHIDDevice-Manager-0.20.0.dmg",
+]
+MANAGER_APP = "bundles/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__2.4.0_Karabiner-VirtualHIDDevice-Manager.app"
+SIGNBRIDGE = [sys.executable, "-m", "signbridge"]
+
+
+def trailer_ticket(path: Path) -> bytes:
+    """The ticket between a package's t8lr markers, read independently of signbridge's reader."""
+    data = path.read_bytes()
+    magic, _version, kind, length, _ = struct.unpack("<4sHHII", data[-16:])
+    assert (magic, kind) == (b"t8lr", 2)
+    assert data[-32 - length : -16 - length] == b"t8lr\x01\x00\x01\x00" + bytes(8)
+    return data[-16 - length : -16]
+
+
+def slot_ticket(path: Path) -> bytes:
+    """The ticket in a DMG's slot 0x10002: a BlobWrapper (0xfade0b01) around the s8ch document."""
+    data = path.read_bytes()
+    start = data.rfind(b"s8ch")
+    magic, length = struct.unpack(">II", data[start - 8 : start])
+    assert magic == 0xFADE0B01
+    return data[start : start - 8 + length]
+
+
+def _stapler(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*SIGNBRIDGE, "stapler", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("item", ALL_STAPLED_PKGS + DMGS)
+def test_real_tickets_parse_and_verify(item):
+    path = corpus_item(item)
+    ticket = parse_ticket(trailer_ticket(path) if item.endswith(".pkg") else slot_ticket(path))
+    assert ticket.verify_signature() is False  # signature and chain check; Apple Root CA - G3 is not configured
+    assert [c.subject.rfc4514_string() for c in ticket.certificates][0] == "C=US,O=Apple Inc.,CN=Software Ticket Signing"
+    assert ticket.hash_length == 20 and len(ticket.entries) >= 5
+    assert ticket.certificates[0].not_valid_before_utc <= ticket.issued <= ticket.certificates[0].not_valid_after_utc
+
+
+@pytest.mark.parametrize("item", STAPLED_PKGS)
+def test_package_round_trip_is_byte_identical(tmp_path, item):
+    original = corpus_item(item).read_bytes()
+    copy = copy_item(item, tmp_path)
+    removed = unstaple(copy)
+    assert removed == trailer_ticket(corpus_item(item))
+    assert copy.read_bytes() == original[: len(original) - len(removed) - 32]
+    if item == STAPLED_117:
+        assert copy.read_bytes() == corpus_item(UNSTAPLED_117).read_bytes()
+    with pytest.raises(StapleError, match="does not have a ticket stapled to it"):
+        validate(copy)
+    ticket_file = tmp_path / "ticket"
+    ticket_file.write_bytes(removed)
+    result = _stapler("staple", "--ticket", str(ticket_file), str(copy))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"Processing: {copy}", "The staple and validate action worked!"]
+    assert copy.read_bytes() == original
+    checked = _stapler("validate", str(copy))
+    assert checked.returncode == 0 and checked.stdout.endswith("The validate action worked!\n")
+
+
+def test_package_ticket_covers_toc_checksum():
+    target = open_stapleable(corpus_item(STAPLED_117))
+    ((hash_type, digest),) = target.digests()
+    assert record_name(hash_type, digest) == "2/1/ec40ccf8aa6f133ebdce5bf150057001ff97bf21"
+    assert validate(corpus_item(STAPLED_117)).covers(hash_type, digest)
+
+
+def test_staple_fetches_from_ticket_service(tmp_path):
+    copy = copy_item(UNSTAPLED_117, tmp_path)
+    state = NotaryState(ec.generate_private_key(ec.SECP256R1()).public_key(), "K", "I", "")
+    with notary_server(state) as url:
+        env = dict(os.environ, SIGNBRIDGE_TICKET_LOOKUP_URL=f"{url}/database/1/x/production/public/records/lookup")
+        missing = _stapler("staple", str(copy), env=env)
+        assert missing.returncode == 65
+        assert 'CloudKit query for 2/1/ec40ccf8aa6f133ebdce5bf150057001ff97bf21 failed due to "Record not found".' in missing.stderr
+        assert "The staple and validate action failed! Error 65." in missing.stderr
+        assert copy.read_bytes() == corpus_item(UNSTAPLED_117).read_bytes()
+        state.tickets["2/1/ec40ccf8aa6f133ebdce5bf150057001ff97bf21"] = trailer_ticket(corpus_item(STAPLED_117))
+        found = _stapler("staple", str(copy), env=env)
+        assert found.returncode == 0, found.stderr
+    assert copy.read_bytes() == corpus_item(STAPLED_117).read_bytes()
+    assert state.lookups == ["2/1/ec40ccf8aa6f133ebdce5bf150057001ff97bf21"] * 2
+
+
+def test_fetch_retries_record_not_found(tmp_path):
+    from signbridge.apple.notary.lookup import fetch_ticket
+
+    state = NotaryState(ec.generate_private_key(ec.SECP256R1()).public_key(), "K", "I", "")
+    ticket = trailer_ticket(corpus_item(STAPLED_117))
+
+    def appear(_seconds: float) -> None:
+        state.tickets["2/1/ab"] = ticket
+
+    with notary_server(state) as url:
+        assert fetch_ticket("2/1/ab", wait=30, interval=1, url=f"{url}/records/lookup", sleep=appear) == ticket
+    assert len(state.lookups) == 2
+
+
+def test_corrupt_or_foreign_ticket_writes_nothing(tmp_path):
+    copy = copy_item(UNSTAPLED_117, tmp_path)
+    before = copy.read_bytes()
+    good = trailer_ticket(corpus_item(STAPLED_117))
+    flipped = bytearray(good)
+    flipped[len(good) - 90] ^= 0x01  # inside the listed hashes
+    with pytest.raises(TicketError, match="signature does not verify"):
+        staple(copy, ticket=bytes(flipped))
+    with pytest.raises(TicketError, match="truncated"):
+        staple(copy, ticket=good[:400])
+    with pytest.raises(TicketError, match="not a notarization ticket"):
+        staple(copy, ticket=b"PK\x03\x04" + good)
+    with pytest.raises(TicketError, match="does not cover"):
+        staple(copy, ticket=trailer_ticket(corpus_item(PKG.format("1.27.0"))))
+    assert copy.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [copy.name]
+    bad = tmp_path / "bad.ticket"
+    bad.write_bytes(bytes(flipped))
+    result = _stapler("staple", "--ticket", str(bad), str(copy))
+    assert result.returncode == 65 and "signature does not verify" in result.stderr
+    assert copy.read_bytes() == before
+
+
+def test_app_staple_validate_with_the_package_ticket(tmp_path):
+    # the 2.4.0 package's ticket lists the CodeDirectory hashes of the app in its payload
+    app = copy_item(MANAGER_APP, tmp_path)
+    ticket = trailer_ticket(corpus_item(PKG.format("2.4.0")))
+    unstapled = _stapler("validate", str(app))
+    assert unstapled.returncode == 65 and "does not have a ticket stapled to it." in unstapled.stderr
+    result = _stapler("staple", "--ticket", _write(tmp_path / "t", ticket), str(app))
+    assert result.returncode == 0, result.stderr
+    assert (app / "Contents" / "CodeResources").read_bytes() == ticket
+    assert _stapler("validate", str(app)).returncode == 0
+    assert unstaple(app) == ticket and not (app / "Contents" / "CodeResources").exists()
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
