@@ -186,3 +186,14 @@ def test_credentials_from_environment_and_errors(tmp_path, api_key, notary, s3_e
     with NotaryClient(other, base_url=f"{url}/notary/v2") as client, pytest.raises(NotaryError, match="HTTP 401"):
         client.history()
     assert "redacted" in repr(other)
+
+
+def test_submit_runs_the_preflight_first(tmp_path, api_key, notary, s3_endpoint):
+    state, url = notary
+    archive = tmp_path / "Broken.zip"
+    archive.write_bytes(b"PK\x03\x04 this is no zip archive")
+    result = _run(["submit", str(archive), *_key_args(api_key, state)], _env(url, s3_endpoint, tmp_path))
+    assert result.returncode == 1
+    assert f"{archive}: The archive could not be read." in result.stderr
+    assert "nothing was uploaded" in result.stderr
+    assert state.submissions == {}

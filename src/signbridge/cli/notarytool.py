@@ -14,6 +14,9 @@ import click
 
 from ..apple.notary.api import NotaryClient, Submission, file_sha256
 from ..apple.notary.credentials import ApiKey, resolve_api_key, store_profile
+from ..apple.notary.payload import Limits
+from ..apple.notary.preflight import Problem, preflight
+from ..apple.trust import load_anchors
 from ..errors import UsageError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -225,5 +228,44 @@ def history(key: str | None, key_id: str | None, issuer: str | None, profile: st
             click.echo(f"  {name}: {value}")
 
 
+def _run_preflight(paths: list[Path], anchors: str | None, limits: Limits | None = None) -> list[Problem]:
+    return preflight(paths, tuple(load_anchors(anchors)) if anchors else (), limits)
+
+
 def _preflight_or_exit(paths: list[Path], anchors: str | None, out: _Output) -> None:
-    """Placeholder until the pre-flight lands: nothing is checked."""
+    problems = _run_preflight(paths, anchors)
+    if not problems:
+        return
+    if out.json:
+        click.echo(json.dumps({"message": "Pre-flight found problems; nothing was uploaded",
+                               "problems": [p.as_dict() for p in problems]}, sort_keys=True))
+    else:
+        for problem in problems:
+            click.echo(str(problem), err=True)
+        click.echo(f"Pre-flight found {len(problems)} problem(s) the notary service would reject; nothing was "
+                   "uploaded (--no-preflight skips this check).", err=True)
+    sys.exit(1)
+
+
+@notarytool.command("preflight")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--anchors", metavar="PATH", envvar="SIGNBRIDGE_ANCHORS",
+              help="Certificates Developer ID chains must end at (PEM/DER file or directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
+@click.option("--max-payload-size", type=int, default=Limits.max_bytes, show_default=True, metavar="BYTES",
+              help="Stop reading an archive or package payload that expands past this.")
+@click.option("--max-entries", type=int, default=Limits.max_entries, show_default=True,
+              help="Stop reading an archive or package payload with more entries.")
+def preflight_command(paths: tuple[Path, ...], anchors: str | None, as_json: bool, max_payload_size: int,
+                      max_entries: int) -> None:
+    """Check offline what the notary service would reject in PATHS (apps, packages, zips, Mach-O)."""
+    problems = _run_preflight(list(paths), anchors, Limits(max_payload_size, max_entries))
+    if as_json:
+        click.echo(json.dumps({"paths": [str(p) for p in paths], "ok": not problems,
+                               "problems": [p.as_dict() for p in problems]}, indent=2))
+    else:
+        for problem in problems:
+            click.echo(str(problem))
+        noun = "problem" if len(problems) == 1 else "problems"
+        click.echo(f"{len(problems)} {noun} found" if problems else "No problems found.", err=bool(problems))
+    sys.exit(1 if problems else 0)
