@@ -90,7 +90,11 @@ def test_sign_verify_display(fx, tmp_path, alpha, pki):
     exe = copy(fx, "exe.universal", tmp_path, "tool")
     signed = codesign("-s", "Developer ID Application", "-o", "runtime", "-v", exe)
     assert (signed.returncode, signed.stdout) == (0, "")
-    assert signed.stderr == f"{exe}: signed Mach-O universal (x86_64 arm64) [tool]\n"
+    assert signed.stderr == (
+        f"{exe}: warning: signing with a Developer ID identity without --timestamp: the notary service will "
+        "reject it (The signature does not include a secure timestamp.)\n"
+        f"{exe}: signed Mach-O universal (x86_64 arm64) [tool]\n"
+    )
     # only digests went to the token: one per slice
     requests = [request for _, request in alpha.signer.requests]
     assert len(requests) == 2 and all(len(r.digest) == 32 for r in requests)
@@ -148,6 +152,7 @@ def test_timestamp_from_the_configured_authority(fx, tmp_path, alpha, pki, servi
     exe = copy(fx, "hello.arm64", tmp_path)
     signed = codesign("-s", "TEAM123456", "--timestamp", "-o", "runtime", exe)
     assert signed.returncode == 0, signed.stderr
+    assert ": warning:" not in signed.stderr  # ready for notarization: nothing to warn about
     raw = raw_signature(exe.read_bytes())
     signer_info = asn1_cms.ContentInfo.load(raw.cms)["content"]["signer_infos"][0]
     token = list(signer_info["unsigned_attrs"])[0]["values"][0].dump()
@@ -166,16 +171,24 @@ def test_timestamp_from_the_configured_authority(fx, tmp_path, alpha, pki, servi
     assert plain["unsigned_attrs"].native is None
 
 
+def apple_lines(stderr: str) -> str:
+    """codesign's own output, without signbridge's notarization warnings."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if ": warning: " not in line)
+
+
 def test_several_paths_resigning_and_requirements(fx, tmp_path, alpha):
     first, second = copy(fx, "exe.x86_64", tmp_path, "one"), copy(fx, "libdemo.arm64.dylib", tmp_path, "two")
     assert codesign("-s", "Test Corp", "-i", "com.example.one", first).returncode == 0
     again = codesign("-s", "Test Corp", first, second)
     assert again.returncode == 1
-    assert again.stderr == f"{first}: is already signed\n"
+    assert apple_lines(again.stderr) == f"{first}: is already signed\n"
     assert raw_signature(second.read_bytes()).code_directories  # linker signature only: untouched
     forced = codesign("-f", "-s", "Test Corp", "--prefix", "com.example.", first, second)
     assert forced.returncode == 0
-    assert forced.stderr == f"{first}: replacing existing signature\n"
+    assert apple_lines(forced.stderr) == f"{first}: replacing existing signature\n"
+    # without --timestamp and --options runtime: one warning of each kind per file
+    assert forced.stderr.count(": warning: ") == 4
+    assert forced.stderr.count(f"{second}: warning: signing with a Developer ID identity without --options runtime") == 1
     directories = [raw_signature(p.read_bytes()).code_directories[0] for p in (first, second)]
     identifiers = [cd_fields(directory)["identifier"] for directory in directories]
     assert identifiers == ["com.example.one", "com.example.two"]  # --prefix on undotted default identifiers

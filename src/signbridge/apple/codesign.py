@@ -103,7 +103,7 @@ from .requirements import (
     identifier as identifier_expr,
 )
 from .resources import NestedCode, build_code_resources
-from .trust import APPLE_ROOT_FINGERPRINTS
+from .trust import APPLE_ROOT_FINGERPRINTS, CertificateKind, classify_certificate
 
 APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
 TIMESTAMP_URL_ENVIRONMENT_VARIABLE = "SIGNBRIDGE_TIMESTAMP_URL"
@@ -257,6 +257,20 @@ class CodesignOptions:
     timestamp: cms.Timestamper | None = None
     deep: bool = False
     signing_time: datetime | None = None
+
+
+def notarization_warnings(identity: Identity | None, options: CodesignOptions) -> list[str]:
+    """What a Developer ID signature made with ``options`` lacks for notarization (one line each)."""
+    if identity is None or classify_certificate(identity.certificate) is not CertificateKind.DEVELOPER_ID_APPLICATION:
+        return []
+    found = []
+    if options.timestamp_url is None and options.timestamp is None:
+        found.append("signing with a Developer ID identity without --timestamp: the notary service will reject it "
+                     "(The signature does not include a secure timestamp.)")
+    if not options.flags & CodeDirectoryFlags.RUNTIME:
+        found.append("signing with a Developer ID identity without --options runtime: the notary service will reject "
+                     "executables (The executable does not have the hardened runtime enabled.)")
+    return found
 
 
 Progress = Callable[[int, int], None]

@@ -410,7 +410,10 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
         return EXIT_FAILURE
     reporter = CliReporter(terminal)
     status = EXIT_SUCCESS
+    warnings = engine.notarization_warnings(identity, options)
     for path in arguments.paths:
+        for warning in warnings:
+            terminal.error(f"{path}: warning: {warning}")
         try:
             signed = engine.sign_code(path, identity, options, reporter)
         except FileNotFoundError:
