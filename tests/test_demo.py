@@ -31,6 +31,8 @@ def test_demo_runs_and_reports_each_step(tmp_path) -> None:
         "Wrote signed product archive to MyApp-signed.pkg",
         'Status: signed by a certificate trusted by "Demo Corp Root CA"',
         "Signed with a trusted timestamp on:",
+        "Pre-flight for notarization: the app and the package",
+        "No problems found.",
         "audit log intact: 10 records, chain verified",
         "Done:",
     ):

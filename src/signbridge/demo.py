@@ -220,6 +220,12 @@ class Demo:
         self.say("Checking the package's signature (pkgutil --check-signature)")
         self._run_tool("pkgutil", "--check-signature", str(signed))
 
+    def preflight(self, *paths: Path) -> None:
+        """What Apple's notary service would reject, checked offline; the demo root stands in for
+        Apple's as the Developer ID anchor (SIGNBRIDGE_ANCHORS)."""
+        self.say("Pre-flight for notarization: the app and the package, every piece of code inside, offline")
+        self._run_tool("notarytool", "preflight", *(str(path) for path in paths))
+
     def stop_token(self) -> None:
         _checked(_signbridge("stop", TOKEN_NAME, env=self.provider_env()), "signbridge stop")
         self.detail(f"token {TOKEN_NAME} stopped; its socket and p11-kit registration are gone")
@@ -255,6 +261,7 @@ def run_demo(echo: Echo, *, keep: Path | None = None) -> None:
                 app = demo.build_sample_app()
                 demo.codesign_app(app)
                 demo.productsign_app(app)
+                demo.preflight(app, demo.workdir / "MyApp-signed.pkg")
             finally:
                 demo.stop_token()
             demo.say("Stopping the service (SIGTERM); every signature above is in the audit log")
