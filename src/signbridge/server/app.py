@@ -316,6 +316,8 @@ def _json(body: bytes):  # noqa: ANN202
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise bad_request("The request body's JSON is nested too deeply.") from None
 
 
 def _parse_fast_signing_fields(fields: dict):  # noqa: ANN202
