@@ -170,7 +170,7 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
     init_demo(data_dir)
     raw = json.loads((data_dir / "server.json").read_text())
     for key, value, message in [
-        ("headerTimeoutSeconds", 0, "positive number of seconds"),
+        ("headerTimeoutSeconds", 0, "must be positive"),
         ("forwardedAllowIps", [1], "list of addresses"),
         ("maxConnectionsPerIp", "x", "an integer"),
     ]:

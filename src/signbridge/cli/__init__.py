@@ -15,6 +15,7 @@ from ..errors import SignbridgeError
 COMMANDS = {
     "server": "server:server",
     "admin": "admin:admin",
+    "audit": "audit:audit",
     "demo": "demo:demo",
     "start": "provider:start",
     "stop": "provider:stop",

@@ -130,7 +130,10 @@ def run(
         raise UsageError("--tls-cert and --tls-key go together")
     store = open_data_dir(data_dir, database_url=database_url)  # fails early, before workers start
     settings = store.settings
-    store.close()
+    try:
+        store.ensure_checkpoint_key()  # here, before the workers start, so that they share one key
+    finally:
+        store.close()
     proxies = settings.forwarded_allow_ips
     if forwarded_allow_ips is not None:
         proxies = [address.strip() for address in forwarded_allow_ips.split(",") if address.strip()]

@@ -33,6 +33,10 @@ class ServerSettings:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     # Open connections one client address may hold in one worker process; 0 turns the cap off.
     max_connections_per_ip: int = 0
+    # A signed checkpoint of the audit chain every so many records, and after so many seconds with
+    # records not yet covered.
+    audit_checkpoint_records: int = 1000
+    audit_checkpoint_seconds: float = 60.0
 
     @property
     def path(self) -> Path:
@@ -48,6 +52,8 @@ class ServerSettings:
             "headerTimeoutSeconds": self.header_timeout,
             "bodyTimeoutSeconds": self.body_timeout,
             "maxConnectionsPerIp": self.max_connections_per_ip,
+            "auditCheckpointRecords": self.audit_checkpoint_records,
+            "auditCheckpointSeconds": self.audit_checkpoint_seconds,
         }
 
     def save(self) -> None:
@@ -81,9 +87,9 @@ class ServerSettings:
         addresses = raw.get("forwardedAllowIps", [])
         if not all(isinstance(address, str) for address in addresses):
             raise ConfigError(f"{path}: forwardedAllowIps must be a list of addresses")
-        for key in ("headerTimeoutSeconds", "bodyTimeoutSeconds"):
+        for key in ("headerTimeoutSeconds", "bodyTimeoutSeconds", "auditCheckpointSeconds", "auditCheckpointRecords"):
             if key in raw and raw[key] <= 0:
-                raise ConfigError(f"{path}: {key} must be a positive number of seconds")
+                raise ConfigError(f"{path}: {key} must be positive")
         return cls(
             data_dir=data_dir,
             database_url=database_url or raw.get("databaseUrl") or sqlite_url(data_dir),
@@ -94,6 +100,8 @@ class ServerSettings:
             header_timeout=float(raw.get("headerTimeoutSeconds", DEFAULT_HEADER_TIMEOUT)),
             body_timeout=float(raw.get("bodyTimeoutSeconds", DEFAULT_BODY_TIMEOUT)),
             max_connections_per_ip=raw.get("maxConnectionsPerIp", 0),
+            audit_checkpoint_records=raw.get("auditCheckpointRecords", 1000),
+            audit_checkpoint_seconds=float(raw.get("auditCheckpointSeconds", 60.0)),
         )
 
 
@@ -106,4 +114,6 @@ _KNOWN: dict[str, tuple[type | tuple[type, ...], str]] = {
     "headerTimeoutSeconds": ((int, float), "a number"),
     "bodyTimeoutSeconds": ((int, float), "a number"),
     "maxConnectionsPerIp": (int, "an integer"),
+    "auditCheckpointRecords": (int, "an integer"),
+    "auditCheckpointSeconds": ((int, float), "a number"),
 }
