@@ -34,7 +34,7 @@ from signbridge.cli.productsign import render_check_signature
 from signbridge.hashes import HashAlgorithm
 from signbridge.signatures import Scheme
 from tokenkit import TEAM, apple_pki, developer_id_installer, serve_token, use_runtime_dir
-from xarfixtures import bsdtar_extract, file_xml, raw_xar, sample_files, snapshot, staple, toc_document
+from xarfixtures import bsdtar_extract, file_xml, notarize, raw_xar, sample_files, snapshot, toc_document
 
 INSTALLER = f"Developer ID Installer: Test Corp ({TEAM})"
 INTERMEDIATE = "Test Developer ID Certification Authority"
@@ -224,7 +224,7 @@ def test_a_stapled_ticket_is_dropped_with_a_warning(tmp_path, token):
     package = product_archive(tmp_path / "in.pkg")
     first = signbridge("productsign", "--sign", TEAM, "--timestamp=none", str(package), str(tmp_path / "a.pkg"))
     assert first.returncode == 0 and first.stderr == "", first.stderr
-    staple(tmp_path / "a.pkg", b"ticket" * 10)
+    notarize(tmp_path / "a.pkg")
     result = signbridge("productsign", "--sign", TEAM, "--timestamp=none", str(tmp_path / "a.pkg"),
                         str(tmp_path / "b.pkg"))  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -347,7 +347,7 @@ def test_check_signature_without_anchors(signed):
 def test_check_signature_of_a_notarized_package(signed, tmp_path, anchors):
     package = tmp_path / "signed.pkg"
     package.write_bytes(signed.read_bytes())
-    staple(package, b"ticket" * 10)
+    notarize(package)
     result = signbridge("pkgutil", "--check-signature", str(package), env=anchors)
     assert result.returncode == 0
     assert result.stdout.splitlines()[2] == "   Notarization: trusted by the Apple notary service"

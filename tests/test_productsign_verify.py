@@ -30,7 +30,7 @@ from signbridge.apple.pkgverify import PackageStatus, verify_package
 from signbridge.apple.productsign import sign_package
 from signbridge.apple.xar import XarArchive, XarError, finish, prepare_signed
 from tokenkit import apple_pki, developer_id_installer
-from xarfixtures import staple
+from xarfixtures import notarize
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -93,7 +93,7 @@ def test_an_unsigned_package_has_no_signature(tmp_path, pki):
 
 def test_a_stapled_ticket_is_reported(signed, pki, tsa, tmp_path):
     package = copy(signed, tmp_path)
-    staple(package, b"ticket" * 20)
+    notarize(package)
     verdict = verify_package(package, anchors(pki, tsa))
     assert verdict.ok and verdict.stapled_ticket
 

@@ -21,7 +21,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from conftest import require_tool, run
+from pkikit import certificate, name, new_key
 
 MAGIC = b"xar!"
 APPLE_CHECKSUM_NUMBERS = {"none": 0, "sha1": 1, "md5": 2, "sha256": 3, "sha512": 4}
@@ -287,6 +291,32 @@ def trailer(kind: int, length: int) -> bytes:
 def staple(path: Path, ticket: bytes) -> None:
     with open(path, "ab") as f:
         f.write(trailer(1, 0) + ticket + trailer(2, len(ticket)))
+
+
+def notarization_ticket(*covered: bytes, issued: int = 1_700_000_000) -> bytes:
+    """A ticket shaped as Apple's notary service issues them ('s8ch': certificates, 'g8tk' content
+    listing the ``covered`` hashes, ECDSA P-256 signature zero-padded to 72 bytes), signed by a throwaway key."""
+    key = new_key("p256")
+    der = certificate(name("Test Software Ticket Signing"), key).public_bytes(serialization.Encoding.DER)
+    certificates = b"\x30\x82" + len(der).to_bytes(2, "big") + der
+    content = struct.pack("<4sHHIIQ", b"g8tk", 2, 20, len(covered), 0, issued)
+    content += b"".join(bytes([1 if len(h) == 20 else 2]) + h[:20] for h in covered)
+    signed = struct.pack("<4sIII", b"s8ch", 1, len(certificates), len(content)) + certificates + content
+    signature = key.sign(signed, ec.ECDSA(hashes.SHA256()))
+    return signed + signature.ljust(72, b"\0")
+
+
+def toc_checksum(path: Path) -> bytes:
+    """The TOC checksum stored in a package's heap, read with the minimal parser."""
+    layout = read_layout(path)
+    return heap_bytes(path, layout, *layout.slot("checksum"))
+
+
+def notarize(path: Path) -> bytes:
+    """Staple a notarization ticket for the package (its TOC checksum); returns the ticket."""
+    ticket = notarization_ticket(toc_checksum(path), hashlib.sha256(b"some cdhash").digest())
+    staple(path, ticket)
+    return ticket
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -109,12 +109,15 @@ def prepare_signed(
 
     root = copy.deepcopy(archive.toc.root)
     toc = child(root, "toc")
-    for element in [e for e in toc if local_name(e.tag) in (SIGNATURE, X_SIGNATURE)]:
+    old_signatures = [e for e in toc if local_name(e.tag) in (SIGNATURE, X_SIGNATURE)]
+    old_position = list(toc).index(old_signatures[0]) if old_signatures else None
+    for element in old_signatures:
         toc.remove(element)
-    _set_checksum(toc, algorithm)
+    added_checksum = _set_checksum(toc, algorithm)
+    position = _signature_position(toc, old_position, added_checksum)
     for file_element in children(toc, "file"):
         _move_offsets(file_element, old_end, new_end, archive.name)
-    _insert_signatures(toc, algorithm.digest_size, rsa_size, cms_reserved_size, certificates)
+    _insert_signatures(toc, position, algorithm.digest_size, rsa_size, cms_reserved_size, certificates)
 
     toc_xml = serialize(root)
     toc_compressed = zlib.compress(toc_xml, 9)
@@ -220,33 +223,39 @@ def _check_certificates(certificates: list[bytes]) -> None:
             raise SignatureError(f"certificate {number} of the chain is not a DER-encoded X.509 certificate") from None
 
 
-def _set_checksum(toc: Element, algorithm: HashAlgorithm) -> None:
+def _set_checksum(toc: Element, algorithm: HashAlgorithm) -> bool:
+    """Point <checksum> at heap offset 0 with ``algorithm``; True if it had to be added (at the start)."""
     element = child(toc, "checksum")
+    added = element is None
     if element is None:
         element = make("checksum")
         element.tail = toc.text
         toc.insert(0, element)
-    tail = element.tail
+    tail, attributes = element.tail, dict(element.attrib)
     element.clear()
+    element.attrib.update(attributes)
     element.set("style", algorithm.hashlib_name)
     element.extend([make("offset", "0"), make("size", str(algorithm.digest_size))])
     indent(element, 2)
     element.tail = tail
+    return added
 
 
 def _move_offsets(file_element: Element, old_end: int, new_end: int, name: str) -> None:
-    """Shift every heap offset below a <file> (its data, extended attributes, nested files)."""
+    """Shift every heap offset below a <file>: its data, extended attributes, nested files, and any
+    repeated <data> or <offset> (the TOC is kept whole; readers choose among repeats, see toc.py)."""
     for element in file_element.iter():
-        offset = child(element, "offset")
-        if offset is None:
+        offsets = list(children(element, "offset"))
+        if not offsets:
             continue
-        old = _number(offset, name)
-        length = child(element, "length")
-        empty = length is not None and _number(length, name) == 0
-        moved = new_end if empty and old < old_end else old - old_end + new_end
-        if moved > MAX_INT:
-            raise InvalidNumberError(f"{name}: a file's heap offset would exceed {MAX_INT} after signing")
-        offset.text = str(moved)
+        lengths = list(children(element, "length"))
+        empty = bool(lengths) and _number(lengths[-1], name) == 0
+        for offset in offsets:
+            old = _number(offset, name)
+            moved = new_end if empty and old < old_end else old - old_end + new_end
+            if moved > MAX_INT:
+                raise InvalidNumberError(f"{name}: a file's heap offset would exceed {MAX_INT} after signing")
+            offset.text = str(moved)
 
 
 def _number(element: Element, name: str) -> int:
@@ -256,10 +265,17 @@ def _number(element: Element, name: str) -> int:
     return int(text)
 
 
+def _signature_position(toc: Element, old_position: int | None, added_checksum: bool) -> int:
+    """Where the new signatures go: in the old ones' place, else before the first <file> (after the
+    checksum, as Apple writes them); every other element keeps its place and order."""
+    if old_position is not None:
+        return old_position + added_checksum
+    return next((i for i, e in enumerate(toc) if local_name(e.tag) == "file"), len(toc))
+
+
 def _insert_signatures(
-    toc: Element, offset: int, rsa_size: int | None, cms_size: int | None, certificates: list[bytes]
+    toc: Element, position: int, offset: int, rsa_size: int | None, cms_size: int | None, certificates: list[bytes]
 ) -> None:
-    position = next((i for i, e in enumerate(toc) if local_name(e.tag) == "file"), len(toc))
     tail = toc[position - 1].tail if position else toc.text
     for tag, style, size in ((SIGNATURE, "RSA", rsa_size), (X_SIGNATURE, "CMS", cms_size)):
         if size is None:
