@@ -24,10 +24,11 @@ from pkgkit import (
     openssl_cms_verify,
     openssl_rsa_verify,
     openssl_ts_verify,
+    pki_fixture,  # noqa: F401 - provides the pki fixture
     product_archive,
-    serve_tsa,
     signed_parts,
     timestamp_token,
+    tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
 from signbridge.apple import cms
@@ -65,17 +66,6 @@ from xarfixtures import (
 )
 
 PRODUCT_DIRECTORIES = {"Resources", "Resources/en.lproj", "app.pkg"}
-
-
-@pytest.fixture(scope="module")
-def pki():
-    return apple_pki()
-
-
-@pytest.fixture(scope="module")
-def tsa():
-    with serve_tsa() as served:
-        yield served
 
 
 def build(source: str, directory: Path, toc_checksum: str = "sha1") -> tuple[Path, dict[str, bytes], set[str]]:

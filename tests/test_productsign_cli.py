@@ -19,11 +19,12 @@ from pkgkit import (
     openssl_cms_verify,
     openssl_rsa_verify,
     openssl_ts_verify,
+    pki_fixture,  # noqa: F401 - provides the pki fixture
     product_archive,
-    serve_tsa,
     signbridge,
     signed_parts,
     timestamp_token,
+    tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
 from servicekit import demo_service
@@ -33,23 +34,12 @@ from signbridge.apple.productsign import sign_package
 from signbridge.cli.productsign import render_check_signature
 from signbridge.hashes import HashAlgorithm
 from signbridge.signatures import Scheme
-from tokenkit import TEAM, apple_pki, developer_id_installer, serve_token, use_runtime_dir
+from tokenkit import TEAM, developer_id_installer, serve_token, use_runtime_dir
 from xarfixtures import bsdtar_extract, file_xml, notarize, raw_xar, sample_files, snapshot, toc_document
 
 INSTALLER = f"Developer ID Installer: Test Corp ({TEAM})"
 INTERMEDIATE = "Test Developer ID Certification Authority"
 ROOT = "Test Apple Root CA"
-
-
-@pytest.fixture(scope="module")
-def pki():
-    return apple_pki()
-
-
-@pytest.fixture(scope="module")
-def tsa():
-    with serve_tsa() as served:
-        yield served
 
 
 @pytest.fixture

@@ -19,10 +19,11 @@ from pkgkit import (
     component_package,
     flip,
     identity_of,
+    pki_fixture,  # noqa: F401 - provides the pki fixture
     product_archive,
     rewrite_toc,
-    serve_tsa,
     signed_parts,
+    tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
 from signbridge.apple import cms
@@ -33,17 +34,6 @@ from tokenkit import apple_pki, developer_id_installer
 from xarfixtures import notarize
 
 NOW = dt.datetime.now(dt.UTC)
-
-
-@pytest.fixture(scope="module")
-def pki():
-    return apple_pki()
-
-
-@pytest.fixture(scope="module")
-def tsa():
-    with serve_tsa() as served:
-        yield served
 
 
 @pytest.fixture(scope="module")
