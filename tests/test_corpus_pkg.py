@@ -10,7 +10,9 @@ change, which bsdtar, hashlib over the heap and openssl check independently of t
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import json
 import shutil
 import struct
 import time
@@ -117,6 +119,34 @@ def test_check_signature_gives_apples_verdict(item):
     if item in KNOWN:
         signer, stamped = KNOWN[item]
         assert names[0].startswith(signer) and stamped in rest[0]
+
+
+# MANIFEST.md: how each item's RSA signature and CMS are formed (both conventions occur).
+CONVENTIONS = {
+    TIDY: ("checksum", False),
+    KARABINER.format("1.17.0-unstapled"): ("sha1(checksum)", False),
+    KARABINER.format("1.17.0-stapled"): ("sha1(checksum)", False),
+    KARABINER.format("1.27.0"): ("checksum", True),
+    KARABINER.format("2.4.0"): ("checksum", True),
+    KARABINER.format("4.3.0"): ("checksum", True),
+    KARABINER.format("6.14.0"): ("checksum", True),
+}
+
+
+@pytest.mark.parametrize("item", sorted(CONVENTIONS))
+def test_both_historical_signature_conventions_verify(item):
+    package = corpus_item(item)
+    result = signbridge("pkgutil", "--json", "--check-signature", str(package), env=apple_anchor_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert (report["rsaSignatureOver"], report["cmsSignedAttributes"]) == CONVENTIONS[item]
+    assert report["signatures"] == ["RSA", "CMS"] and report["tocChecksum"] == "sha1"
+    assert report["notarizationTicketStapled"] is is_stapled(package)
+    assert (report["notarizationTicketIssued"] is not None) is is_stapled(package)
+    if report["notarizationTicketIssued"]:  # the notary service answers minutes after the signature
+        issued = dt.datetime.fromisoformat(report["notarizationTicketIssued"])
+        stamped = dt.datetime.fromisoformat(report["trustedTimestamp"])
+        assert dt.timedelta(0) < issued - stamped < dt.timedelta(hours=6)
 
 
 @pytest.mark.parametrize("item", PACKAGES)

@@ -85,6 +85,7 @@ class PackageVerdict:
     chain: tuple[x509.Certificate, ...] = field(default=(), repr=False)  # signer first
     trust: TrustResult | None = field(default=None, repr=False)
     stapled_ticket: bool = False
+    ticket_issued: datetime | None = None  # when the notary service issued the stapled ticket (it checked out)
     problems: tuple[str, ...] = ()
 
     @property
@@ -130,7 +131,7 @@ def verify_package(
         if not archive.toc.signatures:
             return _verdict(path, PackageStatus.NO_SIGNATURE, **base)
         found = _check_signatures(archive)
-        _check_ticket(archive)
+        base["ticket_issued"] = _check_ticket(archive)
         timestamp, problems = _trusted_timestamp(found.parsed_cms, anchors)
     except _Invalid as invalid:
         return _verdict(path, invalid.status, problems=(invalid.problem,), **base)
@@ -298,11 +299,12 @@ def _check_rsa(
     return form
 
 
-def _check_ticket(archive: XarArchive) -> None:
+def _check_ticket(archive: XarArchive) -> datetime | None:
+    """When the stapled ticket was issued (None without one), once it has checked out."""
     try:
         data = archive.read_ticket()
         if data is None:
-            return
+            return None
         ticket = parse_ticket(data, archive.name)
         ticket.verify_signature()
     except (TicketError, XarError) as exc:
@@ -314,6 +316,7 @@ def _check_ticket(archive: XarArchive) -> None:
             f"{archive.name}: the stapled notarization ticket does not list this package's table-of-contents "
             "checksum; it was issued for another package",
         )
+    return ticket.issued
 
 
 # ---------------------------------------------------------------------------------------------
