@@ -373,6 +373,16 @@ def test_tampering_reported_by_the_command_line(shaped, tmp_path, pki):
     assert "'Tool.pkg/Payload'" in result.stderr and "checksum" in result.stderr
 
 
+def test_a_changed_byte_in_a_real_nested_component_is_named(tmp_path):
+    package = tmp_path / "tidy.pkg"
+    shutil.copy(corpus_item(TIDY), package)
+    flip(package, _heap_file_offset(package, "HTML_Tidy.pkg/Payload") + 1000)
+    result = signbridge("pkgutil", "--check-signature", str(package), env=apple_anchor_env())
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[1] == "   Status: package is invalid (checksum did not verify)"
+    assert "'HTML_Tidy.pkg/Payload'" in result.stderr
+
+
 def test_a_real_ticket_changed_by_one_byte_fails(tmp_path):
     package = tmp_path / "notarized.pkg"
     shutil.copy(corpus_item(KARABINER.format("6.14.0")), package)
