@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import errno
 import hashlib
 import os
@@ -11,6 +12,7 @@ import stat
 import struct
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -407,6 +409,17 @@ def test_resigning_moves_every_repeated_offset_and_keeps_the_rest(tmp_path: Path
     assert toc.find("file").get("x-flag") == "1" and toc.find("file/x-unknown").get("a") == "b"
     assert [e.tag for e in toc] == ["checksum", "x-top", "signature", "x-signature", "file"]
     assert XarArchive.open(out).read_data(XarArchive.open(out).file("second")) == b"WORLD"
+
+
+def test_the_signature_creation_time_says_when_the_new_signatures_were_made(
+    tmp_path: Path, signer: OpensslSigner
+) -> None:
+    signed_time = '<signature-creation-time id="s">461137009.8</signature-creation-time>'
+    package = _valid(tmp_path / "p.pkg", signed_time + file_xml("a", 20, 5))
+    when = datetime.datetime(2026, 12, 3, tzinfo=datetime.UTC)  # 9467 days after 2001-01-01
+    prepared = prepare_signed(package, "sha1", None, 100, [signer.cert_der], signed_at=when)
+    element = ET.fromstring(prepared.toc_xml).find("toc/signature-creation-time")
+    assert (element.text, element.get("id")) == ("817948800.0", "s")
 
 
 def test_new_signatures_take_the_place_of_the_old_ones(tmp_path: Path, signer: OpensslSigner) -> None:

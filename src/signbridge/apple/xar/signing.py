@@ -29,6 +29,7 @@ import copy
 import os
 import zlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -42,6 +43,8 @@ from .output import atomic_output, copy_range
 from .toc import SIGNATURE, X_SIGNATURE
 from .tocxml import XMLDSIG_NS, Element, child, children, indent, local_name, make, serialize
 
+SIGNATURE_TIME = "signature-creation-time"
+_APPLE_EPOCH = datetime(2001, 1, 1, tzinfo=UTC).timestamp()
 SIGNING_CHECKSUMS = (HashAlgorithm.SHA1, HashAlgorithm.SHA256, HashAlgorithm.SHA512)
 MAX_RSA_SIZE = 1024  # an 8192-bit modulus
 MAX_CMS_SIZE = 4 * 1024 * 1024
@@ -83,12 +86,15 @@ def prepare_signed(
     rsa_size: int | None,
     cms_reserved_size: int | None,
     certificates: list[bytes],
+    *,
+    signed_at: datetime | None = None,
 ) -> PreparedPackage:
     """Build the TOC of the signed package.
 
     ``rsa_size`` is the RSA signature's length (the modulus length, 256 for RSA-2048) and
     ``cms_reserved_size`` the room kept for the CMS; either may be None to leave that signature out.
-    ``certificates`` (DER, leaf first) go into both signatures' ``KeyInfo``.
+    ``certificates`` (DER, leaf first) go into both signatures' ``KeyInfo``. ``signed_at`` (default
+    now) updates a ``<signature-creation-time>`` the input has.
     """
     if not isinstance(archive, XarArchive):
         archive = XarArchive.open(archive)
@@ -114,6 +120,7 @@ def prepare_signed(
     for element in old_signatures:
         toc.remove(element)
     added_checksum = _set_checksum(toc, algorithm)
+    _refresh_signature_time(toc, signed_at or datetime.now(UTC))
     position = _signature_position(toc, old_position, added_checksum)
     for file_element in children(toc, "file"):
         _move_offsets(file_element, old_end, new_end, archive.name)
@@ -239,6 +246,13 @@ def _set_checksum(toc: Element, algorithm: HashAlgorithm) -> bool:
     indent(element, 2)
     element.tail = tail
     return added
+
+
+def _refresh_signature_time(toc: Element, signed_at: datetime) -> None:
+    """libxar's ``<signature-creation-time>`` (seconds since 2001, Apple's CFAbsoluteTime), when the
+    input has one, says when the new signatures were made. signbridge does not add it."""
+    for element in children(toc, SIGNATURE_TIME):
+        element.text = f"{signed_at.timestamp() - _APPLE_EPOCH:.1f}"
 
 
 def _move_offsets(file_element: Element, old_end: int, new_end: int, name: str) -> None:
