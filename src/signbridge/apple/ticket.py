@@ -24,6 +24,7 @@ that this module does not make.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -46,6 +47,9 @@ MAX_TICKET_SIZE = 1024 * 1024  # real tickets are under 2 KiB
 
 class TicketError(SignbridgeError):
     """A notarization ticket is damaged, altered, or not for the item it is attached to."""
+
+
+_Fail = Callable[[str], "TicketError"]  # makes the error for one problem with one ticket
 
 
 class _Certificates(core.SequenceOf):
@@ -112,7 +116,7 @@ def parse_ticket(data: bytes, name: str) -> Ticket:
     )
 
 
-def _certificates(der: bytes, fail) -> tuple[x509.Certificate, ...]:  # noqa: ANN001 - the caller's error maker
+def _certificates(der: bytes, fail: _Fail) -> tuple[x509.Certificate, ...]:
     try:
         parsed = _Certificates.load(der, strict=True)
         certificates = tuple(x509.load_der_x509_certificate(item.dump()) for item in parsed)
@@ -123,7 +127,7 @@ def _certificates(der: bytes, fail) -> tuple[x509.Certificate, ...]:  # noqa: AN
     return certificates
 
 
-def _content(content: bytes, fail) -> tuple[datetime, int, tuple[TicketEntry, ...]]:  # noqa: ANN001
+def _content(content: bytes, fail: _Fail) -> tuple[datetime, int, tuple[TicketEntry, ...]]:
     if len(content) < _CONTENT_HEADER.size or content[:4] != CONTENT_MAGIC:
         raise fail("content does not start with 'g8tk'")
     _, _version, hash_size, count, flags, issued = _CONTENT_HEADER.unpack_from(content)
@@ -140,7 +144,7 @@ def _content(content: bytes, fail) -> tuple[datetime, int, tuple[TicketEntry, ..
     return when, flags, tuple(entries)
 
 
-def _signature(stored: bytes, fail) -> bytes:  # noqa: ANN001
+def _signature(stored: bytes, fail: _Fail) -> bytes:
     if len(stored) < 2 or stored[0] != 0x30 or stored[1] & 0x80:
         raise fail("has no signature after its content")
     signature, padding = stored[: 2 + stored[1]], stored[2 + stored[1] :]
