@@ -284,6 +284,7 @@ def test_packages_in_todays_shape_are_read(shaped):
     assert {file.path for file in product.toc.files} >= set(PRODUCT) | {"Tool.pkg", "Resources/en.lproj"}
     assert product.read_data(product.file("Tool.pkg/Payload")) == COMPONENT["Payload"]
     assert check_file_checksums(shaped["product"]) == len(PRODUCT) + 1  # and the extended attribute
+    assert verify_package(shaped["product"], []).status is PackageStatus.NO_SIGNATURE
 
 
 @pytest.mark.parametrize("kind", ["component", "product"])
