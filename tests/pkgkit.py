@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from asn1crypto import cms as asn1_cms
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -36,7 +37,7 @@ from signbridge.identity import Identity
 from signbridge.server.tsa import TimestampAuthority
 from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
 from signbridge.tsa import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
-from tokenkit import ApplePki, KeyedCertificate, apple_name, issue, rsa_key
+from tokenkit import ApplePki, KeyedCertificate, apple_name, apple_pki, issue, rsa_key
 from xarfixtures import (
     DSIG,
     PACKAGE_INFO,
@@ -104,6 +105,12 @@ def identity_of(pki: ApplePki, leaf: KeyedCertificate | None = None, log: list |
     return Identity(leaf.certificate, chain, local_signer(leaf.key, log), "local")
 
 
+@pytest.fixture(scope="module", name="pki")
+def pki_fixture() -> ApplePki:
+    """The ``pki`` fixture (import ``pki_fixture`` into a test module): an Apple-shaped test PKI."""
+    return apple_pki()
+
+
 # --- timestamp authority over HTTP --------------------------------------------------------------
 
 
@@ -154,6 +161,13 @@ def serve_tsa() -> Iterator[Tsa]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture(scope="module", name="tsa")
+def tsa_fixture() -> Iterator[Tsa]:
+    """The ``tsa`` fixture (import ``tsa_fixture`` into a test module): :func:`serve_tsa`."""
+    with serve_tsa() as served:
+        yield served
 
 
 # --- taking a signed package apart (independently of the code under test) ------------------------

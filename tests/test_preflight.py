@@ -327,6 +327,9 @@ CORPUS_VERDICTS = {
     "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__1.17.0-stapled.pkg": set(),
     "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__1.17.0-unstapled.pkg": set(),
     "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__1.27.0.pkg": set(),
+    "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__2.4.0.pkg": set(),
+    "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__4.3.0.pkg": set(),
+    "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__6.14.0.pkg": set(),
     "bundles/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__2.4.0_Karabiner-VirtualHIDDevice-Manager.app": set(),
     # Developer ID, timestamped, hardened
     "macho/htacg_tidy-mac-installer__tidy": set(),

@@ -24,10 +24,11 @@ from pkgkit import (
     openssl_cms_verify,
     openssl_rsa_verify,
     openssl_ts_verify,
+    pki_fixture,  # noqa: F401 - provides the pki fixture
     product_archive,
-    serve_tsa,
     signed_parts,
     timestamp_token,
+    tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
 from signbridge.apple import cms
@@ -56,26 +57,15 @@ from xarfixtures import (
     bsdtar_list,
     bsdtar_list_verbose,
     file_xml,
+    notarize,
     raw_xar,
     read_layout,
     sample_files,
     snapshot,
-    staple,
     toc_document,
 )
 
 PRODUCT_DIRECTORIES = {"Resources", "Resources/en.lproj", "app.pkg"}
-
-
-@pytest.fixture(scope="module")
-def pki():
-    return apple_pki()
-
-
-@pytest.fixture(scope="module")
-def tsa():
-    with serve_tsa() as served:
-        yield served
 
 
 def build(source: str, directory: Path, toc_checksum: str = "sha1") -> tuple[Path, dict[str, bytes], set[str]]:
@@ -177,8 +167,9 @@ def test_resigning_replaces_the_signatures(tmp_path, pki):
 def test_stapled_ticket_is_dropped(tmp_path, pki):
     package = product_archive(tmp_path / "in.pkg")
     sign_package(package, tmp_path / "signed.pkg", identity_of(pki))
-    staple(tmp_path / "signed.pkg", b"TICKET" * 50)
-    assert verify_package(tmp_path / "signed.pkg", [pki.root.certificate]).stapled_ticket
+    notarize(tmp_path / "signed.pkg")
+    stapled = verify_package(tmp_path / "signed.pkg", [pki.root.certificate])
+    assert stapled.ok and stapled.stapled_ticket
 
     resigned = sign_package(tmp_path / "signed.pkg", tmp_path / "resigned.pkg", identity_of(pki))
 

@@ -19,11 +19,12 @@ from pkgkit import (
     openssl_cms_verify,
     openssl_rsa_verify,
     openssl_ts_verify,
+    pki_fixture,  # noqa: F401 - provides the pki fixture
     product_archive,
-    serve_tsa,
     signbridge,
     signed_parts,
     timestamp_token,
+    tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
 from servicekit import demo_service
@@ -33,23 +34,12 @@ from signbridge.apple.productsign import sign_package
 from signbridge.cli.productsign import render_check_signature
 from signbridge.hashes import HashAlgorithm
 from signbridge.signatures import Scheme
-from tokenkit import TEAM, apple_pki, developer_id_installer, serve_token, use_runtime_dir
-from xarfixtures import bsdtar_extract, file_xml, raw_xar, sample_files, snapshot, staple, toc_document
+from tokenkit import TEAM, developer_id_installer, serve_token, use_runtime_dir
+from xarfixtures import bsdtar_extract, file_xml, notarize, raw_xar, sample_files, snapshot, toc_document
 
 INSTALLER = f"Developer ID Installer: Test Corp ({TEAM})"
 INTERMEDIATE = "Test Developer ID Certification Authority"
 ROOT = "Test Apple Root CA"
-
-
-@pytest.fixture(scope="module")
-def pki():
-    return apple_pki()
-
-
-@pytest.fixture(scope="module")
-def tsa():
-    with serve_tsa() as served:
-        yield served
 
 
 @pytest.fixture
@@ -224,7 +214,7 @@ def test_a_stapled_ticket_is_dropped_with_a_warning(tmp_path, token):
     package = product_archive(tmp_path / "in.pkg")
     first = signbridge("productsign", "--sign", TEAM, "--timestamp=none", str(package), str(tmp_path / "a.pkg"))
     assert first.returncode == 0 and first.stderr == "", first.stderr
-    staple(tmp_path / "a.pkg", b"ticket" * 10)
+    notarize(tmp_path / "a.pkg")
     result = signbridge("productsign", "--sign", TEAM, "--timestamp=none", str(tmp_path / "a.pkg"),
                         str(tmp_path / "b.pkg"))  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -347,7 +337,7 @@ def test_check_signature_without_anchors(signed):
 def test_check_signature_of_a_notarized_package(signed, tmp_path, anchors):
     package = tmp_path / "signed.pkg"
     package.write_bytes(signed.read_bytes())
-    staple(package, b"ticket" * 10)
+    notarize(package)
     result = signbridge("pkgutil", "--check-signature", str(package), env=anchors)
     assert result.returncode == 0
     assert result.stdout.splitlines()[2] == "   Notarization: trusted by the Apple notary service"

@@ -19,10 +19,11 @@ from pkgkit import (
     component_package,
     flip,
     identity_of,
+    pki_fixture,  # noqa: F401 - provides the pki fixture
     product_archive,
     rewrite_toc,
-    serve_tsa,
     signed_parts,
+    tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
 from signbridge.apple import cms
@@ -30,20 +31,9 @@ from signbridge.apple.pkgverify import PackageStatus, verify_package
 from signbridge.apple.productsign import sign_package
 from signbridge.apple.xar import XarArchive, XarError, finish, prepare_signed
 from tokenkit import apple_pki, developer_id_installer
-from xarfixtures import staple
+from xarfixtures import notarize
 
 NOW = dt.datetime.now(dt.UTC)
-
-
-@pytest.fixture(scope="module")
-def pki():
-    return apple_pki()
-
-
-@pytest.fixture(scope="module")
-def tsa():
-    with serve_tsa() as served:
-        yield served
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +83,7 @@ def test_an_unsigned_package_has_no_signature(tmp_path, pki):
 
 def test_a_stapled_ticket_is_reported(signed, pki, tsa, tmp_path):
     package = copy(signed, tmp_path)
-    staple(package, b"ticket" * 20)
+    notarize(package)
     verdict = verify_package(package, anchors(pki, tsa))
     assert verdict.ok and verdict.stapled_ticket
 

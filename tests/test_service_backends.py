@@ -62,7 +62,8 @@ def test_softhsm_keystore(tmp_path: Path) -> None:
         # The keys are on the token, non-extractable, as pkcs11-tool (an independent reader) sees them.
         listing = run(["pkcs11-tool", "--module", token.module, "--token-label", token.label, "--login", "--pin", token.pin,
                        "--list-objects", "--type", "privkey"], env={**os.environ, **token.env}).stdout.decode()
-        assert listing.count("Private Key Object") == 6  # root, intermediate, three policies, TSA
+        assert listing.count("Private Key Object") == 7  # root, intermediate, three policies, TSA, audit checkpoints
+        assert "signbridge/audit-checkpoints" in listing
         assert "never extractable" in listing
         assert token.pin not in svc.log_text()
 

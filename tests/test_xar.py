@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import errno
 import hashlib
 import os
@@ -11,6 +12,7 @@ import stat
 import struct
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -360,6 +362,74 @@ def test_signing_moves_extended_attribute_data_too(tmp_path: Path, signer: Opens
     assert bsdtar_list(out, tmp_path) == {"a"}
 
 
+# --- repeated and unknown elements, as real TOCs have them ---------------------------------------------
+
+REPEATED_DATA = (
+    '<file id="7" x-flag="1"><data><length>5</length><offset>20</offset><size>5</size>'
+    '<encoding style="application/octet-stream"/></data>'
+    '<data><length>5</length><offset>25</offset><size>5</size><encoding style="application/octet-stream"/></data>'
+    "<type>file</type><name>first</name><name>second</name><x-unknown a=\"b\">text</x-unknown></file>"
+)
+
+
+def test_a_repeated_property_counts_as_libxar_reads_it_the_last_one(tmp_path: Path) -> None:
+    package = _valid(tmp_path / "r.pkg", REPEATED_DATA, b"helloWORLD")
+    entry = XarArchive.open(package).file("second")
+    assert (entry.id, entry.data.offset, entry.other_ranges) == ("7", 25, (HeapRange(20, 5),))
+    assert XarArchive.open(package).read_data(entry) == b"WORLD"
+
+
+def test_a_repeated_data_element_is_range_checked_too(tmp_path: Path) -> None:
+    body = REPEATED_DATA.replace("<offset>20</offset>", "<offset>9999</offset>")
+    with pytest.raises(HeapRangeError, match="data of 'second' lies outside the heap"):
+        XarArchive.open(_valid(tmp_path / "r.pkg", body, b"helloWORLD"))
+
+
+def test_every_repeated_name_must_be_safe(tmp_path: Path) -> None:
+    body = file_xml("a", 20, 5).replace("<name>a</name>", "<name>../etc</name><name>a</name>")
+    with pytest.raises(MalformedTocError, match="not a safe file name"):
+        XarArchive.open(_valid(tmp_path / "r.pkg", body))
+
+
+def test_base64_names_are_decoded(tmp_path: Path) -> None:
+    name = "日本語.strings"
+    encoded = base64.b64encode(name.encode()).decode()
+    body = file_xml("x", 20, 5).replace("<name>x</name>", f'<name enctype="base64">{encoded}</name>')
+    assert XarArchive.open(_valid(tmp_path / "n.pkg", body)).toc.files[0].path == name
+
+
+def test_resigning_moves_every_repeated_offset_and_keeps_the_rest(tmp_path: Path, signer: OpensslSigner) -> None:
+    package = _valid(tmp_path / "r.pkg", '<x-top id="t">kept</x-top>' + REPEATED_DATA, b"helloWORLD")
+    out = tmp_path / "signed.pkg"
+    sign(package, out, signer)
+    moved = 32 + signer.size + CMS_RESERVED - 20
+    toc = read_layout(out).toc_element()
+    assert [int(e.text) for e in toc.iter("offset")][3:] == [20 + moved, 25 + moved]
+    assert [e.text for e in toc.find("file").findall("name")] == ["first", "second"]
+    assert toc.find("file").get("x-flag") == "1" and toc.find("file/x-unknown").get("a") == "b"
+    assert [e.tag for e in toc] == ["checksum", "x-top", "signature", "x-signature", "file"]
+    assert XarArchive.open(out).read_data(XarArchive.open(out).file("second")) == b"WORLD"
+
+
+def test_the_signature_creation_time_says_when_the_new_signatures_were_made(
+    tmp_path: Path, signer: OpensslSigner
+) -> None:
+    signed_time = '<signature-creation-time id="s">461137009.8</signature-creation-time>'
+    package = _valid(tmp_path / "p.pkg", signed_time + file_xml("a", 20, 5))
+    when = datetime.datetime(2026, 12, 3, tzinfo=datetime.UTC)  # 9467 days after 2001-01-01
+    prepared = prepare_signed(package, "sha1", None, 100, [signer.cert_der], signed_at=when)
+    element = ET.fromstring(prepared.toc_xml).find("toc/signature-creation-time")
+    assert (element.text, element.get("id")) == ("817948800.0", "s")
+
+
+def test_new_signatures_take_the_place_of_the_old_ones(tmp_path: Path, signer: OpensslSigner) -> None:
+    package = _valid(tmp_path / "p.pkg", SIG + XSIG + '<x-top id="t"/>' + file_xml("a", 28, 5), b"xxxxyyyyhello")
+    sign(package, tmp_path / "signed.pkg", signer)
+    toc = read_layout(tmp_path / "signed.pkg").toc_element()
+    assert [e.tag for e in toc] == ["checksum", "signature", "x-signature", "x-top", "file"]
+    assert XarArchive.open(tmp_path / "signed.pkg").read_data(XarArchive.open(tmp_path / "signed.pkg").file("a")) == b"hello"
+
+
 @pytest.mark.parametrize("unavailable", [["_copy_file_range"], ["_copy_file_range", "_sendfile"]])
 def test_finish_falls_back_when_the_kernel_cannot_copy(
     tmp_path: Path, signer: OpensslSigner, monkeypatch: pytest.MonkeyPatch, unavailable: list[str]
@@ -494,6 +564,27 @@ def _damaged_ticket(path: Path) -> Path:
     return path
 
 
+def _ticket_too_long(path: Path) -> Path:
+    _valid(path)
+    with open(path, "ab") as f:
+        f.write(struct.pack("<4sHHII", b"t8lr", 1, 1, 0, 0) + b"ticket" + struct.pack("<4sHHII", b"t8lr", 1, 2, 4 * 10**9, 0))
+    return path
+
+
+def _ticket_cut(path: Path) -> Path:
+    _valid(path)
+    with open(path, "ab") as f:
+        f.write(struct.pack("<4sHHII", b"t8lr", 1, 1, 0, 0) + b"ticket" * 10 + struct.pack("<4sHHII", b"t8lr", 1, 2, 60, 0)[:9])
+    return path
+
+
+def _ticket_wrong_type(path: Path) -> Path:
+    _valid(path)
+    with open(path, "ab") as f:
+        f.write(struct.pack("<4sHHII", b"t8lr", 1, 1, 0, 0) + b"ticket" + struct.pack("<4sHHII", b"t8lr", 1, 1, 6, 0))
+    return path
+
+
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], type[Exception], str]] = {
     "zip file": (lambda p: (p.write_bytes(b"PK\x03\x04" + b"\0" * 100), p)[1], NotXarError, "not a flat package"),
     "empty file": (lambda p: (p.write_bytes(b""), p)[1], NotXarError, "does not start with"),
@@ -562,6 +653,9 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], type[Exception], str]] = {
         lambda p: _valid(p, file_xml("a", 10, 5), b"hello"), HeapRangeError, "inside the signature area",
     ),
     "damaged stapled ticket": (_damaged_ticket, StapledTicketError, "notarization ticket"),
+    "ticket length past the file": (_ticket_too_long, StapledTicketError, "length of 4000000000 bytes, more than"),
+    "ticket without its trailer": (_ticket_cut, StapledTicketError, "ends before its trailer"),
+    "ticket trailer of the wrong type": (_ticket_wrong_type, StapledTicketError, "record of type 1"),
 }
 
 

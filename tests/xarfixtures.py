@@ -21,7 +21,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from conftest import require_tool, run
+from pkikit import certificate, name, new_key
 
 MAGIC = b"xar!"
 APPLE_CHECKSUM_NUMBERS = {"none": 0, "sha1": 1, "md5": 2, "sha256": 3, "sha512": 4}
@@ -103,12 +107,14 @@ def bsdtar_list_verbose(path: Path, scratch: Path) -> str:
     return run([bsdtar, "-tvf", str(bsdtar_readable(path, scratch))], text=True).stdout
 
 
-def bsdtar_extract(path: Path, scratch: Path) -> dict[str, bytes]:
-    """Extract with bsdtar (which checks every file's archived and extracted checksum)."""
+def bsdtar_extract(path: Path, scratch: Path, *, xattrs: bool = True) -> dict[str, bytes]:
+    """Extract with bsdtar (which checks every file's archived and extracted checksum). Without
+    ``xattrs`` extended attributes are not restored (tmpfs refuses Apple's)."""
     bsdtar = require_tool("bsdtar")
     dest = scratch / f"{path.name}.extracted"
     dest.mkdir()
-    run([bsdtar, "-xf", str(bsdtar_readable(path, scratch)), "-C", str(dest)])
+    options = [] if xattrs else ["--no-xattrs"]
+    run([bsdtar, *options, "-xf", str(bsdtar_readable(path, scratch)), "-C", str(dest)])
     return {
         str(p.relative_to(dest)): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()
     }
@@ -289,5 +295,141 @@ def staple(path: Path, ticket: bytes) -> None:
         f.write(trailer(1, 0) + ticket + trailer(2, len(ticket)))
 
 
+def notarization_ticket(*covered: bytes, issued: int = 1_700_000_000) -> bytes:
+    """A ticket shaped as Apple's notary service issues them ('s8ch': certificates, 'g8tk' content
+    listing the ``covered`` hashes, ECDSA P-256 signature zero-padded to 72 bytes), signed by a throwaway key."""
+    key = new_key("p256")
+    der = certificate(name("Test Software Ticket Signing"), key).public_bytes(serialization.Encoding.DER)
+    certificates = b"\x30\x82" + len(der).to_bytes(2, "big") + der
+    content = struct.pack("<4sHHIIQ", b"g8tk", 2, 20, len(covered), 0, issued)
+    content += b"".join(bytes([1 if len(h) == 20 else 2]) + h[:20] for h in covered)
+    signed = struct.pack("<4sIII", b"s8ch", 1, len(certificates), len(content)) + certificates + content
+    signature = key.sign(signed, ec.ECDSA(hashes.SHA256()))
+    return signed + signature.ljust(72, b"\0")
+
+
+def toc_checksum(path: Path) -> bytes:
+    """The TOC checksum stored in a package's heap, read with the minimal parser."""
+    layout = read_layout(path)
+    return heap_bytes(path, layout, *layout.slot("checksum"))
+
+
+def notarize(path: Path) -> bytes:
+    """Staple a notarization ticket for the package (its TOC checksum); returns the ticket."""
+    ticket = notarization_ticket(toc_checksum(path), hashlib.sha256(b"some cdhash").digest())
+    staple(path, ticket)
+    return ticket
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# --- packages shaped as Apple's pkgbuild and productbuild write them today ---------------------------
+
+_FINDER = "<FinderCreateTime><nanoseconds>0</nanoseconds><time>1900-01-00T11:18:24</time></FinderCreateTime>"
+_OWNER = (
+    "<ctime>2026-04-26T14:04:29Z</ctime><mtime>2026-04-26T14:04:29Z</mtime><atime>2026-04-26T14:04:29Z</atime>"
+    "<group>staff</group><gid>20</gid><user>builder</user><uid>501</uid>"
+)
+_EA_DATA = b"UTF-8;134217984"
+
+
+def pkgbuild_package(path: Path, files: dict[str, bytes], *, gzip: tuple[str, ...] = ()) -> Path:
+    """An unsigned package whose TOC has today's pkgbuild/productbuild shape: each file's properties in
+    libxar's reversed order (<data> first, <name> last), every <name> written twice, Finder, inode and
+    owner metadata, ``id`` attributes on files and on an extended attribute (<ea>), an element and an
+    attribute no reader models. Paths with "/" become nested <file>s in directories (a product
+    archive's component package: ``Tool.pkg/Payload``). Files named in ``gzip`` are stored compressed."""
+    heap = bytearray()
+    ids = iter(range(1, 10_000))
+    tree: dict = {}
+    for file_path, data in files.items():
+        node = tree
+        for part in file_path.split("/")[:-1]:
+            node = node.setdefault(part, {})
+        node[file_path.rsplit("/", 1)[-1]] = (file_path, data)
+
+    def stored_xml(tag: str, data: bytes, compress: bool, extra: str = "", attributes: str = "") -> str:
+        stored = zlib.compress(data, 9) if compress else data
+        offset = 20 + len(heap)
+        heap.extend(stored)
+        encoding = "application/x-gzip" if compress else "application/octet-stream"
+        return (
+            f"<{tag}{attributes}><length>{len(stored)}</length><encoding style=\"{encoding}\"/>"
+            f"<offset>{offset}</offset><size>{len(data)}</size>"
+            f'<extracted-checksum style="sha1">{hashlib.sha1(data).hexdigest()}</extracted-checksum>'
+            f'<archived-checksum style="sha1">{hashlib.sha1(stored).hexdigest()}</archived-checksum>{extra}</{tag}>'
+        )
+
+    def file_xml_of(name: str, entry) -> str:  # noqa: ANN001 - a (path, bytes) pair or a directory dict
+        number = next(ids)
+        if isinstance(entry, dict):
+            inner = "".join(file_xml_of(child, value) for child, value in entry.items())
+            return (
+                f'<file id="{number}">{_FINDER}{_OWNER}<mode>0755</mode><deviceno>16777234</deviceno>'
+                f"<inode>{40000 + number}</inode><type>directory</type><name>{name}</name><name>{name}</name>"
+                f"{inner}</file>"
+            )
+        file_path, data = entry
+        ea = ""
+        if number == 1:
+            ea = stored_xml("ea", _EA_DATA, True, "<name>com.apple.TextEncoding</name>", ' id="0"')
+        return (
+            f'<file id="{number}" x-vendor="kept">{stored_xml("data", data, file_path in gzip)}{ea}{_FINDER}{_OWNER}'
+            f"<mode>0644</mode><deviceno>16777234</deviceno><inode>{40000 + number}</inode><type>file</type>"
+            f"<name>{name}</name><name>{name}</name></file>"
+        )
+
+    body = "".join(file_xml_of(name, entry) for name, entry in tree.items())
+    toc = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<xar>\n <toc>\n  <creation-time>2026-04-26T14:04:30</creation-time>\n'
+        '  <checksum style="sha1">\n   <offset>0</offset>\n   <size>20</size>\n  </checksum>\n'
+        f'  <x-vendor-note id="note-1" flavour="unknown">kept as it is</x-vendor-note>\n  {body}\n </toc>\n</xar>\n'
+    )
+    return raw_xar(path, toc, bytes(heap))
+
+
+def toc_shape(path: Path) -> tuple[list[tuple[str, tuple, str]], list[int]]:
+    """What re-signing must keep of a TOC: every element outside the checksum and the signatures, in
+    document order, as (path of tags, attributes, text), with heap offsets taken out into a list."""
+    shape: list[tuple[str, tuple, str]] = []
+    offsets: list[int] = []
+
+    def walk(element: ET.Element, where: str) -> None:
+        for sub in element:
+            tag = sub.tag.rpartition("}")[2]
+            if where == "xar/toc" and tag in ("checksum", "signature", "x-signature"):
+                continue
+            here = f"{where}/{tag}"
+            text = (sub.text or "").strip()
+            if tag == "offset":
+                offsets.append(int(text))
+                text = "<offset>"
+            shape.append((here, tuple(sorted(sub.attrib.items())), text))
+            walk(sub, here)
+
+    walk(read_layout(path).toc, "xar")
+    return shape, offsets
+
+
+def check_file_checksums(path: Path) -> int:
+    """Hash every file's (and extended attribute's) stored bytes in the heap with hashlib and compare
+    them with the archived checksum, and the decoded bytes with the extracted one; returns how many
+    were checked. Independent of the code under test."""
+    layout = read_layout(path)
+    checked = 0
+    for element in layout.toc_element().iter():
+        archived = element.find("archived-checksum")
+        if archived is None or element.find("offset") is None:
+            continue
+        stored = heap_bytes(path, layout, int(element.findall("offset")[-1].text),
+                            int(element.findall("length")[-1].text))  # fmt: skip
+        assert hashlib.new(archived.get("style"), stored).hexdigest() == archived.text.strip(), element.tag
+        extracted = element.find("extracted-checksum")
+        encoding = element.find("encoding").get("style")
+        if extracted is not None and encoding in ("application/x-gzip", "application/octet-stream"):
+            data = zlib.decompress(stored) if encoding == "application/x-gzip" else stored
+            assert hashlib.new(extracted.get("style"), data).hexdigest() == extracted.text.strip(), element.tag
+        checked += 1
+    return checked

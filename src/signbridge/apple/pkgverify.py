@@ -13,7 +13,11 @@ The checks, in order; the first that fails decides the verdict:
    attributes, in BER or DER, zero-padded to its slot. Both name the same signer, the CMS's
    certificates are among those the table of contents lists, and a timestamp, if any, must
    cover the CMS signature: else *invalid signature*.
-5. The signer's chain leads to a trust anchor (``SIGNBRIDGE_ANCHORS`` / ``TrustAnchors``) for
+5. A stapled notarization ticket, if any, is whole: its structure parses, its signature verifies
+   with the certificate it carries, and it lists the package's TOC checksum: else *package is
+   invalid*, naming what is wrong with the ticket. (Whether the ticket's certificate chains to
+   Apple's notary root is not checked here; see docs/productsign.md.)
+6. The signer's chain leads to a trust anchor (``SIGNBRIDGE_ANCHORS`` / ``TrustAnchors``) for
    installer signing, valid now or when a trusted timestamp says the package was signed: the
    verdict then words the anchor as Apple does; else *signed by a certificate that has since
    expired* when only time is wrong, and *signed by untrusted certificate* otherwise.
@@ -36,6 +40,7 @@ from ..errors import SignatureError
 from ..hashes import HashAlgorithm
 from . import cms
 from .certificates import unique_certificates
+from .ticket import TicketError, parse_ticket
 from .trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
 from .xar import ChecksumMismatchError, SignatureSlot, XarArchive, XarError, signature_data
 
@@ -80,6 +85,7 @@ class PackageVerdict:
     chain: tuple[x509.Certificate, ...] = field(default=(), repr=False)  # signer first
     trust: TrustResult | None = field(default=None, repr=False)
     stapled_ticket: bool = False
+    ticket_issued: datetime | None = None  # when the notary service issued the stapled ticket (it checked out)
     problems: tuple[str, ...] = ()
 
     @property
@@ -125,6 +131,7 @@ def verify_package(
         if not archive.toc.signatures:
             return _verdict(path, PackageStatus.NO_SIGNATURE, **base)
         found = _check_signatures(archive)
+        base["ticket_issued"] = _check_ticket(archive)
         timestamp, problems = _trusted_timestamp(found.parsed_cms, anchors)
     except _Invalid as invalid:
         return _verdict(path, invalid.status, problems=(invalid.problem,), **base)
@@ -290,6 +297,26 @@ def _check_rsa(
     if form is None:
         raise _Invalid(PackageStatus.INVALID_SIGNATURE, "the RSA signature does not sign this table of contents")
     return form
+
+
+def _check_ticket(archive: XarArchive) -> datetime | None:
+    """When the stapled ticket was issued (None without one), once it has checked out."""
+    try:
+        data = archive.read_ticket()
+        if data is None:
+            return None
+        ticket = parse_ticket(data, archive.name)
+        ticket.verify_signature()
+    except (TicketError, XarError) as exc:
+        raise _Invalid(PackageStatus.INVALID_PACKAGE, str(exc)) from None
+    checksum = archive.stored_toc_checksum()
+    if checksum is None or not ticket.covers(checksum):
+        raise _Invalid(
+            PackageStatus.INVALID_PACKAGE,
+            f"{archive.name}: the stapled notarization ticket does not list this package's table-of-contents "
+            "checksum; it was issued for another package",
+        )
+    return ticket.issued
 
 
 # ---------------------------------------------------------------------------------------------

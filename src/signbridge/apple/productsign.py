@@ -24,7 +24,7 @@ import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -111,7 +111,10 @@ def sign_package(
 
     archive = XarArchive.open(input_path)
     cms_size = cms.estimate_size(certificates, with_timestamp=timestamp is not None, hash_algorithm=CMS_DIGEST)
-    prepared = _prepare_in_phase(archive, algorithm, rsa_size, cms_size, [_der(cert) for cert in certificates])
+    signed_at = signing_time or datetime.now(UTC)
+    prepared = _prepare_in_phase(
+        archive, algorithm, rsa_size, cms_size, [_der(cert) for cert in certificates], signed_at
+    )
     checksum = prepared.toc_checksum
 
     rsa_signature = None
@@ -130,7 +133,7 @@ def sign_package(
         chain,
         hash_algorithm=CMS_DIGEST,
         timestamp=timestamp,
-        signing_time=signing_time,
+        signing_time=signed_at,
         ecdsa_format=EcdsaFormat.ASN1,  # Identity.sign returns ECDSA signatures in DER
     )
     parsed = cms.parse_signed_data(cms_der)
@@ -148,7 +151,12 @@ def sign_package(
 
 
 def _prepare_in_phase(
-    archive: XarArchive, algorithm: HashAlgorithm, rsa_size: int | None, cms_size: int, certificates: list[bytes]
+    archive: XarArchive,
+    algorithm: HashAlgorithm,
+    rsa_size: int | None,
+    cms_size: int,
+    certificates: list[bytes],
+    signed_at: datetime,
 ) -> PreparedPackage:
     """:func:`prepare_signed`, with the CMS slot padded so that the file data lands at the same offset
     within a memory page (64 KiB for large packages) as in the input.
@@ -166,7 +174,7 @@ def _prepare_in_phase(
     Building a TOC is cheap for the usual few files (a few TOCs are built on average); large TOCs get
     two tries. Alignment only saves time: when no guess fits, the package is written unaligned.
     """
-    first = prepare_signed(archive, algorithm, rsa_size, cms_size, certificates)
+    first = prepare_signed(archive, algorithm, rsa_size, cms_size, certificates, signed_at=signed_at)
     alignment = _LARGE_COPY_ALIGNMENT if first.copy_length >= _LARGE_COPY else mmap.PAGESIZE
     fixed = HEADER_SIZE + first.signature_area_size - cms_size  # header, checksum and RSA signature
     budget = _MAX_TOC_BUILDS if len(first.toc_xml) <= _SMALL_TOC else 2
@@ -184,7 +192,9 @@ def _prepare_in_phase(
             if guess in tried:
                 continue
             tried.add(guess)
-            prepared = prepare_signed(archive, algorithm, rsa_size, reserve(guess, window), certificates)
+            prepared = prepare_signed(
+                archive, algorithm, rsa_size, reserve(guess, window), certificates, signed_at=signed_at
+            )
             built += 1
             length = len(prepared.toc_compressed)
             if length == guess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from pathlib import Path
 
@@ -15,10 +14,18 @@ from sqlalchemy.orm import Session
 from ..errors import UsageError
 from ..server import audit as audit_log
 from ..server import directory
+from ..server.audit_export import CheckedLog, export_lines, kept_checkpoints, verify_database
+from ..server.checkpoints import (
+    CheckpointSigner,
+    checkpoint_key_certificate,
+    ensure_checkpoint_key,
+    write_checkpoint,
+)
 from ..server.datadir import DataDir, open_data_dir
 from ..server.keystores import KeySpec
 from ..server.models import Organization
-from .common import data_dir_option, print_json, print_table
+from ..server.tsa import load_timestamp_authority
+from .common import data_dir_option, print_json, print_table, read_certificate_file
 
 pass_store = click.make_pass_decorator(DataDir)
 
@@ -147,16 +154,6 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _read_certificates(path: Path) -> list[x509.Certificate]:
-    data = path.read_bytes()
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
-        raise UsageError(f"{path} holds no readable certificate: {exc}") from None
-
-
 @cert.command("import")
 @org_option
 @click.argument("slug")
@@ -165,8 +162,8 @@ def _read_certificates(path: Path) -> list[x509.Certificate]:
 @pass_store
 def cert_import(store: DataDir, org_ref: str | None, slug: str, certificate: Path, chain: Path | None) -> None:
     """Attach the certificate issued for a key's CSR (PEM or DER; extra PEM certificates are the chain)."""
-    leaf, *rest = _read_certificates(certificate)
-    pool = rest + (_read_certificates(chain) if chain else [])
+    leaf, *rest = read_certificate_file(certificate)
+    pool = rest + (read_certificate_file(chain) if chain else [])
     with store.session() as session:
         row = directory.get_certificate(session, _organization(session, org_ref), slug)
         directory.import_certificate(session, store.keystore, row, leaf, pool)
@@ -452,8 +449,8 @@ def audit_list(store: DataDir, since: int, limit: int, as_json: bool) -> None:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout.")
 @pass_store
 def audit_export(store: DataDir, as_json: bool, output: Path | None) -> None:
-    """Export every record, with its chain hashes, as JSON lines."""
-    lines = (json.dumps(record, default=str, sort_keys=True) + "\n" for record in audit_log.iter_records(store.engine))
+    """Export every record, with its chain hashes and the signed checkpoints, as JSON lines."""
+    lines = export_lines(store.engine)
     if output is None:
         for line in lines:
             click.echo(line, nl=False)
@@ -464,19 +461,65 @@ def audit_export(store: DataDir, as_json: bool, output: Path | None) -> None:
     os.replace(temporary, output)
 
 
-@audit.command("verify")
-@click.option("--json", "as_json", is_flag=True)
-@pass_store
-def audit_verify(store: DataDir, as_json: bool) -> None:
-    """Check the hash chain; exit 1 naming every edited, deleted or reordered record."""
-    result = audit_log.verify(store.engine)
+def report_verification(checked: CheckedLog, as_json: bool, *, signed_by: str | None) -> None:
+    """Print a verification's outcome as ``audit verify`` does; exit 1 when the log was tampered with."""
+    result = checked.result
     if as_json:
-        print_json({"records": result.records, "ok": result.ok, "problems": result.problems})
+        print_json(checked.summary())
     elif result.ok:
         click.echo(f"audit log intact: {result.records} records, chain verified")
+        if checked.newest is not None:
+            click.echo(
+                f"{checked.checkpoints} signed checkpoint(s); the newest covers record {checked.newest.seq} "
+                f"({checked.newest.time}), signed by {signed_by}"
+            )
+        else:
+            click.echo("no signed checkpoint yet: records can be checked only against each other")
     else:
         for problem in result.problems:
             click.echo(f"audit: {problem}", err=True)
         click.echo(f"audit log TAMPERED: {len(result.problems)} problem(s) in {result.records} records", err=True)
     if not result.ok:
         raise click.exceptions.Exit(1)
+
+
+@audit.command("verify")
+@click.option("--kept", "kept_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An earlier export whose checkpoints must still hold (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_store
+def audit_verify(store: DataDir, kept_paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check the hash chain and the signed checkpoints; exit 1 naming every edited, deleted or reordered record."""
+    kept = kept_checkpoints(kept_paths)
+    with store.session() as session:
+        certificate = checkpoint_key_certificate(session, store.keystore)
+    if certificate is None:
+        checked = CheckedLog(audit_log.verify(store.engine), 0, None)
+    else:
+        checked = verify_database(store.engine, certificate, kept)
+    report_verification(checked, as_json, signed_by=certificate and certificate.subject.rfc4514_string())
+
+
+@audit.command("checkpoint")
+@pass_store
+def audit_checkpoint(store: DataDir) -> None:
+    """Sign a checkpoint of the chain's head now (the service also does so on its own)."""
+    with store.session() as session:
+        row = ensure_checkpoint_key(session, store.keystore)
+        signer = CheckpointSigner(row, store.keystore, load_timestamp_authority(session, store.keystore))
+    checkpoint = write_checkpoint(store.engine, signer)
+    if checkpoint is None:
+        click.echo("the newest record is already covered by a checkpoint")
+    else:
+        click.echo(f"signed a checkpoint of record {checkpoint.seq} ({checkpoint.time})")
+
+
+@audit.command("certificate")
+@pass_store
+def audit_certificate(store: DataDir) -> None:
+    """Print the checkpoint certificate (PEM): keep it to verify exports offline."""
+    with store.session() as session:
+        certificate = checkpoint_key_certificate(session, store.keystore)
+    if certificate is None:
+        raise UsageError("this service has no checkpoint key yet; `signbridge server run` creates it")
+    click.echo(_pem(certificate), nl=False)

@@ -240,6 +240,7 @@ def verdict_json(verdict: PackageVerdict) -> dict[str, Any]:
         "trusted": verdict.ok,
         "exitCode": verdict.exit_code,
         "notarizationTicketStapled": verdict.stapled_ticket,
+        "notarizationTicketIssued": _iso(verdict.ticket_issued),
         "tocChecksum": verdict.checksum_algorithm.hashlib_name if verdict.checksum_algorithm else None,
         "signatures": list(verdict.signatures),
         "rsaSignatureOver": verdict.rsa_form,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,12 @@ def init(
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Worker processes.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
+@click.option(
+    "--forwarded-allow-ips",
+    metavar="ADDRESSES",
+    help="Comma-separated proxy addresses whose X-Forwarded-For is believed (default: server.json's "
+    "forwardedAllowIps, else none: the remote address is always the socket's peer).",
+)
 def run(
     data_dir: Path,
     database_url: str | None,
@@ -114,6 +121,7 @@ def run(
     workers: int,
     log_level: str,
     access_log: bool,
+    forwarded_allow_ips: str | None,
 ) -> None:
     """Run the signing service (uvicorn) until SIGTERM or Ctrl-C."""
     import uvicorn
@@ -121,7 +129,14 @@ def run(
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     store = open_data_dir(data_dir, database_url=database_url)  # fails early, before workers start
-    store.close()
+    settings = store.settings
+    try:
+        store.ensure_checkpoint_key()  # here, before the workers start, so that they share one key
+    finally:
+        store.close()
+    proxies = settings.forwarded_allow_ips
+    if forwarded_allow_ips is not None:
+        proxies = [address.strip() for address in forwarded_allow_ips.split(",") if address.strip()]
     if not tls_cert and not is_loopback_host(host):
         click.echo(f"signbridge: warning: serving plain HTTP on {host}; use --tls-cert/--tls-key", err=True)
     os.environ["SIGNBRIDGE_DATA_DIR"] = str(data_dir.resolve())
@@ -129,12 +144,15 @@ def run(
         os.environ["SIGNBRIDGE_DATABASE_URL"] = database_url
     scheme = "https" if tls_cert else "http"
     click.echo(f"signbridge service: {scheme}://{host}:{port}/Api ({workers} worker{'s' if workers > 1 else ''})", err=True)
-    from ..server.httpprotocol import HttpProtocol
+    from ..server.httpprotocol import ConnectionLimits, HttpProtocol
 
+    limits = ConnectionLimits(settings.header_timeout, settings.body_timeout, settings.max_connections_per_ip)
     uvicorn.run(
         "signbridge.server.app:create_app_from_env",
         factory=True,
-        http=HttpProtocol,
+        http=functools.partial(HttpProtocol, limits=limits),
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
         host=host,
         port=port,
         workers=workers,

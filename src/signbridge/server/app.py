@@ -7,6 +7,7 @@ Starlette's middleware, router and request objects would cost as much as the app
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import gc
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -33,9 +35,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import SignbridgeError
 from .audit import AuditEntry, AuditLog
+from .checkpoints import PURPOSE as CHECKPOINT_PURPOSE
+from .checkpoints import CheckpointSigner, write_checkpoint
 from .database import open_engine
-from .directory import load_chain, load_x509
-from .keystores import KeyRef
 from .keystores.factory import open_keystore
 from .models import Certificate
 from .openapi import openapi_document
@@ -43,7 +45,7 @@ from .problems import PROBLEM_CONTENT_TYPE, Problem, bad_request
 from .requests import get, parse_fast_signing_payload, parse_sign_hash
 from .service import Caller, SigningService
 from .settings import ServerSettings
-from .tsa import TimestampAuthority
+from .tsa import TimestampAuthority, load_timestamp_authority
 
 log = logging.getLogger("signbridge.server")
 
@@ -130,6 +132,8 @@ class Api:
         self.settings = settings
         self.service: SigningService | None = None
         self.tsa: TimestampAuthority | None = None
+        self.checkpoints: CheckpointSigner | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -139,7 +143,10 @@ class Api:
         self.service = SigningService(
             engine, keystore, audit, rate_limit_per_minute=self.settings.rate_limit_per_minute
         )
-        self.tsa = self._load_tsa()
+        with Session(engine) as session:
+            self.tsa = load_timestamp_authority(session, keystore)
+        self.checkpoints = self._load_checkpoint_signer()
+        ticker = asyncio.create_task(self._checkpoint_ticker()) if self.checkpoints else None
         # Each request allocates a few thousand short-lived objects; with the default thresholds the
         # cyclic collector runs every few requests and rescans everything loaded at start-up.
         gc.freeze()
@@ -147,23 +154,43 @@ class Api:
         try:
             yield
         finally:
+            if ticker is not None:
+                ticker.cancel()
             await audit.aclose()
+            await self._checkpoint()  # a clean shutdown leaves no record uncovered
             self.service.close()
             keystore.close()
             engine.dispose()
 
-    def _load_tsa(self) -> TimestampAuthority | None:
+    def _load_checkpoint_signer(self) -> CheckpointSigner | None:
         service = self.service
         assert service is not None
         with Session(service.engine) as session:
-            row = session.scalars(
-                select(Certificate).where(Certificate.purpose == "timestamping").order_by(Certificate.created_at.desc())
-            ).first()
-        if row is None:
-            return None
-        ref = KeyRef.parse(row.key_ref)
-        keystore = service.keystore
-        return TimestampAuthority(load_x509(row), load_chain(row), lambda request: keystore.sign(ref, request))
+            row = session.scalars(select(Certificate).where(Certificate.purpose == CHECKPOINT_PURPOSE)).first()
+        return None if row is None else CheckpointSigner(row, service.keystore, self.tsa)
+
+    async def _checkpoint(self) -> None:
+        if self.checkpoints is None or self.service is None:
+            return
+        try:
+            await run_in_threadpool(write_checkpoint, self.service.engine, self.checkpoints)
+        except (SignbridgeError, SQLAlchemyError, OSError) as exc:  # the next checkpoint covers these records too
+            log.error("cannot write an audit checkpoint: %s", exc)
+
+    async def _checkpoint_ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.audit_checkpoint_seconds)
+            await self._checkpoint()
+
+    async def _audit(self, entry: AuditEntry) -> None:
+        """Commit ``entry``; every ``audit_checkpoint_records`` records, sign a checkpoint in the background."""
+        service = self.service
+        assert service is not None
+        seq = await service.audit.append(entry)
+        if seq % self.settings.audit_checkpoint_records == 0 and self.checkpoints is not None:
+            task = asyncio.create_task(self._checkpoint())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _authorize_and_sign(self, authorization: str | None, organization_id: str, parse: Parse, entry: AuditEntry):  # noqa: ANN202
         """Authenticate, parse, sign (on the event loop or in a worker thread, see ``SigningService.inline``).
@@ -209,14 +236,14 @@ class Api:
         except Problem as problem:
             entry.outcome, entry.status, entry.reason = problem.audit_outcome, problem.status, problem.detail
             try:
-                await service.audit.append(entry)
+                await self._audit(entry)
             except SignbridgeError as exc:
                 log.error("%s", exc)
                 problem = Problem(503, "The audit log is unavailable; try again later.")
             await send_problem(send, problem)
             return
         try:
-            await service.audit.append(entry)
+            await self._audit(entry)
         except SignbridgeError as exc:
             log.error("%s; the signature was withheld", exc)
             await send_problem(send, Problem(503, "The audit log is unavailable; the signature was not released."))
@@ -316,6 +343,8 @@ def _json(body: bytes):  # noqa: ANN202
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise bad_request("The request body's JSON is nested too deeply.") from None
 
 
 def _parse_fast_signing_fields(fields: dict):  # noqa: ANN202

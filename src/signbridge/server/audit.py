@@ -16,7 +16,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from sqlalchemy import Connection, Engine, insert, select
@@ -181,12 +181,19 @@ class VerifyResult:
         return not self.problems
 
 
-def verify(engine: Engine) -> VerifyResult:
-    """Walk the chain and name every record that was edited, deleted or moved."""
+def verify_records(
+    records: Iterable[Mapping], *, head: tuple[int, str] | None = None, trusted: Mapping[int, str] | None = None
+) -> VerifyResult:
+    """Walk a chain of records (from the database or an export) and name every record that was
+    edited, deleted or moved. ``head`` is the (seq, hash) the database says was written last;
+    ``trusted`` maps sequence numbers to the record hashes that signed checkpoints vouch for, which
+    exposes what recomputing the hashes or deleting the newest records would otherwise hide."""
+    trusted = trusted or {}
     problems: list[str] = []
+    hashes_at: dict[int, str] = {}
     expected_seq, prev = 1, GENESIS
     count = 0
-    for row in iter_records(engine):
+    for row in records:
         count += 1
         seq = row["seq"]
         if seq != expected_seq:
@@ -195,11 +202,31 @@ def verify(engine: Engine) -> VerifyResult:
             problems.append(f"record {seq} does not follow the record before it (deleted or reordered records)")
         if record_hash(seq, row["prev_hash"], row) != row["record_hash"]:
             problems.append(f"record {seq} was modified after it was written")
+        if seq in trusted:
+            hashes_at[seq] = row["record_hash"]
         expected_seq, prev = seq + 1, row["record_hash"]
+    last = expected_seq - 1
+    if head is not None and head != (last, prev):
+        problems.append(f"the log ends at record {last} but record {head[0]} was the last written (records deleted at the end)")
+    for seq, vouched in sorted(trusted.items()):
+        if seq > last:
+            problems.append(
+                f"records {last + 1}..{seq} are missing, but a signed checkpoint covers record {seq} (records deleted at the end)"
+            )
+        elif seq not in hashes_at:
+            problems.append(f"record {seq} is missing, but a signed checkpoint covers it (records deleted)")
+        elif hashes_at[seq] != vouched:
+            problems.append(
+                f"the chain up to record {seq} differs from its signed checkpoint (records edited and the hashes recomputed)"
+            )
+    return VerifyResult(count, problems)
+
+
+def verify(engine: Engine, *, trusted: Mapping[int, str] | None = None) -> VerifyResult:
+    """Verify the chain in the database (see :func:`verify_records`)."""
     with engine.connect() as connection:
         head = connection.execute(select(AuditHead.seq, AuditHead.record_hash).where(AuditHead.id == 1)).first()
+    result = verify_records(iter_records(engine), head=None if head is None else (head.seq, head.record_hash), trusted=trusted)
     if head is None:
-        problems.append("the audit head record is missing")
-    elif (head.seq, head.record_hash) != (expected_seq - 1, prev):
-        problems.append(f"the log ends at record {expected_seq - 1} but record {head.seq} was the last written (records deleted at the end)")
-    return VerifyResult(count, problems)
+        result.problems.append("the audit head record is missing")
+    return result

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import ConfigError
 from .audit import ensure_head
+from .checkpoints import ensure_checkpoint_key
 from .database import create_schema, open_engine, sqlite_url, writing
 from .keystores import Keystore
 from .keystores.factory import open_keystore
@@ -31,6 +32,11 @@ class DataDir:
         """A transaction: committed when the block ends, rolled back if it raises."""
         with writing(self.engine.connect()) as connection, Session(bind=connection) as session, session.begin():
             yield session
+
+    def ensure_checkpoint_key(self) -> None:
+        """The audit checkpoint key (see :mod:`.checkpoints`), created in the keystore if missing."""
+        with self.session() as session:
+            ensure_checkpoint_key(session, self.keystore)
 
     def close(self) -> None:
         self.keystore.close()
@@ -55,7 +61,9 @@ def init_data_dir(
     ensure_head(engine)
     store = open_keystore(data_dir, settings.keystore)
     settings.save()
-    return DataDir(settings, engine, store)
+    data = DataDir(settings, engine, store)
+    data.ensure_checkpoint_key()
+    return data
 
 
 def open_data_dir(data_dir: Path, *, database_url: str | None = None) -> DataDir:

@@ -19,11 +19,16 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ..errors import SignbridgeError, TimestampError
 from ..hashes import HashAlgorithm
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from ..tsa import ASN1_ERRORS, ID_CT_TST_INFO, FailureInfo, TimeStampResp, check_timestamping_certificate
+from .directory import load_chain, load_x509
+from .keystores import KeyRef, Keystore
+from .models import Certificate
 
 logger = logging.getLogger(__name__)
 
@@ -291,3 +296,14 @@ def _signing_time(when: datetime) -> dict[str, datetime]:
 def _rejection(failure: FailureInfo, text: str) -> bytes:
     status = {"status": "rejection", "status_string": [text], "fail_info": {failure.value}}
     return TimeStampResp({"status": status}).dump()
+
+
+def load_timestamp_authority(session: Session, keystore: Keystore) -> TimestampAuthority | None:
+    """The service's newest timestamping certificate and key, or None when it has none."""
+    row = session.scalars(
+        select(Certificate).where(Certificate.purpose == "timestamping").order_by(Certificate.created_at.desc())
+    ).first()
+    if row is None:
+        return None
+    ref = KeyRef.parse(row.key_ref)
+    return TimestampAuthority(load_x509(row), load_chain(row), lambda request: keystore.sign(ref, request))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...errors import ConfigError, SignbridgeError
+from ..ticket import TicketError
 
 
 class NotaryError(SignbridgeError):
@@ -17,8 +18,9 @@ class UploadError(NotaryError):
     """The file could not be uploaded to the notary service's object store."""
 
 
-class TicketError(SignbridgeError):
-    """A notarization ticket is malformed, or does not cover the code it is attached to."""
+__all__ = [
+    "CredentialsError", "NotaryError", "PayloadError", "StapleError", "TicketError", "TicketNotFoundError", "UploadError",
+]
 
 
 class TicketNotFoundError(TicketError):

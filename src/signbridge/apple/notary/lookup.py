@@ -23,6 +23,13 @@ LOOKUP_URL = (
     "https://api.apple-cloudkit.com/database/1/com.apple.gk.ticket-delivery/production/public/records/lookup"
 )
 ENV_LOOKUP_URL = "SIGNBRIDGE_TICKET_LOOKUP_URL"
+HASH_SHA1, HASH_SHA256 = 1, 2  # hash types, numbered as in a CodeDirectory
+RECORD_DIGEST_SIZE = 20
+
+
+def record_name(hash_type: int, digest: bytes) -> str:
+    """The delivery service's record for a digest: ``2/<hash type>/<first 20 bytes, hex>``."""
+    return f"2/{hash_type}/{digest[:RECORD_DIGEST_SIZE].hex()}"
 
 
 def fetch_ticket(

@@ -24,20 +24,21 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from ..blobs import CodeSignatureFormatError
 from ..bundle import Bundle, BundleError, atomic_write
 from ..codesign import preferred_directory, preferred_slice
 from ..macho import MachOError, parse_file
 from ..macho_signing import read_signature
+from ..ticket import Ticket, TicketError, parse_ticket
 from ..xar import XarArchive, XarError
+from ..xar.archive import TICKET_MAGIC as T8LR_MAGIC
 from ..xar.output import atomic_output, copy_range
-from .errors import StapleError, TicketError
-from .lookup import fetch_ticket
-from .ticket import HASH_SHA1, HASH_SHA256, Ticket, parse_ticket, record_name
+from .errors import StapleError
+from .lookup import HASH_SHA1, HASH_SHA256, fetch_ticket, record_name
 
 _T8LR = struct.Struct("<4sHHII")  # magic, version, kind, length, unused
-_T8LR_MAGIC = b"t8lr"
 _T8LR_START, _T8LR_TICKET = 1, 2
 
 
@@ -120,21 +121,16 @@ class PackageTarget:
         return stapled.offset if stapled else self.archive.identity.size
 
     def read_ticket(self) -> bytes | None:
-        stapled = self.archive.stapled_ticket
-        if stapled is None:
-            return None
-        with self.path.open("rb") as stream:
-            stream.seek(stapled.offset + _T8LR.size)
-            return stream.read(stapled.ticket_length)
+        return self.archive.read_ticket()
 
     def _rewrite(self, ticket: bytes | None) -> None:
         mode = self.path.stat().st_mode & 0o7777
         with self.path.open("rb") as source, atomic_output(self.path, mode) as out:
             copy_range(source, out, 0, self._xar_end, str(self.path))
             if ticket is not None:
-                out.write(_T8LR.pack(_T8LR_MAGIC, 1, _T8LR_START, 0, 0))
+                out.write(_T8LR.pack(T8LR_MAGIC, 1, _T8LR_START, 0, 0))
                 out.write(ticket)
-                out.write(_T8LR.pack(_T8LR_MAGIC, 1, _T8LR_TICKET, len(ticket), 0))
+                out.write(_T8LR.pack(T8LR_MAGIC, 1, _T8LR_TICKET, len(ticket), 0))
         self.archive = XarArchive.open(self.path)
 
     def write_ticket(self, ticket: bytes) -> None:
@@ -193,12 +189,41 @@ def lookup_record(target: Stapleable) -> str:
     return record_name(hash_type, digest)
 
 
+def covers(ticket: Ticket, hash_type: int, digest: bytes) -> bool:
+    """Whether the ticket lists this digest with this hash type (digests are cut to the ticket's size)."""
+    return any(entry.hash_type == hash_type and entry.digest == digest[: len(entry.digest)] for entry in ticket.entries)
+
+
+def check_chain(ticket: Ticket, anchors: tuple[x509.Certificate, ...] = ()) -> bool:
+    """Check that each certificate the ticket carries is issued by the next one; True when the last
+    is issued by one of ``anchors`` (Apple Root CA - G3, which a ticket does not carry)."""
+    chain = ticket.certificates
+    for child, parent in zip(chain, chain[1:], strict=False):
+        _check_issued_by(ticket, child, parent)
+    for anchor in anchors:
+        if anchor.subject == chain[-1].issuer:
+            _check_issued_by(ticket, chain[-1], anchor)
+            return True
+    return False
+
+
+def _check_issued_by(ticket: Ticket, child: x509.Certificate, parent: x509.Certificate) -> None:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        raise TicketError(
+            f"{ticket.name}: the ticket's certificate {child.subject.rfc4514_string()} is not issued by "
+            f"{parent.subject.rfc4514_string()}"
+        ) from None
+
+
 def check_ticket(target: Stapleable, data: bytes, anchors: tuple[x509.Certificate, ...] = ()) -> Ticket:
-    """Parse ``data`` and check that it is signed and covers ``target``."""
-    ticket = parse_ticket(data)
-    ticket.verify_signature(anchors)
+    """Parse ``data`` and check its signature, its chain and that it covers ``target``."""
+    ticket = parse_ticket(data, target.path.name)
+    ticket.verify_signature()
+    check_chain(ticket, anchors)
     digests = target.digests()
-    if not any(ticket.covers(hash_type, digest) for hash_type, digest in digests):
+    if not any(covers(ticket, hash_type, digest) for hash_type, digest in digests):
         wanted = ", ".join(record_name(t, d) for t, d in digests)
         raise TicketError(f"the ticket does not cover {target.path.name} (it has no entry for {wanted})")
     return ticket
@@ -216,7 +241,7 @@ def staple(
     target = open_stapleable(path)
     data = ticket if ticket is not None else fetch_ticket(lookup_record(target), wait=wait, interval=interval)
     parsed = check_ticket(target, data, anchors)
-    target.write_ticket(parsed.raw)
+    target.write_ticket(data)
     return parsed
 
 

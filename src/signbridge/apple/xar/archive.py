@@ -2,7 +2,12 @@
 
 File layout::
 
-    header (28 bytes) | zlib-compressed TOC | heap ……………………………… | [notarization ticket]
+    header (28 bytes) | zlib-compressed TOC | heap ……………………………… | [stapled notarization ticket]
+
+``stapler`` appends a ticket as three parts, all little-endian: a 16-byte ``t8lr`` record of type 1
+(where the ticket starts), the ticket, and a 16-byte ``t8lr`` record of type 2 holding the
+ticket's length (``'t8lr' u16 version u16 type u32 length u32 0``). The package's own bytes are
+unchanged, so the ticket is found from the end of the file; it is not part of the heap.
 
 The heap holds, at the offsets the TOC gives, the TOC checksum, the signatures and the files'
 data. Opening an archive reads the header and TOC only (a bounded amount of memory, however big
@@ -51,10 +56,14 @@ _TRAILER_TICKET = 2
 
 @dataclass(frozen=True)
 class StapledTicket:
-    """A notarization ticket appended after the heap: terminator trailer, ticket, ticket trailer."""
+    """A notarization ticket appended after the heap: start record, ticket, trailer record."""
 
-    offset: int  # file offset of the terminator trailer: where the xar proper ends
+    offset: int  # file offset of the start record: where the xar proper ends
     ticket_length: int
+
+    @property
+    def ticket_offset(self) -> int:
+        return self.offset + _TRAILER.size
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,8 @@ class XarArchive:
             toc_xml = _inflate_toc(toc_compressed, toc_size_limit, name)
             toc = parse_toc(toc_xml, name)
             ticket = _find_stapled_ticket(f, heap_offset, identity.size, name)
+            if ticket is None:
+                _refuse_cut_ticket(f, heap_offset + _used_heap_end(toc), identity.size, name)
         heap_end = ticket.offset if ticket else identity.size
         archive = cls(path, identity, header, toc_compressed, toc_xml, toc, heap_offset, heap_end - heap_offset, ticket)
         archive._check_checksum_style()
@@ -165,6 +176,15 @@ class XarArchive:
         with self.reopen() as f:
             f.seek(self.heap_offset + heap_range.offset)
             return _read_exactly(f, heap_range.length, self.name)
+
+    def read_ticket(self) -> bytes | None:
+        """The stapled notarization ticket's bytes (see :mod:`signbridge.apple.ticket`), or None."""
+        ticket = self.stapled_ticket
+        if ticket is None:
+            return None
+        with self.reopen() as f:
+            f.seek(ticket.ticket_offset)
+            return _read_exactly(f, ticket.ticket_length, self.name)
 
     def file(self, path: str) -> XarFile:
         for entry in self.toc.files:
@@ -265,17 +285,45 @@ def _inflate_toc(compressed: bytes, limit: int, name: str) -> bytes:
 
 def _find_stapled_ticket(f: BinaryIO, heap_offset: int, file_size: int, name: str) -> StapledTicket | None:
     size = _TRAILER.size
-    if file_size - heap_offset < 2 * size:
+    if file_size - heap_offset < size:
         return None
     f.seek(file_size - size)
     magic, _version, kind, length, _ = _TRAILER.unpack(f.read(size))
     if magic != TICKET_MAGIC:
         return None
-    terminator = file_size - 2 * size - length
-    if kind != _TRAILER_TICKET or terminator < heap_offset:
-        raise StapledTicketError(f"{name} ends with a damaged notarization ticket trailer")
-    f.seek(terminator)
-    magic, _version, kind, length, _ = _TRAILER.unpack(f.read(size))
+    if kind != _TRAILER_TICKET:
+        raise StapledTicketError(
+            f"{name} ends with a 't8lr' record of type {kind} where the notarization ticket's trailer (type "
+            f"{_TRAILER_TICKET}) belongs; the stapled ticket is cut short or damaged"
+        )
+    room = file_size - heap_offset - 2 * size
+    if length > room:
+        raise StapledTicketError(
+            f"{name}: the stapled notarization ticket's trailer gives a length of {length} bytes, more than the "
+            f"{max(room, 0)} bytes between the table of contents and the trailer; the file is truncated or damaged"
+        )
+    start = file_size - 2 * size - length
+    f.seek(start)
+    magic, _version, kind, _length, _ = _TRAILER.unpack(f.read(size))
     if magic != TICKET_MAGIC or kind != _TRAILER_TERMINATOR:
-        raise StapledTicketError(f"{name} ends with a notarization ticket whose start marker is missing")
-    return StapledTicket(terminator, file_size - 2 * size - terminator)
+        raise StapledTicketError(
+            f"{name}: the stapled notarization ticket's start record is missing at byte {start}, where its "
+            f"trailer's length of {length} bytes puts it; the ticket is damaged"
+        )
+    return StapledTicket(start, length)
+
+
+def _used_heap_end(toc: Toc) -> int:
+    return max((heap_range.end for _, heap_range in toc.heap_ranges()), default=0)
+
+
+def _refuse_cut_ticket(f: BinaryIO, position: int, file_size: int, name: str) -> None:
+    """A ticket start record right after the heap's data, but no trailer at the end: a cut-off ticket."""
+    if position + len(TICKET_MAGIC) > file_size:
+        return
+    f.seek(position)
+    if f.read(len(TICKET_MAGIC)) == TICKET_MAGIC:
+        raise StapledTicketError(
+            f"{name}: a notarization ticket is stapled at byte {position} but the file ends before its trailer; "
+            "the file is truncated"
+        )

@@ -29,6 +29,7 @@ import copy
 import os
 import zlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -42,6 +43,8 @@ from .output import atomic_output, copy_range
 from .toc import SIGNATURE, X_SIGNATURE
 from .tocxml import XMLDSIG_NS, Element, child, children, indent, local_name, make, serialize
 
+SIGNATURE_TIME = "signature-creation-time"
+_APPLE_EPOCH = datetime(2001, 1, 1, tzinfo=UTC).timestamp()
 SIGNING_CHECKSUMS = (HashAlgorithm.SHA1, HashAlgorithm.SHA256, HashAlgorithm.SHA512)
 MAX_RSA_SIZE = 1024  # an 8192-bit modulus
 MAX_CMS_SIZE = 4 * 1024 * 1024
@@ -83,12 +86,15 @@ def prepare_signed(
     rsa_size: int | None,
     cms_reserved_size: int | None,
     certificates: list[bytes],
+    *,
+    signed_at: datetime | None = None,
 ) -> PreparedPackage:
     """Build the TOC of the signed package.
 
     ``rsa_size`` is the RSA signature's length (the modulus length, 256 for RSA-2048) and
     ``cms_reserved_size`` the room kept for the CMS; either may be None to leave that signature out.
-    ``certificates`` (DER, leaf first) go into both signatures' ``KeyInfo``.
+    ``certificates`` (DER, leaf first) go into both signatures' ``KeyInfo``. ``signed_at`` (default
+    now) updates a ``<signature-creation-time>`` the input has.
     """
     if not isinstance(archive, XarArchive):
         archive = XarArchive.open(archive)
@@ -109,12 +115,16 @@ def prepare_signed(
 
     root = copy.deepcopy(archive.toc.root)
     toc = child(root, "toc")
-    for element in [e for e in toc if local_name(e.tag) in (SIGNATURE, X_SIGNATURE)]:
+    old_signatures = [e for e in toc if local_name(e.tag) in (SIGNATURE, X_SIGNATURE)]
+    old_position = list(toc).index(old_signatures[0]) if old_signatures else None
+    for element in old_signatures:
         toc.remove(element)
-    _set_checksum(toc, algorithm)
+    added_checksum = _set_checksum(toc, algorithm)
+    _refresh_signature_time(toc, signed_at or datetime.now(UTC))
+    position = _signature_position(toc, old_position, added_checksum)
     for file_element in children(toc, "file"):
         _move_offsets(file_element, old_end, new_end, archive.name)
-    _insert_signatures(toc, algorithm.digest_size, rsa_size, cms_reserved_size, certificates)
+    _insert_signatures(toc, position, algorithm.digest_size, rsa_size, cms_reserved_size, certificates)
 
     toc_xml = serialize(root)
     toc_compressed = zlib.compress(toc_xml, 9)
@@ -220,33 +230,46 @@ def _check_certificates(certificates: list[bytes]) -> None:
             raise SignatureError(f"certificate {number} of the chain is not a DER-encoded X.509 certificate") from None
 
 
-def _set_checksum(toc: Element, algorithm: HashAlgorithm) -> None:
+def _set_checksum(toc: Element, algorithm: HashAlgorithm) -> bool:
+    """Point <checksum> at heap offset 0 with ``algorithm``; True if it had to be added (at the start)."""
     element = child(toc, "checksum")
+    added = element is None
     if element is None:
         element = make("checksum")
         element.tail = toc.text
         toc.insert(0, element)
-    tail = element.tail
+    tail, attributes = element.tail, dict(element.attrib)
     element.clear()
+    element.attrib.update(attributes)
     element.set("style", algorithm.hashlib_name)
     element.extend([make("offset", "0"), make("size", str(algorithm.digest_size))])
     indent(element, 2)
     element.tail = tail
+    return added
+
+
+def _refresh_signature_time(toc: Element, signed_at: datetime) -> None:
+    """libxar's ``<signature-creation-time>`` (seconds since 2001, Apple's CFAbsoluteTime), when the
+    input has one, says when the new signatures were made. signbridge does not add it."""
+    for element in children(toc, SIGNATURE_TIME):
+        element.text = f"{signed_at.timestamp() - _APPLE_EPOCH:.1f}"
 
 
 def _move_offsets(file_element: Element, old_end: int, new_end: int, name: str) -> None:
-    """Shift every heap offset below a <file> (its data, extended attributes, nested files)."""
+    """Shift every heap offset below a <file>: its data, extended attributes, nested files, and any
+    repeated <data> or <offset> (the TOC is kept whole; readers choose among repeats, see toc.py)."""
     for element in file_element.iter():
-        offset = child(element, "offset")
-        if offset is None:
+        offsets = list(children(element, "offset"))
+        if not offsets:
             continue
-        old = _number(offset, name)
-        length = child(element, "length")
-        empty = length is not None and _number(length, name) == 0
-        moved = new_end if empty and old < old_end else old - old_end + new_end
-        if moved > MAX_INT:
-            raise InvalidNumberError(f"{name}: a file's heap offset would exceed {MAX_INT} after signing")
-        offset.text = str(moved)
+        lengths = list(children(element, "length"))
+        empty = bool(lengths) and _number(lengths[-1], name) == 0
+        for offset in offsets:
+            old = _number(offset, name)
+            moved = new_end if empty and old < old_end else old - old_end + new_end
+            if moved > MAX_INT:
+                raise InvalidNumberError(f"{name}: a file's heap offset would exceed {MAX_INT} after signing")
+            offset.text = str(moved)
 
 
 def _number(element: Element, name: str) -> int:
@@ -256,10 +279,17 @@ def _number(element: Element, name: str) -> int:
     return int(text)
 
 
+def _signature_position(toc: Element, old_position: int | None, added_checksum: bool) -> int:
+    """Where the new signatures go: in the old ones' place, else before the first <file> (after the
+    checksum, as Apple writes them); every other element keeps its place and order."""
+    if old_position is not None:
+        return old_position + added_checksum
+    return next((i for i, e in enumerate(toc) if local_name(e.tag) == "file"), len(toc))
+
+
 def _insert_signatures(
-    toc: Element, offset: int, rsa_size: int | None, cms_size: int | None, certificates: list[bytes]
+    toc: Element, position: int, offset: int, rsa_size: int | None, cms_size: int | None, certificates: list[bytes]
 ) -> None:
-    position = next((i for i, e in enumerate(toc) if local_name(e.tag) == "file"), len(toc))
     tail = toc[position - 1].tail if position else toc.text
     for tag, style, size in ((SIGNATURE, "RSA", rsa_size), (X_SIGNATURE, "CMS", cms_size)):
         if size is None:

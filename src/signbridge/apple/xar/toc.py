@@ -17,6 +17,18 @@ compressed TOC)::
 
 ``parse_toc`` checks every number and name it reads and returns an immutable summary plus the
 element tree (kept for re-signing, which edits a copy of it).
+
+Real TOCs hold more than this model: pkgbuild since 2022 writes every ``<name>`` of a ``<file>``
+twice, Apple's tools add ``<FinderCreateTime>``, ``<deviceno>``, ``<inode>``, ``<ea>`` and ``id``
+attributes, and libxar writes a file's properties in the reverse of the order it read them. The
+reader ignores what it does not model (re-signing keeps it) and reads a repeated property of a
+``<file>`` as libxar does: libxar puts each property it reads at the head of the file's property
+list and looks properties up from the head, so the *last* of several ``<name>`` (or ``<type>``,
+``<data>``, ``<offset>``...) in document order is the one that counts; extraction paths
+(``fspath``) are likewise overwritten by each ``<name>`` read. bsdtar instead joins repeated
+names (``PayloadPayload``), which no installer does. The TOC's own ``<checksum>``,
+``<signature>`` and ``<x-signature>`` must each appear at most once: a second one would let two
+readers check different bytes.
 """
 
 from __future__ import annotations
@@ -164,8 +176,18 @@ class _Reader:
             raise self.fail(f"the table of contents has no <{tag}> in {where}")
         return found[0] if found else None
 
-    def number(self, parent: Element, tag: str, where: str) -> int:
-        element = self.only(parent, tag, where, required=True)
+    def last(self, parent: Element, tag: str, where: str, *, required: bool = False) -> Element | None:
+        """A property of a file: the last of its kind, as libxar reads it (see the module documentation)."""
+        found = None
+        for candidate in children(parent, tag):
+            found = candidate
+        if required and found is None:
+            raise self.fail(f"the table of contents has no <{tag}> in {where}")
+        return found
+
+    def number(self, parent: Element, tag: str, where: str, *, repeated: bool = False) -> int:
+        """The whole number in ``<tag>``; with ``repeated``, of the last ``<tag>`` (file properties)."""
+        element = (self.last if repeated else self.only)(parent, tag, where, required=True)
         text = (element.text or "").strip()
         if not _DIGITS.fullmatch(text) or int(text) > MAX_INT:
             raise InvalidNumberError(
@@ -208,23 +230,22 @@ class _Reader:
             raise self.fail(f"{what} is not valid base64") from None
 
     def files(self, element: Element, parent_path: str, out: list[XarFile]) -> None:
-        name_element = self.only(element, "name", "a <file>", required=True)
-        file_name = name_element.text or ""
-        if file_name in ("", ".", "..") or "/" in file_name or "\0" in file_name:
-            raise self.fail(f"the table of contents names a file {file_name!r}, which is not a safe file name")
+        file_name = self.file_name(element, parent_path)
         path = f"{parent_path}/{file_name}" if parent_path else file_name
         where = f"{path!r}"
-        type_element = self.only(element, "type", where)
-        mode_element = self.only(element, "mode", where)
+        type_element = self.last(element, "type", where)
+        mode_element = self.last(element, "mode", where)
         mode = None
         if mode_element is not None:
             text = (mode_element.text or "").strip()
             if not re.fullmatch(r"[0-7]{1,7}", text):
                 raise InvalidNumberError(f"{self.name}: the mode of {where} is {text[:20]!r}, not an octal number")
             mode = int(text, 8)
-        data_element = self.only(element, "data", where)
+        data_element = self.last(element, "data", where)
         data = self.data(data_element, where) if data_element is not None else None
-        others = [self.range(e, f"<{local_name(e.tag)}> of {where}") for e in self.other_heap_elements(element)]
+        others = [
+            self.range(e, f"<{local_name(e.tag)}> of {where}") for e in self.other_heap_elements(element, data_element)
+        ]
         out.append(
             XarFile(
                 element.get("id") or "",
@@ -238,10 +259,32 @@ class _Reader:
         for sub in children(element, "file"):
             self.files(sub, path, out)
 
-    def other_heap_elements(self, file_element: Element) -> list[Element]:
-        """Elements below this <file> (not in nested files) other than <data> that point into the heap."""
+    def file_name(self, element: Element, parent_path: str) -> str:
+        """The name libxar gives the file: the last ``<name>``. Every one must be a safe name."""
+        where = f"a <file> in {parent_path!r}" if parent_path else "a <file>"
+        names = [self.name_text(name, where) for name in children(element, "name")]
+        if not names:
+            raise self.fail(f"the table of contents has no <name> in {where}")
+        for file_name in names:
+            if file_name in ("", ".", "..") or "/" in file_name or "\0" in file_name:
+                raise self.fail(f"the table of contents names a file {file_name[:80]!r}, which is not a safe file name")
+        return names[-1]
+
+    def name_text(self, element: Element, where: str) -> str:
+        """A ``<name>``'s text; libxar writes names it cannot store as Latin-1 as ``enctype="base64"`` UTF-8."""
+        text = element.text or ""
+        if element.get("enctype") != "base64":
+            return text
+        try:
+            return self.base64(text, f"a base64 <name> in {where}").decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"a base64 <name> in {where} is not UTF-8 text") from None
+
+    def other_heap_elements(self, file_element: Element, data_element: Element | None) -> list[Element]:
+        """Elements below this <file> (not in nested files) other than its <data> that point into the heap:
+        extended attributes (<ea>), and any repeated <data> libxar does not read (it is still in the heap)."""
         found: list[Element] = []
-        stack = [c for c in file_element if local_name(c.tag) not in ("file", "data")]
+        stack = [c for c in file_element if local_name(c.tag) != "file" and c is not data_element]
         while stack:
             element = stack.pop()
             if child(element, "offset") is not None:
@@ -250,25 +293,27 @@ class _Reader:
         return found
 
     def range(self, element: Element, where: str) -> HeapRange:
-        return HeapRange(self.number(element, "offset", where), self.number(element, "length", where))
+        return HeapRange(
+            self.number(element, "offset", where, repeated=True), self.number(element, "length", where, repeated=True)
+        )
 
     def data(self, element: Element, where: str) -> FileData:
         where = f"the data of {where}"
-        encoding_element = self.only(element, "encoding", where)
+        encoding_element = self.last(element, "encoding", where)
         encoding = OCTET_STREAM
         if encoding_element is not None:
             encoding = (encoding_element.get("style") or OCTET_STREAM).strip()
         return FileData(
-            self.number(element, "offset", where),
-            self.number(element, "length", where),
-            self.number(element, "size", where),
+            self.number(element, "offset", where, repeated=True),
+            self.number(element, "length", where, repeated=True),
+            self.number(element, "size", where, repeated=True),
             encoding,
             self.file_checksum(element, "archived-checksum", where),
             self.file_checksum(element, "extracted-checksum", where),
         )
 
     def file_checksum(self, element: Element, tag: str, where: str) -> FileChecksum | None:
-        found = self.only(element, tag, where)
+        found = self.last(element, tag, where)
         if found is None:
             return None
         text = (found.text or "").strip()
