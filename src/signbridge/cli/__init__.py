@@ -27,7 +27,7 @@ COMMANDS = {
     "codesign": ("codesign:codesign", "Sign, verify and display code signatures (Apple's codesign)."),
     "productsign": ("productsign:productsign", "Sign an installer package (Apple's productsign)."),
     "pkgutil": ("productsign:pkgutil", "Check an installer package's signature (Apple's pkgutil)."),
-    "notarytool": ("notarytool:notarytool", "Pre-flight, submit and follow notarization (Apple's notarytool)."),
+    "notarytool": ("notarytool:notarytool", "Check, submit and follow notarization (Apple's notarytool)."),
     "stapler": ("stapler:stapler", "Staple and validate notarization tickets (Apple's stapler)."),
 }
 

@@ -138,7 +138,7 @@ def submit(
     if staple and result.status == "Accepted":
         from ..apple.notary.stapler import staple as staple_path
 
-        staple_path(path)
+        staple_path(path, wait=600)  # tickets appear minutes after acceptance
         out.human("The staple and validate action worked!")
     _final_exit(result)
 
