@@ -152,11 +152,15 @@ def _upload_progress() -> Callable[[int, int], None]:
 
 
 def _size(count: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1000  # type: ignore[assignment]
-    return str(count)
+    """A size as notarytool shows upload progress: bytes, KB, MB or GB (powers of 1000)."""
+    if count < 1000:
+        return f"{count} bytes"
+    value = float(count)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def _status_printer(out: _Output) -> Callable[[Submission], None]:

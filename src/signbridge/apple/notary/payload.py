@@ -21,6 +21,7 @@ import stat
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -80,7 +81,7 @@ class _Decompressed(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         while not self.pending:
             if self.failure is not None:
                 return 0
@@ -98,12 +99,12 @@ class _Decompressed(io.RawIOBase):
         self.pending = self.pending[count:]
         return count
 
-    def _plain(self, start: bytes):  # noqa: ANN202 - a generator of bytes
+    def _plain(self, start: bytes) -> Iterator[bytes]:
         yield start
         while data := self.source.read(_CHUNK):
             yield data
 
-    def _gzip(self, start: bytes):  # noqa: ANN202
+    def _gzip(self, start: bytes) -> Iterator[bytes]:
         inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
         data = start + self.source.read(_CHUNK)
         try:
@@ -118,7 +119,7 @@ class _Decompressed(io.RawIOBase):
         except zlib.error as exc:
             raise PayloadError(f"{self.budget.name} is not valid gzip data ({exc})") from None
 
-    def _pbzx(self, start: bytes):  # noqa: ANN202
+    def _pbzx(self, start: bytes) -> Iterator[bytes]:
         header = start + self.source.read(12 - len(start))
         if len(header) < 12:
             raise PayloadError(f"{self.budget.name}: the pbzx header is truncated")
@@ -178,7 +179,7 @@ def _check_parent(destination: Path, target: Path, archive_name: str) -> None:
         raise PayloadError(f"{archive_name}: {target.name} would be written outside the archive's root")
 
 
-def _write_entry(target: Path, blocks, budget: _Budget, mode: int) -> None:  # noqa: ANN001 - iterable of bytes
+def _write_entry(target: Path, blocks: Iterable[bytes], mode: int) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as out:
         for block in blocks:
@@ -212,7 +213,7 @@ def extract_cpio(source: BinaryIO, destination: Path, limits: Limits, name: str)
                         if first[:4] == APPLE_DOUBLE_MAGIC:
                             continue
                         blocks = [first, *blocks]
-                    _write_entry(target, blocks, budget, entry.mode)
+                    _write_entry(target, blocks, entry.mode)
                     written += 1
     except libarchive.exception.ArchiveError as exc:
         if stream.failure is not None:
@@ -246,14 +247,14 @@ def extract_zip(path: Path, destination: Path, limits: Limits, name: str) -> int
                     continue  # devices and oversized links are not created
                 _check_parent(destination, target, name)
                 with archive.open(info) as member:
-                    _write_entry(target, _counted(member, budget), budget, (info.external_attr >> 16) or 0o644)
+                    _write_entry(target, _counted(member, budget), (info.external_attr >> 16) or 0o644)
                 written += 1
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         raise PayloadError(f"{name} is not a readable zip archive: {exc}") from None
     return written
 
 
-def _counted(member: BinaryIO, budget: _Budget):  # noqa: ANN202 - a generator of bytes
+def _counted(member: BinaryIO, budget: _Budget) -> Iterator[bytes]:
     while data := member.read(_CHUNK):
         budget.spend(len(data))
         yield data
