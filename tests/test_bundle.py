@@ -563,8 +563,10 @@ def test_layout_errors(tmp_path: Path, app: Path) -> None:
     shallow = tmp_path / "Shallow.app"
     shallow.mkdir()
     (shallow / "Info.plist").write_bytes(plistlib.dumps({"CFBundleExecutable": "Shallow"}))
-    with pytest.raises(BundleLayoutError, match="shallow"):
+    with pytest.raises(BundleLayoutError, match="main executable Shallow .CFBundleExecutable. is missing"):
         Bundle.open(shallow)
+    with pytest.raises(NotABundleError, match="no Info.plist, Contents/ or Versions/"):
+        Bundle.open(app / "Contents" / "Resources")
 
     info = app / "Contents" / "Info.plist"
     original = info.read_bytes()
@@ -574,9 +576,11 @@ def test_layout_errors(tmp_path: Path, app: Path) -> None:
     info.write_bytes(plistlib.dumps(["not", "a", "dict"]))
     with pytest.raises(InfoPlistError, match="not a dictionary"):
         Bundle.open(app)
-    info.write_bytes(plistlib.dumps({"CFBundleIdentifier": APP_ID}))
-    with pytest.raises(BundleLayoutError, match="CFBundleExecutable"):
+    info.write_bytes(plistlib.dumps({"CFBundleIdentifier": APP_ID, "CFBundleExecutable": "../x"}))
+    with pytest.raises(BundleLayoutError, match="invalid main executable"):
         Bundle.open(app)
+    info.write_bytes(plistlib.dumps({"CFBundleIdentifier": APP_ID}))
+    assert Bundle.open(app).executable_path is None
     info.write_bytes(original)
     fifo = app / "Contents" / "Resources" / "pipe"
     os.mkfifo(fifo)

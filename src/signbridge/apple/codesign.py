@@ -66,6 +66,9 @@ from .codedirectory import (
     HashType,
     default_hash_types,
 )
+from .detached import has_detached_signature, read_detached_signature
+from .detached_signing import DetachedSigningOptions, sign_detached_bundle
+from .ipa import extracted_app, is_ipa, write_ipa
 from .macho import (
     MachO,
     MachOError,
@@ -828,23 +831,58 @@ def sign_code(
     try:
         if target.is_dir():
             return sign_bundle(target, identity, options, reporter, executor=pool)
+        if is_ipa(target):
+            return sign_ipa(target, identity, options, reporter, executor=pool)
         return sign_macho_file(MachOJob(target), identity, options, reporter, executor=pool)
     finally:
         if own_executor:
             pool.shutdown(wait=True)
 
 
+def sign_ipa(
+    path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
+) -> SignedCode:
+    """Sign the app inside an ``.ipa``: unpack it privately, sign it, and replace the archive with
+    a new one holding the signed app (the input is untouched on any failure)."""
+    with extracted_app(path) as app:
+        relocated = _RelocatedReporter(reporter, app.parent.parent, path)
+        signed = sign_bundle(app, identity, options, relocated, executor=executor)
+        try:
+            write_ipa(app, path)
+        except OSError as exc:
+            raise UnreadableCodeError(f"cannot be written: {exc.strerror or exc}") from None
+    return SignedCode(path, signed.identifier, signed.format, signed.cdhash, signed.requirement, signed.nested)
+
+
+class _RelocatedReporter:
+    """Notes about the unpacked copy of an archive, told about the archive itself."""
+
+    def __init__(self, reporter: Reporter, unpacked: Path, archive: Path) -> None:
+        self.reporter, self.unpacked, self.archive = reporter, unpacked, archive
+
+    def note(self, path: Path, message: str) -> None:
+        if path.is_relative_to(self.unpacked):
+            path = self.archive / path.relative_to(self.unpacked)
+        self.reporter.note(path, message)
+
+    def progress(self, description: str) -> contextlib.AbstractContextManager[Progress]:
+        return self.reporter.progress(description)
+
+
 # --- bundles --------------------------------------------------------------------------------------
 
 
-def bundle_format(bundle: Bundle, executable_format: str) -> str:
-    """``app bundle with Mach-O ...`` for applications, ``bundle with Mach-O ...`` for the rest."""
+def bundle_format(bundle: Bundle, executable_format: str | None) -> str:
+    """``app bundle with Mach-O ...`` for applications, ``bundle with Mach-O ...`` for the rest;
+    ``bundle`` alone for a bundle without a main executable."""
     prefix = "app bundle" if bundle.kind is BundleKind.APPLICATION else "bundle"
-    return f"{prefix} with {executable_format}"
+    return f"{prefix} with {executable_format}" if executable_format else prefix
 
 
 def bundle_signature_state(bundle: Bundle) -> str | None:
     """Like :func:`existing_signature_state` for a bundle's main executable and its seal."""
+    if bundle.executable_path is None:
+        return "signed" if has_detached_signature(bundle.signature_dir) else None
     try:
         parsed = parse_file(_read_code(bundle.executable_path))
     except MachOError:
@@ -863,6 +901,8 @@ def nested_code_record(path: Path) -> NestedCode:
         nested = Bundle.open(path)
         if not nested.code_resources_path.is_file():
             raise UnsignedNestedCodeError(path)
+        if nested.executable_path is None:
+            return _detached_code_record(path, nested)
         executable = nested.executable_path
     try:
         parsed = parse_file(_read_code(executable))
@@ -873,6 +913,18 @@ def nested_code_record(path: Path) -> NestedCode:
         raise UnsignedNestedCodeError(path)
     directory = preferred_directory(signature.code_directories)
     return NestedCode(directory.cdhash(), render(stored_designated_requirement(signature, directory)))
+
+
+def _detached_code_record(path: Path, bundle: Bundle) -> NestedCode:
+    try:
+        detached = read_detached_signature(bundle.signature_dir)
+    except CodeSignatureFormatError as exc:
+        raise CodesignError(f"the signature of nested code {path} cannot be read: {exc}") from None
+    if detached is None:
+        raise UnsignedNestedCodeError(path)
+    directory = preferred_directory(detached.signature.code_directories)
+    requirement = stored_designated_requirement(detached.signature, directory)
+    return NestedCode(directory.cdhash(), render(requirement))
 
 
 def stored_designated_requirement(signature: EmbeddedSignature, directory: CodeDirectory) -> Expr:
@@ -915,6 +967,8 @@ def issuer_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:
 def _seal_hash_types(bundle: Bundle, options: CodesignOptions) -> tuple[HashType, ...]:
     if options.hash_types:
         return options.hash_types
+    if bundle.executable_path is None:
+        return (HashType.SHA256,)
     return _widest_default(parse_file(_read_code(bundle.executable_path)))
 
 
@@ -946,6 +1000,8 @@ def _sign_one_bundle(
     identifier = (options.identifier if top else None) or bundle.identifier
     if identifier is None:
         identifier = default_identifier(bundle.root, None, options.prefix)
+    if bundle.executable_path is None:
+        return _sign_detached(bundle, identity, options, seal, identifier)
     job = MachOJob(
         bundle.executable_path,
         identifier=identifier,
@@ -957,6 +1013,33 @@ def _sign_one_bundle(
     signed = sign_macho_file(job, identity, options, reporter, executor=executor)
     executable_format = bundle_format(bundle, signed.format)
     return SignedCode(bundle.root, signed.identifier, executable_format, signed.cdhash, signed.requirement)
+
+
+def _sign_detached(
+    bundle: Bundle, identity: Identity | None, options: CodesignOptions, seal: bytes, identifier: str
+) -> SignedCode:
+    """Sign a bundle without a main executable: a detached signature over its Info.plist."""
+    hash_types = options.hash_types or (HashType.SHA256,)
+    requirements = EMPTY_REQUIREMENT_SET
+    signer = None
+    if identity is not None:
+        requirement = designated_requirement(identifier, signing_chain(identity))
+        if requirement is not None:
+            requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
+        signer = cms_signer(identity, timestamp=_timestamper(options), signing_time=options.signing_time)
+    settings = DetachedSigningOptions(
+        identifier=identifier,
+        hash_types=hash_types,
+        requirements=requirements,
+        flags=options.flags,
+        team_id=team_identifier(identity),
+    )
+    directories = sign_detached_bundle(bundle, seal, settings, signer)
+    directory = preferred_directory(directories)
+    signature = read_detached_signature(bundle.signature_dir)
+    assert signature is not None
+    requirement_text = render(stored_designated_requirement(signature.signature, directory))
+    return SignedCode(bundle.root, identifier, bundle_format(bundle, None), directory.cdhash(), requirement_text)
 
 
 def sign_bundle(
