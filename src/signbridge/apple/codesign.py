@@ -583,6 +583,20 @@ class MachOJob:
     nested: bool = False  # signed because of --deep or as bundle content (no "already signed" stop)
 
 
+def requirements_and_signer(
+    identity: Identity | None, options: CodesignOptions, identifier: str
+) -> tuple[bytes, CmsSigner | None]:
+    """The requirement set (with the designated requirement when signing with an identity) and
+    the CMS signer (None: ad hoc)."""
+    if identity is None:
+        return EMPTY_REQUIREMENT_SET, None
+    requirements = EMPTY_REQUIREMENT_SET
+    requirement = designated_requirement(identifier, signing_chain(identity))
+    if requirement is not None:
+        requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
+    return requirements, cms_signer(identity, timestamp=_timestamper(options), signing_time=options.signing_time)
+
+
 @dataclass(frozen=True)
 class SlicePlan:
     """What every slice's signature holds besides its code, and who signs it (None: ad hoc)."""
@@ -602,16 +616,11 @@ def slice_plan(
     entitlements: bytes | None = None,
 ) -> SlicePlan:
     """The signer's part: team id, requirement set, CMS signer and its reserved size."""
-    requirements = EMPTY_REQUIREMENT_SET
-    signer = None
+    requirements, signer = requirements_and_signer(identity, options, identifier)
     reserve = DEFAULT_CMS_RESERVE
     if identity is not None:
-        requirement = designated_requirement(identifier, signing_chain(identity))
-        if requirement is not None:
-            requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
-        timestamp = _timestamper(options)
-        signer = cms_signer(identity, timestamp=timestamp, signing_time=options.signing_time)
-        reserve = cms_reserve(identity, options.hash_types or _widest_default(parsed), timestamp is not None)
+        with_timestamp = options.timestamp is not None or bool(options.timestamp_url)
+        reserve = cms_reserve(identity, options.hash_types or _widest_default(parsed), with_timestamp)
     signing = SigningOptions(
         identifier=identifier,
         team_id=team_identifier(identity),
@@ -1019,17 +1028,10 @@ def _sign_detached(
     bundle: Bundle, identity: Identity | None, options: CodesignOptions, seal: bytes, identifier: str
 ) -> SignedCode:
     """Sign a bundle without a main executable: a detached signature over its Info.plist."""
-    hash_types = options.hash_types or (HashType.SHA256,)
-    requirements = EMPTY_REQUIREMENT_SET
-    signer = None
-    if identity is not None:
-        requirement = designated_requirement(identifier, signing_chain(identity))
-        if requirement is not None:
-            requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
-        signer = cms_signer(identity, timestamp=_timestamper(options), signing_time=options.signing_time)
+    requirements, signer = requirements_and_signer(identity, options, identifier)
     settings = DetachedSigningOptions(
         identifier=identifier,
-        hash_types=hash_types,
+        hash_types=options.hash_types or (HashType.SHA256,),
         requirements=requirements,
         flags=options.flags,
         team_id=team_identifier(identity),

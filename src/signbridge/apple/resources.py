@@ -77,53 +77,47 @@ class NestedCodeNotSignedError(ResourceError):
 
 _RESOURCES = "^Resources/"
 
+
+def _localization_rules(prefix: str) -> dict[str, object]:
+    """Localizations are optional, except Base.lproj; locversion.plist files are left out."""
+    return {
+        prefix + r".*\.lproj/": {"optional": True, "weight": 1000.0},
+        prefix + r"Base\.lproj/": {"weight": 1010.0},
+        prefix + r".*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
+    }
+
+
+# Files at the top of the content root that every version-2 seal treats alike.
+_TOP_LEVEL_RULES2: dict[str, object] = {
+    "^.*": True,
+    r".*\.dSYM($|/)": {"weight": 11.0},
+    r"^(.*/)?\.DS_Store$": {"omit": True, "weight": 2000.0},
+    r"^Info\.plist$": {"omit": True, "weight": 20.0},
+    r"^version\.plist$": {"weight": 20.0},
+    r"^embedded\.provisionprofile$": {"weight": 20.0},
+    "^PkgInfo$": {"omit": True, "weight": 20.0},
+}
+
 # Apple's defaults for a bundle with a Resources directory (bundlediskrep.cpp, reference §3.2).
 # Weights are reals in Apple's plists.
 DEFAULT_RULES: dict[str, object] = {
     "^version.plist$": True,
     _RESOURCES: True,
-    _RESOURCES + r".*\.lproj/": {"optional": True, "weight": 1000.0},
-    _RESOURCES + r"Base\.lproj/": {"weight": 1010.0},
-    _RESOURCES + r".*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
+    **_localization_rules(_RESOURCES),
 }
 DEFAULT_RULES2: dict[str, object] = {
-    "^.*": True,
+    **_TOP_LEVEL_RULES2,
     "^[^/]+$": {"nested": True, "weight": 10.0},
     "^(Frameworks|SharedFrameworks|PlugIns|Plug-ins|XPCServices|Helpers|MacOS|Library/"
     "(Automator|Spotlight|LoginItems))/": {"nested": True, "weight": 10.0},
-    r".*\.dSYM($|/)": {"weight": 11.0},
-    r"^(.*/)?\.DS_Store$": {"omit": True, "weight": 2000.0},
-    r"^Info\.plist$": {"omit": True, "weight": 20.0},
-    r"^version\.plist$": {"weight": 20.0},
-    r"^embedded\.provisionprofile$": {"weight": 20.0},
-    "^PkgInfo$": {"omit": True, "weight": 20.0},
     _RESOURCES: {"weight": 20.0},
-    _RESOURCES + r".*\.lproj/": {"optional": True, "weight": 1000.0},
-    _RESOURCES + r"Base\.lproj/": {"weight": 1010.0},
-    _RESOURCES + r".*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
+    **_localization_rules(_RESOURCES),
 }
 
 # Apple's defaults for shallow bundles (iOS apps, app extensions, DriverKit and system extensions):
-# what current codesign writes for a .dext, and what iOS apps carry.
-SHALLOW_RULES: dict[str, object] = {
-    "^.*": True,
-    r"^.*\.lproj/": {"optional": True, "weight": 1000.0},
-    r"^Base\.lproj/": {"weight": 1010.0},
-    r"^.*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
-    "^version.plist$": True,
-}
-SHALLOW_RULES2: dict[str, object] = {
-    "^.*": True,
-    r".*\.dSYM($|/)": {"weight": 11.0},
-    r"^(.*/)?\.DS_Store$": {"omit": True, "weight": 2000.0},
-    r"^Info\.plist$": {"omit": True, "weight": 20.0},
-    r"^version\.plist$": {"weight": 20.0},
-    r"^embedded\.provisionprofile$": {"weight": 20.0},
-    "^PkgInfo$": {"omit": True, "weight": 20.0},
-    r"^.*\.lproj/": {"optional": True, "weight": 1000.0},
-    r"^Base\.lproj/": {"weight": 1010.0},
-    r"^.*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
-}
+# what current codesign writes for a .dext, and what iOS apps carry. Nothing is nested code.
+SHALLOW_RULES: dict[str, object] = {"^.*": True, "^version.plist$": True, **_localization_rules("^")}
+SHALLOW_RULES2: dict[str, object] = {**_TOP_LEVEL_RULES2, **_localization_rules("^")}
 
 
 def default_rules(shallow: bool) -> tuple[dict[str, object], dict[str, object]]:

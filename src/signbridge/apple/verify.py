@@ -744,21 +744,10 @@ def _verify_slice(
     assert macho.code_signature is not None
     signature_start = macho.code_signature.dataoff
     _check_signature_space(macho, signature)
-    parsed_cms = None
     trust = None
     timestamp = None
-    if primary.flags & CodeDirectoryFlags.ADHOC:
-        if signature.cms:
-            raise CodeVerificationError(
-                MODIFIED, "the signature is marked ad hoc but carries a CMS signature"
-            )
-    else:
-        if not signature.cms:
-            raise CodeVerificationError(
-                MODIFIED, "the CodeDirectory is not marked ad hoc, but the signature carries no CMS signature"
-            )
-        # The CMS first: when a CodeDirectory was altered, that is what the user should hear.
-        parsed_cms = check_cms(signature.cms, directories)
+    # The CMS first: when a CodeDirectory was altered, that is what the user should hear.
+    parsed_cms = check_signer(signature)
     for directory in directories:
         _check_directory_fields(directory, primary, signature_start)
         check_special_slots(directory, signature, macho.info_plist, bound)
@@ -922,6 +911,20 @@ _HASH_TYPE_ALGORITHMS = {
     HashType.SHA384: "sha384",
     HashType.SHA512: "sha512",
 }
+
+
+def check_signer(signature: EmbeddedSignature) -> cms.ParsedSignature | None:
+    """Ad hoc (no CMS) or signed (a CMS over the CodeDirectories that checks out)."""
+    directories = signature.code_directories
+    if directories[0].flags & CodeDirectoryFlags.ADHOC:
+        if signature.cms:
+            raise CodeVerificationError(MODIFIED, "the signature is marked ad hoc but carries a CMS signature")
+        return None
+    if not signature.cms:
+        raise CodeVerificationError(
+            MODIFIED, "the CodeDirectory is not marked ad hoc, but the signature carries no CMS signature"
+        )
+    return check_cms(signature.cms, directories)
 
 
 def check_cms(der: bytes, directories: Sequence[CodeDirectory]) -> cms.ParsedSignature:

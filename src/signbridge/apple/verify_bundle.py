@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .blobs import CodeSignatureFormatError
 from .bundle import Bundle, BundleError, BundleSymlinkError, UnsealedContentError
-from .codedirectory import CodeDirectoryFlags
 from .codesign import bundle_format, preferred_directory
 from .detached import read_detached_signature
 from .ipa import extracted_app, is_ipa
@@ -38,8 +37,8 @@ from .verify import (
     SliceVerdict,
     Verdict,
     VerifyOptions,
-    check_cms,
     check_pages,
+    check_signer,
     check_special_slots,
     check_timestamp,
     check_trust,
@@ -213,17 +212,7 @@ def verify_detached(
         raise NotSignedError("the bundle has no main executable and no _CodeSignature/CodeDirectory")
     signature = detached.signature
     directories = signature.code_directories
-    primary = directories[0]
-    parsed_cms = None
-    if primary.flags & CodeDirectoryFlags.ADHOC:
-        if signature.cms:
-            raise CodeVerificationError(MODIFIED, "the signature is marked ad hoc but _CodeSignature/CodeSignature holds a CMS")
-    else:
-        if not signature.cms:
-            raise CodeVerificationError(
-                MODIFIED, "the CodeDirectory is not marked ad hoc, but _CodeSignature/CodeSignature is empty or missing"
-            )
-        parsed_cms = check_cms(signature.cms, directories)
+    parsed_cms = check_signer(signature)
     for directory in directories:
         check_special_slots(directory, signature, None, bound)
     check_unsealed_blobs(signature, directories)
