@@ -344,6 +344,12 @@ def _bad_archive(path: Path, case: str) -> Path:
             link.create_system = 3
             link.external_attr = (stat.S_IFLNK | 0o755) << 16
             output.writestr(link, b"../../../etc/passwd")
+        elif case == "symlink chain":
+            for name, target in (("Payload/Evil.app/d/up", b".."), ("Payload/Evil.app/chain", b"d/up/..")):
+                link = zipfile.ZipInfo(name)
+                link.create_system = 3
+                link.external_attr = (stat.S_IFLNK | 0o755) << 16
+                output.writestr(link, target)
         elif case == "two apps":
             output.writestr("Payload/Other.app/Info.plist", b"x")
         elif case == "huge declared size":
@@ -361,6 +367,7 @@ BAD_IPAS = {
     "absolute": (UnsafeIpaError, "has an absolute path"),
     "outside Payload": (UnsafeIpaError, "is outside Payload/"),
     "escaping symlink": (UnsafeIpaError, "points outside the app"),
+    "symlink chain": (UnsafeIpaError, "leads outside the app"),
     "two apps": (IpaError, "exactly one Payload/<Name>.app"),
     "huge declared size": (UnsafeIpaError, "refusing to unpack it"),
 }

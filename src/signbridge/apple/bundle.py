@@ -66,6 +66,7 @@ __all__ = [
     "UnreadableFileError",
     "UnsealedContentError",
     "atomic_write",
+    "bundle_format",
     "exchange_paths",
     "sign_bundle_plan",
     "staged_bundle",
@@ -257,6 +258,13 @@ class Bundle:
                 if _looks_like_bundle(path):
                     found.append(Bundle.open(path))
         return found
+
+
+def bundle_format(bundle: Bundle, executable_format: str | None) -> str:
+    """``app bundle with Mach-O ...`` for applications, ``bundle with Mach-O ...`` for the rest;
+    ``bundle`` alone for a bundle without a main executable."""
+    prefix = "app bundle" if bundle.kind is BundleKind.APPLICATION else "bundle"
+    return f"{prefix} with {executable_format}" if executable_format else prefix
 
 
 def sign_bundle_plan(bundle: Bundle) -> list[Path]:

@@ -54,7 +54,7 @@ from .blobs import (
     Slot,
     decode_superblob,
 )
-from .bundle import Bundle, BundleKind, atomic_write, exchange_paths, sign_bundle_plan, staged_bundle
+from .bundle import Bundle, atomic_write, bundle_format, exchange_paths, sign_bundle_plan, staged_bundle
 from .certificates import (
     DEVELOPER_ID_INTERMEDIATE,
     WWDR_INTERMEDIATE,
@@ -879,13 +879,6 @@ class _RelocatedReporter:
 
 
 # --- bundles --------------------------------------------------------------------------------------
-
-
-def bundle_format(bundle: Bundle, executable_format: str | None) -> str:
-    """``app bundle with Mach-O ...`` for applications, ``bundle with Mach-O ...`` for the rest;
-    ``bundle`` alone for a bundle without a main executable."""
-    prefix = "app bundle" if bundle.kind is BundleKind.APPLICATION else "bundle"
-    return f"{prefix} with {executable_format}" if executable_format else prefix
 
 
 def bundle_signature_state(bundle: Bundle) -> str | None:

@@ -37,11 +37,10 @@ from cryptography import x509
 
 from . import cms
 from .blobs import CodeSignatureFormatError, decode_blob
-from .bundle import Bundle
+from .bundle import Bundle, bundle_format
 from .certificates import common_name
 from .codedirectory import CodeDirectory, HashType
 from .codesign import (
-    bundle_format,
     flag_names,
     issuer_chain,
     macho_format,

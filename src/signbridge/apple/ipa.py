@@ -92,18 +92,31 @@ def extract(archive: Path, destination: Path) -> Path:
         _check_sizes(infos)
         app = _app_name(entries)
         root = destination / PAYLOAD / app
+        links: list[tuple[zipfile.ZipInfo, tuple[str, ...], str]] = []
         for info, parts in entries:
             target = destination.joinpath(*parts)
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
             elif _is_symlink(info):
-                link = zipped.read(info).decode("utf-8", errors="strict")
+                link = zipped.read(info).decode("utf-8", errors="replace")
                 _check_link(info.filename, parts, link)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(link, target)
+                links.append((info, parts, link))
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _extract_file(zipped, info, target)
+    # Links last, so that nothing is written through one; then where each really leads.
+    for info, parts, link in links:
+        target = destination.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(link, target)
+        except FileExistsError:
+            raise UnsafeIpaError(f"the archive holds {info.filename!r} twice") from None
+    real_root = os.path.realpath(root)
+    for info, parts, _ in links:
+        resolved = os.path.realpath(destination.joinpath(*parts))
+        if resolved != real_root and not resolved.startswith(real_root + os.sep):
+            raise UnsafeIpaError(f"the symbolic link {info.filename!r} leads outside the app")
     if not root.is_dir():
         raise IpaError(f"Payload/{app} in the .ipa is not a directory")
     return root

@@ -18,8 +18,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 from .blobs import CodeSignatureFormatError
-from .bundle import Bundle, BundleError, BundleSymlinkError, UnsealedContentError
-from .codesign import bundle_format, preferred_directory
+from .bundle import Bundle, BundleError, BundleSymlinkError, UnsealedContentError, bundle_format
+from .codesign import preferred_directory
 from .detached import read_detached_signature
 from .ipa import extracted_app, is_ipa
 from .resources import ResourceError, verify_code_resources
