@@ -17,8 +17,9 @@ What it builds, as Apple's tools do:
   their designated requirement is implicit (the cdhash).
 - The team identifier is the leaf's subject OU when the chain carries Apple's developer
   intermediate markers (Developer ID or WWDR), as codesign only trusts Apple-issued team ids.
-- Bundles: nested code innermost first, then ``_CodeSignature/CodeResources``, then the main
-  executable with Info.plist in slot 1 and CodeResources in slot 3.
+- Bundles and ``.ipa`` archives are signed by bundle_signing.py on top of this module: nested
+  code innermost first, then ``_CodeSignature/CodeResources``, then the main executable with
+  Info.plist in slot 1 and CodeResources in slot 3 (or a detached signature when there is none).
 
 Messages do not name the path; the command line prefixes it, as Apple's does.
 """
@@ -54,7 +55,7 @@ from .blobs import (
     Slot,
     decode_superblob,
 )
-from .bundle import Bundle, atomic_write, bundle_format, exchange_paths, sign_bundle_plan, staged_bundle
+from .bundle import exchange_paths
 from .certificates import (
     DEVELOPER_ID_INTERMEDIATE,
     WWDR_INTERMEDIATE,
@@ -66,12 +67,9 @@ from .codedirectory import (
     HashType,
     default_hash_types,
 )
-from .detached import has_detached_signature, read_detached_signature
-from .detached_signing import DetachedSigningOptions, sign_detached_bundle
-from .ipa import extracted_app, is_ipa, write_ipa
+from .ipa import is_ipa
 from .macho import (
     MachO,
-    MachOError,
     MachOFile,
     parse_file,
 )
@@ -81,7 +79,6 @@ from .macho_signing import (
     EmbeddedSignature,
     SignedSlice,
     SigningOptions,
-    read_signature,
     sign_into,
 )
 from .requirements import (
@@ -105,7 +102,6 @@ from .requirements import (
 from .requirements import (
     identifier as identifier_expr,
 )
-from .resources import NestedCode, build_code_resources
 from .trust import APPLE_ROOT_FINGERPRINTS
 
 APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
@@ -506,7 +502,7 @@ def preferred_directory(directories: Sequence[CodeDirectory]) -> CodeDirectory:
     return directories[0]
 
 
-def _replacing(state: str) -> str:
+def replacing_note(state: str) -> str:
     return "replacing existing signature" if state == "signed" else "replacing invalid existing signature"
 
 
@@ -620,7 +616,7 @@ def slice_plan(
     reserve = DEFAULT_CMS_RESERVE
     if identity is not None:
         with_timestamp = options.timestamp is not None or bool(options.timestamp_url)
-        reserve = cms_reserve(identity, options.hash_types or _widest_default(parsed), with_timestamp)
+        reserve = cms_reserve(identity, options.hash_types or widest_default_hash_types(parsed), with_timestamp)
     signing = SigningOptions(
         identifier=identifier,
         team_id=team_identifier(identity),
@@ -636,7 +632,7 @@ def slice_plan(
     return SlicePlan(signing, signer)
 
 
-def _widest_default(parsed: MachOFile) -> tuple[HashType, ...]:
+def widest_default_hash_types(parsed: MachOFile) -> tuple[HashType, ...]:
     widest: tuple[HashType, ...] = (HashType.SHA256,)
     for macho in parsed.slices:
         if macho.build_version is not None:
@@ -721,7 +717,7 @@ class StagedFile:
             raise UnreadableCodeError(f"cannot be written: {error.strerror or error}") from error
 
 
-def _read_code(path: Path) -> bytes:
+def read_code(path: Path) -> bytes:
     with mapped(path) as (data, _):
         return bytes(data)
 
@@ -777,7 +773,7 @@ def sign_macho_file(
         if state is not None and not job.nested:
             if not options.force:
                 raise AlreadySignedError()
-            reporter.note(job.path, _replacing(state))
+            reporter.note(job.path, replacing_note(state))
         embedded_plist = job.info_plist
         if embedded_plist is None:
             plists = (bytes(m.info_plist) for m in parsed.slices if m.info_plist is not None)
@@ -824,13 +820,16 @@ def sign_code(
     *,
     executor: Executor | None = None,
 ) -> SignedCode:
-    """Sign the Mach-O file or bundle at ``path`` in place with ``identity`` (None: ad hoc).
+    """Sign the Mach-O file, bundle or ``.ipa`` at ``path`` in place with ``identity`` (None: ad hoc).
 
     Raises :class:`AlreadySignedError` when it is signed and ``options.force`` is false,
     ``FileNotFoundError`` when it does not exist, a :class:`~signbridge.apple.macho.MachOError` for
     malformed Mach-O, and other :class:`~signbridge.errors.SignbridgeError` subclasses (token,
     timestamp, bundle layout) with the input unchanged.
     """
+    # Bundles and archives are signed in bundle_signing.py, which builds on this module.
+    from .bundle_signing import sign_bundle, sign_ipa
+
     target = Path(path)
     reporter = reporter or QuietReporter()
     if not target.exists() and not target.is_symlink():
@@ -848,85 +847,7 @@ def sign_code(
             pool.shutdown(wait=True)
 
 
-def sign_ipa(
-    path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
-) -> SignedCode:
-    """Sign the app inside an ``.ipa``: unpack it privately, sign it, and replace the archive with
-    a new one holding the signed app (the input is untouched on any failure)."""
-    with extracted_app(path) as app:
-        relocated = _RelocatedReporter(reporter, app.parent.parent, path)
-        signed = sign_bundle(app, identity, options, relocated, executor=executor)
-        try:
-            write_ipa(app, path)
-        except OSError as exc:
-            raise UnreadableCodeError(f"cannot be written: {exc.strerror or exc}") from None
-    return SignedCode(path, signed.identifier, signed.format, signed.cdhash, signed.requirement, signed.nested)
-
-
-class _RelocatedReporter:
-    """Notes about the unpacked copy of an archive, told about the archive itself."""
-
-    def __init__(self, reporter: Reporter, unpacked: Path, archive: Path) -> None:
-        self.reporter, self.unpacked, self.archive = reporter, unpacked, archive
-
-    def note(self, path: Path, message: str) -> None:
-        if path.is_relative_to(self.unpacked):
-            path = self.archive / path.relative_to(self.unpacked)
-        self.reporter.note(path, message)
-
-    def progress(self, description: str) -> contextlib.AbstractContextManager[Progress]:
-        return self.reporter.progress(description)
-
-
-# --- bundles --------------------------------------------------------------------------------------
-
-
-def bundle_signature_state(bundle: Bundle) -> str | None:
-    """Like :func:`existing_signature_state` for a bundle's main executable and its seal."""
-    if bundle.executable_path is None:
-        return "signed" if has_detached_signature(bundle.signature_dir) else None
-    try:
-        parsed = parse_file(_read_code(bundle.executable_path))
-    except MachOError:
-        return "invalid"
-    state = existing_signature_state(parsed)
-    if state is None and bundle.code_resources_path.is_file():
-        return "signed"
-    return state
-
-
-def nested_code_record(path: Path) -> NestedCode:
-    """What a parent's seal records for nested code that is already signed (no ``--deep``): the
-    cdhash of its preferred CodeDirectory and its designated requirement's text."""
-    executable = path
-    if path.is_dir():
-        nested = Bundle.open(path)
-        if not nested.code_resources_path.is_file():
-            raise UnsignedNestedCodeError(path)
-        if nested.executable_path is None:
-            return _detached_code_record(path, nested)
-        executable = nested.executable_path
-    try:
-        parsed = parse_file(_read_code(executable))
-        signature = read_signature(preferred_slice(parsed))
-    except (MachOError, CodeSignatureFormatError) as exc:
-        raise CodesignError(f"the signature of nested code {path} cannot be read: {exc}") from None
-    if signature is None:
-        raise UnsignedNestedCodeError(path)
-    directory = preferred_directory(signature.code_directories)
-    return NestedCode(directory.cdhash(), render(stored_designated_requirement(signature, directory)))
-
-
-def _detached_code_record(path: Path, bundle: Bundle) -> NestedCode:
-    try:
-        detached = read_detached_signature(bundle.signature_dir)
-    except CodeSignatureFormatError as exc:
-        raise CodesignError(f"the signature of nested code {path} cannot be read: {exc}") from None
-    if detached is None:
-        raise UnsignedNestedCodeError(path)
-    directory = preferred_directory(detached.signature.code_directories)
-    requirement = stored_designated_requirement(detached.signature, directory)
-    return NestedCode(directory.cdhash(), render(requirement))
+# --- what a parent records about signed code ------------------------------------------------------
 
 
 def stored_designated_requirement(signature: EmbeddedSignature, directory: CodeDirectory) -> Expr:
@@ -964,110 +885,3 @@ def issuer_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:
             break
         chain.append(issuer)
     return chain
-
-
-def _seal_hash_types(bundle: Bundle, options: CodesignOptions) -> tuple[HashType, ...]:
-    if options.hash_types:
-        return options.hash_types
-    if bundle.executable_path is None:
-        return (HashType.SHA256,)
-    return _widest_default(parse_file(_read_code(bundle.executable_path)))
-
-
-def _sign_one_bundle(
-    bundle: Bundle,
-    identity: Identity | None,
-    options: CodesignOptions,
-    reporter: Reporter,
-    nested: dict[Path, NestedCode],
-    *,
-    top: bool,
-    executor: Executor,
-) -> SignedCode:
-    records = {path: code for path, code in nested.items() if path.is_relative_to(bundle.content_root)}
-    if not options.deep:
-        for item in bundle.nested():
-            item_path = item.root if isinstance(item, Bundle) else item
-            if item_path not in records:
-                records[item_path] = nested_code_record(item_path)
-    with reporter.progress(f"sealing {bundle.root.name}") as advance:
-        seal = build_code_resources(
-            bundle,
-            records,
-            hash_types=_seal_hash_types(bundle, options),
-            executor=executor,
-            progress=advance,
-        )
-    atomic_write(bundle.code_resources_path, seal)
-    identifier = (options.identifier if top else None) or bundle.identifier
-    if identifier is None:
-        identifier = default_identifier(bundle.root, None, options.prefix)
-    if bundle.executable_path is None:
-        return _sign_detached(bundle, identity, options, seal, identifier)
-    job = MachOJob(
-        bundle.executable_path,
-        identifier=identifier,
-        info_plist=bundle.info_plist_path.read_bytes(),
-        code_resources=seal,
-        entitlements=top,
-        nested=True,
-    )
-    signed = sign_macho_file(job, identity, options, reporter, executor=executor)
-    executable_format = bundle_format(bundle, signed.format)
-    return SignedCode(bundle.root, signed.identifier, executable_format, signed.cdhash, signed.requirement)
-
-
-def _sign_detached(
-    bundle: Bundle, identity: Identity | None, options: CodesignOptions, seal: bytes, identifier: str
-) -> SignedCode:
-    """Sign a bundle without a main executable: a detached signature over its Info.plist."""
-    requirements, signer = requirements_and_signer(identity, options, identifier)
-    settings = DetachedSigningOptions(
-        identifier=identifier,
-        hash_types=options.hash_types or (HashType.SHA256,),
-        requirements=requirements,
-        flags=options.flags,
-        team_id=team_identifier(identity),
-    )
-    directories = sign_detached_bundle(bundle, seal, settings, signer)
-    directory = preferred_directory(directories)
-    signature = read_detached_signature(bundle.signature_dir)
-    assert signature is not None
-    requirement_text = render(stored_designated_requirement(signature.signature, directory))
-    return SignedCode(bundle.root, identifier, bundle_format(bundle, None), directory.cdhash(), requirement_text)
-
-
-def sign_bundle(
-    path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
-) -> SignedCode:
-    """Sign a bundle (and with ``options.deep`` all its nested code, innermost first) in a staged
-    copy that replaces the original only when everything is signed."""
-    original = Bundle.open(path)
-    state = bundle_signature_state(original)
-    if state is not None:
-        if not options.force:
-            raise AlreadySignedError()
-        reporter.note(path, _replacing(state))
-    with staged_bundle(original.root) as staged:
-        root = Bundle.open(staged)
-        plan = sign_bundle_plan(root) if options.deep else [root.root]
-        done: dict[Path, NestedCode] = {}
-        results: list[SignedCode] = []
-        for item in plan:
-            if item == root.root:
-                signed = _sign_one_bundle(
-                    root, identity, options, reporter, done, top=True, executor=executor
-                )
-            elif item.is_dir():
-                nested_bundle = Bundle.open(item)
-                signed = _sign_one_bundle(
-                    nested_bundle, identity, options, reporter, done, top=False, executor=executor
-                )
-            else:
-                job = MachOJob(item, entitlements=False, nested=True)
-                signed = sign_macho_file(job, identity, options, reporter, executor=executor)
-            done[item] = NestedCode(signed.cdhash, signed.requirement or "")
-            results.append(signed)
-    final = results[-1]
-    nested = tuple(results[:-1])
-    return SignedCode(path, final.identifier, final.format, final.cdhash, final.requirement, nested)
