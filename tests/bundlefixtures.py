@@ -181,7 +181,8 @@ def build_sysext_host(directory: Path, fx: MachOFixtures) -> Path:
 
 def build_ios_app(directory: Path, fx: MachOFixtures) -> Path:
     """Pocket.app laid out flat, as on iOS: Info.plist, PkgInfo, the executable,
-    embedded.mobileprovision, Base.lproj, and a flat app extension in PlugIns/."""
+    embedded.mobileprovision, Base.lproj, a flat app extension in PlugIns/ and a dylib in
+    Frameworks/."""
     app = build_shallow(directory / "Pocket.app", fx.path("exe.arm64"), IOS_ID, profile="embedded.mobileprovision")
     (app / "PkgInfo").write_text("APPL????")
     (app / "Base.lproj").mkdir()
@@ -189,6 +190,8 @@ def build_ios_app(directory: Path, fx: MachOFixtures) -> Path:
     (app / "en.lproj").mkdir()
     (app / "en.lproj" / "locversion.plist").write_bytes(plistlib.dumps({"LprojLocale": "en"}))
     build_shallow(app / "PlugIns" / "Share.appex", fx.path("exe.arm64"), SHARE_ID, profile="embedded.mobileprovision")
+    (app / "Frameworks").mkdir()
+    _install(fx.path("libdemo.arm64.dylib"), app / "Frameworks" / "libswiftDemo.dylib")
     return app
 
 

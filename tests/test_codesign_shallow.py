@@ -145,7 +145,9 @@ def test_ios_app_with_a_plugin_signed_ad_hoc(fx, tmp_path):
     app = build_ios_app(tmp_path, fx)
     signed = cs.sign_code(app, None, cs.CodesignOptions(deep=True))
     assert (signed.identifier, signed.format) == (IOS_ID, "app bundle with Mach-O thin (arm64)")
-    assert [item.identifier for item in signed.nested] == [SHARE_ID]
+    assert [item.identifier for item in signed.nested] == ["libswiftDemo", SHARE_ID]
+    dylib = raw_signatures((app / "Frameworks" / "libswiftDemo.dylib").read_bytes())[0]
+    assert cd_fields(dylib.code_directories[0])["flags"] == 0x2  # ad hoc, no longer linker-signed
     seal = assert_seal_matches_disk(app, app)
     assert seal["rules2"] == SHALLOW_RULES2
     files2 = seal["files2"]
@@ -153,11 +155,12 @@ def test_ios_app_with_a_plugin_signed_ad_hoc(fx, tmp_path):
     assert "Info.plist" not in files2 and "PkgInfo" not in files2 and "Pocket" not in files2
     assert "en.lproj/locversion.plist" not in files2
     assert "PlugIns/Share.appex/Share" in files2 and "PlugIns/Share.appex/_CodeSignature/CodeResources" in files2
+    assert "Frameworks/libswiftDemo.dylib" in files2
     assert {"Info.plist", "PkgInfo"} <= set(seal["files"])
     assert_executable_binds(app / "Pocket", app / "Info.plist", app / "_CodeSignature/CodeResources", IOS_ID)
     verdict = vf.verify_code(app, vf.VerifyOptions(deep=True, strict=True))
     assert verdict.designated_text.startswith('cdhash H"')
-    assert [nested.identifier for nested in verdict.nested] == [SHARE_ID]
+    assert [nested.identifier for nested in verdict.nested] == ["libswiftDemo", SHARE_ID]
 
 
 # --- bundles without a main executable --------------------------------------------------------------

@@ -51,6 +51,7 @@ from .resources import (
     RuleSet,
     UnreadableFileError,
     default_rules,
+    is_macho_file,
     scan,
     seal_exclusions,
 )
@@ -241,22 +242,25 @@ class Bundle:
             items.append(Bundle.open(path) if entry.kind == EntryKind.NESTED_BUNDLE else path)
         return items
 
-    def sealed_bundles(self) -> list[Bundle]:
-        """Bundles in this bundle's code locations that its seal covers file by file instead of as
-        nested code: a ``.dext`` in ``Library/SystemExtensions``, an iOS app's plug-ins and
-        frameworks. ``--deep`` signs (and verifies) them before the bundle around them."""
+    def sealed_code(self) -> list[Bundle | Path]:
+        """Code in this bundle's code locations that its seal covers file by file instead of as
+        nested code: a ``.dext`` in ``Library/SystemExtensions``, an iOS app's plug-ins,
+        frameworks and loose dylibs in ``Frameworks/``. ``--deep`` signs (and verifies) them
+        before the bundle around them."""
         nested = {item.root if isinstance(item, Bundle) else item for item in self.nested()}
-        found: list[Bundle] = []
+        found: list[Bundle | Path] = []
         for location in _CODE_LOCATIONS:
             directory = self.content_root / location
             if directory.is_symlink() or not directory.is_dir():
                 continue
             for entry in sorted(os.listdir(directory)):
                 path = directory / entry
-                if "." not in entry or path in nested or path.is_symlink() or not path.is_dir():
+                if path in nested or path.is_symlink():
                     continue
-                if _looks_like_bundle(path):
+                if path.is_dir() and "." in entry and _looks_like_bundle(path):
                     found.append(Bundle.open(path))
+                elif path.is_file() and location == "Frameworks" and is_macho_file(path):
+                    found.append(path)
         return found
 
 
@@ -275,9 +279,7 @@ def sign_bundle_plan(bundle: Bundle) -> list[Path]:
     slot 3. A file is a loose nested Mach-O: sign it as a file.
     """
     plan: list[Path] = []
-    for sealed in bundle.sealed_bundles():
-        plan.extend(sign_bundle_plan(sealed))
-    for item in bundle.nested():
+    for item in [*bundle.sealed_code(), *bundle.nested()]:
         if isinstance(item, Bundle):
             plan.extend(sign_bundle_plan(item))
         else:

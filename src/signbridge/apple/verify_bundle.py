@@ -174,11 +174,15 @@ def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor) -> 
     if problems:
         raise _resource_failure(bundle, problems)
     if options.deep:
-        for sealed in _sealed_bundles(bundle):
+        for sealed in _sealed_code(bundle):
+            where = sealed.root if isinstance(sealed, Bundle) else sealed
             try:
-                nested_verdicts.append(verify_bundle(sealed.root, options, executor=executor))
+                if isinstance(sealed, Bundle):
+                    nested_verdicts.append(verify_bundle(where, options, executor=executor))
+                else:
+                    nested_verdicts.append(verify_macho_path(where, options, executor=executor))
             except CodeVerificationError as error:
-                raise error.within(subcomponent=str(sealed.root)) from None
+                raise error.within(subcomponent=str(where)) from None
     return Verdict(
         path=path,
         identifier=verdict.identifier,
@@ -192,9 +196,9 @@ def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor) -> 
     )
 
 
-def _sealed_bundles(bundle: Bundle) -> list[Bundle]:
+def _sealed_code(bundle: Bundle) -> list[Bundle | Path]:
     try:
-        return bundle.sealed_bundles()
+        return bundle.sealed_code()
     except BundleError as exc:
         raise CodeVerificationError(BAD_BUNDLE, str(exc)) from None
 
