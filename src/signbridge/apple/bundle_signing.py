@@ -30,13 +30,10 @@ from .codesign import (
     UnsignedNestedCodeError,
     default_identifier,
     existing_signature_state,
-    preferred_directory,
-    preferred_slice,
     read_code,
     replacing_note,
     requirements_and_signer,
     sign_macho_file,
-    stored_designated_requirement,
     team_identifier,
     widest_default_hash_types,
 )
@@ -47,6 +44,7 @@ from .macho import MachOError, parse_file
 from .macho_signing import read_signature
 from .requirements import render
 from .resources import NestedCode, build_code_resources
+from .signed_code import preferred_directory, preferred_slice, stored_designated_requirement
 
 
 def sign_ipa(

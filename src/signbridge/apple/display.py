@@ -40,7 +40,13 @@ from .blobs import CodeSignatureFormatError, decode_blob
 from .bundle import Bundle, bundle_format
 from .certificates import common_name
 from .codedirectory import CodeDirectory, HashType
-from .codesign import (
+from .detached import read_detached_signature
+from .entitlements import EntitlementsError, decode_der, load_entitlements
+from .ipa import extracted_app, is_ipa
+from .macho import MachO, MachOFile, parse_file
+from .macho_signing import EmbeddedSignature, read_signature
+from .requirements import RequirementType, parse_requirement_set, render
+from .signed_code import (
     flag_names,
     issuer_chain,
     macho_format,
@@ -48,12 +54,6 @@ from .codesign import (
     preferred_slice,
     stored_designated_requirement,
 )
-from .detached import read_detached_signature
-from .entitlements import EntitlementsError, decode_der, load_entitlements
-from .ipa import extracted_app, is_ipa
-from .macho import MachO, MachOFile, parse_file
-from .macho_signing import EmbeddedSignature, read_signature
-from .requirements import RequirementType, parse_requirement_set, render
 from .verify import NotSignedError, plist_dict
 
 STDERR = "stderr"

@@ -39,12 +39,6 @@ from ..errors import SignbridgeError, UsageError
 from . import cms
 from .blobs import CodeSignatureFormatError, Slot, decode_blob
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType, hash_code, page_count
-from .codesign import (
-    designated_requirement,
-    macho_format,
-    preferred_directory,
-    preferred_slice,
-)
 from .entitlements import EntitlementsError, load_entitlements, parse_der_entitlements_blob
 from .macho import MachO, MachOError, MachOFile, parse_file
 from .macho_signing import EmbeddedSignature, read_signature
@@ -63,6 +57,12 @@ from .requirements import (
     parse_requirement,
     parse_requirement_set,
     render,
+)
+from .signed_code import (
+    designated_requirement,
+    macho_format,
+    preferred_directory,
+    preferred_slice,
 )
 from .trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from .blobs import CodeSignatureFormatError
 from .bundle import Bundle, BundleError, BundleSymlinkError, UnsealedContentError, bundle_format
-from .codesign import preferred_directory
 from .detached import read_detached_signature
 from .ipa import extracted_app, is_ipa
 from .resources import ResourceError, verify_code_resources
+from .signed_code import preferred_directory
 from .verify import (
     BAD_BUNDLE,
     BAD_RESOURCE,
