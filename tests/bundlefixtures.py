@@ -21,8 +21,9 @@ from pathlib import Path
 
 from machofixtures import MachOFixtures
 from signbridge.apple.bundle import Bundle, atomic_write, sign_bundle_plan
+from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.macho import CPU_TYPE_ARM64, parse_file
-from signbridge.apple.macho_signing import SigningOptions, read_signature, sign_path
+from signbridge.apple.macho_signing import SigningOptions, sign_path
 from signbridge.apple.requirements import cdhash as cdhash_requirement
 from signbridge.apple.requirements import render
 from signbridge.apple.resources import NestedCode, build_code_resources

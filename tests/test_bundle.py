@@ -40,8 +40,9 @@ from signbridge.apple.bundle import (
     staged_bundle,
 )
 from signbridge.apple.codedirectory import HashType, hash_code
+from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.macho import parse_file
-from signbridge.apple.macho_signing import SigningOptions, read_signature, sign_path
+from signbridge.apple.macho_signing import SigningOptions, sign_path
 from signbridge.apple.resources import (
     NestedCode,
     NestedCodeNotSignedError,

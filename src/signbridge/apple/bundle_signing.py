@@ -39,9 +39,9 @@ from .codesign import (
 )
 from .detached import has_detached_signature, read_detached_signature
 from .detached_signing import DetachedSigningOptions, sign_detached_bundle
+from .embedded_signature import read_signature
 from .ipa import extracted_app, write_ipa
 from .macho import MachOError, parse_file
-from .macho_signing import read_signature
 from .requirements import render
 from .resources import NestedCode, build_code_resources
 from .signed_code import preferred_directory, preferred_slice, stored_designated_requirement

@@ -28,7 +28,7 @@ from .blobs import (
     encode_superblob,
 )
 from .codedirectory import CodeDirectory
-from .macho_signing import EmbeddedSignature
+from .embedded_signature import EmbeddedSignature
 
 CODE_DIRECTORY_FILE = "CodeDirectory"
 REQUIREMENTS_FILE = "CodeRequirements"

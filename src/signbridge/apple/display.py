@@ -41,10 +41,10 @@ from .bundle import Bundle, bundle_format
 from .certificates import common_name
 from .codedirectory import CodeDirectory, HashType
 from .detached import read_detached_signature
+from .embedded_signature import EmbeddedSignature, read_signature
 from .entitlements import EntitlementsError, decode_der, load_entitlements
 from .ipa import extracted_app, is_ipa
 from .macho import MachO, MachOFile, parse_file
-from .macho_signing import EmbeddedSignature, read_signature
 from .requirements import RequirementType, parse_requirement_set, render
 from .signed_code import (
     flag_names,

@@ -19,8 +19,8 @@ from . import cms
 from .blobs import CodeSignatureFormatError
 from .certificates import DEVELOPER_ID_INTERMEDIATE, WWDR_INTERMEDIATE, extension_oids
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType
+from .embedded_signature import EmbeddedSignature
 from .macho import MachO, MachOFile
-from .macho_signing import EmbeddedSignature
 from .requirements import (
     ANCHOR_CERT,
     LEAF_CERT,

@@ -39,9 +39,9 @@ from ..errors import SignbridgeError, UsageError
 from . import cms
 from .blobs import CodeSignatureFormatError, Slot, decode_blob
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType, hash_code, page_count
+from .embedded_signature import EmbeddedSignature, read_signature
 from .entitlements import EntitlementsError, load_entitlements, parse_der_entitlements_blob
 from .macho import MachO, MachOError, MachOFile, parse_file
-from .macho_signing import EmbeddedSignature, read_signature
 from .requirements import (
     ANCHOR_CERT,
     LEAF_CERT,
