@@ -161,7 +161,7 @@ def _check_macho(executable: Path, content: Path, directory: Path, pki) -> None:
         assert cd["special"][3] == hashlib.sha256(seal).digest()
 
 
-RESIGN = [SIMULATOR, IPA, SPARKLE_VALID, MANAGER]
+RESIGN = [SIMULATOR, IPA, SPARKLE_VALID, SPARKLE_INVALID, MANAGER]
 
 
 @pytest.mark.parametrize("item", RESIGN)
@@ -194,6 +194,9 @@ def test_resign_with_a_token(item, tmp_path, token, pki, service):
         assert checked.returncode == 0, checked.stderr
         info = bundle.info_plist_path.read_bytes()
         assert cd_fields((folder / "CodeDirectory").read_bytes())["hashes"] == [hashlib.sha256(info).digest()]
+        assert not (folder / "CodeRequirements-1").exists()  # SHA-256 alone now: the SHA-1 one is gone
+        seal = plistlib.loads(bundle.code_resources_path.read_bytes())
+        assert set(seal["files2"]) == {"Resources/test-pubkey.pem"}
     else:
         _check_macho(bundle.executable_path, bundle.content_root, tmp_path, pki)
     if item == MANAGER:
