@@ -142,6 +142,7 @@ def adhoc_sign_bundle(root: Path) -> dict[Path, NestedCode]:
 DRIVER_ID = "com.example.Driver"
 FILTER_ID = "com.example.Filter"
 HOST_ID = "com.example.Host"
+HELPER_ID = "com.example.Host.Helper"
 IOS_ID = "com.example.Pocket"
 SHARE_ID = "com.example.Pocket.Share"
 RESOURCE_ID = "com.example.Resources"
@@ -162,7 +163,8 @@ def build_shallow(path: Path, source: Path, identifier: str, *, profile: str | N
 
 def build_sysext_host(directory: Path, fx: MachOFixtures) -> Path:
     """Host.app (deep) carrying a DriverKit .dext and a .systemextension, both shallow, in
-    Contents/Library/SystemExtensions/, each with embedded.provisionprofile."""
+    Contents/Library/SystemExtensions/, each with embedded.provisionprofile, and a flat XPC
+    service in Contents/XPCServices/ (nested code that the seal records by cdhash)."""
     app = directory / "Host.app"
     contents = app / "Contents"
     (contents / "MacOS").mkdir(parents=True)
@@ -177,6 +179,7 @@ def build_sysext_host(directory: Path, fx: MachOFixtures) -> Path:
     build_shallow(
         extensions / f"{FILTER_ID}.systemextension", fx.path("exe.x86_64"), FILTER_ID, profile="embedded.provisionprofile"
     )
+    build_shallow(contents / "XPCServices" / "Helper.xpc", fx.path("exe.arm64"), HELPER_ID)
     return app
 
 

@@ -24,6 +24,7 @@ import machofixtures
 from bundlefixtures import (
     DRIVER_ID,
     FILTER_ID,
+    HELPER_ID,
     HOST_ID,
     IOS_ID,
     PROFILE,
@@ -78,10 +79,13 @@ def sha256(path: Path) -> bytes:
 
 
 def assert_seal_matches_disk(root: Path, content: Path) -> dict:
-    """Every files2 entry of the seal recomputed with hashlib; returns the seal."""
+    """Every files2 file entry of the seal recomputed with hashlib (nested code, recorded by cdhash,
+    is checked by the callers); returns the seal."""
     seal = plistlib.loads((content / "_CodeSignature" / "CodeResources").read_bytes())
     for relative, entry in seal["files2"].items():
         path = content / relative
+        if isinstance(entry, dict) and "cdhash" in entry:
+            continue
         assert isinstance(entry, dict) and "hash2" in entry, relative
         assert entry["hash2"] == sha256(path), relative
         if "hash" in entry:
@@ -108,7 +112,7 @@ def test_system_extensions_signed_deep_with_an_identity(fx, pki, tmp_path):
     identity = local_identity(pki)[0]
     signed = cs.sign_code(app, identity, cs.CodesignOptions(deep=True, flags=cs.parse_flags("runtime")))
     assert signed.identifier == HOST_ID
-    assert {item.identifier for item in signed.nested} == {DRIVER_ID, FILTER_ID}
+    assert {item.identifier for item in signed.nested} == {DRIVER_ID, FILTER_ID, HELPER_ID}
 
     extensions = app / "Contents" / "Library" / "SystemExtensions"
     for name, identifier in ((f"{DRIVER_ID}.dext", DRIVER_ID), (f"{FILTER_ID}.systemextension", FILTER_ID)):
@@ -128,9 +132,13 @@ def test_system_extensions_signed_deep_with_an_identity(fx, pki, tmp_path):
     dext = f"Library/SystemExtensions/{DRIVER_ID}.dext"
     assert {f"{dext}/{DRIVER_ID}", f"{dext}/Info.plist", f"{dext}/_CodeSignature/CodeResources",
             f"{dext}/embedded.provisionprofile", "embedded.provisionprofile"} <= set(host_seal["files2"])  # fmt: skip
+    helper = app / "Contents" / "XPCServices" / "Helper.xpc"
+    helper_cd = raw_signatures((helper / "Helper").read_bytes())[0].code_directories[0]
+    assert host_seal["files2"]["XPCServices/Helper.xpc"]["cdhash"] == hashlib.sha256(helper_cd).digest()[:20]
+    assert host_seal["files2"]["XPCServices/Helper.xpc"]["requirement"].startswith(f'identifier "{HELPER_ID}"')
     verdict = vf.verify_code(app, trusted(pki))
     assert verdict.satisfies_designated
-    assert {nested.identifier for nested in verdict.nested} == {DRIVER_ID, FILTER_ID}
+    assert {nested.identifier for nested in verdict.nested} == {DRIVER_ID, FILTER_ID, HELPER_ID}
     alone = vf.verify_code(extensions / f"{DRIVER_ID}.dext", trusted(pki))
     assert alone.format == "bundle with Mach-O thin (arm64)" and alone.identifier == DRIVER_ID
 
