@@ -203,6 +203,14 @@ def test_executable_less_bundle_ad_hoc(tmp_path):
     vf.verify_code(bundle, vf.VerifyOptions(strict=True))
 
 
+def test_executable_less_bundle_refuses_entitlements(tmp_path):
+    bundle = build_resource_bundle(tmp_path)
+    before = snapshot(bundle)
+    with pytest.raises(cs.CodesignError, match="no main executable to carry entitlements"):
+        cs.sign_code(bundle, None, cs.CodesignOptions(entitlements=plistlib.dumps({"a": True})))
+    assert snapshot(bundle) == before
+
+
 def test_executable_less_bundle_with_an_identity(pki, tmp_path):
     bundle = build_resource_bundle(tmp_path)
     identity, signer = local_identity(pki)
@@ -361,6 +369,9 @@ def _bad_archive(path: Path, case: str) -> Path:
                 link.create_system = 3
                 link.external_attr = (stat.S_IFLNK | 0o755) << 16
                 output.writestr(link, target)
+        elif case == "file and folder":
+            output.writestr("Payload/Evil.app/x", b"file")
+            output.writestr("Payload/Evil.app/x/", b"")
         elif case == "two apps":
             output.writestr("Payload/Other.app/Info.plist", b"x")
         elif case == "huge declared size":
@@ -380,6 +391,7 @@ BAD_IPAS = {
     "escaping symlink": (UnsafeIpaError, "points outside the app"),
     "symlink chain": (UnsafeIpaError, "leads outside the app"),
     "two apps": (IpaError, "exactly one Payload/<Name>.app"),
+    "file and folder": (UnsafeIpaError, "as a file and a folder"),
     "huge declared size": (UnsafeIpaError, "refusing to unpack it"),
 }
 

@@ -204,6 +204,8 @@ def sign_bundle(
     """Sign a bundle (and with ``options.deep`` all its nested code, innermost first) in a staged
     copy that replaces the original only when everything is signed."""
     original = Bundle.open(path)
+    if original.executable_path is None and options.entitlements is not None:
+        raise CodesignError("has no main executable to carry entitlements; sign it without --entitlements")
     state = bundle_signature_state(original)
     if state is not None:
         if not options.force:

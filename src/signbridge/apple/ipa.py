@@ -91,35 +91,43 @@ def extract(archive: Path, destination: Path) -> Path:
         entries = [(info, _entry_parts(info)) for info in infos]
         _check_sizes(infos)
         app = _app_name(entries)
-        root = destination / PAYLOAD / app
-        links: list[tuple[zipfile.ZipInfo, tuple[str, ...], str]] = []
-        for info, parts in entries:
-            target = destination.joinpath(*parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            elif _is_symlink(info):
-                link = zipped.read(info).decode("utf-8", errors="replace")
-                _check_link(info.filename, parts, link)
-                links.append((info, parts, link))
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _extract_file(zipped, info, target)
-    # Links last, so that nothing is written through one; then where each really leads.
-    for info, parts, link in links:
-        target = destination.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.symlink(link, target)
-        except FileExistsError:
-            raise UnsafeIpaError(f"the archive holds {info.filename!r} twice") from None
+            links = _unpack(zipped, entries, destination)
+        except FileExistsError as exc:
+            raise UnsafeIpaError(f"the archive holds {exc.filename} twice, or as a file and a folder") from None
+        except OSError as exc:
+            raise IpaError(f"cannot unpack the .ipa: {exc.strerror or exc}") from None
+    root = destination / PAYLOAD / app
     real_root = os.path.realpath(root)
-    for info, parts, _ in links:
-        resolved = os.path.realpath(destination.joinpath(*parts))
+    for name, target in links:
+        resolved = os.path.realpath(target)
         if resolved != real_root and not resolved.startswith(real_root + os.sep):
-            raise UnsafeIpaError(f"the symbolic link {info.filename!r} leads outside the app")
+            raise UnsafeIpaError(f"the symbolic link {name!r} leads outside the app")
     if not root.is_dir():
         raise IpaError(f"Payload/{app} in the .ipa is not a directory")
     return root
+
+
+def _unpack(
+    zipped: zipfile.ZipFile, entries: list[tuple[zipfile.ZipInfo, tuple[str, ...]]], destination: Path
+) -> list[tuple[str, Path]]:
+    """Write the entries; symbolic links last, so that nothing is written through one."""
+    links: list[tuple[zipfile.ZipInfo, Path, str]] = []
+    for info, parts in entries:
+        target = destination.joinpath(*parts)
+        if info.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif _is_symlink(info):
+            link = zipped.read(info).decode("utf-8", errors="replace")
+            _check_link(info.filename, parts, link)
+            links.append((info, target, link))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _extract_file(zipped, info, target)
+    for _, target, link in links:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(link, target)
+    return [(info.filename, target) for info, target, _ in links]
 
 
 def _check_link(name: str, parts: tuple[str, ...], link: str) -> None:
@@ -142,8 +150,6 @@ def _extract_file(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) 
                 if written > info.file_size:
                     raise UnsafeIpaError(f"the archive entry {info.filename!r} is larger than it declares")
                 output.write(chunk)
-    except FileExistsError:
-        raise UnsafeIpaError(f"the archive holds {info.filename!r} twice") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise IpaError(f"the archive entry {info.filename!r} cannot be read: {exc}") from None
     os.chmod(target, mode or 0o644)
