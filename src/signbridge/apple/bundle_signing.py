@@ -34,6 +34,7 @@ from .codesign import (
     replacing_note,
     requirements_and_signer,
     sign_macho_file,
+    signing_chain,
     team_identifier,
     widest_default_hash_types,
 )
@@ -42,9 +43,15 @@ from .detached_signing import DetachedSigningOptions, sign_detached_bundle
 from .embedded_signature import read_signature
 from .ipa import extracted_app, write_ipa
 from .macho import MachOError, parse_file
+from .requirements import cdhash as cdhash_requirement
 from .requirements import render
 from .resources import NestedCode, build_code_resources
-from .signed_code import preferred_directory, preferred_slice, stored_designated_requirement
+from .signed_code import (
+    designated_requirement,
+    preferred_directory,
+    preferred_slice,
+    stored_designated_requirement,
+)
 
 
 def sign_ipa(
@@ -77,6 +84,7 @@ class _RelocatedReporter:
         return self.reporter.progress(description)
 
 
+# --- bundles --------------------------------------------------------------------------------------
 
 
 def bundle_signature_state(bundle: Bundle) -> str | None:
@@ -190,12 +198,10 @@ def _sign_detached(
         flags=options.flags,
         team_id=team_identifier(identity),
     )
-    directories = sign_detached_bundle(bundle, seal, settings, signer)
-    directory = preferred_directory(directories)
-    signature = read_detached_signature(bundle.signature_dir)
-    assert signature is not None
-    requirement_text = render(stored_designated_requirement(signature.signature, directory))
-    return SignedCode(bundle.root, identifier, bundle_format(bundle, None), directory.cdhash(), requirement_text)
+    directory = preferred_directory(sign_detached_bundle(bundle, seal, settings, signer))
+    requirement = designated_requirement(identifier, signing_chain(identity)) if identity is not None else None
+    text = render(requirement if requirement is not None else cdhash_requirement(directory.cdhash()))
+    return SignedCode(bundle.root, identifier, bundle_format(bundle, None), directory.cdhash(), text)
 
 
 def sign_bundle(

@@ -91,7 +91,7 @@ def read_detached_signature(signature_dir: Path) -> DetachedSignature | None:
             try:
                 directories.append(CodeDirectory.parse(data))
             except CodeSignatureFormatError as exc:
-                name = CODE_DIRECTORY_FILE if slot == Slot.CODE_DIRECTORY else alternate_file(slot - 0x1000)
+                name = CODE_DIRECTORY_FILE if slot == Slot.CODE_DIRECTORY else alternate_file(slot - Slot.ALTERNATE_CODE_DIRECTORY)
                 raise CodeSignatureFormatError(f"_CodeSignature/{name} is not a CodeDirectory: {exc}") from None
     signature = EmbeddedSignature(
         superblob=superblob,
