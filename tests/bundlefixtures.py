@@ -21,8 +21,9 @@ from pathlib import Path
 
 from machofixtures import MachOFixtures
 from signbridge.apple.bundle import Bundle, atomic_write, sign_bundle_plan
+from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.macho import CPU_TYPE_ARM64, parse_file
-from signbridge.apple.macho_signing import SigningOptions, read_signature, sign_path
+from signbridge.apple.macho_signing import SigningOptions, sign_path
 from signbridge.apple.requirements import cdhash as cdhash_requirement
 from signbridge.apple.requirements import render
 from signbridge.apple.resources import NestedCode, build_code_resources
@@ -134,3 +135,75 @@ def adhoc_sign_bundle(root: Path) -> dict[Path, NestedCode]:
         digest = slice_cdhash(signed)
         done[item] = NestedCode(digest, render(cdhash_requirement(digest)))
     return done
+
+
+# --- shallow and executable-less bundles ---------------------------------------------------------
+
+DRIVER_ID = "com.example.Driver"
+FILTER_ID = "com.example.Filter"
+HOST_ID = "com.example.Host"
+HELPER_ID = "com.example.Host.Helper"
+IOS_ID = "com.example.Pocket"
+SHARE_ID = "com.example.Pocket.Share"
+RESOURCE_ID = "com.example.Resources"
+PROFILE = b"0\x82\x01\x00 stand-in for a CMS-signed provisioning profile\n"
+
+
+def build_shallow(path: Path, source: Path, identifier: str, *, profile: str | None = None) -> Path:
+    """A flat bundle: Info.plist, the executable and (optionally) a provisioning profile at its root."""
+    path.mkdir(parents=True)
+    name = identifier if path.suffix in (".dext", ".systemextension") else identifier.rsplit(".", 1)[-1]
+    info = {"CFBundleExecutable": name, "CFBundleIdentifier": identifier, "CFBundlePackageType": "XPC!"}
+    (path / "Info.plist").write_bytes(plistlib.dumps(info))
+    _install(source, path / name)
+    if profile:
+        (path / profile).write_bytes(PROFILE)
+    return path
+
+
+def build_sysext_host(directory: Path, fx: MachOFixtures) -> Path:
+    """Host.app (deep) carrying a DriverKit .dext and a .systemextension, both shallow, in
+    Contents/Library/SystemExtensions/, each with embedded.provisionprofile, and a flat XPC
+    service in Contents/XPCServices/ (nested code that the seal records by cdhash)."""
+    app = directory / "Host.app"
+    contents = app / "Contents"
+    (contents / "MacOS").mkdir(parents=True)
+    (contents / "Resources").mkdir()
+    info = {"CFBundleExecutable": "Host", "CFBundleIdentifier": HOST_ID, "CFBundlePackageType": "APPL"}
+    (contents / "Info.plist").write_bytes(plistlib.dumps(info))
+    _install(fx.path("exe.universal"), contents / "MacOS" / "Host")
+    (contents / "Resources" / "host.txt").write_text("host resource\n")
+    (contents / "embedded.provisionprofile").write_bytes(PROFILE)
+    extensions = contents / "Library" / "SystemExtensions"
+    build_shallow(extensions / f"{DRIVER_ID}.dext", fx.path("exe.arm64"), DRIVER_ID, profile="embedded.provisionprofile")
+    build_shallow(
+        extensions / f"{FILTER_ID}.systemextension", fx.path("exe.x86_64"), FILTER_ID, profile="embedded.provisionprofile"
+    )
+    build_shallow(contents / "XPCServices" / "Helper.xpc", fx.path("exe.arm64"), HELPER_ID)
+    return app
+
+
+def build_ios_app(directory: Path, fx: MachOFixtures) -> Path:
+    """Pocket.app laid out flat, as on iOS: Info.plist, PkgInfo, the executable,
+    embedded.mobileprovision, Base.lproj, a flat app extension in PlugIns/ and a dylib in
+    Frameworks/."""
+    app = build_shallow(directory / "Pocket.app", fx.path("exe.arm64"), IOS_ID, profile="embedded.mobileprovision")
+    (app / "PkgInfo").write_text("APPL????")
+    (app / "Base.lproj").mkdir()
+    (app / "Base.lproj" / "Main.strings").write_text('"title" = "Pocket";\n')
+    (app / "en.lproj").mkdir()
+    (app / "en.lproj" / "locversion.plist").write_bytes(plistlib.dumps({"LprojLocale": "en"}))
+    build_shallow(app / "PlugIns" / "Share.appex", fx.path("exe.arm64"), SHARE_ID, profile="embedded.mobileprovision")
+    (app / "Frameworks").mkdir()
+    _install(fx.path("libdemo.arm64.dylib"), app / "Frameworks" / "libswiftDemo.dylib")
+    return app
+
+
+def build_resource_bundle(directory: Path) -> Path:
+    """Resources.bundle: Contents/Info.plist without CFBundleExecutable, and resources."""
+    bundle = directory / "Resources.bundle"
+    (bundle / "Contents" / "Resources").mkdir(parents=True)
+    info = {"CFBundleIdentifier": RESOURCE_ID, "CFBundlePackageType": "BNDL", "CFBundleVersion": "1.0"}
+    (bundle / "Contents" / "Info.plist").write_bytes(plistlib.dumps(info))
+    (bundle / "Contents" / "Resources" / "key.pem").write_text("-----BEGIN PUBLIC KEY-----\n")
+    return bundle

@@ -40,8 +40,9 @@ from signbridge.apple.bundle import (
     staged_bundle,
 )
 from signbridge.apple.codedirectory import HashType, hash_code
+from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.macho import parse_file
-from signbridge.apple.macho_signing import SigningOptions, read_signature, sign_path
+from signbridge.apple.macho_signing import SigningOptions, sign_path
 from signbridge.apple.resources import (
     NestedCode,
     NestedCodeNotSignedError,
@@ -563,8 +564,10 @@ def test_layout_errors(tmp_path: Path, app: Path) -> None:
     shallow = tmp_path / "Shallow.app"
     shallow.mkdir()
     (shallow / "Info.plist").write_bytes(plistlib.dumps({"CFBundleExecutable": "Shallow"}))
-    with pytest.raises(BundleLayoutError, match="shallow"):
+    with pytest.raises(BundleLayoutError, match="main executable Shallow .CFBundleExecutable. is missing"):
         Bundle.open(shallow)
+    with pytest.raises(NotABundleError, match="no Info.plist, Contents/ or Versions/"):
+        Bundle.open(app / "Contents" / "Resources")
 
     info = app / "Contents" / "Info.plist"
     original = info.read_bytes()
@@ -574,9 +577,11 @@ def test_layout_errors(tmp_path: Path, app: Path) -> None:
     info.write_bytes(plistlib.dumps(["not", "a", "dict"]))
     with pytest.raises(InfoPlistError, match="not a dictionary"):
         Bundle.open(app)
-    info.write_bytes(plistlib.dumps({"CFBundleIdentifier": APP_ID}))
-    with pytest.raises(BundleLayoutError, match="CFBundleExecutable"):
+    info.write_bytes(plistlib.dumps({"CFBundleIdentifier": APP_ID, "CFBundleExecutable": "../x"}))
+    with pytest.raises(BundleLayoutError, match="invalid main executable"):
         Bundle.open(app)
+    info.write_bytes(plistlib.dumps({"CFBundleIdentifier": APP_ID}))
+    assert Bundle.open(app).executable_path is None
     info.write_bytes(original)
     fifo = app / "Contents" / "Resources" / "pipe"
     os.mkfifo(fifo)

@@ -41,6 +41,7 @@ from signbridge.apple.codedirectory import (
     hash_code,
     hash_pages,
 )
+from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.entitlements import (
     EntitlementsError,
     decode_der,
@@ -51,7 +52,7 @@ from signbridge.apple.entitlements import (
     exec_segment_flags,
     load_entitlements,
 )
-from signbridge.apple.macho_signing import SigningOptions, read_signature, sign_file
+from signbridge.apple.macho_signing import SigningOptions, sign_file
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ from codesignkit import (
 )
 from machofixtures import MachOFixtures
 from signbridge.apple import codesign as cs
-from signbridge.apple import display
+from signbridge.apple import display, signed_code
 from signbridge.apple import macho as mo
 from signbridge.apple import verify as vf
 from signbridge.apple.codedirectory import HashType
@@ -388,7 +388,7 @@ def test_developer_id_requirement_under_an_apple_root(pki):
         ("rcodesign", "MK22MZP987", 172),
         ("com.firebase.crashlytics.upload-symbols", "EQHXZ8M8AV", 200),
     ):
-        requirement = cs._right_and(*_developer_id_terms(identifier, team))
+        requirement = signed_code.right_and(*_developer_id_terms(identifier, team))
         assert len(encode_requirement_set({3: requirement})) == size
 
 
@@ -442,8 +442,8 @@ def test_option_parsing():
     assert cs.resolve_timestamp_url("", None, environ={"SIGNBRIDGE_TIMESTAMP_URL": "http://y"}) == "http://y"
     assert cs.resolve_timestamp_url("", None, environ={}) == "http://timestamp.apple.com/ts01"
     assert cs.resolve_timestamp_url("http://z/tsa", "http://x/ts") == "http://z/tsa"
-    assert cs.flag_names(0x10002) == "0x10002(adhoc,runtime)"
-    assert cs.flag_names(0) == "0x0(none)"
+    assert signed_code.flag_names(0x10002) == "0x10002(adhoc,runtime)"
+    assert signed_code.flag_names(0) == "0x0(none)"
 
 
 # --- re-signing --------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from machofixtures import LINKER_SIGNED, THIN, UNIVERSAL, MachOFixtures
 from signbridge.apple import macho as mo
 from signbridge.apple.blobs import Magic, Slot
 from signbridge.apple.codedirectory import CodeDirectoryFlags, ExecSegmentFlags, HashType, hash_code
+from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.entitlements import parse_der_entitlements_blob
-from signbridge.apple.macho_signing import SigningOptions, read_signature, sign_file, sign_path
+from signbridge.apple.macho_signing import SigningOptions, sign_file, sign_path
 from signbridge.apple.macho_writer import (
     HeaderPaddingError,
     SignatureSpaceError,

@@ -321,7 +321,7 @@ def test_command_line_exit_codes_and_json(tmp_path, fx, pki, tsa, old_sdk, clean
 
 # --- the corpus: Apple's own output ---------------------------------------------------------------
 
-NOTARIZED = {pf.NOT_DEVELOPER_ID, pf.NO_TIMESTAMP}
+NOT_NOTARIZABLE = {pf.NOT_DEVELOPER_ID, pf.NO_TIMESTAMP}
 CORPUS_VERDICTS = {
     # notarized by Apple: nothing to report
     "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__1.17.0-stapled.pkg": set(),
@@ -341,11 +341,17 @@ CORPUS_VERDICTS = {
     # Apple Development, no timestamp, debuggable
     "bundles/achow101_signapple__signapple-test-universal.app": {pf.NOT_DEVELOPER_ID, pf.NO_TIMESTAMP, pf.GET_TASK_ALLOW},
     # not Developer ID (development certificates, self-signed, ad hoc, linker-signed)
-    "macho/northpolesec_santa__yikes-universal_signed": NOTARIZED | {pf.NO_RUNTIME},
-    "macho/northpolesec_santa__yikes-universal_adhoc": NOTARIZED | {pf.NO_RUNTIME},
-    "macho/northpolesec_santa__signed-with-teamid": NOTARIZED | {pf.NO_RUNTIME},
-    "macho/northpolesec_santa__badcert": NOTARIZED | {pf.NO_RUNTIME},
-    "macho/northpolesec_santa__allowed_cdhash": NOTARIZED | {pf.NO_RUNTIME},
+    "macho/northpolesec_santa__yikes-universal_signed": NOT_NOTARIZABLE | {pf.NO_RUNTIME},
+    "macho/northpolesec_santa__yikes-universal_adhoc": NOT_NOTARIZABLE | {pf.NO_RUNTIME},
+    "macho/northpolesec_santa__signed-with-teamid": NOT_NOTARIZABLE | {pf.NO_RUNTIME},
+    "macho/northpolesec_santa__badcert": NOT_NOTARIZABLE | {pf.NO_RUNTIME},
+    "macho/northpolesec_santa__allowed_cdhash": NOT_NOTARIZABLE | {pf.NO_RUNTIME},
+    # iOS code: ad hoc or self-signed, never hardened; an executable-less bundle signed ad hoc
+    "bundles/fastlane_fastlane__simulator-app.app": NOT_NOTARIZABLE | {pf.NO_RUNTIME},
+    "bundles/fastlane_fastlane__very-capable-app.ipa": NOT_NOTARIZABLE | {pf.NO_RUNTIME},
+    "bundles/sparkle-project_Sparkle__CodeSignedBothNew.bundle": NOT_NOTARIZABLE,
+    # ad hoc, and its Info.plist was edited after signing
+    "bundles/sparkle-project_Sparkle__CodeSignedInvalid.bundle": NOT_NOTARIZABLE | {pf.INVALID},
     # 2016, before notarization: the payload's binaries are unsigned
     "pkg/htacg_binaries__HTML_Tidy-5.2.0.pkg": {pf.NOT_SIGNED},
 }

@@ -1,15 +1,18 @@
 """Bundles: layout discovery, validation, nested code, signing order and safe replacement.
 
-Two layouts are understood (reference/apple-signing.md §3):
+Three layouts are understood (reference/apple-signing.md §3):
 
-- ``Foo.app/Contents/{Info.plist, MacOS/<CFBundleExecutable>, Resources/, _CodeSignature/}``, used
-  by applications, app extensions (``.appex``), XPC services (``.xpc``) and plug-ins (``.bundle``
-  and the like);
+- deep: ``Foo.app/Contents/{Info.plist, MacOS/<CFBundleExecutable>, Resources/, _CodeSignature/}``,
+  used by macOS applications, app extensions (``.appex``), XPC services (``.xpc``) and plug-ins;
+- shallow (iOS-style): ``Foo.app/{Info.plist, <CFBundleExecutable>, _CodeSignature/}``, used by
+  iOS apps and their extensions and by DriverKit (``.dext``) and system extensions;
 - versioned frameworks, ``Foo.framework/Versions/A/{<CFBundleExecutable>, Resources/Info.plist,
   _CodeSignature/}`` with ``Versions/Current -> A`` and top-level symlinks into ``Versions/Current``.
 
-Shallow (iOS-style) bundles are refused. Paths inside the seal are relative to the content root
-(``Contents`` or ``Versions/A``); messages show paths relative to the bundle root.
+A bundle whose Info.plist names no CFBundleExecutable (a resource-only ``.bundle``, a Safari web
+app) has no main executable: its signature is detached, in files under ``_CodeSignature/``.
+Paths inside the seal are relative to the content root (``Contents``, ``Versions/A`` or the bundle
+itself); messages show paths relative to the bundle root.
 
 Opening a bundle validates it as codesign does before signing: no symbolic link may point outside
 the bundle, every file must be readable, and nothing may sit unsealed in the bundle's root.
@@ -44,10 +47,11 @@ from pathlib import Path
 
 from ..errors import SignbridgeError
 from .resources import (
-    DEFAULT_RULES2,
     EntryKind,
     RuleSet,
     UnreadableFileError,
+    default_rules,
+    is_macho_file,
     scan,
     seal_exclusions,
 )
@@ -63,6 +67,7 @@ __all__ = [
     "UnreadableFileError",
     "UnsealedContentError",
     "atomic_write",
+    "bundle_format",
     "exchange_paths",
     "sign_bundle_plan",
     "staged_bundle",
@@ -106,6 +111,8 @@ class BundleKind(enum.StrEnum):
     FRAMEWORK = "framework"
     APP_EXTENSION = "appex"
     XPC_SERVICE = "xpc"
+    DRIVER_EXTENSION = "dext"
+    SYSTEM_EXTENSION = "systemextension"
     PLUGIN = "bundle"
 
     @classmethod
@@ -126,7 +133,15 @@ class Bundle:
     content_root: Path  # Contents/ or Versions/<current>/: what the seal's paths are relative to
     info_plist_path: Path
     info_plist: dict = field(repr=False)
-    executable_path: Path
+    executable_path: Path | None  # None: no main executable, the signature is detached
+
+    @property
+    def is_shallow(self) -> bool:
+        return self.content_root == self.root
+
+    @property
+    def signature_dir(self) -> Path:
+        return self.content_root / CODE_SIGNATURE_DIR
 
     @property
     def identifier(self) -> str | None:
@@ -161,27 +176,30 @@ class Bundle:
             content_root = root / "Versions" / _current_version(root)
             info_plist_path = content_root / "Resources" / "Info.plist"
             executable_dir = content_root
-        elif (root / "Info.plist").exists() or (root / "Resources" / "Info.plist").exists():
-            raise BundleLayoutError(
-                "shallow (iOS-style) bundles are not supported; "
-                "macOS bundles keep their contents in Contents/ or Versions/"
-            )
+        elif (root / "Info.plist").is_file():
+            content_root = root
+            info_plist_path = root / "Info.plist"
+            executable_dir = root
         else:
-            raise NotABundleError(f"{given} is not a bundle (no Contents/ or Versions/ directory)")
+            raise NotABundleError(
+                f"{given} is not a bundle (no Info.plist, Contents/ or Versions/ directory)"
+            )
 
         info_plist = _read_info_plist(info_plist_path, root)
         name = info_plist.get("CFBundleExecutable")
-        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-            raise BundleLayoutError(
-                f"{info_plist_path.relative_to(root)} names no main executable (CFBundleExecutable); "
-                "bundles without one cannot be signed"
-            )
-        executable = executable_dir / name
-        if not executable.is_file() or executable.is_symlink():
-            raise BundleLayoutError(
-                f"the main executable {executable.relative_to(root)} (CFBundleExecutable) is missing "
-                "or not a regular file"
-            )
+        executable = None
+        if name is not None:
+            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+                raise BundleLayoutError(
+                    f"{info_plist_path.relative_to(root)} names an invalid main executable "
+                    f"(CFBundleExecutable = {name!r})"
+                )
+            executable = executable_dir / name
+            if not executable.is_file() or executable.is_symlink():
+                raise BundleLayoutError(
+                    f"the main executable {executable.relative_to(root)} (CFBundleExecutable) is missing "
+                    "or not a regular file"
+                )
         bundle = cls(
             root=root,
             kind=BundleKind.from_path(root),
@@ -197,7 +215,7 @@ class Bundle:
         """Raise a specific BundleError for unsealable content, outward symlinks, unreadable files."""
         if self.is_versioned:
             _validate_framework_root(self.root, self.content_root.name)
-        else:
+        elif not self.is_shallow:
             for entry in sorted(os.listdir(self.root)):
                 path = self.root / entry
                 if entry == "Contents":
@@ -214,7 +232,8 @@ class Bundle:
         dylibs in Frameworks/, ...) as absolute paths. Deeper paths come first, as rcodesign
         orders them, so nothing is listed before code that sits inside it.
         """
-        rules = RuleSet.from_plist(DEFAULT_RULES2, seal_exclusions(self.content_root, self.executable_path))
+        rules2 = default_rules(self.is_shallow)[1]
+        rules = RuleSet.from_plist(rules2, seal_exclusions(self.content_root, self.executable_path))
         entries = [entry for entry in scan(self.content_root, rules) if entry.is_nested]
         entries.sort(key=lambda entry: (-entry.path.count("/"), entry.path))
         items: list[Bundle | Path] = []
@@ -222,6 +241,34 @@ class Bundle:
             path = self.content_root / entry.path
             items.append(Bundle.open(path) if entry.kind == EntryKind.NESTED_BUNDLE else path)
         return items
+
+    def sealed_code(self) -> list[Bundle | Path]:
+        """Code in this bundle's code locations that its seal covers file by file instead of as
+        nested code: a ``.dext`` in ``Library/SystemExtensions``, an iOS app's plug-ins,
+        frameworks and loose dylibs in ``Frameworks/``. ``--deep`` signs (and verifies) them
+        before the bundle around them."""
+        nested = {item.root if isinstance(item, Bundle) else item for item in self.nested()}
+        found: list[Bundle | Path] = []
+        for location in _CODE_LOCATIONS:
+            directory = self.content_root / location
+            if directory.is_symlink() or not directory.is_dir():
+                continue
+            for entry in sorted(os.listdir(directory)):
+                path = directory / entry
+                if path in nested or path.is_symlink():
+                    continue
+                if path.is_dir() and "." in entry and _looks_like_bundle(path):
+                    found.append(Bundle.open(path))
+                elif path.is_file() and location == "Frameworks" and is_macho_file(path):
+                    found.append(path)
+        return found
+
+
+def bundle_format(bundle: Bundle, executable_format: str | None) -> str:
+    """``app bundle with Mach-O ...`` for applications, ``bundle with Mach-O ...`` for the rest;
+    ``bundle`` alone for a bundle without a main executable."""
+    prefix = "app bundle" if bundle.kind is BundleKind.APPLICATION else "bundle"
+    return f"{prefix} with {executable_format}" if executable_format else prefix
 
 
 def sign_bundle_plan(bundle: Bundle) -> list[Path]:
@@ -232,13 +279,31 @@ def sign_bundle_plan(bundle: Bundle) -> list[Path]:
     slot 3. A file is a loose nested Mach-O: sign it as a file.
     """
     plan: list[Path] = []
-    for item in bundle.nested():
+    for item in [*bundle.sealed_code(), *bundle.nested()]:
         if isinstance(item, Bundle):
             plan.extend(sign_bundle_plan(item))
         else:
             plan.append(item)
     plan.append(bundle.root)
     return plan
+
+
+# Where bundles keep code (besides the nested-code rules): Apple's code locations.
+_CODE_LOCATIONS = (
+    "Frameworks",
+    "SharedFrameworks",
+    "PlugIns",
+    "Plug-ins",
+    "Extensions",
+    "XPCServices",
+    "Library/SystemExtensions",
+    "Watch",
+    "AppClips",
+)
+
+
+def _looks_like_bundle(path: Path) -> bool:
+    return any((path / marker).exists() for marker in ("Info.plist", "Contents", "Versions"))
 
 
 # --- layout helpers ---------------------------------------------------------------------------------

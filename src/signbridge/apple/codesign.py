@@ -17,8 +17,9 @@ What it builds, as Apple's tools do:
   their designated requirement is implicit (the cdhash).
 - The team identifier is the leaf's subject OU when the chain carries Apple's developer
   intermediate markers (Developer ID or WWDR), as codesign only trusts Apple-issued team ids.
-- Bundles: nested code innermost first, then ``_CodeSignature/CodeResources``, then the main
-  executable with Info.plist in slot 1 and CodeResources in slot 3.
+- Bundles and ``.ipa`` archives are signed by bundle_signing.py on top of this module: nested
+  code innermost first, then ``_CodeSignature/CodeResources``, then the main executable with
+  Info.plist in slot 1 and CodeResources in slot 3 (or a detached signature when there is none).
 
 Messages do not name the path; the command line prefixes it, as Apple's does.
 """
@@ -40,8 +41,6 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import NameOID
 
 from ..errors import SignbridgeError, UsageError
 from ..hashes import HashAlgorithm
@@ -54,7 +53,7 @@ from .blobs import (
     Slot,
     decode_superblob,
 )
-from .bundle import Bundle, BundleKind, atomic_write, exchange_paths, sign_bundle_plan, staged_bundle
+from .bundle import exchange_paths
 from .certificates import (
     DEVELOPER_ID_INTERMEDIATE,
     WWDR_INTERMEDIATE,
@@ -66,74 +65,40 @@ from .codedirectory import (
     HashType,
     default_hash_types,
 )
+from .ipa import is_ipa
 from .macho import (
     MachO,
-    MachOError,
     MachOFile,
     parse_file,
 )
 from .macho_signing import (
     DEFAULT_CMS_RESERVE,
     CmsSigner,
-    EmbeddedSignature,
     SignedSlice,
     SigningOptions,
-    read_signature,
     sign_into,
 )
 from .requirements import (
-    ANCHOR_CERT,
     EMPTY_REQUIREMENT_SET,
-    LEAF_CERT,
-    OID_DEVELOPER_ID_CA,
-    OID_DEVELOPER_ID_LEAF,
-    Expr,
-    Match,
-    MatchOp,
-    Op,
     RequirementType,
-    anchor_apple_generic,
-    certificate_field,
-    certificate_generic,
     encode_requirement_set,
-    parse_requirement_set,
     render,
 )
-from .requirements import (
-    identifier as identifier_expr,
+from .signed_code import (
+    FLAG_NAMES,
+    designated_requirement,
+    macho_format,
+    preferred_directory,
+    preferred_slice,
+    stored_designated_requirement,
 )
-from .resources import NestedCode, build_code_resources
-from .trust import APPLE_ROOT_FINGERPRINTS, CertificateKind, classify_certificate
+from .trust import CertificateKind, classify_certificate
 
 APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
 TIMESTAMP_URL_ENVIRONMENT_VARIABLE = "SIGNBRIDGE_TIMESTAMP_URL"
 CMS_DIGEST = HashAlgorithm.SHA256
 
-# codesign's names for the CodeDirectory flags (``-o``/``--options``), in Apple's table order.
-FLAG_NAMES: tuple[tuple[str, int], ...] = (
-    ("host", CodeDirectoryFlags.HOST),
-    ("adhoc", CodeDirectoryFlags.ADHOC),
-    ("hard", CodeDirectoryFlags.FORCE_HARD),
-    ("kill", CodeDirectoryFlags.FORCE_KILL),
-    ("expires", CodeDirectoryFlags.FORCE_EXPIRATION),
-    ("restrict", CodeDirectoryFlags.RESTRICT),
-    ("enforcement", CodeDirectoryFlags.ENFORCEMENT),
-    ("library-validation", CodeDirectoryFlags.LIBRARY_VALIDATION),
-    ("runtime", CodeDirectoryFlags.RUNTIME),
-    ("linker-signed", CodeDirectoryFlags.LINKER_SIGNED),
-)
 _SETTABLE_FLAGS = frozenset(name for name, _ in FLAG_NAMES if name not in ("adhoc", "linker-signed"))
-
-# Apple's preference when one CodeDirectory must stand for the code (display, cdhash, nesting).
-HASH_PREFERENCE = (
-    HashType.SHA384,
-    HashType.SHA256,
-    HashType.SHA256_TRUNCATED,
-    HashType.SHA1,
-    HashType.SHA512,
-)
-# The slice that stands for a universal file: what an Apple silicon Mac runs.
-ARCH_PREFERENCE = ("arm64e", "arm64", "x86_64h", "x86_64")
 
 _CODE_DIRECTORY_ALGORITHMS = {
     HashType.SHA1: HashAlgorithm.SHA1,
@@ -197,16 +162,6 @@ def parse_flags(text: str) -> int:
             raise FlagsError(f'--options: "{raw.strip()}" {reason}; the flags are {known}')
         flags |= matches[0][1]
     return flags
-
-
-def flag_names(flags: int) -> str:
-    """``0x10000(runtime)`` as ``codesign -d`` prints a flag word; ``0x0(none)`` when empty."""
-    if not flags:
-        return "0x0(none)"
-    names = [name for name, bit in FLAG_NAMES if flags & bit]
-    if flags & ~sum(bit for _, bit in FLAG_NAMES):
-        names.append("???")
-    return f"{flags:#x}({','.join(names)})"
 
 
 def parse_digest_algorithms(text: str) -> tuple[HashType, ...]:
@@ -316,84 +271,6 @@ class SignedCode:
     nested: tuple[SignedCode, ...] = field(default=(), repr=False)
 
 
-# --- designated requirement -----------------------------------------------------------------------
-
-
-def certificate_sha1(certificate: x509.Certificate) -> bytes:
-    return certificate.fingerprint(hashes.SHA1())  # noqa: S303 - Apple's requirement language names it
-
-
-def designated_requirement(
-    identifier: str,
-    certificates: Sequence[x509.Certificate],
-    *,
-    apple_roots: frozenset[bytes] = APPLE_ROOT_FINGERPRINTS,
-) -> Expr | None:
-    """The designated requirement Apple's DRMaker derives for a signature by ``certificates``
-    (leaf first, up to the anchor); None for ad-hoc code (no certificates).
-
-    Under an Apple root: the Developer ID form (``anchor apple generic and certificate
-    1[field.1.2.840.113635.100.6.2.6] /* exists */ and certificate leaf[field....6.1.13] /* exists */
-    and certificate leaf[subject.OU] = TEAM``), the WWDR form for development and distribution
-    certificates, else ``anchor apple``. Under any other root: ``certificate <slot> = H"<sha1>"``
-    for the highest certificate whose Organization is the leaf's. The terms nest to the right,
-    as DRMaker writes them.
-    """
-    if not certificates:
-        return None
-    anchor = certificates[-1]
-    if anchor.fingerprint(hashes.SHA256()) in apple_roots:
-        tail = _apple_anchor(certificates)
-    else:
-        tail = _non_apple_anchor(certificates)
-    return Expr(Op.AND, (identifier_expr(identifier), tail))
-
-
-def _right_and(*terms: Expr) -> Expr:
-    result = terms[-1]
-    for term in reversed(terms[:-1]):
-        result = Expr(Op.AND, (term, result))
-    return result
-
-
-def _apple_anchor(certificates: Sequence[x509.Certificate]) -> Expr:
-    leaf = certificates[0]
-    if len(certificates) == 3 and WWDR_INTERMEDIATE in extension_oids(certificates[1]):
-        common_name = _subject_value(leaf, NameOID.COMMON_NAME) or ""
-        return _right_and(
-            anchor_apple_generic(),
-            certificate_field(LEAF_CERT, "subject.CN", Match(MatchOp.EQUAL, common_name.encode())),
-            certificate_generic(1, WWDR_INTERMEDIATE, Match(MatchOp.EXISTS)),
-        )
-    if len(certificates) == 3 and DEVELOPER_ID_INTERMEDIATE in extension_oids(certificates[1]):
-        team = _subject_value(leaf, NameOID.ORGANIZATIONAL_UNIT_NAME) or ""
-        return _right_and(
-            anchor_apple_generic(),
-            certificate_generic(1, OID_DEVELOPER_ID_CA, Match(MatchOp.EXISTS)),
-            certificate_generic(LEAF_CERT, OID_DEVELOPER_ID_LEAF, Match(MatchOp.EXISTS)),
-            certificate_field(LEAF_CERT, "subject.OU", Match(MatchOp.EQUAL, team.encode())),
-        )
-    return Expr(Op.APPLE_ANCHOR)
-
-
-def _non_apple_anchor(certificates: Sequence[x509.Certificate]) -> Expr:
-    organization = _subject_value(certificates[0], NameOID.ORGANIZATION_NAME)
-    slot = 0
-    if organization is not None:
-        while slot + 1 < len(certificates):
-            if _subject_value(certificates[slot + 1], NameOID.ORGANIZATION_NAME) != organization:
-                break
-            slot += 1
-        if slot == len(certificates) - 1:
-            return Expr(Op.ANCHOR_HASH, (ANCHOR_CERT, certificate_sha1(certificates[slot])))
-    return Expr(Op.ANCHOR_HASH, (slot if slot else LEAF_CERT, certificate_sha1(certificates[slot])))
-
-
-def _subject_value(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
-    values = certificate.subject.get_attributes_for_oid(oid)
-    return str(values[0].value) if values else None
-
-
 def signing_chain(identity: Identity) -> tuple[x509.Certificate, ...]:
     """The identity's certificate followed by its issuers (as the CMS carries them)."""
     chain = [identity.certificate]
@@ -493,38 +370,8 @@ def existing_signature_state(parsed: MachOFile) -> str | None:
     return state
 
 
-def preferred_slice(parsed: MachOFile, architecture: str | None = None) -> MachO:
-    """The slice that stands for the file: ``architecture`` when given, else what Apple silicon runs."""
-    by_arch = {macho.arch: macho for macho in parsed.slices}
-    if architecture is not None:
-        if architecture not in by_arch:
-            raise CodesignError(
-                f"the file holds no {architecture} code (it holds {' '.join(by_arch)})"
-            )
-        return by_arch[architecture]
-    for arch in ARCH_PREFERENCE:
-        if arch in by_arch:
-            return by_arch[arch]
-    return parsed.slices[0]
-
-
-def preferred_directory(directories: Sequence[CodeDirectory]) -> CodeDirectory:
-    """The CodeDirectory Apple's tools treat as the code's: the strongest supported hash."""
-    for hash_type in HASH_PREFERENCE:
-        for directory in directories:
-            if directory.hash_type == hash_type:
-                return directory
-    return directories[0]
-
-
-def _replacing(state: str) -> str:
+def replacing_note(state: str) -> str:
     return "replacing existing signature" if state == "signed" else "replacing invalid existing signature"
-
-
-def macho_format(parsed: MachOFile) -> str:
-    if parsed.is_universal:
-        return f"Mach-O universal ({' '.join(macho.arch for macho in parsed.slices)})"
-    return f"Mach-O thin ({parsed.slices[0].arch})"
 
 
 # --- the CMS --------------------------------------------------------------------------------------
@@ -594,6 +441,20 @@ class MachOJob:
     nested: bool = False  # signed because of --deep or as bundle content (no "already signed" stop)
 
 
+def requirements_and_signer(
+    identity: Identity | None, options: CodesignOptions, identifier: str
+) -> tuple[bytes, CmsSigner | None]:
+    """The requirement set (with the designated requirement when signing with an identity) and
+    the CMS signer (None: ad hoc)."""
+    if identity is None:
+        return EMPTY_REQUIREMENT_SET, None
+    requirements = EMPTY_REQUIREMENT_SET
+    requirement = designated_requirement(identifier, signing_chain(identity))
+    if requirement is not None:
+        requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
+    return requirements, cms_signer(identity, timestamp=_timestamper(options), signing_time=options.signing_time)
+
+
 @dataclass(frozen=True)
 class SlicePlan:
     """What every slice's signature holds besides its code, and who signs it (None: ad hoc)."""
@@ -613,16 +474,11 @@ def slice_plan(
     entitlements: bytes | None = None,
 ) -> SlicePlan:
     """The signer's part: team id, requirement set, CMS signer and its reserved size."""
-    requirements = EMPTY_REQUIREMENT_SET
-    signer = None
+    requirements, signer = requirements_and_signer(identity, options, identifier)
     reserve = DEFAULT_CMS_RESERVE
     if identity is not None:
-        requirement = designated_requirement(identifier, signing_chain(identity))
-        if requirement is not None:
-            requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
-        timestamp = _timestamper(options)
-        signer = cms_signer(identity, timestamp=timestamp, signing_time=options.signing_time)
-        reserve = cms_reserve(identity, options.hash_types or _widest_default(parsed), timestamp is not None)
+        with_timestamp = options.timestamp is not None or bool(options.timestamp_url)
+        reserve = cms_reserve(identity, options.hash_types or widest_default_hash_types(parsed), with_timestamp)
     signing = SigningOptions(
         identifier=identifier,
         team_id=team_identifier(identity),
@@ -638,7 +494,7 @@ def slice_plan(
     return SlicePlan(signing, signer)
 
 
-def _widest_default(parsed: MachOFile) -> tuple[HashType, ...]:
+def widest_default_hash_types(parsed: MachOFile) -> tuple[HashType, ...]:
     widest: tuple[HashType, ...] = (HashType.SHA256,)
     for macho in parsed.slices:
         if macho.build_version is not None:
@@ -723,7 +579,7 @@ class StagedFile:
             raise UnreadableCodeError(f"cannot be written: {error.strerror or error}") from error
 
 
-def _read_code(path: Path) -> bytes:
+def read_code(path: Path) -> bytes:
     with mapped(path) as (data, _):
         return bytes(data)
 
@@ -779,7 +635,7 @@ def sign_macho_file(
         if state is not None and not job.nested:
             if not options.force:
                 raise AlreadySignedError()
-            reporter.note(job.path, _replacing(state))
+            reporter.note(job.path, replacing_note(state))
         embedded_plist = job.info_plist
         if embedded_plist is None:
             plists = (bytes(m.info_plist) for m in parsed.slices if m.info_plist is not None)
@@ -826,13 +682,16 @@ def sign_code(
     *,
     executor: Executor | None = None,
 ) -> SignedCode:
-    """Sign the Mach-O file or bundle at ``path`` in place with ``identity`` (None: ad hoc).
+    """Sign the Mach-O file, bundle or ``.ipa`` at ``path`` in place with ``identity`` (None: ad hoc).
 
     Raises :class:`AlreadySignedError` when it is signed and ``options.force`` is false,
     ``FileNotFoundError`` when it does not exist, a :class:`~signbridge.apple.macho.MachOError` for
     malformed Mach-O, and other :class:`~signbridge.errors.SignbridgeError` subclasses (token,
     timestamp, bundle layout) with the input unchanged.
     """
+    # Bundles and archives are signed in bundle_signing.py, which builds on this module.
+    from .bundle_signing import sign_bundle, sign_ipa
+
     target = Path(path)
     reporter = reporter or QuietReporter()
     if not target.exists() and not target.is_symlink():
@@ -842,168 +701,9 @@ def sign_code(
     try:
         if target.is_dir():
             return sign_bundle(target, identity, options, reporter, executor=pool)
+        if is_ipa(target):
+            return sign_ipa(target, identity, options, reporter, executor=pool)
         return sign_macho_file(MachOJob(target), identity, options, reporter, executor=pool)
     finally:
         if own_executor:
             pool.shutdown(wait=True)
-
-
-# --- bundles --------------------------------------------------------------------------------------
-
-
-def bundle_format(bundle: Bundle, executable_format: str) -> str:
-    """``app bundle with Mach-O ...`` for applications, ``bundle with Mach-O ...`` for the rest."""
-    prefix = "app bundle" if bundle.kind is BundleKind.APPLICATION else "bundle"
-    return f"{prefix} with {executable_format}"
-
-
-def bundle_signature_state(bundle: Bundle) -> str | None:
-    """Like :func:`existing_signature_state` for a bundle's main executable and its seal."""
-    try:
-        parsed = parse_file(_read_code(bundle.executable_path))
-    except MachOError:
-        return "invalid"
-    state = existing_signature_state(parsed)
-    if state is None and bundle.code_resources_path.is_file():
-        return "signed"
-    return state
-
-
-def nested_code_record(path: Path) -> NestedCode:
-    """What a parent's seal records for nested code that is already signed (no ``--deep``): the
-    cdhash of its preferred CodeDirectory and its designated requirement's text."""
-    executable = path
-    if path.is_dir():
-        nested = Bundle.open(path)
-        if not nested.code_resources_path.is_file():
-            raise UnsignedNestedCodeError(path)
-        executable = nested.executable_path
-    try:
-        parsed = parse_file(_read_code(executable))
-        signature = read_signature(preferred_slice(parsed))
-    except (MachOError, CodeSignatureFormatError) as exc:
-        raise CodesignError(f"the signature of nested code {path} cannot be read: {exc}") from None
-    if signature is None:
-        raise UnsignedNestedCodeError(path)
-    directory = preferred_directory(signature.code_directories)
-    return NestedCode(directory.cdhash(), render(stored_designated_requirement(signature, directory)))
-
-
-def stored_designated_requirement(signature: EmbeddedSignature, directory: CodeDirectory) -> Expr:
-    """The designated requirement of signed code, without judging trust: the explicit one, else
-    the one derived from the CMS certificates, else (ad hoc) its cdhash."""
-    if signature.requirements:
-        try:
-            explicit = parse_requirement_set(signature.requirements).get(RequirementType.DESIGNATED)
-        except CodeSignatureFormatError:
-            explicit = None
-        if explicit is not None:
-            return explicit
-    if signature.cms:
-        try:
-            parsed = cms.parse_signed_data(signature.cms)
-        except SignbridgeError:
-            parsed = None
-        if parsed is not None:
-            derived = designated_requirement(directory.identifier, issuer_chain(parsed))
-            if derived is not None:
-                return derived
-    return Expr(Op.CDHASH, (directory.cdhash(),))
-
-
-def issuer_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:
-    """The CMS certificates ordered from the signer up its issuers, as far as they go."""
-    chain = [parsed.signer_certificate]
-    while len(chain) <= len(parsed.certificates):
-        current = chain[-1]
-        if current.issuer == current.subject:
-            break
-        issuers = (c for c in parsed.certificates if c.subject == current.issuer and c not in chain)
-        issuer = next(issuers, None)
-        if issuer is None:
-            break
-        chain.append(issuer)
-    return chain
-
-
-def _seal_hash_types(bundle: Bundle, options: CodesignOptions) -> tuple[HashType, ...]:
-    if options.hash_types:
-        return options.hash_types
-    return _widest_default(parse_file(_read_code(bundle.executable_path)))
-
-
-def _sign_one_bundle(
-    bundle: Bundle,
-    identity: Identity | None,
-    options: CodesignOptions,
-    reporter: Reporter,
-    nested: dict[Path, NestedCode],
-    *,
-    top: bool,
-    executor: Executor,
-) -> SignedCode:
-    records = {path: code for path, code in nested.items() if path.is_relative_to(bundle.content_root)}
-    if not options.deep:
-        for item in bundle.nested():
-            item_path = item.root if isinstance(item, Bundle) else item
-            if item_path not in records:
-                records[item_path] = nested_code_record(item_path)
-    with reporter.progress(f"sealing {bundle.root.name}") as advance:
-        seal = build_code_resources(
-            bundle,
-            records,
-            hash_types=_seal_hash_types(bundle, options),
-            executor=executor,
-            progress=advance,
-        )
-    atomic_write(bundle.code_resources_path, seal)
-    identifier = (options.identifier if top else None) or bundle.identifier
-    if identifier is None:
-        identifier = default_identifier(bundle.root, None, options.prefix)
-    job = MachOJob(
-        bundle.executable_path,
-        identifier=identifier,
-        info_plist=bundle.info_plist_path.read_bytes(),
-        code_resources=seal,
-        entitlements=top,
-        nested=True,
-    )
-    signed = sign_macho_file(job, identity, options, reporter, executor=executor)
-    executable_format = bundle_format(bundle, signed.format)
-    return SignedCode(bundle.root, signed.identifier, executable_format, signed.cdhash, signed.requirement)
-
-
-def sign_bundle(
-    path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
-) -> SignedCode:
-    """Sign a bundle (and with ``options.deep`` all its nested code, innermost first) in a staged
-    copy that replaces the original only when everything is signed."""
-    original = Bundle.open(path)
-    state = bundle_signature_state(original)
-    if state is not None:
-        if not options.force:
-            raise AlreadySignedError()
-        reporter.note(path, _replacing(state))
-    with staged_bundle(original.root) as staged:
-        root = Bundle.open(staged)
-        plan = sign_bundle_plan(root) if options.deep else [root.root]
-        done: dict[Path, NestedCode] = {}
-        results: list[SignedCode] = []
-        for item in plan:
-            if item == root.root:
-                signed = _sign_one_bundle(
-                    root, identity, options, reporter, done, top=True, executor=executor
-                )
-            elif item.is_dir():
-                nested_bundle = Bundle.open(item)
-                signed = _sign_one_bundle(
-                    nested_bundle, identity, options, reporter, done, top=False, executor=executor
-                )
-            else:
-                job = MachOJob(item, entitlements=False, nested=True)
-                signed = sign_macho_file(job, identity, options, reporter, executor=executor)
-            done[item] = NestedCode(signed.cdhash, signed.requirement or "")
-            results.append(signed)
-    final = results[-1]
-    nested = tuple(results[:-1])
-    return SignedCode(path, final.identifier, final.format, final.cdhash, final.requirement, nested)

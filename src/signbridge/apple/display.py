@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import plistlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,16 @@ from cryptography import x509
 
 from . import cms
 from .blobs import CodeSignatureFormatError, decode_blob
-from .bundle import Bundle
+from .bundle import Bundle, bundle_format
 from .certificates import common_name
 from .codedirectory import CodeDirectory, HashType
-from .codesign import (
-    bundle_format,
+from .detached import read_detached_signature
+from .embedded_signature import EmbeddedSignature, read_signature
+from .entitlements import EntitlementsError, decode_der, load_entitlements
+from .ipa import extracted_app, is_ipa
+from .macho import MachO, MachOFile, parse_file
+from .requirements import RequirementType, parse_requirement_set, render
+from .signed_code import (
     flag_names,
     issuer_chain,
     macho_format,
@@ -49,10 +54,6 @@ from .codesign import (
     preferred_slice,
     stored_designated_requirement,
 )
-from .entitlements import EntitlementsError, decode_der, load_entitlements
-from .macho import MachO, MachOFile, parse_file
-from .macho_signing import EmbeddedSignature, read_signature
-from .requirements import RequirementType, parse_requirement_set, render
 from .verify import NotSignedError, plist_dict
 
 STDERR = "stderr"
@@ -82,10 +83,10 @@ class ResourceSeal:
 class SigningInformation:
     """One piece of code's signature, read for display."""
 
-    executable: Path
+    executable: Path  # the Info.plist for a detached signature (it is the code)
     format: str
-    parsed: MachOFile = field(repr=False)
-    macho: MachO = field(repr=False)
+    parsed: MachOFile | None = field(repr=False)  # None: a detached signature
+    macho: MachO | None = field(repr=False)
     signature: EmbeddedSignature = field(repr=False)
     info_plist: bytes | None = field(default=None, repr=False)
     seal: ResourceSeal | None = None
@@ -167,15 +168,29 @@ def signing_information(
         raise FileNotFoundError(2, "No such file or directory", str(target))
     if target.is_dir():
         return bundle_information(target, architecture=architecture)
+    if is_ipa(target):
+        return ipa_information(target, architecture=architecture)
     return macho_information(target.resolve(), target.read_bytes(), architecture=architecture)
 
 
+def ipa_information(path: Path, *, architecture: str | None = None) -> SigningInformation:
+    """The signing information of the app in an ``.ipa`` (read from a private temporary copy);
+    ``Executable=`` names the file inside the archive."""
+    with extracted_app(path) as app:
+        info = bundle_information(app, architecture=architecture)
+        inside = info.executable.relative_to(app.parent.parent)
+    return replace(info, executable=path.resolve() / inside)
+
+
 def bundle_information(path: Path, *, architecture: str | None = None) -> SigningInformation:
-    """The signing information of a bundle: its main executable's signature, its Info.plist and seal."""
+    """The signing information of a bundle: its main executable's signature (or its detached
+    signature), its Info.plist and seal."""
     bundle = Bundle.open(path)
     executable = bundle.executable_path
-    data = executable.read_bytes()
     seal_bytes = bundle.code_resources_path.read_bytes() if bundle.code_resources_path.is_file() else None
+    if executable is None:
+        return _detached_information(bundle, seal_bytes)
+    data = executable.read_bytes()
     info = macho_information(
         executable,
         data,
@@ -192,6 +207,24 @@ def bundle_information(path: Path, *, architecture: str | None = None) -> Signin
         signature=info.signature,
         info_plist=info.info_plist,
         seal=info.seal,
+    )
+
+
+def _detached_information(bundle: Bundle, seal_bytes: bytes | None) -> SigningInformation:
+    try:
+        detached = read_detached_signature(bundle.signature_dir)
+    except CodeSignatureFormatError:
+        detached = None
+    if detached is None:
+        raise NotSignedError()
+    return SigningInformation(
+        executable=bundle.info_plist_path,
+        format=bundle_format(bundle, None),
+        parsed=None,
+        macho=None,
+        signature=detached.signature,
+        info_plist=bundle.info_plist_path.read_bytes(),
+        seal=resource_seal(seal_bytes),
     )
 
 
@@ -231,7 +264,7 @@ def display_lines(info: SigningInformation, verbose: int, *, nested: bool = Fals
     )
     if directory.platform:
         note(1, f"Platform identifier={directory.platform}")
-    build = info.macho.build_version
+    build = info.macho.build_version if info.macho is not None else None
     if build is not None:
         note(4, f"VersionPlatform={build.platform}")
         note(4, f"VersionMin={build.minos}")

@@ -25,14 +25,10 @@ from pathlib import Path
 from typing import Protocol
 
 from .blobs import (
-    ALTERNATE_CODE_DIRECTORY_MAX,
     SUPERBLOB_HEADER_SIZE,
     SUPERBLOB_INDEX_ENTRY_SIZE,
-    CodeSignatureFormatError,
     Magic,
     Slot,
-    SuperBlob,
-    decode_blob,
     decode_superblob,
     encode_blob,
     encode_superblob,
@@ -51,6 +47,7 @@ from .codedirectory import (
     default_hash_types,
     hash_code,
 )
+from .embedded_signature import EmbeddedSignature, embedded_signature
 from .entitlements import der_entitlements_blob, entitlements_blob, exec_segment_flags, load_entitlements
 from .macho import MH_EXECUTE, MachO, MachOFile, parse_file
 from .macho_writer import (
@@ -96,52 +93,6 @@ class SigningOptions:
     page_size: int = PAGE_SIZE
 
 
-@dataclass(frozen=True)
-class EmbeddedSignature:
-    """An embedded signature read back from a slice."""
-
-    superblob: SuperBlob
-    code_directories: tuple[CodeDirectory, ...]  # primary first
-    requirements: bytes | None
-    entitlements: bytes | None
-    der_entitlements: bytes | None
-    cms: bytes | None  # DER ContentInfo; b"" for an ad-hoc signature's empty wrapper
-
-    @property
-    def code_directory(self) -> CodeDirectory:
-        return self.code_directories[0]
-
-    @property
-    def is_adhoc(self) -> bool:
-        return bool(self.code_directory.flags & CodeDirectoryFlags.ADHOC)
-
-
-def read_signature(macho: MachO) -> EmbeddedSignature | None:
-    """The slice's embedded signature, parsed; None when it is unsigned."""
-    raw = macho.signature_data
-    if raw is None:
-        return None
-    superblob = decode_superblob(raw, Magic.EMBEDDED_SIGNATURE)
-    first = Slot.ALTERNATE_CODE_DIRECTORY
-    slots = [Slot.CODE_DIRECTORY, *range(first, first + ALTERNATE_CODE_DIRECTORY_MAX)]
-    directories = tuple(CodeDirectory.parse(blob) for slot in slots if (blob := superblob.get(slot)))
-    if not directories:
-        raise CodeSignatureFormatError("the embedded signature has no CodeDirectory")
-    return _embedded_signature(superblob, directories)
-
-
-def _embedded_signature(superblob: SuperBlob, directories: tuple[CodeDirectory, ...]) -> EmbeddedSignature:
-    wrapper = superblob.get(Slot.SIGNATURE)
-    return EmbeddedSignature(
-        superblob=superblob,
-        code_directories=directories,
-        requirements=superblob.get(Slot.REQUIREMENTS),
-        entitlements=superblob.get(Slot.ENTITLEMENTS),
-        der_entitlements=superblob.get(Slot.DER_ENTITLEMENTS),
-        cms=decode_blob(wrapper, Magic.BLOB_WRAPPER)[1] if wrapper is not None else None,
-    )
-
-
 # --- laying out and signing one slice -----------------------------------------------------------
 
 
@@ -183,7 +134,7 @@ class SignedSlice:
 
     def embedded_signature(self) -> EmbeddedSignature:
         """The signature as :func:`read_signature` would read it back."""
-        return _embedded_signature(decode_superblob(self.superblob, Magic.EMBEDDED_SIGNATURE), self.directories)
+        return embedded_signature(decode_superblob(self.superblob, Magic.EMBEDDED_SIGNATURE), self.directories)
 
 
 def _hash_types(macho: MachO, options: SigningOptions) -> tuple[HashType, ...]:

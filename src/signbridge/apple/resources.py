@@ -4,8 +4,10 @@ CodeResources is an XML property list with four keys (reference/apple-signing.md
 
 - ``rules`` / ``rules2``: which paths (relative to the bundle's content root, ``Contents/`` or
   ``Versions/A/``) are sealed, as regular expressions with ``omit``, ``optional``, ``nested`` and
-  ``weight``; the rule of highest weight that matches a path decides. signbridge writes Apple's
-  defaults for bundles with a ``Resources`` directory.
+  ``weight``; the rule of highest weight that matches a path decides (an omitting rule wins a tie,
+  as Apple's seals show). signbridge writes Apple's defaults: the ``Resources/`` rules for bundles
+  with a ``Contents`` or ``Versions`` directory, the iOS-style rules (everything at the root is a
+  resource, nothing is nested code) for shallow bundles.
 - ``files`` (version 1): SHA-1 of every regular file the v1 rules select.
 - ``files2`` (version 2): per path a dict of digests (``hash`` = SHA-1, ``hash2`` = SHA-256), a
   ``{symlink: target}``, or for nested code ``{cdhash, requirement}``; ``optional`` when the rule
@@ -75,31 +77,52 @@ class NestedCodeNotSignedError(ResourceError):
 
 _RESOURCES = "^Resources/"
 
-# Apple's defaults for a bundle with a Resources directory (bundlediskrep.cpp, reference §3.2).
-# Weights are reals in Apple's plists.
-DEFAULT_RULES: dict[str, object] = {
-    "^version.plist$": True,
-    _RESOURCES: True,
-    _RESOURCES + r".*\.lproj/": {"optional": True, "weight": 1000.0},
-    _RESOURCES + r"Base\.lproj/": {"weight": 1010.0},
-    _RESOURCES + r".*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
-}
-DEFAULT_RULES2: dict[str, object] = {
+
+def _localization_rules(prefix: str) -> dict[str, object]:
+    """Localizations are optional, except Base.lproj; locversion.plist files are left out."""
+    return {
+        prefix + r".*\.lproj/": {"optional": True, "weight": 1000.0},
+        prefix + r"Base\.lproj/": {"weight": 1010.0},
+        prefix + r".*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
+    }
+
+
+# Files at the top of the content root that every version-2 seal treats alike.
+_TOP_LEVEL_RULES2: dict[str, object] = {
     "^.*": True,
-    "^[^/]+$": {"nested": True, "weight": 10.0},
-    "^(Frameworks|SharedFrameworks|PlugIns|Plug-ins|XPCServices|Helpers|MacOS|Library/"
-    "(Automator|Spotlight|LoginItems))/": {"nested": True, "weight": 10.0},
     r".*\.dSYM($|/)": {"weight": 11.0},
     r"^(.*/)?\.DS_Store$": {"omit": True, "weight": 2000.0},
     r"^Info\.plist$": {"omit": True, "weight": 20.0},
     r"^version\.plist$": {"weight": 20.0},
     r"^embedded\.provisionprofile$": {"weight": 20.0},
     "^PkgInfo$": {"omit": True, "weight": 20.0},
-    _RESOURCES: {"weight": 20.0},
-    _RESOURCES + r".*\.lproj/": {"optional": True, "weight": 1000.0},
-    _RESOURCES + r"Base\.lproj/": {"weight": 1010.0},
-    _RESOURCES + r".*\.lproj/locversion.plist$": {"omit": True, "weight": 1100.0},
 }
+
+# Apple's defaults for a bundle with a Resources directory (bundlediskrep.cpp, reference §3.2).
+# Weights are reals in Apple's plists.
+DEFAULT_RULES: dict[str, object] = {
+    "^version.plist$": True,
+    _RESOURCES: True,
+    **_localization_rules(_RESOURCES),
+}
+DEFAULT_RULES2: dict[str, object] = {
+    **_TOP_LEVEL_RULES2,
+    "^[^/]+$": {"nested": True, "weight": 10.0},
+    "^(Frameworks|SharedFrameworks|PlugIns|Plug-ins|XPCServices|Helpers|MacOS|Library/"
+    "(Automator|Spotlight|LoginItems))/": {"nested": True, "weight": 10.0},
+    _RESOURCES: {"weight": 20.0},
+    **_localization_rules(_RESOURCES),
+}
+
+# Apple's defaults for shallow bundles (iOS apps, app extensions, DriverKit and system extensions):
+# what current codesign writes for a .dext, and what iOS apps carry. Nothing is nested code.
+SHALLOW_RULES: dict[str, object] = {"^.*": True, "^version.plist$": True, **_localization_rules("^")}
+SHALLOW_RULES2: dict[str, object] = {**_TOP_LEVEL_RULES2, **_localization_rules("^")}
+
+
+def default_rules(shallow: bool) -> tuple[dict[str, object], dict[str, object]]:
+    """The (``rules``, ``rules2``) codesign writes for a bundle of this layout."""
+    return (SHALLOW_RULES, SHALLOW_RULES2) if shallow else (DEFAULT_RULES, DEFAULT_RULES2)
 
 
 @dataclass(frozen=True)
@@ -147,13 +170,14 @@ class RuleSet:
         return cls((*exclusions, *parsed))
 
     def find(self, path: str) -> ResourceRule | None:
-        """The deciding rule: an exclusion at once, else the matching rule of highest weight."""
+        """The deciding rule: an exclusion at once, else the matching rule of highest weight (of
+        equal weights, an omitting one: ``^Info\\.plist$`` beats ``^`` in older iOS seals)."""
         best: ResourceRule | None = None
         for rule in self.rules:
             if rule.regex.search(path):
                 if rule.flags & EXCLUSION:
                     return rule
-                if best is None or rule.weight > best.weight:
+                if best is None or rule.weight > best.weight or rule.weight == best.weight and rule.flags & OMITTED and not best.flags & OMITTED:
                     best = rule
         return best
 
@@ -338,11 +362,12 @@ def build_code_resources(
     every nested item must be there, signed first. ``hash_types`` are the files2 digests (Apple
     uses the CodeDirectory digests: SHA-256 alone writes only ``hash2``).
     """
+    rules1, rules2 = default_rules(bundle.is_shallow)
     exclusions = seal_exclusions(bundle.content_root, bundle.executable_path)
-    entries2 = scan(bundle.content_root, RuleSet.from_plist(DEFAULT_RULES2, exclusions))
+    entries2 = scan(bundle.content_root, RuleSet.from_plist(rules2, exclusions))
     entries1 = [
         entry
-        for entry in scan(bundle.content_root, RuleSet.from_plist(DEFAULT_RULES, exclusions))
+        for entry in scan(bundle.content_root, RuleSet.from_plist(rules1, exclusions))
         if entry.is_regular_file
     ]
     nested = {_seal_key(bundle, key): value for key, value in nested_info.items()}
@@ -380,7 +405,7 @@ def build_code_resources(
         files[entry.path] = sha1 if entry.flags == 0 else {"hash": sha1, "optional": bool(entry.flags & OPTIONAL)}
 
     return serialize_code_resources(
-        {"files": files, "files2": files2, "rules": DEFAULT_RULES, "rules2": DEFAULT_RULES2}
+        {"files": files, "files2": files2, "rules": rules1, "rules2": rules2}
     )
 
 

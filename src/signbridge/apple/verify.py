@@ -25,7 +25,7 @@ import os
 import plistlib
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,18 +38,10 @@ from cryptography.x509.oid import NameOID
 from ..errors import SignbridgeError, UsageError
 from . import cms
 from .blobs import CodeSignatureFormatError, Slot, decode_blob
-from .bundle import Bundle, BundleError, BundleSymlinkError, UnsealedContentError
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType, hash_code, page_count
-from .codesign import (
-    bundle_format,
-    designated_requirement,
-    macho_format,
-    preferred_directory,
-    preferred_slice,
-)
+from .embedded_signature import EmbeddedSignature, read_signature
 from .entitlements import EntitlementsError, load_entitlements, parse_der_entitlements_blob
 from .macho import MachO, MachOError, MachOFile, parse_file
-from .macho_signing import EmbeddedSignature, read_signature
 from .requirements import (
     ANCHOR_CERT,
     LEAF_CERT,
@@ -66,7 +58,12 @@ from .requirements import (
     parse_requirement_set,
     render,
 )
-from .resources import ResourceError, verify_code_resources
+from .signed_code import (
+    designated_requirement,
+    macho_format,
+    preferred_directory,
+    preferred_slice,
+)
 from .trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
 
 # Apple's sentences (Security framework error strings), as codesign prints them after the path.
@@ -635,7 +632,7 @@ class VerifyOptions:
 class SliceVerdict:
     """One slice that passed: its signature, the CMS and the trust verdict."""
 
-    macho: MachO
+    macho: MachO | None  # None for a detached signature
     signature: EmbeddedSignature
     cms: cms.ParsedSignature | None
     trust: TrustResult | None
@@ -747,32 +744,21 @@ def _verify_slice(
     assert macho.code_signature is not None
     signature_start = macho.code_signature.dataoff
     _check_signature_space(macho, signature)
-    parsed_cms = None
     trust = None
     timestamp = None
-    if primary.flags & CodeDirectoryFlags.ADHOC:
-        if signature.cms:
-            raise CodeVerificationError(
-                MODIFIED, "the signature is marked ad hoc but carries a CMS signature"
-            )
-    else:
-        if not signature.cms:
-            raise CodeVerificationError(
-                MODIFIED, "the CodeDirectory is not marked ad hoc, but the signature carries no CMS signature"
-            )
-        # The CMS first: when a CodeDirectory was altered, that is what the user should hear.
-        parsed_cms = _check_cms(signature.cms, directories)
+    # The CMS first: when a CodeDirectory was altered, that is what the user should hear.
+    parsed_cms = check_signer(signature)
     for directory in directories:
         _check_directory_fields(directory, primary, signature_start)
-        _check_special_slots(directory, signature, macho, bound)
-    _check_unsealed_blobs(signature, directories)
+        check_special_slots(directory, signature, macho.info_plist, bound)
+    check_unsealed_blobs(signature, directories)
     if parsed_cms is not None:
-        timestamp = _check_timestamp(parsed_cms, options)
-        trust = _check_trust(parsed_cms, options, timestamp)
+        timestamp = check_timestamp(parsed_cms, options)
+        trust = check_trust(parsed_cms, options, timestamp)
 
     code = memoryview(macho.data)[:signature_start]
     for directory in directories:
-        _check_pages(code, directory, executor)
+        check_pages(code, directory, executor)
     return SliceVerdict(macho, signature, parsed_cms, trust, timestamp)
 
 
@@ -830,14 +816,15 @@ def _check_directory_fields(directory: CodeDirectory, primary: CodeDirectory, si
         )
 
 
-def _check_special_slots(
-    directory: CodeDirectory, signature: EmbeddedSignature, macho: MachO, bound: BoundFiles
+def check_special_slots(
+    directory: CodeDirectory, signature: EmbeddedSignature, embedded_info_plist: bytes | None, bound: BoundFiles
 ) -> None:
+    """Slots 1 (Info.plist), 3 (CodeResources) and the blob slots against what they bind."""
     hash_type = directory.hash_type
     name = hash_type.name.lower()
     slots = directory.special_slots
 
-    info_plist = bound.info_plist if bound.is_bundle else macho.info_plist
+    info_plist = bound.info_plist if bound.is_bundle else embedded_info_plist
     if Slot.INFO_PLIST in slots:
         if info_plist is None:
             raise CodeVerificationError(
@@ -887,7 +874,7 @@ def _check_special_slots(
             )
 
 
-def _check_unsealed_blobs(signature: EmbeddedSignature, directories: Sequence[CodeDirectory]) -> None:
+def check_unsealed_blobs(signature: EmbeddedSignature, directories: Sequence[CodeDirectory]) -> None:
     for slot in _EMBEDDED_SLOTS:
         if signature.superblob.get(slot) is None:
             continue
@@ -901,7 +888,7 @@ def _check_unsealed_blobs(signature: EmbeddedSignature, directories: Sequence[Co
                 )
 
 
-def _check_pages(code: memoryview, directory: CodeDirectory, executor: Executor | None) -> None:
+def check_pages(code: memoryview, directory: CodeDirectory, executor: Executor | None) -> None:
     actual = hash_code(code, directory.hash_type, directory.page_size, executor)
     if actual == list(directory.code_hashes):
         return
@@ -926,7 +913,21 @@ _HASH_TYPE_ALGORITHMS = {
 }
 
 
-def _check_cms(der: bytes, directories: Sequence[CodeDirectory]) -> cms.ParsedSignature:
+def check_signer(signature: EmbeddedSignature) -> cms.ParsedSignature | None:
+    """Ad hoc (no CMS) or signed (a CMS over the CodeDirectories that checks out)."""
+    directories = signature.code_directories
+    if directories[0].flags & CodeDirectoryFlags.ADHOC:
+        if signature.cms:
+            raise CodeVerificationError(MODIFIED, "the signature is marked ad hoc but carries a CMS signature")
+        return None
+    if not signature.cms:
+        raise CodeVerificationError(
+            MODIFIED, "the CodeDirectory is not marked ad hoc, but the signature carries no CMS signature"
+        )
+    return check_cms(signature.cms, directories)
+
+
+def check_cms(der: bytes, directories: Sequence[CodeDirectory]) -> cms.ParsedSignature:
     primary = directories[0]
     try:
         parsed = cms.parse_signed_data(der)
@@ -955,7 +956,7 @@ def _check_cms(der: bytes, directories: Sequence[CodeDirectory]) -> cms.ParsedSi
     return parsed
 
 
-def _check_timestamp(parsed: cms.ParsedSignature, options: VerifyOptions) -> datetime | None:
+def check_timestamp(parsed: cms.ParsedSignature, options: VerifyOptions) -> datetime | None:
     if parsed.timestamp is None:
         return None
     try:
@@ -968,7 +969,7 @@ def _check_timestamp(parsed: cms.ParsedSignature, options: VerifyOptions) -> dat
         raise CodeVerificationError(MODIFIED, f"the timestamp does not check out: {exc}") from None
 
 
-def _check_trust(
+def check_trust(
     parsed: cms.ParsedSignature, options: VerifyOptions, timestamp: datetime | None
 ) -> TrustResult:
     result = evaluate_chain(
@@ -1077,7 +1078,7 @@ def verify_macho_path(
     format_prefix: str = "",
 ) -> Verdict:
     """Verify a Mach-O file and evaluate its designated requirement (and ``-R``)."""
-    data = _read(path)
+    data = read_code_file(path)
     parsed, verdicts = verify_macho_bytes(data, options, bound=bound, executor=executor)
     chosen = preferred_slice(parsed, options.architecture)
     slice_verdict = next(verdict for verdict in verdicts if verdict.macho is chosen)
@@ -1098,7 +1099,7 @@ def verify_macho_path(
     )
 
 
-def _read(path: Path) -> bytes:
+def read_code_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -1116,100 +1117,13 @@ def verify_code(
     *,
     executor: Executor | None = None,
 ) -> Verdict:
-    """Verify the Mach-O file or bundle at ``path``.
+    """Verify the Mach-O file, bundle or ``.ipa`` at ``path``.
 
     Returns the :class:`Verdict` for valid code (whose designated and ``-R`` requirements may
     still be unsatisfied); raises :class:`CodeVerificationError` (:class:`NotSignedError` for
-    unsigned code) or ``FileNotFoundError``.
+    unsigned code), an :class:`~signbridge.apple.ipa.IpaError` or ``FileNotFoundError``.
     """
-    target = Path(path)
-    if not target.exists() and not target.is_symlink():
-        raise FileNotFoundError(2, "No such file or directory", str(target))
-    own = executor is None
-    pool = executor or ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    try:
-        if target.is_dir():
-            return verify_bundle(target, options, executor=pool)
-        return verify_macho_path(target, options, executor=pool)
-    finally:
-        if own:
-            pool.shutdown(wait=True)
+    # Bundles and archives are checked in verify_bundle.py, which builds on this module.
+    from .verify_bundle import verify_path
 
-
-def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor) -> Verdict:
-    """Verify a bundle: its main executable with Info.plist and CodeResources bound, every sealed
-    resource, and its nested code (each verified in full, recursively)."""
-    try:
-        bundle = Bundle.open(path)
-    except BundleSymlinkError as exc:
-        raise CodeVerificationError(INVALID_SYMLINK, str(exc)) from None
-    except UnsealedContentError as exc:
-        raise CodeVerificationError(str(exc).split(":", 1)[0], str(exc)) from None
-    except BundleError as exc:
-        raise CodeVerificationError(BAD_BUNDLE, str(exc)) from None
-    code_resources = None
-    if bundle.code_resources_path.is_file():
-        code_resources = _read(bundle.code_resources_path)
-    bound = BoundFiles(bundle.info_plist_path.read_bytes(), code_resources, is_bundle=True)
-    verdict = verify_macho_path(bundle.executable_path, options, bound=bound, executor=executor)
-    if code_resources is None:
-        raise CodeVerificationError(
-            RESOURCES_NOT_FOUND, "the bundle has no _CodeSignature/CodeResources (it was not sealed)"
-        )
-
-    nested_failures: list[tuple[Path, CodeVerificationError]] = []
-    nested_verdicts: list[Verdict] = []
-
-    def nested_check(nested_path: Path) -> bytes:
-        try:
-            nested = verify_bundle(nested_path, options, executor=executor) if nested_path.is_dir() else (
-                verify_macho_path(nested_path, options, executor=executor)
-            )
-        except FileNotFoundError:
-            error = CodeVerificationError(BAD_RESOURCE, f"nested code {nested_path} is missing")
-            nested_failures.append((nested_path, error))
-            raise error from None
-        except CodeVerificationError as error:
-            nested_failures.append((nested_path, error))
-            raise
-        nested_verdicts.append(nested)
-        return nested.cdhash
-
-    try:
-        problems = verify_code_resources(bundle, code_resources, nested_check, executor=executor)
-    except ResourceError as exc:
-        raise CodeVerificationError(RESOURCE_DIRECTORY_FAILED, str(exc)) from None
-    if nested_failures:
-        nested_path, error = nested_failures[0]
-        raise error.within(subcomponent=str(nested_path)) from None
-    if problems:
-        raise _resource_failure(bundle, problems)
-    return Verdict(
-        path=path,
-        identifier=verdict.identifier,
-        format=bundle_format(bundle, verdict.format),
-        designated=verdict.designated,
-        satisfies_designated=verdict.satisfies_designated,
-        satisfies_requirement=verdict.satisfies_requirement,
-        cdhash=verdict.cdhash,
-        slices=verdict.slices,
-        nested=tuple(nested_verdicts),
-    )
-
-
-def _resource_failure(bundle: Bundle, problems: Sequence[str]) -> CodeVerificationError:
-    added, modified, missing, other = [], [], [], []
-    for problem in problems:
-        kind, _, rest = problem.partition(": ")
-        where = str(bundle.root / rest.split(": ", 1)[0])
-        if kind == "file added":
-            added.append(where)
-        elif kind in ("file modified", "nested code modified"):
-            modified.append(where)
-        elif kind == "file missing":
-            missing.append(where)
-        else:
-            other.append(problem)
-    return CodeVerificationError(
-        BAD_RESOURCE, "; ".join(other), added=added, modified=modified, missing=missing
-    )
+    return verify_path(path, options, executor=executor)

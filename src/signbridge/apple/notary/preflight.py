@@ -27,8 +27,9 @@ from cryptography import x509
 from .. import cms
 from ..blobs import CodeSignatureFormatError
 from ..codedirectory import CodeDirectoryFlags, HashType
-from ..macho import MH_EXECUTE, MH_KEXT_BUNDLE, MachOError, parse_file
-from ..macho_signing import read_signature
+from ..detached import read_detached_signature
+from ..embedded_signature import EmbeddedSignature, read_signature
+from ..macho import MH_EXECUTE, MH_KEXT_BUNDLE, MachO, MachOError, parse_file
 from ..pkgverify import PackageStatus, verify_package
 from ..trust import CertificateKind, classify_certificate
 from ..verify import (
@@ -207,6 +208,8 @@ class Preflight:
                 self._add(root, INVALID, str(exc))
         if executable is not None:
             self._rules(executable)
+        elif not _main_executable_named(root):
+            self._detached_rules(root)
         skip = frozenset({executable}) if executable else frozenset()
         self._tree(root, skip=skip, inside_bundle=True)
 
@@ -234,40 +237,25 @@ class Preflight:
         for macho in parsed.slices:
             try:
                 signature = read_signature(macho)
-            except (CodeSignatureFormatError, ValueError) as exc:
+                found += _signature_rules(signature, macho)
+            except (CodeSignatureFormatError, cms.CmsFormatError, ValueError) as exc:
                 self._add(path, INVALID, str(exc))
                 return
-            if signature is None:
-                found.append(NOT_SIGNED)
-                continue
-            directories = signature.code_directories
-            flags = directories[0].flags
-            leaf_kind, timestamped = None, False
-            if not flags & CodeDirectoryFlags.ADHOC and signature.cms:
-                try:
-                    parsed_cms = cms.parse_signed_data(signature.cms)
-                    leaf_kind = classify_certificate(parsed_cms.signer_certificate)
-                    timestamped = parsed_cms.timestamp is not None
-                except cms.CmsFormatError as exc:
-                    self._add(path, INVALID, str(exc))
-                    return
-            if leaf_kind is not CertificateKind.DEVELOPER_ID_APPLICATION:
-                found.append(NOT_DEVELOPER_ID)
-            if not timestamped:
-                found.append(NO_TIMESTAMP)
-            if macho.filetype == MH_EXECUTE and not flags & CodeDirectoryFlags.RUNTIME:
-                found.append(NO_RUNTIME)
-            if _truthy((entitlements_of(signature) or {}).get("com.apple.security.get-task-allow")):
-                found.append(GET_TASK_ALLOW)
-            if all(directory.hash_type == HashType.SHA1 for directory in directories):
-                found.append(WEAK_ALGORITHM)
-            version = macho.build_version
-            if version is None and macho.filetype != MH_KEXT_BUNDLE or (
-                version is not None and version.platform == PLATFORM_MACOS and version.sdk < SDK_10_9
-            ):
-                found.append(OLD_SDK)
-        order = [NOT_SIGNED, NOT_DEVELOPER_ID, NO_TIMESTAMP, NO_RUNTIME, GET_TASK_ALLOW, WEAK_ALGORITHM, OLD_SDK]
-        for message in order:
+        self._add_in_order(path, found)
+
+    def _detached_rules(self, root: Path) -> None:
+        """The rules for a bundle without an executable: its detached signature in _CodeSignature/."""
+        folder = root / "Contents" / "_CodeSignature" if (root / "Contents").is_dir() else root / "_CodeSignature"
+        try:
+            detached = read_detached_signature(folder)
+            found = _signature_rules(detached.signature if detached else None, None)
+        except (CodeSignatureFormatError, cms.CmsFormatError, ValueError) as exc:
+            self._add(root, INVALID, str(exc))
+            return
+        self._add_in_order(root, found)
+
+    def _add_in_order(self, path: Path, found: list[str]) -> None:
+        for message in _RULE_ORDER:
             if message in found:
                 self._add(path, message)
 
@@ -328,6 +316,40 @@ class Preflight:
             self._tree(destination)
 
 
+_RULE_ORDER = (NOT_SIGNED, NOT_DEVELOPER_ID, NO_TIMESTAMP, NO_RUNTIME, GET_TASK_ALLOW, WEAK_ALGORITHM, OLD_SDK)
+
+
+def _signature_rules(signature: EmbeddedSignature | None, macho: MachO | None) -> list[str]:
+    """The rules one signature breaks; ``macho`` is the slice it belongs to (None: detached)."""
+    if signature is None:
+        return [NOT_SIGNED]
+    found = []
+    directories = signature.code_directories
+    flags = directories[0].flags
+    leaf_kind, timestamped = None, False
+    if not flags & CodeDirectoryFlags.ADHOC and signature.cms:
+        parsed_cms = cms.parse_signed_data(signature.cms)
+        leaf_kind = classify_certificate(parsed_cms.signer_certificate)
+        timestamped = parsed_cms.timestamp is not None
+    if leaf_kind is not CertificateKind.DEVELOPER_ID_APPLICATION:
+        found.append(NOT_DEVELOPER_ID)
+    if not timestamped:
+        found.append(NO_TIMESTAMP)
+    if _truthy((entitlements_of(signature) or {}).get("com.apple.security.get-task-allow")):
+        found.append(GET_TASK_ALLOW)
+    if all(directory.hash_type == HashType.SHA1 for directory in directories):
+        found.append(WEAK_ALGORITHM)
+    if macho is not None:
+        if macho.filetype == MH_EXECUTE and not flags & CodeDirectoryFlags.RUNTIME:
+            found.append(NO_RUNTIME)
+        version = macho.build_version
+        if version is None and macho.filetype != MH_KEXT_BUNDLE or (
+            version is not None and version.platform == PLATFORM_MACOS and version.sdk < SDK_10_9
+        ):
+            found.append(OLD_SDK)
+    return found
+
+
 def _head(path: Path) -> bytes:
     try:
         with path.open("rb") as stream:
@@ -349,6 +371,17 @@ def _is_bundle(directory: Path) -> bool:
     if directory.suffix.lower() not in _BUNDLE_SUFFIXES:
         return False
     return any((directory / relative).is_file() for relative in ("Contents/Info.plist", "Resources/Info.plist", "Info.plist"))
+
+
+def _main_executable_named(root: Path) -> bool:
+    """Whether the bundle's Info.plist names a main executable (present or not)."""
+    for info in ("Contents/Info.plist", "Resources/Info.plist", "Info.plist"):
+        try:
+            document: Any = plistlib.loads((root / info).read_bytes())
+        except (OSError, plistlib.InvalidFileException, ValueError):
+            continue
+        return isinstance(document, dict) and bool(document.get("CFBundleExecutable"))
+    return False
 
 
 def _main_executable(root: Path) -> Path | None:

@@ -28,9 +28,9 @@ from cryptography.exceptions import InvalidSignature
 
 from ..blobs import CodeSignatureFormatError
 from ..bundle import Bundle, BundleError, atomic_write
-from ..codesign import preferred_directory, preferred_slice
+from ..embedded_signature import read_signature
 from ..macho import MachOError, parse_file
-from ..macho_signing import read_signature
+from ..signed_code import preferred_directory, preferred_slice
 from ..ticket import Ticket, TicketError, parse_ticket
 from ..xar import XarArchive, XarError
 from ..xar.archive import TICKET_MAGIC as T8LR_MAGIC
