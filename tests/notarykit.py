@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import struct
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -33,6 +35,34 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from signbridge.server.process import free_port
 
 BUCKET = "notary-submissions-prod"
+
+# Real tickets: the corpus items Apple stapled.
+PKG = "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__{}.pkg"
+STAPLED_117, UNSTAPLED_117 = PKG.format("1.17.0-stapled"), PKG.format("1.17.0-unstapled")
+STAPLED_PKGS = [STAPLED_117, PKG.format("1.27.0"), PKG.format("2.4.0"), PKG.format("4.3.0"), PKG.format("6.14.0")]
+DMGS = [
+    "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__VirtualHIDDevice-0.90.6.dmg",
+    "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__Karabiner-VirtualHIDDevice-Manager-0.20.0.dmg",
+]
+MANAGER_APP = "bundles/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__2.4.0_Karabiner-VirtualHIDDevice-Manager.app"
+
+
+def trailer_ticket(path: Path) -> bytes:
+    """The ticket between a package's t8lr markers, read independently of signbridge's reader."""
+    data = path.read_bytes()
+    magic, _version, kind, length, _ = struct.unpack("<4sHHII", data[-16:])
+    assert (magic, kind) == (b"t8lr", 2)
+    assert data[-32 - length : -16 - length] == b"t8lr\x01\x00\x01\x00" + bytes(8)
+    return data[-16 - length : -16]
+
+
+def slot_ticket(path: Path) -> bytes:
+    """The ticket in a DMG's slot 0x10002: a BlobWrapper (0xfade0b01) around the s8ch document."""
+    data = path.read_bytes()
+    start = data.rfind(b"s8ch")
+    magic, length = struct.unpack(">II", data[start - 8 : start])
+    assert magic == 0xFADE0B01
+    return data[start : start - 8 + length]
 
 
 @contextmanager

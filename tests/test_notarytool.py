@@ -14,7 +14,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from notarykit import BUCKET, NotaryState, moto_s3, notary_server, s3
+from corpuskit import APPLE_ROOT, copy_item, corpus_item
+from notarykit import (
+    BUCKET,
+    STAPLED_117,
+    UNSTAPLED_117,
+    NotaryState,
+    moto_s3,
+    notary_server,
+    s3,
+    trailer_ticket,
+)
 from signbridge.apple.notary.api import NotaryClient, UploadTarget
 from signbridge.apple.notary.credentials import ApiKey, resolve_api_key
 from signbridge.apple.notary.errors import NotaryError
@@ -197,3 +207,18 @@ def test_submit_runs_the_preflight_first(tmp_path, api_key, notary, s3_endpoint)
     assert f"{archive}: The archive could not be read." in result.stderr
     assert "nothing was uploaded" in result.stderr
     assert state.submissions == {}
+
+
+def test_submit_wait_staple_a_real_package(tmp_path, api_key, notary, s3_endpoint):
+    """The whole pipeline on Apple's own output: pre-flight (Apple Root CA as anchor), upload, wait,
+    then the ticket fetched from the delivery service and stapled: the result is the package Apple's
+    stapler wrote, byte for byte."""
+    state, url = notary
+    package = copy_item(UNSTAPLED_117, tmp_path)
+    state.tickets["2/1/ec40ccf8aa6f133ebdce5bf150057001ff97bf21"] = trailer_ticket(corpus_item(STAPLED_117))
+    env = _env(url, s3_endpoint, tmp_path, SIGNBRIDGE_ANCHORS=str(APPLE_ROOT),
+               SIGNBRIDGE_TICKET_LOOKUP_URL=f"{url}/database/1/com.apple.gk.ticket-delivery/production/public/records/lookup")
+    result = _run(["submit", str(package), *_key_args(api_key, state), "--wait", "--staple"], env)
+    assert result.returncode == 0, result.stderr
+    assert "status: Accepted" in result.stdout and "The staple and validate action worked!" in result.stdout
+    assert package.read_bytes() == corpus_item(STAPLED_117).read_bytes()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,47 +11,31 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from corpuskit import copy_item, corpus_item
-from notarykit import NotaryState, notary_server
+from notarykit import (
+    DMGS,
+    MANAGER_APP,
+    PKG,
+    STAPLED_117,
+    STAPLED_PKGS,
+    UNSTAPLED_117,
+    NotaryState,
+    notary_server,
+    slot_ticket,
+    trailer_ticket,
+)
 from signbridge.apple.notary.errors import StapleError, TicketError
 from signbridge.apple.notary.lookup import record_name
 from signbridge.apple.notary.stapler import check_chain, covers, open_stapleable, staple, unstaple, validate
 from signbridge.apple.ticket import parse_ticket
 
-PKG = "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__{}.pkg"
-STAPLED_117, UNSTAPLED_117 = PKG.format("1.17.0-stapled"), PKG.format("1.17.0-unstapled")
-STAPLED_PKGS = [STAPLED_117, PKG.format("1.27.0"), PKG.format("2.4.0"), PKG.format("4.3.0"), PKG.format("6.14.0")]
-ALL_STAPLED_PKGS = STAPLED_PKGS
-DMGS = [
-    "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__VirtualHIDDevice-0.90.6.dmg",
-    "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__Karabiner-VirtualHIDDevice-Manager-0.20.0.dmg",
-]
-MANAGER_APP = "bundles/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__2.4.0_Karabiner-VirtualHIDDevice-Manager.app"
 SIGNBRIDGE = [sys.executable, "-m", "signbridge"]
-
-
-def trailer_ticket(path: Path) -> bytes:
-    """The ticket between a package's t8lr markers, read independently of signbridge's reader."""
-    data = path.read_bytes()
-    magic, _version, kind, length, _ = struct.unpack("<4sHHII", data[-16:])
-    assert (magic, kind) == (b"t8lr", 2)
-    assert data[-32 - length : -16 - length] == b"t8lr\x01\x00\x01\x00" + bytes(8)
-    return data[-16 - length : -16]
-
-
-def slot_ticket(path: Path) -> bytes:
-    """The ticket in a DMG's slot 0x10002: a BlobWrapper (0xfade0b01) around the s8ch document."""
-    data = path.read_bytes()
-    start = data.rfind(b"s8ch")
-    magic, length = struct.unpack(">II", data[start - 8 : start])
-    assert magic == 0xFADE0B01
-    return data[start : start - 8 + length]
 
 
 def _stapler(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*SIGNBRIDGE, "stapler", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("item", ALL_STAPLED_PKGS + DMGS)
+@pytest.mark.parametrize("item", STAPLED_PKGS + DMGS)
 def test_real_tickets_parse_and_verify(item):
     path = corpus_item(item)
     ticket = parse_ticket(trailer_ticket(path) if item.endswith(".pkg") else slot_ticket(path), item)
