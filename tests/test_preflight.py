@@ -380,3 +380,10 @@ def test_links_in_a_payload(tmp_path):
     through_link = odc_entry("./up", b"..", link)
     with pytest.raises(PayloadError, match="outside the archive's root"):
         extract_cpio(io.BytesIO(through_link + odc_entry("TRAILER!!!", b"")), escape, Limits(), "Payload")
+
+
+def test_disk_image_is_a_clear_error():
+    from signbridge.errors import UsageError
+
+    with pytest.raises(UsageError, match="disk images cannot be pre-flighted yet"):
+        pf.preflight([corpus_item("dmg/indygreg_apple-platform-rs__example.dmg")])

@@ -144,3 +144,10 @@ def test_app_staple_validate_with_the_package_ticket(tmp_path):
 def _write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
+
+
+@pytest.mark.parametrize("item", DMGS)
+def test_disk_images_are_named_not_misread(item):
+    result = _stapler("validate", str(corpus_item(item)))
+    assert result.returncode == 65
+    assert "stapling disk images (slot 0x10002 of the DMG's signature) is not supported yet" in result.stderr

@@ -24,6 +24,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ...errors import UsageError
 from .. import cms
 from ..blobs import CodeSignatureFormatError
 from ..codedirectory import CodeDirectoryFlags, HashType
@@ -158,6 +159,11 @@ class Preflight:
                 self._tree(path)
             return
         head = _head(path)
+        if _is_disk_image(path):
+            raise UsageError(
+                f"{path}: disk images cannot be pre-flighted yet (signbridge does not read DMG signatures); "
+                "check the app before it goes into the image, or submit with --no-preflight"
+            )
         if head[:4] == b"xar!":
             self._package(path)
         elif head[:4] == b"PK\x03\x04":
@@ -356,6 +362,16 @@ def _head(path: Path) -> bytes:
             return stream.read(8)
     except OSError:
         return b""
+
+
+def _is_disk_image(path: Path) -> bool:
+    """A UDIF disk image: a 512-byte trailer that starts with 'koly' ends the file."""
+    try:
+        with path.open("rb") as stream:
+            stream.seek(-512, 2)
+            return stream.read(4) == b"koly"
+    except OSError:
+        return False
 
 
 def _is_macho(path: Path, head: bytes) -> bool:

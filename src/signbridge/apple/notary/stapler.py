@@ -168,7 +168,20 @@ def _open_package(path: Path) -> Stapleable | None:
         raise StapleError(str(exc)) from None
 
 
-FORMATS: list[Callable[[Path], Stapleable | None]] = [_open_bundle, _open_package]
+def _refuse_disk_image(path: Path) -> Stapleable | None:
+    """Until signbridge reads DMG signatures: a disk image is named, not mistaken for something else."""
+    try:
+        with path.open("rb") as stream:
+            stream.seek(-512, os.SEEK_END)
+            is_disk_image = stream.read(4) == b"koly"
+    except OSError:
+        return None
+    if is_disk_image:
+        raise StapleError(f"{path.name}: stapling disk images (slot 0x10002 of the DMG's signature) is not supported yet")
+    return None
+
+
+FORMATS: list[Callable[[Path], Stapleable | None]] = [_open_bundle, _open_package, _refuse_disk_image]
 
 
 def open_stapleable(path: str | os.PathLike[str]) -> Stapleable:
@@ -180,7 +193,7 @@ def open_stapleable(path: str | os.PathLike[str]) -> Stapleable:
         if found is not None:
             return found
     raise StapleError(
-        f"{target.name}: stapling is supported for apps and other bundles, disk images and flat packages"
+        f"{target.name}: stapling is supported for apps and other bundles and for flat packages"
     )
 
 
