@@ -27,7 +27,7 @@ from notarykit import (
 )
 from signbridge.apple.notary.api import NotaryClient, UploadTarget
 from signbridge.apple.notary.credentials import ApiKey, resolve_api_key
-from signbridge.apple.notary.errors import NotaryError
+from signbridge.apple.notary.errors import CredentialsError, NotaryError
 from signbridge.apple.notary.upload import upload
 
 SIGNBRIDGE = [sys.executable, "-m", "signbridge"]
@@ -222,3 +222,32 @@ def test_submit_wait_staple_a_real_package(tmp_path, api_key, notary, s3_endpoin
     assert result.returncode == 0, result.stderr
     assert "status: Accepted" in result.stdout and "The staple and validate action worked!" in result.stdout
     assert package.read_bytes() == corpus_item(STAPLED_117).read_bytes()
+
+
+def test_token_verifies_with_openssl(tmp_path, api_key):
+    """The ES256 JWT checked by an independent verifier: openssl, over header.claims, with the
+    raw r||s signature turned back into DER."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from conftest import require_tool, run
+
+    key = resolve_api_key(key=str(api_key[0]), key_id="ABC123DEFG", issuer="issuer-uuid")
+    head, body, signature = key.token(lifetime=600).split(".")
+    raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    assert len(raw) == 64
+    (tmp_path / "sig.der").write_bytes(
+        encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    )
+    (tmp_path / "signed.txt").write_bytes(f"{head}.{body}".encode())
+    (tmp_path / "pub.pem").write_bytes(
+        api_key[1].public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    checked = run([require_tool("openssl"), "dgst", "-sha256", "-verify", str(tmp_path / "pub.pem"),
+                   "-signature", str(tmp_path / "sig.der"), str(tmp_path / "signed.txt")], text=True)
+    assert "Verified OK" in checked.stdout
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    assert claims["aud"] == "appstoreconnect-v1" and claims["exp"] - claims["iat"] == 600
+    with pytest.raises(CredentialsError, match="at most 1200 seconds"):
+        key.token(lifetime=1201)
