@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import plistlib
 import stat
 import subprocess
 import sys
@@ -110,6 +111,10 @@ def test_submit_wait_info_log_history(tmp_path, api_key, notary, s3_endpoint):
 
     waited = _run(["wait", ident, *_key_args(api_key, state), "-f", "json"], env)
     assert json.loads(waited.stdout)["status"] == "Accepted"
+    as_plist = _run(["info", ident, *_key_args(api_key, state), "-f", "plist"], env)
+    assert plistlib.loads(as_plist.stdout.encode())["status"] == "Accepted"
+    apple_id = _run(["history", "--apple-id", "dev@example.com", "--team-id", "T"], env)
+    assert apple_id.returncode == 2 and "Apple ID credentials are not supported" in apple_id.stderr
 
     every_output = "".join(r.stdout + r.stderr for r in (result, info, human, logged, listed, waited))
     for secret in [*state.secrets, api_key[0].read_text().splitlines()[1]]:

@@ -4,6 +4,7 @@ store-credentials against the Notary API v2, plus an offline ``preflight``."""
 from __future__ import annotations
 
 import json
+import plistlib
 import re
 import sys
 from collections.abc import Callable
@@ -31,6 +32,14 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def _apple_id_unsupported(context: click.Context, parameter: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        raise UsageError(
+            f"--{parameter.name.replace('_', '-') if parameter.name else 'apple-id'}: Apple ID credentials are not "
+            "supported; the Notary API takes an App Store Connect API key (--key, --key-id, --issuer)"
+        )
+
+
 def _credential_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
@@ -39,9 +48,12 @@ def _credential_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--issuer", metavar="UUID", help="The API key's issuer (team) ID."),
             click.option("-p", "--keychain-profile", "profile", metavar="NAME", help="A profile saved by store-credentials."),
             click.option(
-                "-f", "--output-format", "output_format", type=click.Choice(["normal", "json"]), default="normal",
-                help="Human-readable output, or JSON for scripts.",
+                "-f", "--output-format", "output_format", type=click.Choice(["normal", "json", "plist"]),
+                default="normal", help="Human-readable output, or JSON or a property list for scripts.",
             ),
+            click.option("--apple-id", hidden=True, expose_value=False, callback=_apple_id_unsupported),
+            click.option("--password", hidden=True, expose_value=False, callback=_apple_id_unsupported),
+            click.option("--team-id", hidden=True, expose_value=False, callback=_apple_id_unsupported),
             click.option("--api-url", hidden=True, envvar="SIGNBRIDGE_NOTARY_API_URL"),
         ]
     ):
@@ -51,7 +63,8 @@ def _credential_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 class _Output:
     def __init__(self, output_format: str) -> None:
-        self.json = output_format == "json"
+        self.format = output_format
+        self.json = output_format in ("json", "plist")  # machine-readable: no human lines
 
     def human(self, text: str) -> None:
         if not self.json:
@@ -61,9 +74,15 @@ class _Output:
         if not self.json:
             click.echo(text, err=True)
 
+    def document(self, value: dict[str, Any]) -> None:
+        if self.format == "plist":
+            click.echo(plistlib.dumps(value, sort_keys=True).decode(), nl=False)
+        else:
+            click.echo(json.dumps(value, sort_keys=True))
+
     def record(self, message: str, fields: dict[str, Any]) -> None:
         if self.json:
-            click.echo(json.dumps({**fields, "message": message}, sort_keys=True))
+            self.document({**fields, "message": message})
         else:
             click.echo(message)
             for key in sorted(fields):
@@ -221,9 +240,9 @@ def history(key: str | None, key_id: str | None, issuer: str | None, profile: st
     """List the team's submissions."""
     with _client(key, key_id, issuer, profile, api_url) as client:
         submissions = client.history()
-    if output_format == "json":
-        click.echo(json.dumps({"history": [s.fields() for s in submissions],
-                               "message": "Successfully received submission history."}, sort_keys=True))
+    out = _Output(output_format)
+    if out.json:
+        out.document({"history": [s.fields() for s in submissions], "message": "Successfully received submission history."})
         return
     click.echo("Successfully received submission history.")
     for submission in submissions:
@@ -241,8 +260,8 @@ def _preflight_or_exit(paths: list[Path], anchors: str | None, out: _Output) -> 
     if not problems:
         return
     if out.json:
-        click.echo(json.dumps({"message": "Pre-flight found problems; nothing was uploaded",
-                               "problems": [p.as_dict() for p in problems]}, sort_keys=True))
+        out.document({"message": "Pre-flight found problems; nothing was uploaded",
+                      "problems": [p.as_dict() for p in problems]})
     else:
         for problem in problems:
             click.echo(str(problem), err=True)
