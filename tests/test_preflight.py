@@ -387,3 +387,16 @@ def test_disk_image_is_a_clear_error():
 
     with pytest.raises(UsageError, match="disk images cannot be pre-flighted yet"):
         pf.preflight([corpus_item("dmg/indygreg_apple-platform-rs__example.dmg")])
+
+
+def test_object_files_are_not_code(tmp_path, clean_app, anchors):
+    """A .o file (MH_OBJECT) left in Resources is Mach-O but never loaded: not reported."""
+    app = tmp_path / "MyApp.app"
+    shutil.copytree(clean_app, app, symlinks=True)
+    source = tmp_path / "x.c"
+    source.write_text("int x(void) { return 1; }\n")
+    run([str(LLVM / "clang"), "--target=arm64-apple-macos11", "-c", str(source), "-o", str(tmp_path / "x.o")])
+    shutil.copyfile(tmp_path / "x.o", app / "Contents" / "Resources" / "x.o")
+    problems = pf.preflight([app], anchors)
+    # the seal now misses x.o, which the verifier reports; the object file itself is not "unsigned code"
+    assert [(p.path.removeprefix(str(app)), p.message) for p in problems] == [("/Contents/MacOS/MyApp", pf.INVALID)]

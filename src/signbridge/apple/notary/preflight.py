@@ -220,6 +220,8 @@ class Preflight:
         self._tree(root, skip=skip, inside_bundle=True)
 
     def _loose_macho(self, path: Path) -> None:
+        if _not_code(path):
+            return
         try:
             verify_code(path, self._options)
         except NotSignedError:
@@ -362,6 +364,18 @@ def _head(path: Path) -> bytes:
             return stream.read(8)
     except OSError:
         return b""
+
+
+_NOT_CODE_FILE_TYPES = {0x1, 0x4, 0xA}  # MH_OBJECT, MH_CORE, MH_DSYM: never loaded, never signed
+
+
+def _not_code(path: Path) -> bool:
+    """Object files, core dumps and dSYM debug companions are Mach-O but not code the notary checks."""
+    try:
+        parsed = parse_file(path.read_bytes())
+    except (OSError, MachOError):
+        return False
+    return all(macho.filetype in _NOT_CODE_FILE_TYPES for macho in parsed.slices)
 
 
 def _is_disk_image(path: Path) -> bool:
