@@ -103,6 +103,7 @@ from .requirements import (
     identifier as identifier_expr,
 )
 from .resources import NestedCode, build_code_resources
+from .stapled import remove_stapled_ticket
 from .trust import APPLE_ROOT_FINGERPRINTS
 
 APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
@@ -959,6 +960,12 @@ def _sign_one_bundle(
     return SignedCode(bundle.root, signed.identifier, executable_format, signed.cdhash, signed.requirement)
 
 
+STALE_TICKET_WARNING = (
+    "warning: the stapled notarization ticket was removed: it does not match the new signature. "
+    "Notarize and staple the signed bundle again."
+)
+
+
 def sign_bundle(
     path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
 ) -> SignedCode:
@@ -976,6 +983,8 @@ def sign_bundle(
         done: dict[Path, NestedCode] = {}
         results: list[SignedCode] = []
         for item in plan:
+            if item.is_dir() and remove_stapled_ticket(Bundle.open(item).content_root):
+                reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
             if item == root.root:
                 signed = _sign_one_bundle(
                     root, identity, options, reporter, done, top=True, executor=executor
