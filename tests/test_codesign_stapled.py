@@ -16,10 +16,10 @@ import pytest
 
 import machofixtures
 from bundlefixtures import build_myapp
-from codesignkit import codesign, local_tsa, openssl_accepts, pem, raw_signatures
+from codesignkit import codesign, local_tsa, openssl_accepts, raw_signatures, token_and_anchors
 from corpuskit import corpus_item
 from signbridge.apple.stapled import read_stapled_ticket, remove_stapled_ticket
-from tokenkit import apple_pki, serve_token, use_runtime_dir
+from tokenkit import apple_pki
 
 STAPLED = "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__1.17.0-stapled.pkg"
 UNSTAPLED = "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__1.17.0-unstapled.pkg"
@@ -54,25 +54,13 @@ def pki():
 
 
 @pytest.fixture
-def tsa():
-    with local_tsa() as running:
+def tsa(tmp_path, monkeypatch, pki):
+    """A local timestamp authority, and a token serving the test identities; both trusted."""
+    with local_tsa() as running, token_and_anchors(tmp_path, monkeypatch, pki, running.root):
         yield running
 
 
-@pytest.fixture
-def token(tmp_path, monkeypatch, pki, tsa):
-    use_runtime_dir(tmp_path, monkeypatch)
-    anchors = tmp_path / "anchors.pem"
-    anchors.write_bytes(pem(pki.root.certificate) + pem(tsa.root))
-    monkeypatch.setenv("SIGNBRIDGE_ANCHORS", str(anchors))
-    monkeypatch.delenv("SIGNBRIDGE_TIMESTAMP_URL", raising=False)
-    monkeypatch.setenv("SIGNPATH_CONFIG_FILE", str(tmp_path / "no-config.json"))
-    (tmp_path / "no-config.json").write_text("{}")
-    with serve_token("alpha", pki.identities, pki.authorities) as running:
-        yield running
-
-
-def test_stapled_ticket_is_shown_kept_out_of_the_seal_and_dropped_on_resigning(fx, tmp_path, token, tsa, pki):
+def test_stapled_ticket_is_shown_kept_out_of_the_seal_and_dropped_on_resigning(fx, tmp_path, tsa, pki):
     app = build_myapp(tmp_path, fx)
     signed = codesign("-s", "Developer ID Application", f"--timestamp={tsa.url}", "--deep", app)
     assert signed.returncode == 0, signed.stderr
@@ -107,7 +95,7 @@ def test_stapled_ticket_is_shown_kept_out_of_the_seal_and_dropped_on_resigning(f
     assert "Notarization Ticket" not in codesign("-dvvv", app).stderr
 
 
-def test_a_file_that_is_not_a_ticket_is_neither_shown_nor_removed(fx, tmp_path, token, tsa):
+def test_a_file_that_is_not_a_ticket_is_neither_shown_nor_removed(fx, tmp_path, tsa):
     app = build_myapp(tmp_path, fx)
     assert codesign("-s", "Developer ID Application", "--deep", app).returncode == 0
     legacy = app / "Contents" / "CodeResources"
