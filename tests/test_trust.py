@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import require_tool
@@ -578,3 +579,38 @@ def test_allow_expired_still_refuses_what_is_not_valid_yet_or_untrusted(pki, oth
     assert not result.ok and "is not valid until" in result.problems[0]
     expired = pki.leaf(not_before=NOW - 400 * DAY, not_after=NOW - 10 * DAY)
     assert not evaluate_chain(expired, pki.chain, [other_pki.root], allow_expired=True).ok
+
+
+def _signed(subject: x509.Name, public_key, issuer: x509.Name, issuer_key, kind: str, ca: bool) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + DAY)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([EKU_CODE]), critical=True)
+    if kind == "rsa-pss":
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        return builder.sign(issuer_key, hashes.SHA256(), rsa_padding=pss)
+    return builder.sign(issuer_key, None)
+
+
+@pytest.mark.parametrize("kind", ["rsa-pss", "ed25519"])
+def test_other_certificate_signature_algorithms(kind):
+    def key():
+        return new_key("rsa") if kind == "rsa-pss" else ed25519.Ed25519PrivateKey.generate()
+
+    root_key, impostor_key = key(), key()
+    root_name = name(f"{kind} root")
+    root = _signed(root_name, root_key.public_key(), root_name, root_key, kind, ca=True)
+    impostor = _signed(root_name, impostor_key.public_key(), root_name, impostor_key, kind, ca=True)
+    leaf = _signed(name(f"{kind} leaf"), new_key("p256").public_key(), root_name, root_key, kind, ca=False)
+    assert evaluate_chain(leaf, [], [root], purpose="code").ok
+    refused = evaluate_chain(leaf, [], [impostor], purpose="code")
+    assert not refused.ok
+    assert any("its signature does not verify with that certificate's key" in p for p in refused.problems)

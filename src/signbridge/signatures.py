@@ -10,7 +10,6 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from .apple.certificates import common_name
 from .errors import SignatureError
 from .hashes import HashAlgorithm
 
@@ -158,4 +157,4 @@ def verify_certificate_signature(certificate: x509.Certificate, issuer: x509.Cer
 
 
 def _subject(certificate: x509.Certificate) -> str:
-    return f'"{common_name(certificate) or "(no subject)"}"'
+    return f'"{certificate.subject.rfc4514_string() or "(no subject)"}"'
