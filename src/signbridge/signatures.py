@@ -131,7 +131,7 @@ def verify_certificate_signature(certificate: x509.Certificate, issuer: x509.Cer
         digest = certificate.signature_hash_algorithm
         parameters = certificate.signature_algorithm_parameters
         public_key = issuer.public_key()
-    except UnsupportedAlgorithm:
+    except (UnsupportedAlgorithm, ValueError):
         oid = certificate.signature_algorithm_oid.dotted_string
         raise fail(f"its signature algorithm ({oid}) or that certificate's key is of an unsupported kind") from None
     if digest is not None and digest.name in _BROKEN_CERTIFICATE_DIGESTS:
