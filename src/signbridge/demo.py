@@ -30,7 +30,13 @@ from .apple.component import build_component_package
 from .errors import SignbridgeError
 from .hashes import HashAlgorithm
 from .server.process import ServiceProcess
-from .signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
+from .signatures import (
+    EcdsaFormat,
+    Scheme,
+    SignatureRequest,
+    verify_certificate_signature,
+    verify_digest_signature,
+)
 from .token.registration import client_module_path
 from .tsa import request_timestamp
 
@@ -115,7 +121,7 @@ class Demo:
             signature = client.sign_hash(policy.project_slug, policy.signing_policy_slug, request, {"demo": True})
             verify_digest_signature(policy.certificate.public_key(), request, signature)
             for issuer, subject in zip(policy.chain, (policy.certificate, *policy.chain), strict=False):
-                subject.verify_directly_issued_by(issuer)
+                verify_certificate_signature(subject, issuer)
             self.detail(f"{policy.key_id:<28} {len(signature)}-byte {scheme.value} signature verified against its certificate and chain")
         self.say("Timestamping the digest with the service's RFC 3161 authority")
         assert self.service is not None

@@ -617,7 +617,9 @@ def load_requirement(argument: str) -> Expr:
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """How to verify: the trust anchors, the time, ``--strict``, ``--deep``, ``-R``, ``-a``."""
+    """How to verify: the trust anchors, the time, ``--strict``, ``--deep``, ``-R``, ``-a``, and
+    ``--check-expiry`` (expired certificates fail unless a timestamp falls within their validity;
+    without it, as in Apple's codesign, expiry alone fails nothing)."""
 
     anchors: tuple[x509.Certificate, ...] = ()
     at: datetime | None = None
@@ -626,6 +628,7 @@ class VerifyOptions:
     requirement: Expr | None = None
     architecture: str | None = None
     apple_roots: frozenset[bytes] = APPLE_ROOT_FINGERPRINTS
+    check_expiry: bool = False
 
 
 @dataclass(frozen=True)
@@ -980,6 +983,7 @@ def check_trust(
         purpose=Purpose.CODE,
         timestamp_time=timestamp,
         apple_roots=options.apple_roots,
+        allow_expired=not options.check_expiry,
     )
     if result.ok:
         return result

@@ -68,6 +68,7 @@ _LONG_OPTIONS: dict[str, tuple[str, str]] = {
     "verbose": ("optional", "verbose"),
     "verify": ("no", "verify"),
     "all-architectures": ("no", "all-architectures"),
+    "check-expiry": ("no", "check-expiry"),
     "continue": ("no", "continue"),
     "deep": ("no", "deep"),
     "deep-verify": ("no", "deep"),
@@ -102,6 +103,7 @@ class Arguments:
     architecture: str | None = None
     deep: bool = False
     strict: bool = False
+    check_expiry: bool = False  # signbridge's own: expired certificates fail without a timestamp
     digest_algorithm: str | None = None
     entitlements: str | None = None
     token: str | None = None
@@ -147,8 +149,8 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
             parsed.timestamp = value if value is not None else ""
         elif key == "continue":
             parsed.continue_on_error = True
-        elif key in ("deep", "force", "xml", "der", "help"):
-            setattr(parsed, key, True)
+        elif key in ("deep", "force", "xml", "der", "help", "check-expiry"):
+            setattr(parsed, key.replace("-", "_"), True)
         elif key == "all-architectures":
             parsed.architecture = None
         else:
@@ -448,6 +450,7 @@ def _verify(arguments: Arguments, terminal: Terminal) -> int:
         anchors=anchors,
         strict=arguments.strict,
         deep=arguments.deep,
+        check_expiry=arguments.check_expiry,
         requirement=requirement,
         architecture=arguments.architecture,
     )
