@@ -84,11 +84,12 @@ class SigningInformation:
 
     executable: Path
     format: str
-    parsed: MachOFile = field(repr=False)
-    macho: MachO = field(repr=False)
     signature: EmbeddedSignature = field(repr=False)
+    parsed: MachOFile | None = field(default=None, repr=False)  # None for a disk image
+    macho: MachO | None = field(default=None, repr=False)
     info_plist: bytes | None = field(default=None, repr=False)
     seal: ResourceSeal | None = None
+    notarization_ticket: bool = False  # a ticket is stapled to the signature
 
     @property
     def directory(self) -> CodeDirectory:
@@ -231,7 +232,7 @@ def display_lines(info: SigningInformation, verbose: int, *, nested: bool = Fals
     )
     if directory.platform:
         note(1, f"Platform identifier={directory.platform}")
-    build = info.macho.build_version
+    build = info.macho.build_version if info.macho is not None else None
     if build is not None:
         note(4, f"VersionPlatform={build.platform}")
         note(4, f"VersionMin={build.minos}")
@@ -270,6 +271,8 @@ def display_lines(info: SigningInformation, verbose: int, *, nested: bool = Fals
                 note(1, f"Signed Time={format_date(parsed.signing_time)}")
     else:
         lines.append((STDERR, f"{info.executable}: no signature"))
+    if info.notarization_ticket:
+        note(1, "Notarization Ticket=stapled")
 
     plist = plist_dict(info.info_plist) if directory.special_slots.get(1) else None
     note(1, f"Info.plist entries={len(plist)}" if plist is not None else "Info.plist=not bound")
