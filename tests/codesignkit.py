@@ -30,7 +30,7 @@ from signbridge.identity import Identity
 from signbridge.server.tsa import TimestampAuthority
 from signbridge.signatures import EcdsaFormat, SignatureRequest
 from signbridge.tsa import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
-from tokenkit import ApplePki, KeyedCertificate, apple_name, issue, rsa_key
+from tokenkit import ApplePki, KeyedCertificate, apple_name, issue, rsa_key, use_runtime_dir
 
 SUPERBLOB = 0xFADE0CC0
 CODE_DIRECTORY = 0xFADE0C02
@@ -68,6 +68,18 @@ def local_identity(pki: ApplePki, leaf: KeyedCertificate | None = None) -> tuple
 
 def pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def isolate_codesign(directory: Path, monkeypatch, anchor: x509.Certificate) -> None:
+    """A runtime directory for the tokens under ``directory``, ``anchor`` as the only trust anchor,
+    no configured TSA and no config file."""
+    use_runtime_dir(directory, monkeypatch)
+    anchors = directory / "anchors.pem"
+    anchors.write_bytes(pem(anchor))
+    monkeypatch.setenv("SIGNBRIDGE_ANCHORS", str(anchors))
+    monkeypatch.delenv("SIGNBRIDGE_TIMESTAMP_URL", raising=False)
+    monkeypatch.setenv("SIGNPATH_CONFIG_FILE", str(directory / "no-config.json"))
+    (directory / "no-config.json").write_text("{}")
 
 
 # --- a timestamp authority on loopback ------------------------------------------------------------

@@ -9,10 +9,10 @@ import struct
 
 import pytest
 
-from codesignkit import cd_fields, codesign, local_tsa, openssl_cms_verify, pem
+from codesignkit import cd_fields, codesign, isolate_codesign, local_tsa, openssl_cms_verify, pem
 from corpuskit import apple_anchor_env, copy_item, corpus_item, corpus_items
 from dmgkit import SIGNATURE_FIELDS, code_limit, independent_check, raw_image, sevenzip_listing, sevenzip_test
-from tokenkit import apple_pki, serve_token, use_runtime_dir
+from tokenkit import apple_pki, serve_token
 
 KARABINER_MANAGER = "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__Karabiner-VirtualHIDDevice-Manager-0.20.0.dmg"
 KARABINER_TICKET_ONLY = "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__VirtualHIDDevice-0.90.6.dmg"
@@ -84,10 +84,7 @@ def pki():
 
 @pytest.fixture
 def token(tmp_path, monkeypatch, pki):
-    use_runtime_dir(tmp_path, monkeypatch)
-    monkeypatch.setenv("SIGNPATH_CONFIG_FILE", str(tmp_path / "no-config.json"))
-    (tmp_path / "no-config.json").write_text("{}")
-    monkeypatch.delenv("SIGNBRIDGE_TIMESTAMP_URL", raising=False)
+    isolate_codesign(tmp_path, monkeypatch, pki.root.certificate)
     with serve_token("alpha", pki.identities, pki.authorities) as served:
         yield served
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from codesignkit import cd_fields, codesign, local_tsa, openssl_cms_verify, pem
+from codesignkit import cd_fields, codesign, isolate_codesign, local_tsa, openssl_cms_verify, pem
 from dmgkit import (
     SIGNATURE_FIELDS,
     code_limit,
@@ -24,7 +24,7 @@ from dmgkit import (
     sevenzip_listing,
     sevenzip_test,
 )
-from tokenkit import apple_pki, serve_token, use_runtime_dir
+from tokenkit import apple_pki, serve_token
 
 PAYLOAD = [("SAMPLE/Readme.txt", 52), ("SAMPLE/data/payload.bin", 131072)]
 
@@ -36,13 +36,7 @@ def pki():
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, pki) -> None:
-    use_runtime_dir(tmp_path, monkeypatch)
-    anchors = tmp_path / "anchors.pem"
-    anchors.write_bytes(pem(pki.root.certificate))
-    monkeypatch.setenv("SIGNBRIDGE_ANCHORS", str(anchors))
-    monkeypatch.delenv("SIGNBRIDGE_TIMESTAMP_URL", raising=False)
-    monkeypatch.setenv("SIGNPATH_CONFIG_FILE", str(tmp_path / "no-config.json"))
-    (tmp_path / "no-config.json").write_text("{}")
+    isolate_codesign(tmp_path, monkeypatch, pki.root.certificate)
 
 
 @pytest.fixture

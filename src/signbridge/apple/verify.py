@@ -747,21 +747,9 @@ def _verify_slice(
     assert macho.code_signature is not None
     signature_start = macho.code_signature.dataoff
     _check_signature_space(macho, signature)
-    parsed_cms = None
     trust = None
     timestamp = None
-    if primary.flags & CodeDirectoryFlags.ADHOC:
-        if signature.cms:
-            raise CodeVerificationError(
-                MODIFIED, "the signature is marked ad hoc but carries a CMS signature"
-            )
-    else:
-        if not signature.cms:
-            raise CodeVerificationError(
-                MODIFIED, "the CodeDirectory is not marked ad hoc, but the signature carries no CMS signature"
-            )
-        # The CMS first: when a CodeDirectory was altered, that is what the user should hear.
-        parsed_cms = _check_cms(signature.cms, directories)
+    parsed_cms = check_signer(signature)
     for directory in directories:
         _check_directory_fields(directory, primary, signature_start)
         _check_special_slots(directory, signature, macho, bound)
@@ -774,6 +762,20 @@ def _verify_slice(
     for directory in directories:
         _check_pages(code, directory, executor)
     return SliceVerdict(macho, signature, parsed_cms, trust, timestamp)
+
+
+def check_signer(signature: EmbeddedSignature) -> cms.ParsedSignature | None:
+    """The CMS checked against the CodeDirectories (None for ad-hoc code, which must carry none).
+    It comes first: when a CodeDirectory was altered, that is what the user should hear."""
+    if signature.code_directory.flags & CodeDirectoryFlags.ADHOC:
+        if signature.cms:
+            raise CodeVerificationError(MODIFIED, "the signature is marked ad hoc but carries a CMS signature")
+        return None
+    if not signature.cms:
+        raise CodeVerificationError(
+            MODIFIED, "the CodeDirectory is not marked ad hoc, but the signature carries no CMS signature"
+        )
+    return _check_cms(signature.cms, signature.code_directories)
 
 
 def _check_signature_space(macho: MachO, signature: EmbeddedSignature) -> None:

@@ -26,14 +26,13 @@ from pathlib import Path
 
 from ...errors import SignbridgeError
 from ..blobs import (
-    ALTERNATE_CODE_DIRECTORY_MAX,
     Magic,
     Slot,
     decode_blob,
     decode_superblob,
 )
-from ..codedirectory import CodeDirectory, HashType
-from ..macho_signing import EmbeddedSignature
+from ..codedirectory import HashType
+from ..macho_signing import EmbeddedSignature, signature_of
 
 TRAILER_SIZE = 512
 TRAILER_MAGIC = b"koly"
@@ -204,21 +203,9 @@ def read_signature(image: DiskImage, descriptor: int) -> DiskImageSignature | No
         return None
     raw = os.pread(descriptor, image.trailer.signature_length, image.trailer.signature_offset)
     superblob = decode_superblob(raw, Magic.EMBEDDED_SIGNATURE)
-    slots = [Slot.CODE_DIRECTORY, *range(Slot.ALTERNATE_CODE_DIRECTORY, Slot.ALTERNATE_CODE_DIRECTORY + ALTERNATE_CODE_DIRECTORY_MAX)]
-    directories = tuple(CodeDirectory.parse(blob) for slot in slots if (blob := superblob.get(slot)))
     ticket_blob = superblob.get(Slot.TICKET)
     ticket = decode_blob(ticket_blob, Magic.BLOB_WRAPPER)[1] if ticket_blob is not None else None
-    signature = None
-    if directories:
-        wrapper = superblob.get(Slot.SIGNATURE)
-        signature = EmbeddedSignature(
-            superblob=superblob,
-            code_directories=directories,
-            requirements=superblob.get(Slot.REQUIREMENTS),
-            entitlements=superblob.get(Slot.ENTITLEMENTS),
-            der_entitlements=superblob.get(Slot.DER_ENTITLEMENTS),
-            cms=decode_blob(wrapper, Magic.BLOB_WRAPPER)[1] if wrapper is not None else None,
-        )
+    signature = signature_of(superblob)
     length = int.from_bytes(raw[4:8], "big")
     return DiskImageSignature(signature, ticket, length, raw)
 

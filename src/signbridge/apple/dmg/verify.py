@@ -18,7 +18,7 @@ from cryptography import x509
 
 from ...errors import SignbridgeError
 from ..blobs import CodeSignatureFormatError, Slot
-from ..codedirectory import CodeDirectory, CodeDirectoryFlags, page_count
+from ..codedirectory import CodeDirectory, page_count
 from ..codesign import designated_requirement, preferred_directory
 from ..display import SigningInformation
 from ..macho_signing import EmbeddedSignature
@@ -34,10 +34,10 @@ from ..verify import (
     RequirementContext,
     Verdict,
     VerifyOptions,
-    _check_cms,
     _check_timestamp,
     _check_trust,
     _check_unsealed_blobs,
+    check_signer,
     evaluate,
 )
 from .udif import (
@@ -84,16 +84,7 @@ def verify_disk_image(path: str | os.PathLike[str], options: VerifyOptions | Non
         primary = directories[0]
         if read.ticket is not None:
             _check_ticket(read.ticket, directories)
-        parsed_cms = None
-        if primary.flags & CodeDirectoryFlags.ADHOC:
-            if signature.cms:
-                raise CodeVerificationError(MODIFIED, "the signature is marked ad hoc but carries a CMS signature")
-        else:
-            if not signature.cms:
-                raise CodeVerificationError(
-                    MODIFIED, "the CodeDirectory is not marked ad hoc, but the signature carries no CMS signature"
-                )
-            parsed_cms = _check_cms(signature.cms, directories)
+        parsed_cms = check_signer(signature)
         for directory in directories:
             _check_directory(directory, primary, image)
             _check_special_slots(directory, signature, image)
