@@ -143,3 +143,16 @@ def test_a_changed_ticket_is_found(tmp_path):
         "the stapled notarization ticket (slot 0x10002): the notarization ticket's signature does not match "
         "its content",
     ]
+
+
+def test_an_image_with_only_a_ticket_is_signed_without_force(tmp_path, token):
+    image = copy_item(KARABINER_TICKET_ONLY, tmp_path)
+    os.chmod(image, 0o644)
+    signed = codesign("-s", "-", image)
+    assert signed.returncode == 0
+    assert signed.stderr == (
+        f"{image}: warning: the stapled notarization ticket was removed: it does not match the new "
+        "signature. Notarize and staple the disk image again.\n"
+    )
+    assert sorted(independent_check(image).blobs) == [0, 2, 0x10000]
+    assert codesign("--verify", "--strict", image).returncode == 0

@@ -219,3 +219,20 @@ def test_bad_images_are_refused_untouched(tmp_path, env, case):
     )
     verified = codesign("--verify", image)
     assert verified.returncode == 1 and BAD_INPUT[case] in verified.stderr
+
+
+def test_an_unreadable_signature_is_replaced_only_with_force(tmp_path, env):
+    image = make_image(tmp_path)
+    assert codesign("-s", "-", image).returncode == 0
+    raw = raw_image(image)
+    data = bytearray(raw.data)
+    data[raw.signature_offset : raw.signature_offset + 4] = b"\0\0\0\0"  # the SuperBlob's magic
+    image.write_bytes(bytes(data))
+    refused = codesign("-s", "-", image)
+    assert (refused.returncode, refused.stderr) == (1, f"{image}: is already signed\n")
+    verified = codesign("-v", image)
+    assert verified.returncode == 1 and "the code signature cannot be read" in verified.stderr
+    forced = codesign("-f", "-s", "-", image)
+    assert (forced.returncode, forced.stderr) == (0, f"{image}: replacing invalid existing signature\n")
+    independent_check(image)
+    assert codesign("-v", image).returncode == 0
