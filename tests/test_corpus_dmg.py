@@ -156,3 +156,14 @@ def test_an_image_with_only_a_ticket_is_signed_without_force(tmp_path, token):
     )
     assert sorted(independent_check(image).blobs) == [0, 2, 0x10000]
     assert codesign("--verify", "--strict", image).returncode == 0
+
+
+def test_adhoc_resigning_reproduces_apples_bytes(tmp_path, token):
+    """Apple's ad-hoc signature depends only on the image, its name and its trailer: signing the
+    Sparkle image again under its original name gives back the file codesign wrote."""
+    original = corpus_item(SPARKLE_ADHOC)
+    image = tmp_path / "SparkleTestCodeSign_apfs_lzma_aux_files.dmg"
+    image.write_bytes(original.read_bytes())
+    signed = codesign("-f", "-s", "-", image)
+    assert (signed.returncode, signed.stderr) == (0, f"{image}: replacing existing signature\n")
+    assert image.read_bytes() == original.read_bytes()
