@@ -25,6 +25,7 @@ from ..codesign import (
     SignedCode,
     StagedFile,
     UnreadableCodeError,
+    _replacing,
     _timestamper,
     canonical_identifier,
     cms_signer,
@@ -95,8 +96,7 @@ def sign_disk_image(
         if state is not None:
             if not options.force:
                 raise AlreadySignedError()
-            reporter.note(target, "replacing existing signature" if state == "signed" else
-                          "replacing invalid existing signature")  # fmt: skip
+            reporter.note(target, _replacing(state))
         if ticket:
             reporter.note(target, TICKET_DROPPED)
         return _sign(target, descriptor, image, identity, options, reporter, pool, dropped_ticket=ticket)

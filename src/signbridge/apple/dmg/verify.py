@@ -185,7 +185,7 @@ def _check_special_slots(directory: CodeDirectory, signature: EmbeddedSignature,
     slots = directory.special_slots
     if Slot.REP_SPECIFIC not in slots:
         raise CodeVerificationError(MODIFIED, f"the {name} CodeDirectory does not seal the UDIF trailer (slot 6)")
-    if hash_type.digest(image.trailer.with_signature(image.trailer.signature_offset, 0)) != slots[Slot.REP_SPECIFIC]:
+    if hash_type.digest(image.rep_specific()) != slots[Slot.REP_SPECIFIC]:
         raise CodeVerificationError(
             MODIFIED, f"the UDIF trailer does not match its hash in the {name} CodeDirectory (slot 6)"
         )
