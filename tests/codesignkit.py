@@ -79,6 +79,18 @@ def pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
+def isolate_codesign(directory: Path, monkeypatch, anchor: x509.Certificate) -> None:
+    """A runtime directory for the tokens under ``directory``, ``anchor`` as the only trust anchor,
+    no configured TSA and no config file."""
+    use_runtime_dir(directory, monkeypatch)
+    anchors = directory / "anchors.pem"
+    anchors.write_bytes(pem(anchor))
+    monkeypatch.setenv("SIGNBRIDGE_ANCHORS", str(anchors))
+    monkeypatch.delenv("SIGNBRIDGE_TIMESTAMP_URL", raising=False)
+    monkeypatch.setenv("SIGNPATH_CONFIG_FILE", str(directory / "no-config.json"))
+    (directory / "no-config.json").write_text("{}")
+
+
 # --- a timestamp authority on loopback ------------------------------------------------------------
 
 

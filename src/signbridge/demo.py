@@ -2,8 +2,8 @@
 
 A demo service with the Demo Corp organization; a signature with each of its keys through
 ``SignHash``; a timestamp; then the crypto provider (``signbridge start``) serving those keys as a
-PKCS#11 token that openssl, codesign and productsign sign through; every result verified and the
-audit log checked.
+PKCS#11 token that openssl, codesign (an app and the disk image it ships in) and productsign sign
+through; every result verified and the audit log checked.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import pydmg
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -217,6 +218,20 @@ class Demo:
         self.say("What the signature holds (codesign -dvvv)")
         self._run_tool("codesign", "-dvvv", str(app))
 
+    def codesign_disk_image(self, app: Path) -> None:
+        self.say("Putting the signed app in a disk image (pydmg's UDIF writer) and signing the image")
+        folder = self.workdir / "MyApp"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        shutil.copytree(app, folder / app.name, symlinks=True)
+        image = self.workdir / "MyApp.dmg"
+        image.unlink(missing_ok=True)
+        pydmg.create_dmg(source_dir=folder, output_path=image, volume_label="MyApp", total_sectors=32768)
+        shutil.rmtree(folder)
+        self._run_tool("codesign", "-s", "Developer ID Application", "--timestamp", "-v", str(image))
+        self._run_tool("codesign", "--verify", "--strict", "--verbose=2", str(image))
+        self._run_tool("codesign", "-dvvv", str(image))
+
     def productsign_app(self, app: Path) -> None:
         self.say("Wrapping the signed app in a component package and signing it with the installer identity")
         unsigned, signed = self.workdir / "MyApp.pkg", self.workdir / "MyApp-signed.pkg"
@@ -260,6 +275,7 @@ def run_demo(echo: Echo, *, keep: Path | None = None) -> None:
                 demo.sign_through_the_token(record)
                 app = demo.build_sample_app()
                 demo.codesign_app(app)
+                demo.codesign_disk_image(app)
                 demo.productsign_app(app)
             finally:
                 demo.stop_token()

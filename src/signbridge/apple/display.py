@@ -87,12 +87,12 @@ class SigningInformation:
 
     executable: Path  # the Info.plist for a detached signature (it is the code)
     format: str
-    parsed: MachOFile | None = field(repr=False)  # None: a detached signature
-    macho: MachO | None = field(repr=False)
     signature: EmbeddedSignature = field(repr=False)
+    parsed: MachOFile | None = field(default=None, repr=False)  # None for a disk image or a detached signature
+    macho: MachO | None = field(default=None, repr=False)
     info_plist: bytes | None = field(default=None, repr=False)
     seal: ResourceSeal | None = None
-    stapled_ticket: bool = False
+    stapled_ticket: bool = False  # a notarization ticket is stapled to the code
 
     @property
     def directory(self) -> CodeDirectory:

@@ -917,7 +917,8 @@ _HASH_TYPE_ALGORITHMS = {
 
 
 def check_signer(signature: EmbeddedSignature) -> cms.ParsedSignature | None:
-    """Ad hoc (no CMS) or signed (a CMS over the CodeDirectories that checks out)."""
+    """Ad hoc (no CMS) or signed (a CMS over the CodeDirectories that checks out). It comes first:
+    when a CodeDirectory was altered, that is what the user should hear."""
     directories = signature.code_directories
     if directories[0].flags & CodeDirectoryFlags.ADHOC:
         if signature.cms:

@@ -27,6 +27,9 @@ from ..apple import codesign as engine
 from ..apple import display
 from ..apple.certificates import Usage
 from ..apple.codesign import CodesignOptions
+from ..apple.dmg.sign import sign_disk_image
+from ..apple.dmg.udif import looks_like_disk_image
+from ..apple.dmg.verify import disk_image_information, verify_disk_image
 from ..apple.macho import MachOError
 from ..apple.trust import anchors_from_environment
 from ..apple.verify import (
@@ -414,7 +417,10 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
     status = EXIT_SUCCESS
     for path in arguments.paths:
         try:
-            signed = engine.sign_code(path, identity, options, reporter)
+            if looks_like_disk_image(path):
+                signed = sign_disk_image(path, identity, options, reporter)
+            else:
+                signed = engine.sign_code(path, identity, options, reporter)
         except FileNotFoundError:
             terminal.error(f"{path}: No such file or directory")
         except (SignbridgeError, MachOError) as exc:
@@ -457,7 +463,7 @@ def _verify(arguments: Arguments, terminal: Terminal) -> int:
     status = EXIT_SUCCESS
     for path in arguments.paths:
         try:
-            verdict = verify_code(path, options)
+            verdict = verify_disk_image(path, options) if looks_like_disk_image(path) else verify_code(path, options)
         except FileNotFoundError:
             terminal.error(f"{path}: No such file or directory")
             status = EXIT_FAILURE
@@ -493,7 +499,10 @@ def _display(arguments: Arguments, terminal: Terminal) -> int:
     status = EXIT_SUCCESS
     for path in arguments.paths:
         try:
-            info = display.signing_information(path, architecture=arguments.architecture)
+            if looks_like_disk_image(path):
+                info = disk_image_information(path)
+            else:
+                info = display.signing_information(path, architecture=arguments.architecture)
         except FileNotFoundError:
             terminal.error(f"{path}: No such file or directory")
             status = EXIT_FAILURE
