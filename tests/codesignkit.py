@@ -30,7 +30,16 @@ from signbridge.identity import Identity
 from signbridge.server.tsa import TimestampAuthority
 from signbridge.signatures import EcdsaFormat, SignatureRequest
 from signbridge.tsa import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
-from tokenkit import ApplePki, KeyedCertificate, apple_name, issue, rsa_key
+from tokenkit import (
+    ApplePki,
+    KeyedCertificate,
+    TestToken,
+    apple_name,
+    issue,
+    rsa_key,
+    serve_token,
+    use_runtime_dir,
+)
 
 SUPERBLOB = 0xFADE0CC0
 CODE_DIRECTORY = 0xFADE0C02
@@ -68,6 +77,18 @@ def local_identity(pki: ApplePki, leaf: KeyedCertificate | None = None) -> tuple
 
 def pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def isolate_codesign(directory: Path, monkeypatch, anchor: x509.Certificate) -> None:
+    """A runtime directory for the tokens under ``directory``, ``anchor`` as the only trust anchor,
+    no configured TSA and no config file."""
+    use_runtime_dir(directory, monkeypatch)
+    anchors = directory / "anchors.pem"
+    anchors.write_bytes(pem(anchor))
+    monkeypatch.setenv("SIGNBRIDGE_ANCHORS", str(anchors))
+    monkeypatch.delenv("SIGNBRIDGE_TIMESTAMP_URL", raising=False)
+    monkeypatch.setenv("SIGNPATH_CONFIG_FILE", str(directory / "no-config.json"))
+    (directory / "no-config.json").write_text("{}")
 
 
 # --- a timestamp authority on loopback ------------------------------------------------------------
@@ -123,6 +144,23 @@ def local_tsa() -> Iterator[LocalTsa]:
         thread.join()
 
 
+@contextmanager
+def token_and_anchors(
+    directory: Path, monkeypatch, pki: ApplePki, *anchors: x509.Certificate
+) -> Iterator[TestToken]:
+    """A token serving ``pki``'s identities in a runtime directory under ``directory``, with its
+    root and ``anchors`` as the trust anchors, and no configured timestamp authority."""
+    use_runtime_dir(directory, monkeypatch)
+    path = directory / "anchors.pem"
+    path.write_bytes(b"".join(pem(certificate) for certificate in (pki.root.certificate, *anchors)))
+    monkeypatch.setenv("SIGNBRIDGE_ANCHORS", str(path))
+    monkeypatch.delenv("SIGNBRIDGE_TIMESTAMP_URL", raising=False)
+    monkeypatch.setenv("SIGNPATH_CONFIG_FILE", str(directory / "no-config.json"))
+    (directory / "no-config.json").write_text("{}")
+    with serve_token("alpha", pki.identities, pki.authorities) as running:
+        yield running
+
+
 # --- independent views: struct --------------------------------------------------------------------
 
 
@@ -139,9 +177,9 @@ def slices(data: bytes) -> list[tuple[int, int]]:
 
 
 def code_signature_command(image: bytes) -> tuple[int, int]:
-    """(dataoff, datasize) of LC_CODE_SIGNATURE in a thin little-endian 64-bit image."""
+    """(dataoff, datasize) of LC_CODE_SIGNATURE in a thin little-endian image (32- or 64-bit)."""
     ncmds = struct.unpack_from("<I", image, 16)[0]
-    offset = 32
+    offset = 28 if struct.unpack_from("<I", image)[0] == 0xFEEDFACE else 32
     for _ in range(ncmds):
         cmd, size = struct.unpack_from("<II", image, offset)
         if cmd == LC_CODE_SIGNATURE:

@@ -10,9 +10,10 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from signbridge.apple import certificates as apple
@@ -163,3 +164,75 @@ def make_pki(root_name: str = "Test Root CA") -> Pki:
 def write_pem(path: Path, *certificates: x509.Certificate) -> Path:
     path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates))
     return path
+
+
+def resign(cert: x509.Certificate, issuer_key, digest: hashes.HashAlgorithm) -> x509.Certificate:
+    """``cert`` signed again by ``issuer_key`` with ``digest``, everything else kept.
+
+    For digests cryptography no longer signs certificates with (SHA-1, as in Apple's older chains):
+    the TBSCertificate is rewritten with asn1crypto and signed with the raw key.
+    """
+    is_rsa = isinstance(issuer_key, rsa.RSAPrivateKey)
+    algorithm = asn1_x509.SignedDigestAlgorithm(
+        {"algorithm": f"{digest.name}_{'rsa' if is_rsa else 'ecdsa'}", **({"parameters": None} if is_rsa else {})}
+    )
+    parsed = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+    tbs = parsed["tbs_certificate"].copy()
+    tbs["signature"] = algorithm
+    signed = tbs.dump(force=True)
+    if is_rsa:
+        signature = issuer_key.sign(signed, padding.PKCS1v15(), digest)
+    else:
+        signature = issuer_key.sign(signed, ec.ECDSA(digest))
+    der = asn1_x509.Certificate(
+        {"tbs_certificate": tbs, "signature_algorithm": algorithm, "signature_value": signature}
+    ).dump()
+    return x509.load_der_x509_certificate(der)
+
+
+@dataclass
+class Sha1Chain:
+    """Shaped like Apple's older WWDR hierarchy: an RSA root and a WWDR-style intermediate (6.2.1),
+    both signed with SHA-1, a "Mac Developer" leaf signed with SHA-256 and an "Apple Development"
+    leaf signed with SHA-1."""
+
+    root: x509.Certificate
+    root_key: object
+    intermediate: x509.Certificate
+    intermediate_key: object
+    mac_developer: x509.Certificate
+    apple_development: x509.Certificate
+    leaf_key: object
+
+
+def make_sha1_chain() -> Sha1Chain:
+    sha1 = hashes.SHA1()  # noqa: S303 - the point: Apple's older chains are signed with it
+    root_key, intermediate_key, leaf_key = new_key("rsa"), new_key("rsa"), new_key("rsa")
+    root = resign(certificate(name("Test Apple Root CA"), root_key, ca=True), root_key, sha1)
+    wwdr = certificate(
+        name("Test Worldwide Developer Relations Certification Authority"),
+        intermediate_key,
+        root,
+        root_key,
+        ca=True,
+        extensions=[marker(apple.WWDR_INTERMEDIATE, critical=False)],
+    )
+    wwdr = resign(wwdr, root_key, sha1)
+    mac_developer = certificate(
+        name("Mac Developer: Test (TEAM123456)", "TEAM123456"),
+        leaf_key,
+        wwdr,
+        intermediate_key,
+        eku=[EKU_CODE],
+        extensions=[marker(apple.MAC_DEVELOPER)],
+    )
+    apple_development = certificate(
+        name("Apple Development: Test (TEAM123456)", "TEAM123456"),
+        leaf_key,
+        wwdr,
+        intermediate_key,
+        eku=[EKU_CODE],
+        extensions=[marker(apple.IPHONE_DEVELOPER), marker(apple.MAC_DEVELOPER)],
+    )
+    apple_development = resign(apple_development, intermediate_key, sha1)
+    return Sha1Chain(root, root_key, wwdr, intermediate_key, mac_developer, apple_development, leaf_key)

@@ -24,16 +24,16 @@ from codesignkit import (
     cd_fields,
     cdhash,
     codesign,
+    isolate_codesign,
     openssl_accepts,
     openssl_ts_verify,
-    pem,
     raw_signature,
     raw_signatures,
     snapshot,
 )
 from conftest import ROOT, require_tool
 from servicekit import demo_service
-from tokenkit import apple_pki, serve_token, use_runtime_dir
+from tokenkit import apple_pki, serve_token
 
 
 @pytest.fixture(scope="session")
@@ -60,13 +60,7 @@ def service(tmp_path_factory):
 @pytest.fixture
 def env(tmp_path, monkeypatch, pki) -> dict[str, str]:
     """A runtime directory for the tokens, the test root as trust anchor, no configured TSA."""
-    use_runtime_dir(tmp_path, monkeypatch)
-    anchors = tmp_path / "anchors.pem"
-    anchors.write_bytes(pem(pki.root.certificate))
-    monkeypatch.setenv("SIGNBRIDGE_ANCHORS", str(anchors))
-    monkeypatch.delenv("SIGNBRIDGE_TIMESTAMP_URL", raising=False)
-    monkeypatch.setenv("SIGNPATH_CONFIG_FILE", str(tmp_path / "no-config.json"))
-    (tmp_path / "no-config.json").write_text("{}")
+    isolate_codesign(tmp_path, monkeypatch, pki.root.certificate)
     return {}
 
 

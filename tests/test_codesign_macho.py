@@ -311,18 +311,23 @@ def test_timestamp_from_a_local_authority(fx, tmp_path, identity, pki):
 
 
 def test_timestamp_keeps_an_expired_certificate_valid(fx, tmp_path, identity, pki):
-    """Verified two years on, after the leaf expired: valid with the timestamp, not without."""
+    """Verified two years on, after the leaf expired: valid with the timestamp under both policies;
+    without one, valid as Apple's codesign --verify says, expired under --check-expiry."""
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=730)
     with local_tsa() as tsa:
         stamped = sign_copy(fx, "exe.arm64", tmp_path, identity[0], timestamp_url=tsa.url)
         trusted = vf.VerifyOptions(anchors=(pki.root.certificate, tsa.root), at=later)
+        strict = vf.VerifyOptions(anchors=(pki.root.certificate, tsa.root), at=later, check_expiry=True)
         # the intermediate and root expire then too; the timestamp vouches for all of them
-        verdict = vf.verify_code(stamped, trusted)
-        assert verdict.slices[0].trust.timestamp_used
+        for options in (trusted, strict):
+            verdict = vf.verify_code(stamped, options)
+            assert verdict.slices[0].trust.timestamp_used and not verdict.slices[0].trust.expired
     (tmp_path / "plain").mkdir()
     plain = sign_copy(fx, "exe.arm64", tmp_path / "plain", identity[0])
+    verdict = vf.verify_code(plain, trusted)
+    assert len(verdict.slices[0].trust.expired) == 3
     with pytest.raises(vf.CodeVerificationError) as failed:
-        vf.verify_code(plain, trusted)
+        vf.verify_code(plain, strict)
     assert failed.value.status == vf.CERT_EXPIRED
     assert "only with a timestamp" in failed.value.detail
 
@@ -543,8 +548,9 @@ def test_untrusted_expired_and_unsigned(fx, tmp_path, pki):
     expired = tmp_path / "expired"
     expired.mkdir()
     old = sign_copy(fx, "exe.arm64", expired, local_identity(pki, expired_leaf)[0])
+    assert vf.verify_code(old, anchors(pki)).slices[0].trust.expired == (expired_leaf.certificate,)
     with pytest.raises(vf.CodeVerificationError) as failed:
-        vf.verify_code(old, anchors(pki))
+        vf.verify_code(old, vf.VerifyOptions(anchors=(pki.root.certificate,), check_expiry=True))
     assert failed.value.status == vf.CERT_EXPIRED
     with pytest.raises(vf.NotSignedError):
         vf.verify_code(fx.path("exe.x86_64"), anchors(pki))

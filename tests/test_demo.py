@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from dmgkit import sevenzip_listing
 from servicekit import signbridge
 
 
@@ -27,16 +28,25 @@ def test_demo_runs_and_reports_each_step(tmp_path) -> None:
         "MyApp.app: satisfies its Designated Requirement",
         "Authority=Developer ID Application: Demo Corp (DEMOTEAM01)",
         "Runtime Version=11.0.0",
+        "MyApp.dmg: signed disk image [MyApp]",
+        "MyApp.dmg: valid on disk",
+        "Format=disk image",
+        "CodeDirectory v=20200 size=293 flags=0x0(none) hashes=1+6 location=embedded",
         'signing product with identity "Developer ID Installer: Demo Corp (DEMOTEAM01)"',
         "Wrote signed product archive to MyApp-signed.pkg",
         'Status: signed by a certificate trusted by "Demo Corp Root CA"',
         "Signed with a trusted timestamp on:",
         "Pre-flight for notarization: the app and the package",
         "No problems found.",
-        "audit log intact: 10 records, chain verified",
+        "Pre-flight of the disk image",
+        "MyApp.dmg/MyApp/MyApp.app/Contents/Frameworks/Demo.framework: The signature of the binary is invalid.",
+        "audit log intact: 11 records, chain verified",
         "Done:",
     ):
         assert expected in out, (expected, out)
     assert "Traceback" not in proc.stderr
+    # 7-Zip, an independent UDIF reader, still finds the signed app in the signed image.
+    listed = [name for name, _ in sevenzip_listing(tmp_path / "MyApp.dmg")]
+    assert "MyApp/MyApp.app/Contents/MacOS/MyApp" in listed
     # The demo never prints the API token it uses (44 base64url characters).
     assert not re.search(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{44}(?![A-Za-z0-9_-])", out)

@@ -352,6 +352,12 @@ CORPUS_VERDICTS = {
     "bundles/sparkle-project_Sparkle__CodeSignedBothNew.bundle": NOT_NOTARIZABLE,
     # ad hoc, and its Info.plist was edited after signing
     "bundles/sparkle-project_Sparkle__CodeSignedInvalid.bundle": NOT_NOTARIZABLE | {pf.INVALID},
+    # disk images: notarized by Apple (one signed, one carrying only a ticket, its package inside)
+    "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__Karabiner-VirtualHIDDevice-Manager-0.20.0.dmg": set(),
+    "dmg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__VirtualHIDDevice-0.90.6.dmg": set(),
+    # an ad hoc image holding an unsigned app; an unsigned image holding an unsigned app
+    "dmg/sparkle-project_Sparkle__SparkleTestCodeSign_apfs_lzma_aux_files.dmg": NOT_NOTARIZABLE | {pf.NOT_SIGNED},
+    "dmg/indygreg_apple-platform-rs__example.dmg": {pf.NOT_SIGNED},
     # 2016, before notarization: the payload's binaries are unsigned
     "pkg/htacg_binaries__HTML_Tidy-5.2.0.pkg": {pf.NOT_SIGNED},
 }
@@ -382,11 +388,11 @@ def test_links_in_a_payload(tmp_path):
         extract_cpio(io.BytesIO(through_link + odc_entry("TRAILER!!!", b"")), escape, Limits(), "Payload")
 
 
-def test_disk_image_is_a_clear_error():
-    from signbridge.errors import UsageError
-
-    with pytest.raises(UsageError, match="disk images cannot be pre-flighted yet"):
-        pf.preflight([corpus_item("dmg/indygreg_apple-platform-rs__example.dmg")])
+def test_disk_image_contents_past_the_limit():
+    image = corpus_item("dmg/indygreg_apple-platform-rs__example.dmg")
+    problems = pf.preflight([image], (), Limits(max_bytes=10_000))
+    assert [p.message for p in problems] == [pf.UNREADABLE]
+    assert "expands to more than 10000 bytes" in problems[0].detail
 
 
 def test_object_files_are_not_code(tmp_path, clean_app, anchors):
@@ -400,3 +406,26 @@ def test_object_files_are_not_code(tmp_path, clean_app, anchors):
     problems = pf.preflight([app], anchors)
     # the seal now misses x.o, which the verifier reports; the object file itself is not "unsigned code"
     assert [(p.path.removeprefix(str(app)), p.message) for p in problems] == [("/Contents/MacOS/MyApp", pf.INVALID)]
+
+
+@pytest.mark.parametrize("timestamped", [True, False])
+def test_disk_image_with_a_zipped_app_and_a_tool(tmp_path, fx, clean_app, pki, tsa, anchors, timestamped):
+    """A pydmg image (FAT32: no symbolic links, so the app travels as a zip, as many projects ship
+    it) with a signed tool beside it, the image itself signed with the Developer ID identity."""
+    import pydmg
+
+    from signbridge.apple.dmg.sign import sign_disk_image
+
+    folder = tmp_path / "MyApp"
+    folder.mkdir()
+    run([require_tool("bsdtar"), "-c", "--format", "zip", "-f", str(folder / "MyApp.zip"), "-C", str(clean_app.parent),
+         "MyApp.app"])
+    tool = folder / "tool"
+    shutil.copyfile(fx.path("exe.arm64"), tool)
+    sign(tool, local_identity(pki)[0], tsa)
+    image = tmp_path / "MyApp.dmg"
+    pydmg.create_dmg(source_dir=folder, output_path=image, volume_label="MyApp", total_sectors=32768)
+    options = cs.CodesignOptions(timestamp_url=tsa.url if timestamped else None)
+    sign_disk_image(image, local_identity(pki)[0], options)
+    expected = [] if timestamped else [("", pf.NO_TIMESTAMP)]
+    assert relative(pf.preflight([image], anchors), image) == expected

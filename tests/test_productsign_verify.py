@@ -19,6 +19,7 @@ from pkgkit import (
     component_package,
     flip,
     identity_of,
+    local_signer,
     pki_fixture,  # noqa: F401 - provides the pki fixture
     product_archive,
     rewrite_toc,
@@ -26,10 +27,12 @@ from pkgkit import (
     tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
+from pkikit import resign
 from signbridge.apple import cms
 from signbridge.apple.pkgverify import PackageStatus, verify_package
 from signbridge.apple.productsign import sign_package
 from signbridge.apple.xar import XarArchive, XarError, finish, prepare_signed
+from signbridge.identity import Identity
 from tokenkit import apple_pki, developer_id_installer
 from xarfixtures import notarize
 
@@ -323,3 +326,22 @@ def test_a_certificate_that_is_not_yet_valid_is_untrusted(short_lived, pki, tsa)
     earlier = NOW - dt.timedelta(days=30)
     verdict = verify_package(short_lived / "plain.pkg", anchors(pki, tsa), at=earlier)
     assert verdict.status is PackageStatus.UNTRUSTED
+
+
+def test_a_chain_signed_with_sha1_is_trusted(pki, tmp_path):
+    """pkgutil checks chains through the same certificate-signature check as codesign: an
+    intermediate and a root signed with SHA-1, as Apple's older ones are, are trusted."""
+    sha1 = hashes.SHA1()  # noqa: S303 - the point of the test
+    root = resign(pki.root.certificate, pki.root.key, sha1)
+    intermediate = resign(pki.intermediate.certificate, pki.root.key, sha1)
+    identity = Identity(pki.installer.certificate, (intermediate, root), local_signer(pki.installer.key), "local")
+    sign_package(product_archive(tmp_path / "in.pkg"), tmp_path / "out.pkg", identity)
+    verdict = verify_package(tmp_path / "out.pkg", [root])
+    assert verdict.ok, verdict.problems
+    assert [certificate.signature_hash_algorithm.name for certificate in verdict.chain] == ["sha256", "sha1", "sha1"]
+    tampered = resign(pki.intermediate.certificate, pki.installer.key, sha1)  # right name, wrong key
+    forged = Identity(pki.installer.certificate, (tampered, root), local_signer(pki.installer.key), "local")
+    sign_package(product_archive(tmp_path / "in2.pkg"), tmp_path / "forged.pkg", forged)
+    refused = verify_package(tmp_path / "forged.pkg", [root])
+    assert refused.status is PackageStatus.UNTRUSTED
+    assert any("does not verify with that certificate's key" in problem for problem in refused.problems)

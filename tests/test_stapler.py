@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from conftest import require_tool
 from corpuskit import copy_item, corpus_item
 from notarykit import (
     DMGS,
@@ -146,8 +147,37 @@ def _write(path: Path, data: bytes) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("item", DMGS)
-def test_disk_images_are_named_not_misread(item):
-    result = _stapler("validate", str(corpus_item(item)))
+DMG_STAPLED = DMGS[1]  # signed (CodeDirectory, CMS) and stapled by Apple
+
+
+def test_disk_image_round_trip_is_byte_identical(tmp_path):
+    original = corpus_item(DMG_STAPLED).read_bytes()
+    copy = copy_item(DMG_STAPLED, tmp_path)
+    assert _stapler("validate", str(copy)).returncode == 0
+    removed = unstaple(copy)
+    assert removed == slot_ticket(corpus_item(DMG_STAPLED))
+    assert len(copy.read_bytes()) == len(original) - len(removed) - 16  # the slot's index entry and BlobWrapper
+    # the image without its ticket is still a valid signed image and a readable UDIF image
+    env = dict(os.environ, SIGNBRIDGE_ANCHORS=str(corpus_item("anchors/AppleRootCA.pem")))
+    verified = subprocess.run([*SIGNBRIDGE, "codesign", "--verify", "--strict", str(copy)], capture_output=True, text=True, env=env)
+    assert verified.returncode == 0, verified.stderr
+    listed = subprocess.run([require_tool("7zz"), "l", str(copy)], capture_output=True, text=True)
+    assert listed.returncode == 0 and "Karabiner-VirtualHIDDevice-Manager" in listed.stdout
+    result = _stapler("staple", "--ticket", _write(tmp_path / "ticket", removed), str(copy))
+    assert result.returncode == 0, result.stderr
+    assert copy.read_bytes() == original
+
+
+def test_disk_image_record_is_its_cdhash():
+    ((hash_type, digest),) = open_stapleable(corpus_item(DMG_STAPLED)).digests()
+    assert hash_type == 2 and covers(parse_ticket(slot_ticket(corpus_item(DMG_STAPLED)), "dmg"), hash_type, digest)
+
+
+@pytest.mark.parametrize("item", [DMGS[0], "dmg/indygreg_apple-platform-rs__example.dmg"])
+def test_unsigned_disk_images_are_refused(tmp_path, item):
+    copy = copy_item(item, tmp_path)
+    before = copy.read_bytes()
+    result = _stapler("validate" if item == DMGS[0] else "staple", str(copy))
     assert result.returncode == 65
-    assert "stapling disk images (slot 0x10002 of the DMG's signature) is not supported yet" in result.stderr
+    assert "is not signed; sign the disk image" in result.stderr
+    assert copy.read_bytes() == before

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import require_tool
@@ -25,12 +26,15 @@ from pkikit import (
     EKU_MAC_INSTALLER,
     NOW,
     Pki,
+    Sha1Chain,
     certificate,
     key_usage,
     make_pki,
+    make_sha1_chain,
     marker,
     name,
     new_key,
+    resign,
     write_pem,
 )
 from signbridge.apple import certificates as apple
@@ -505,3 +509,108 @@ def test_anchors_from_environment_reads_os_environ(pki, tmp_path, monkeypatch):
     monkeypatch.setenv(ANCHORS_ENVIRONMENT_VARIABLE, str(tmp_path / "gone.pem"))
     with pytest.raises(TrustAnchorError, match="gone.pem does not exist"):
         anchors_from_environment()
+
+
+# ---------------------------------------------------------------------------------------------
+# Certificates signed with SHA-1, as Apple's older chains are
+
+
+def _openssl_verify_sha1(tmp_path: Path, leaf, untrusted, anchors) -> subprocess.CompletedProcess:
+    """openssl verify at authentication level 0, where SHA-1 certificate signatures count."""
+    args = [require_tool("openssl"), "verify", "-auth_level", "0", "-ignore_critical", "-purpose", "any"]
+    args += ["-CAfile", str(write_pem(tmp_path / "anchors.pem", *anchors))]
+    args += ["-untrusted", str(write_pem(tmp_path / "untrusted.pem", *untrusted))]
+    args.append(str(write_pem(tmp_path / "leaf.pem", leaf)))
+    return subprocess.run(args, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def sha1_chain() -> Sha1Chain:
+    return make_sha1_chain()
+
+
+@pytest.mark.parametrize("leaf", ["mac_developer", "apple_development"])
+def test_sha1_signed_chain_is_trusted(sha1_chain, leaf, tmp_path):
+    certificate_ = getattr(sha1_chain, leaf)
+    chain = [sha1_chain.intermediate, sha1_chain.root]
+    result = evaluate_chain(certificate_, chain, [sha1_chain.root], purpose="code")
+    assert result.ok, result.problems
+    assert result.chain == (certificate_, sha1_chain.intermediate, sha1_chain.root)
+    assert sha1_chain.intermediate.signature_hash_algorithm.name == "sha1"
+    checked = _openssl_verify_sha1(tmp_path, certificate_, chain, [sha1_chain.root])
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_tampered_sha1_certificate_fails(sha1_chain, tmp_path):
+    der = bytearray(sha1_chain.intermediate.public_bytes(serialization.Encoding.DER))
+    der[-10] ^= 0x01  # inside the signature value
+    tampered = x509.load_der_x509_certificate(bytes(der))
+    result = evaluate_chain(sha1_chain.mac_developer, [tampered], [sha1_chain.root], purpose="code")
+    assert not result.ok
+    assert any("its signature does not verify with that certificate's key" in p for p in result.problems)
+    checked = _openssl_verify_sha1(tmp_path, sha1_chain.mac_developer, [tampered], [sha1_chain.root])
+    assert checked.returncode != 0
+
+
+def test_md5_signed_certificate_is_refused(sha1_chain):
+    weak = resign(sha1_chain.intermediate, sha1_chain.root_key, hashes.MD5())  # noqa: S303
+    result = evaluate_chain(sha1_chain.mac_developer, [weak], [sha1_chain.root], purpose="code")
+    assert not result.ok
+    assert any("uses MD5, which is too weak to trust" in p for p in result.problems), result.problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Expired certificates, when the caller tolerates them (codesign --verify)
+
+
+def test_allow_expired_accepts_an_expired_chain_and_says_so(pki):
+    leaf = pki.leaf(not_before=NOW - 400 * DAY, not_after=NOW - 10 * DAY)
+    result = evaluate_chain(leaf, pki.chain, [pki.root], purpose="code", allow_expired=True)
+    assert result.ok and result.expired == (leaf,) and not result.timestamp_used
+    within = evaluate_chain(
+        leaf, pki.chain, [pki.root], purpose="code", allow_expired=True, timestamp_time=NOW - 20 * DAY
+    )
+    assert within.ok and within.expired == () and within.timestamp_used
+
+
+def test_allow_expired_still_refuses_what_is_not_valid_yet_or_untrusted(pki, other_pki):
+    early = pki.leaf(not_before=NOW + 10 * DAY, not_after=NOW + 100 * DAY)
+    result = evaluate_chain(early, pki.chain, [pki.root], purpose="code", allow_expired=True)
+    assert not result.ok and "is not valid until" in result.problems[0]
+    expired = pki.leaf(not_before=NOW - 400 * DAY, not_after=NOW - 10 * DAY)
+    assert not evaluate_chain(expired, pki.chain, [other_pki.root], allow_expired=True).ok
+
+
+def _signed(subject: x509.Name, public_key, issuer: x509.Name, issuer_key, kind: str, ca: bool) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + DAY)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([EKU_CODE]), critical=True)
+    if kind == "rsa-pss":
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        return builder.sign(issuer_key, hashes.SHA256(), rsa_padding=pss)
+    return builder.sign(issuer_key, None)
+
+
+@pytest.mark.parametrize("kind", ["rsa-pss", "ed25519"])
+def test_other_certificate_signature_algorithms(kind):
+    def key():
+        return new_key("rsa") if kind == "rsa-pss" else ed25519.Ed25519PrivateKey.generate()
+
+    root_key, impostor_key = key(), key()
+    root_name = name(f"{kind} root")
+    root = _signed(root_name, root_key.public_key(), root_name, root_key, kind, ca=True)
+    impostor = _signed(root_name, impostor_key.public_key(), root_name, impostor_key, kind, ca=True)
+    leaf = _signed(name(f"{kind} leaf"), new_key("p256").public_key(), root_name, root_key, kind, ca=False)
+    assert evaluate_chain(leaf, [], [root], purpose="code").ok
+    refused = evaluate_chain(leaf, [], [impostor], purpose="code")
+    assert not refused.ok
+    assert any("its signature does not verify with that certificate's key" in p for p in refused.problems)

@@ -2,8 +2,8 @@
 
 A demo service with the Demo Corp organization; a signature with each of its keys through
 ``SignHash``; a timestamp; then the crypto provider (``signbridge start``) serving those keys as a
-PKCS#11 token that openssl, codesign and productsign sign through; every result verified and the
-audit log checked.
+PKCS#11 token that openssl, codesign (an app and the disk image it ships in) and productsign sign
+through; every result verified and the audit log checked.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import pydmg
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -30,7 +31,13 @@ from .apple.component import build_component_package
 from .errors import SignbridgeError
 from .hashes import HashAlgorithm
 from .server.process import ServiceProcess
-from .signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
+from .signatures import (
+    EcdsaFormat,
+    Scheme,
+    SignatureRequest,
+    verify_certificate_signature,
+    verify_digest_signature,
+)
 from .token.registration import client_module_path
 from .tsa import request_timestamp
 
@@ -115,7 +122,7 @@ class Demo:
             signature = client.sign_hash(policy.project_slug, policy.signing_policy_slug, request, {"demo": True})
             verify_digest_signature(policy.certificate.public_key(), request, signature)
             for issuer, subject in zip(policy.chain, (policy.certificate, *policy.chain), strict=False):
-                subject.verify_directly_issued_by(issuer)
+                verify_certificate_signature(subject, issuer)
             self.detail(f"{policy.key_id:<28} {len(signature)}-byte {scheme.value} signature verified against its certificate and chain")
         self.say("Timestamping the digest with the service's RFC 3161 authority")
         assert self.service is not None
@@ -192,13 +199,13 @@ class Demo:
             executable.chmod(0o755)
         return app
 
-    def _run_tool(self, *args: str, show: str = "stdout+stderr") -> str:
+    def _run_tool(self, *args: str, show: str = "stdout+stderr", expect: tuple[int, ...] = (0,)) -> str:
         self.detail("$ signbridge " + " ".join(f"'{a}'" if " " in a else a for a in args))
         proc = _signbridge(*args, env=self.provider_env())
         output = (proc.stdout if "stdout" in show else "") + (proc.stderr if "stderr" in show else "")
         for line in output.splitlines():
             self.detail("  " + line.replace(str(self.workdir) + "/", ""))
-        if proc.returncode != 0:
+        if proc.returncode not in expect:
             raise DemoError(f"signbridge {args[0]} exited {proc.returncode}")
         return output
 
@@ -211,6 +218,20 @@ class Demo:
         self.say("What the signature holds (codesign -dvvv)")
         self._run_tool("codesign", "-dvvv", str(app))
 
+    def codesign_disk_image(self, app: Path) -> None:
+        self.say("Putting the signed app in a disk image (pydmg's UDIF writer) and signing the image")
+        folder = self.workdir / "MyApp"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        shutil.copytree(app, folder / app.name, symlinks=True)
+        image = self.workdir / "MyApp.dmg"
+        image.unlink(missing_ok=True)
+        pydmg.create_dmg(source_dir=folder, output_path=image, volume_label="MyApp", total_sectors=32768)
+        shutil.rmtree(folder)
+        self._run_tool("codesign", "-s", "Developer ID Application", "--timestamp", "-v", str(image))
+        self._run_tool("codesign", "--verify", "--strict", "--verbose=2", str(image))
+        self._run_tool("codesign", "-dvvv", str(image))
+
     def productsign_app(self, app: Path) -> None:
         self.say("Wrapping the signed app in a component package and signing it with the installer identity")
         unsigned, signed = self.workdir / "MyApp.pkg", self.workdir / "MyApp-signed.pkg"
@@ -220,11 +241,14 @@ class Demo:
         self.say("Checking the package's signature (pkgutil --check-signature)")
         self._run_tool("pkgutil", "--check-signature", str(signed))
 
-    def preflight(self, *paths: Path) -> None:
+    def preflight(self, app: Path, image: Path, package: Path) -> None:
         """What Apple's notary service would reject, checked offline; the demo root stands in for
         Apple's as the Developer ID anchor (SIGNBRIDGE_ANCHORS)."""
         self.say("Pre-flight for notarization: the app and the package, every piece of code inside, offline")
-        self._run_tool("notarytool", "preflight", *(str(path) for path in paths))
+        self._run_tool("notarytool", "preflight", str(app), str(package))
+        self.say("Pre-flight of the disk image: its FAT32 file system cannot hold the framework's symbolic links, "
+                 "so the app inside it no longer verifies; the pre-flight finds that before any upload")
+        self._run_tool("notarytool", "preflight", str(image), expect=(0, 1))
 
     def stop_token(self) -> None:
         _checked(_signbridge("stop", TOKEN_NAME, env=self.provider_env()), "signbridge stop")
@@ -260,8 +284,9 @@ def run_demo(echo: Echo, *, keep: Path | None = None) -> None:
                 demo.sign_through_the_token(record)
                 app = demo.build_sample_app()
                 demo.codesign_app(app)
+                demo.codesign_disk_image(app)
                 demo.productsign_app(app)
-                demo.preflight(app, demo.workdir / "MyApp-signed.pkg")
+                demo.preflight(app, demo.workdir / "MyApp.dmg", demo.workdir / "MyApp-signed.pkg")
             finally:
                 demo.stop_token()
             demo.say("Stopping the service (SIGTERM); every signature above is in the audit log")

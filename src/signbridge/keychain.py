@@ -42,7 +42,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -52,7 +51,15 @@ from .identity import Identity
 from .pkcs11 import CKA, CKO, Pkcs11Client, Pkcs11Error, Pkcs11Object, pss_params
 from .pkcs11.constants import CKM, CKR
 from .pkcs11.identity import CATEGORY_AUTHORITY
-from .signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_ieee_to_der, verify_digest_signature
+from .signatures import (
+    CertificateSignatureError,
+    EcdsaFormat,
+    Scheme,
+    SignatureRequest,
+    ecdsa_ieee_to_der,
+    verify_certificate_signature,
+    verify_digest_signature,
+)
 from .token import registry
 from .token.registry import TokenRecord
 
@@ -254,8 +261,8 @@ def build_chain(leaf: x509.Certificate, pool: Iterable[x509.Certificate]) -> tup
 
 def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
-        certificate.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        verify_certificate_signature(certificate, issuer)
+    except CertificateSignatureError:
         return False
     return True
 

@@ -18,12 +18,19 @@ import httpx
 from asn1crypto import algos, cms, core, tsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from .errors import SignatureError, TimestampError
 from .hashes import HashAlgorithm
+from .signatures import (
+    CertificateSignatureError,
+    EcdsaFormat,
+    Scheme,
+    SignatureRequest,
+    verify_certificate_signature,
+    verify_digest_signature,
+)
 
 QUERY_CONTENT_TYPE = "application/timestamp-query"
 REPLY_CONTENT_TYPE = "application/timestamp-reply"
@@ -525,31 +532,34 @@ def _check_signature(signer_info: cms.SignerInfo, signer: x509.Certificate) -> N
             f"the timestamp token's signature algorithm {algorithm['algorithm'].dotted} is not supported"
         ) from None
     public_key = signer.public_key()
+    pss = None
     try:
         if kind == "rsassa_pkcs1v15" and isinstance(public_key, rsa.RSAPublicKey):
             _check_named_hash(algorithm, digest_algorithm)
-            public_key.verify(signature, signed, padding.PKCS1v15(), digest_algorithm.cryptography_hash())
+            scheme = Scheme.RSA_PKCS1
         elif kind == "rsassa_pss" and isinstance(public_key, rsa.RSAPublicKey):
             params = algorithm["parameters"]
-            pss_hash = HashAlgorithm.from_name(params["hash_algorithm"]["algorithm"].native)
+            digest_algorithm = HashAlgorithm.from_name(params["hash_algorithm"]["algorithm"].native)
             mgf_hash = HashAlgorithm.from_name(params["mask_gen_algorithm"]["parameters"]["algorithm"].native)
-            mgf = padding.MGF1(mgf_hash.cryptography_hash())
-            pss = padding.PSS(mgf=mgf, salt_length=params["salt_length"].native)
-            public_key.verify(signature, signed, pss, pss_hash.cryptography_hash())
+            pss = padding.PSS(mgf=padding.MGF1(mgf_hash.cryptography_hash()), salt_length=params["salt_length"].native)
+            scheme = Scheme.RSA_PSS
         elif kind == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):
             _check_named_hash(algorithm, digest_algorithm)
-            public_key.verify(signature, signed, ec.ECDSA(digest_algorithm.cryptography_hash()))
+            scheme = Scheme.ECDSA
         else:
             raise TimestampError(
                 f"the timestamp token's signature algorithm {algorithm['algorithm'].native} does not fit "
                 f"the key of its signing certificate"
             )
-    except InvalidSignature:
+        request = SignatureRequest(digest_algorithm.digest(signed), digest_algorithm, scheme, EcdsaFormat.ASN1)
+    except (ValueError, SignatureError) as exc:
+        raise TimestampError(f"the timestamp token's signature cannot be checked ({exc})") from None
+    try:
+        verify_digest_signature(public_key, request, signature, pss=pss)
+    except SignatureError:
         raise TimestampError(
             "the timestamp token's signature does not verify: it was altered or forged"
         ) from None
-    except (ValueError, SignatureError) as exc:
-        raise TimestampError(f"the timestamp token's signature cannot be checked ({exc})") from None
 
 
 def _check_named_hash(algorithm: algos.SignedDigestAlgorithm, digest_algorithm: HashAlgorithm) -> None:
@@ -616,13 +626,14 @@ def _extend_path(
         if issuer.subject != current.issuer or issuer in path:
             continue
         try:
-            current.verify_directly_issued_by(issuer)
+            verify_certificate_signature(current, issuer)
             _check_issuer(issuer, intermediates_below=len(path) - 1)
             _check_validity(issuer, when)
-        except (ValueError, TypeError, InvalidSignature, TimestampError) as exc:
-            failures.append(
-                f"{_describe(issuer)} is not a valid issuer of {_describe(current)}: {exc or 'bad signature'}"
-            )
+        except CertificateSignatureError as exc:
+            failures.append(f"{_describe(issuer)} is not a valid issuer of {_describe(current)}: {exc.reason}")
+            continue
+        except TimestampError as exc:
+            failures.append(f"{_describe(issuer)} is not a valid issuer of {_describe(current)}: {exc}")
             continue
         if trusted or _extend_path(issuer, pool, anchors, when, [*path, issuer], failures):
             return True

@@ -7,4 +7,6 @@
 - :mod:`.requirements` encodes, parses and renders code requirements.
 - :mod:`.entitlements` builds the XML and DER entitlement blobs.
 - :mod:`.macho_signing` signs a whole file: ad hoc, or with a caller-supplied CMS signer.
+- :mod:`.dmg` reads, verifies and signs UDIF disk images (the ``koly`` trailer and its signature).
+- :mod:`.ticket` reads stapled notarization tickets and checks their signature.
 """

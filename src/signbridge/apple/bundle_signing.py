@@ -52,6 +52,7 @@ from .signed_code import (
     preferred_slice,
     stored_designated_requirement,
 )
+from .stapled import remove_stapled_ticket
 
 
 def sign_ipa(
@@ -204,6 +205,12 @@ def _sign_detached(
     return SignedCode(bundle.root, identifier, bundle_format(bundle, None), directory.cdhash(), text)
 
 
+STALE_TICKET_WARNING = (
+    "warning: the stapled notarization ticket was removed: it does not match the new signature. "
+    "Notarize and staple the signed bundle again."
+)
+
+
 def sign_bundle(
     path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
 ) -> SignedCode:
@@ -223,6 +230,8 @@ def sign_bundle(
         done: dict[Path, NestedCode] = {}
         results: list[SignedCode] = []
         for item in plan:
+            if item.is_dir() and remove_stapled_ticket(Bundle.open(item).content_root):
+                reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
             if item == root.root:
                 signed = _sign_one_bundle(
                     root, identity, options, reporter, done, top=True, executor=executor

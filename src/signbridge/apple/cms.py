@@ -26,13 +26,19 @@ import httpx
 from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ..errors import SignatureError, TimestampError
 from ..hashes import HashAlgorithm
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, curve_size, ecdsa_ieee_to_der
+from ..signatures import (
+    EcdsaFormat,
+    Scheme,
+    SignatureRequest,
+    curve_size,
+    ecdsa_ieee_to_der,
+    verify_digest_signature,
+)
 from ..tsa import ASN1_ERRORS, TimestampToken, find_signer_certificate, parse_token, request_timestamp
 from .certificates import unique_certificates
 
@@ -858,22 +864,19 @@ def _verify_value(
     message: str,
 ) -> None:
     """Check a signature over a prehashed ``digest``; ECDSA signatures are DER."""
-    prehashed = utils.Prehashed(hash_algorithm.cryptography_hash())
+    fits = isinstance(public_key, ec.EllipticCurvePublicKey if scheme is Scheme.ECDSA else rsa.RSAPublicKey)
+    if not fits:
+        raise CmsVerificationError(
+            f"the CMS signature's algorithm ({scheme.value}) does not fit the signer's {type(public_key).__name__}"
+        )
+    assert isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+    pss = None
+    if salt_length is not None:
+        pss = padding.PSS(mgf=padding.MGF1(hash_algorithm.cryptography_hash()), salt_length=salt_length)
     try:
-        if scheme is Scheme.RSA_PKCS1 and isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, digest, padding.PKCS1v15(), prehashed)
-        elif scheme is Scheme.RSA_PSS and isinstance(public_key, rsa.RSAPublicKey):
-            mgf = padding.MGF1(hash_algorithm.cryptography_hash())
-            salt = hash_algorithm.digest_size if salt_length is None else salt_length
-            public_key.verify(signature, digest, padding.PSS(mgf=mgf, salt_length=salt), prehashed)
-        elif scheme is Scheme.ECDSA and isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, digest, ec.ECDSA(prehashed))
-        else:
-            raise CmsVerificationError(
-                f"the CMS signature's algorithm ({scheme.value}) does not fit the signer's "
-                f"{type(public_key).__name__}"
-            )
-    except (InvalidSignature, ValueError):
+        request = SignatureRequest(digest, hash_algorithm, scheme, EcdsaFormat.ASN1)
+        verify_digest_signature(public_key, request, signature, pss=pss)
+    except SignatureError:
         raise SignatureMismatch(message) from None
 
 

@@ -418,7 +418,7 @@ def cms_reserve(identity: Identity, hash_types: Sequence[HashType], with_timesta
     )
 
 
-def _timestamper(options: CodesignOptions) -> cms.Timestamper | None:
+def timestamper(options: CodesignOptions) -> cms.Timestamper | None:
     if options.timestamp is not None:
         return options.timestamp
     if options.timestamp_url:
@@ -452,7 +452,7 @@ def requirements_and_signer(
     requirement = designated_requirement(identifier, signing_chain(identity))
     if requirement is not None:
         requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
-    return requirements, cms_signer(identity, timestamp=_timestamper(options), signing_time=options.signing_time)
+    return requirements, cms_signer(identity, timestamp=timestamper(options), signing_time=options.signing_time)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ Apple's ``codesign -d -v...`` writes it::
     Signature size=8950
     Authority=Developer ID Application: ... (TEAMID)       (-vv and up; leaf to root)
     Timestamp=Mar 11, 2021 at 12:44:53 PM
+    Notarization Ticket=stapled                            (a bundle with a stapled ticket)
     Info.plist entries=12
     TeamIdentifier=TEAMID
     Runtime Version=11.0.0
@@ -54,6 +55,7 @@ from .signed_code import (
     preferred_slice,
     stored_designated_requirement,
 )
+from .stapled import read_stapled_ticket
 from .verify import NotSignedError, plist_dict
 
 STDERR = "stderr"
@@ -85,11 +87,12 @@ class SigningInformation:
 
     executable: Path  # the Info.plist for a detached signature (it is the code)
     format: str
-    parsed: MachOFile | None = field(repr=False)  # None: a detached signature
-    macho: MachO | None = field(repr=False)
     signature: EmbeddedSignature = field(repr=False)
+    parsed: MachOFile | None = field(default=None, repr=False)  # None for a disk image or a detached signature
+    macho: MachO | None = field(default=None, repr=False)
     info_plist: bytes | None = field(default=None, repr=False)
     seal: ResourceSeal | None = None
+    stapled_ticket: bool = False  # a notarization ticket is stapled to the code
 
     @property
     def directory(self) -> CodeDirectory:
@@ -207,6 +210,7 @@ def bundle_information(path: Path, *, architecture: str | None = None) -> Signin
         signature=info.signature,
         info_plist=info.info_plist,
         seal=info.seal,
+        stapled_ticket=read_stapled_ticket(bundle.content_root) is not None,
     )
 
 
@@ -303,6 +307,8 @@ def display_lines(info: SigningInformation, verbose: int, *, nested: bool = Fals
                 note(1, f"Signed Time={format_date(parsed.signing_time)}")
     else:
         lines.append((STDERR, f"{info.executable}: no signature"))
+    if info.stapled_ticket:
+        note(1, "Notarization Ticket=stapled")
 
     plist = plist_dict(info.info_plist) if directory.special_slots.get(1) else None
     note(1, f"Info.plist entries={len(plist)}" if plist is not None else "Info.plist=not bound")

@@ -45,13 +45,19 @@ def read_signature(macho: MachO) -> EmbeddedSignature | None:
     raw = macho.signature_data
     if raw is None:
         return None
-    superblob = decode_superblob(raw, Magic.EMBEDDED_SIGNATURE)
+    signature = signature_of(decode_superblob(raw, Magic.EMBEDDED_SIGNATURE))
+    if signature is None:
+        raise CodeSignatureFormatError("the embedded signature has no CodeDirectory")
+    return signature
+
+
+def signature_of(superblob: SuperBlob) -> EmbeddedSignature | None:
+    """The signature a SuperBlob holds (a slice's, a disk image's), its blobs found by slot, never by
+    magic; None when it has no CodeDirectory."""
     first = Slot.ALTERNATE_CODE_DIRECTORY
     slots = [Slot.CODE_DIRECTORY, *range(first, first + ALTERNATE_CODE_DIRECTORY_MAX)]
     directories = tuple(CodeDirectory.parse(blob) for slot in slots if (blob := superblob.get(slot)))
-    if not directories:
-        raise CodeSignatureFormatError("the embedded signature has no CodeDirectory")
-    return embedded_signature(superblob, directories)
+    return embedded_signature(superblob, directories) if directories else None
 
 
 def embedded_signature(superblob: SuperBlob, directories: tuple[CodeDirectory, ...]) -> EmbeddedSignature:

@@ -17,11 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtensionOID
 
 from ..errors import ConfigError
+from ..signatures import CertificateSignatureError, verify_certificate_signature
 from .certificates import (
     APPLE_DISTRIBUTION,
     DEVELOPER_ID_APPLICATION,
@@ -225,7 +225,8 @@ class TrustResult:
 
     ``chain`` runs from the leaf to the anchor when a path was found (else as far as it got);
     ``problems`` are sentences for the user, empty when ``ok``. ``timestamp_used`` says the chain
-    was accepted only because it was valid at the timestamp's time.
+    was accepted only because it was valid at the timestamp's time; ``expired`` lists the
+    certificates accepted although they had expired (only when the caller allowed that).
     """
 
     ok: bool
@@ -234,6 +235,7 @@ class TrustResult:
     problems: tuple[str, ...]
     apple_anchor: bool
     timestamp_used: bool = False
+    expired: tuple[x509.Certificate, ...] = ()
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -270,6 +272,7 @@ def evaluate_chain(
     purpose: Purpose | str = Purpose.ANY,
     timestamp_time: datetime | None = None,
     apple_roots: frozenset[bytes] = APPLE_ROOT_FINGERPRINTS,
+    allow_expired: bool = False,
 ) -> TrustResult:
     """Evaluate the path from ``leaf`` through ``intermediates`` to one of ``anchors``.
 
@@ -277,7 +280,9 @@ def evaluate_chain(
     constraints, path length, key usage), and no certificate may carry a critical extension this
     module does not evaluate (Apple's marker extensions excepted). Every certificate must be valid
     at ``at`` (default now) or, failing that, at ``timestamp_time``: an expired certificate is
-    valid only with a timestamp within its validity. ``purpose`` asks for the leaf's extended key usage:
+    valid only with a timestamp within its validity, unless ``allow_expired`` (Apple's
+    ``codesign --verify`` does not fail a signature because its certificates have expired; a
+    certificate not valid yet still fails). ``purpose`` asks for the leaf's extended key usage:
     codeSigning for code, Apple's installer usages for installer packages.
     """
     purpose = Purpose(purpose)
@@ -290,7 +295,7 @@ def evaluate_chain(
     longest: list[x509.Certificate] = [leaf]
     first_verdict: TrustResult | None = None
     for path in _paths(leaf, pool, anchors, [leaf], failures, longest):
-        problems, timestamp_used = _evaluate_path(path, at, timestamp_time, purpose)
+        problems, timestamp_used, expired = _evaluate_path(path, at, timestamp_time, purpose, allow_expired)
         anchor = path[-1]
         verdict = TrustResult(
             ok=not problems,
@@ -299,6 +304,7 @@ def evaluate_chain(
             problems=tuple(problems),
             apple_anchor=_fingerprint(anchor) in apple_roots,
             timestamp_used=timestamp_used,
+            expired=expired,
         )
         if verdict.ok:
             return verdict
@@ -347,12 +353,9 @@ def _paths(
     ]
     for issuer in issuers:
         try:
-            current.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
-            failures.append(
-                f"{_describe(current)} names {_describe(issuer)} as its issuer, but its signature "
-                "does not verify with that certificate's key"
-            )
+            verify_certificate_signature(current, issuer)
+        except CertificateSignatureError as exc:
+            failures.append(f"{_describe(current)} names {_describe(issuer)} as its issuer, but {exc.reason}")
             continue
         yield from _paths(issuer, pool, anchors, [*path, issuer], failures, longest)
     if issuers:
@@ -367,16 +370,20 @@ def _paths(
 
 
 def _evaluate_path(
-    path: list[x509.Certificate], at: datetime, timestamp_time: datetime | None, purpose: Purpose
-) -> tuple[list[str], bool]:
+    path: list[x509.Certificate],
+    at: datetime,
+    timestamp_time: datetime | None,
+    purpose: Purpose,
+    allow_expired: bool,
+) -> tuple[list[str], bool, tuple[x509.Certificate, ...]]:
     problems: list[str] = []
     for index, issuer in enumerate(path[1:], start=1):
         problems += _issuer_problems(issuer, path[index - 1], intermediates_below=index - 1)
     for certificate in path:
         problems += _critical_extension_problems(certificate)
     problems += _leaf_problems(path[0], purpose)
-    validity, timestamp_used = _validity_problems(path, at, timestamp_time)
-    return problems + validity, timestamp_used
+    validity, timestamp_used, expired = _validity_problems(path, at, timestamp_time, allow_expired)
+    return problems + validity, timestamp_used, expired
 
 
 def _issuer_problems(
@@ -444,12 +451,14 @@ def _leaf_problems(leaf: x509.Certificate, purpose: Purpose) -> list[str]:
 
 
 def _validity_problems(
-    path: list[x509.Certificate], at: datetime, timestamp_time: datetime | None
-) -> tuple[list[str], bool]:
+    path: list[x509.Certificate], at: datetime, timestamp_time: datetime | None, allow_expired: bool
+) -> tuple[list[str], bool, tuple[x509.Certificate, ...]]:
     """Each certificate must be valid now or, failing that, when the timestamp says the signature
-    was made. Returns the problems and whether any certificate needed the timestamp."""
+    was made, or have expired when ``allow_expired``. Returns the problems, whether any
+    certificate needed the timestamp, and the expired certificates that were let through."""
     problems = []
     timestamp_used = False
+    expired: list[x509.Certificate] = []
     for certificate in path:
         if _valid_at(certificate, at):
             continue
@@ -457,6 +466,9 @@ def _validity_problems(
             timestamp_used = True
             continue
         start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+        if allow_expired and at > end:
+            expired.append(certificate)
+            continue
         if at > end:
             problem = f"{_describe(certificate)} expired on {end:%Y-%m-%d %H:%M:%S} UTC"
         else:
@@ -469,7 +481,7 @@ def _validity_problems(
         elif at > end:
             problem += "; an expired certificate is valid only with a timestamp within its validity"
         problems.append(problem)
-    return problems, timestamp_used and not problems
+    return problems, timestamp_used and not problems, tuple(expired)
 
 
 def _valid_at(certificate: x509.Certificate, when: datetime) -> bool:
@@ -480,8 +492,8 @@ def _self_signed(certificate: x509.Certificate) -> bool:
     if certificate.subject != certificate.issuer:
         return False
     try:
-        certificate.verify_directly_issued_by(certificate)
-    except (ValueError, TypeError, InvalidSignature):
+        verify_certificate_signature(certificate, certificate)
+    except CertificateSignatureError:
         return False
     return True
 

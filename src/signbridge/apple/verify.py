@@ -617,7 +617,9 @@ def load_requirement(argument: str) -> Expr:
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """How to verify: the trust anchors, the time, ``--strict``, ``--deep``, ``-R``, ``-a``."""
+    """How to verify: the trust anchors, the time, ``--strict``, ``--deep``, ``-R``, ``-a``, and
+    ``--check-expiry`` (expired certificates fail unless a timestamp falls within their validity;
+    without it, as in Apple's codesign, expiry alone fails nothing)."""
 
     anchors: tuple[x509.Certificate, ...] = ()
     at: datetime | None = None
@@ -626,6 +628,7 @@ class VerifyOptions:
     requirement: Expr | None = None
     architecture: str | None = None
     apple_roots: frozenset[bytes] = APPLE_ROOT_FINGERPRINTS
+    check_expiry: bool = False
 
 
 @dataclass(frozen=True)
@@ -914,7 +917,8 @@ _HASH_TYPE_ALGORITHMS = {
 
 
 def check_signer(signature: EmbeddedSignature) -> cms.ParsedSignature | None:
-    """Ad hoc (no CMS) or signed (a CMS over the CodeDirectories that checks out)."""
+    """Ad hoc (no CMS) or signed (a CMS over the CodeDirectories that checks out). It comes first:
+    when a CodeDirectory was altered, that is what the user should hear."""
     directories = signature.code_directories
     if directories[0].flags & CodeDirectoryFlags.ADHOC:
         if signature.cms:
@@ -980,6 +984,7 @@ def check_trust(
         purpose=Purpose.CODE,
         timestamp_time=timestamp,
         apple_roots=options.apple_roots,
+        allow_expired=not options.check_expiry,
     )
     if result.ok:
         return result

@@ -27,6 +27,9 @@ from ..apple import codesign as engine
 from ..apple import display
 from ..apple.certificates import Usage
 from ..apple.codesign import CodesignOptions
+from ..apple.dmg.sign import sign_disk_image
+from ..apple.dmg.udif import looks_like_disk_image
+from ..apple.dmg.verify import disk_image_information, verify_disk_image
 from ..apple.macho import MachOError
 from ..apple.trust import anchors_from_environment
 from ..apple.verify import (
@@ -68,6 +71,7 @@ _LONG_OPTIONS: dict[str, tuple[str, str]] = {
     "verbose": ("optional", "verbose"),
     "verify": ("no", "verify"),
     "all-architectures": ("no", "all-architectures"),
+    "check-expiry": ("no", "check-expiry"),
     "continue": ("no", "continue"),
     "deep": ("no", "deep"),
     "deep-verify": ("no", "deep"),
@@ -102,6 +106,7 @@ class Arguments:
     architecture: str | None = None
     deep: bool = False
     strict: bool = False
+    check_expiry: bool = False  # signbridge's own: expired certificates fail without a timestamp
     digest_algorithm: str | None = None
     entitlements: str | None = None
     token: str | None = None
@@ -147,8 +152,8 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
             parsed.timestamp = value if value is not None else ""
         elif key == "continue":
             parsed.continue_on_error = True
-        elif key in ("deep", "force", "xml", "der", "help"):
-            setattr(parsed, key, True)
+        elif key in ("deep", "force", "xml", "der", "help", "check-expiry"):
+            setattr(parsed, key.replace("-", "_"), True)
         elif key == "all-architectures":
             parsed.architecture = None
         else:
@@ -415,7 +420,10 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
         for warning in warnings:
             terminal.error(f"{path}: warning: {warning}")
         try:
-            signed = engine.sign_code(path, identity, options, reporter)
+            if looks_like_disk_image(path):
+                signed = sign_disk_image(path, identity, options, reporter)
+            else:
+                signed = engine.sign_code(path, identity, options, reporter)
         except FileNotFoundError:
             terminal.error(f"{path}: No such file or directory")
         except (SignbridgeError, MachOError) as exc:
@@ -451,13 +459,14 @@ def _verify(arguments: Arguments, terminal: Terminal) -> int:
         anchors=anchors,
         strict=arguments.strict,
         deep=arguments.deep,
+        check_expiry=arguments.check_expiry,
         requirement=requirement,
         architecture=arguments.architecture,
     )
     status = EXIT_SUCCESS
     for path in arguments.paths:
         try:
-            verdict = verify_code(path, options)
+            verdict = verify_disk_image(path, options) if looks_like_disk_image(path) else verify_code(path, options)
         except FileNotFoundError:
             terminal.error(f"{path}: No such file or directory")
             status = EXIT_FAILURE
@@ -493,7 +502,10 @@ def _display(arguments: Arguments, terminal: Terminal) -> int:
     status = EXIT_SUCCESS
     for path in arguments.paths:
         try:
-            info = display.signing_information(path, architecture=arguments.architecture)
+            if looks_like_disk_image(path):
+                info = disk_image_information(path)
+            else:
+                info = display.signing_information(path, architecture=arguments.architecture)
         except FileNotFoundError:
             terminal.error(f"{path}: No such file or directory")
             status = EXIT_FAILURE

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import AlreadyExistsError, NotFoundError, UsageError
+from ..signatures import CertificateSignatureError, verify_certificate_signature
 from . import pki, tokens
 from .keystores import KeyRef, KeySpec, Keystore
 from .models import (
@@ -213,8 +213,8 @@ def order_chain(leaf: x509.Certificate, pool: Sequence[x509.Certificate]) -> lis
         if issuer is None:
             break
         try:
-            current.verify_directly_issued_by(issuer)
-        except (InvalidSignature, ValueError, TypeError):
+            verify_certificate_signature(current, issuer)
+        except CertificateSignatureError:
             raise UsageError(
                 f"{issuer.subject.rfc4514_string()} did not issue {current.subject.rfc4514_string()}"
             ) from None

@@ -23,7 +23,13 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import SignatureError
 from ..hashes import HashAlgorithm
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
+from ..signatures import (
+    EcdsaFormat,
+    Scheme,
+    SignatureRequest,
+    verify_certificate_signature,
+    verify_digest_signature,
+)
 
 DigestSigner = Callable[[SignatureRequest], bytes]
 """Signs a digest with the issuer's key; ECDSA signatures come back DER-encoded."""
@@ -109,7 +115,7 @@ def issue_certificate(
     tbs = stand_in.tbs_certificate_bytes
     algorithm = _signature_algorithm_der(stand_in)
     certificate = x509.load_der_x509_certificate(_assemble(tbs, algorithm, _sign_tbs(tbs, issuer_public_key, sign)))
-    certificate.verify_directly_issued_by(issuer or certificate)
+    verify_certificate_signature(certificate, issuer or certificate)
     return certificate
 
 

@@ -3,7 +3,8 @@
 A Payload is a cpio archive (odc, as pkgbuild writes it), compressed with gzip or, in Apple's own
 packages, with pbzx (a chunked xz stream). signbridge decompresses it itself, counting every
 byte, and hands the cpio stream to libarchive (python ``libarchive-c``) to read the entries.
-Zip and jar archives are read with the standard library.
+Zip and jar archives are read with the standard library; the file system in a disk image with
+7-Zip, after its listing was checked against the same limits.
 
 Everything is bounded: the bytes written out and the number of entries stop at
 :class:`Limits`; an entry whose path would land outside the destination is refused; symbolic
@@ -17,8 +18,10 @@ from __future__ import annotations
 import io
 import lzma
 import os
+import shutil
 import stat
 import struct
+import subprocess
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -258,3 +261,40 @@ def _counted(member: BinaryIO, budget: _Budget) -> Iterator[bytes]:
     while data := member.read(_CHUNK):
         budget.spend(len(data))
         yield data
+
+
+def _seven_zip() -> str:
+    found = shutil.which("7zz") or shutil.which("7z")
+    if found is None:
+        raise PayloadError("reading the files in a disk image needs 7-Zip (the Debian package 7zip)")
+    return found
+
+
+def extract_disk_image(path: Path, destination: Path, limits: Limits, name: str) -> int:
+    """Extract the files of a disk image's file system (HFS+, APFS, FAT) with 7-Zip, after checking
+    its listing against the limits and the paths; extended attributes are not extracted."""
+    destination = destination.resolve()
+    seven = _seven_zip()
+    listing = subprocess.run(
+        [seven, "l", "-slt", "-ba", "-sns-", str(path)], capture_output=True, text=True, timeout=600, check=False
+    )
+    if listing.returncode != 0:
+        raise PayloadError(f"{name}: 7-Zip cannot read the disk image's file system ({listing.stderr.strip()[:200]})")
+    budget = _Budget(limits, name)
+    files = 0
+    for block in listing.stdout.split("\n\n"):
+        fields = dict(line.split(" = ", 1) for line in block.splitlines() if " = " in line)
+        if "Path" not in fields or fields.get("Alternate Stream") == "+":
+            continue
+        budget.entry()
+        _safe_target(destination, fields["Path"], name)
+        if fields.get("Folder") != "+":
+            files += 1
+            budget.spend(int(fields.get("Size") or 0))
+    extracted = subprocess.run(
+        [seven, "x", "-snl", "-sns-", "-y", f"-o{destination}", str(path)],
+        capture_output=True, text=True, timeout=3600, check=False,
+    )
+    if extracted.returncode != 0:
+        raise PayloadError(f"{name}: 7-Zip could not extract the disk image ({extracted.stderr.strip()[:200]})")
+    return files

@@ -13,10 +13,11 @@ The notary's other rules are read from each slice's signature.
 from __future__ import annotations
 
 import contextlib
+import os
 import plistlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,11 +25,13 @@ from typing import Any
 
 from cryptography import x509
 
-from ...errors import UsageError
 from .. import cms
 from ..blobs import CodeSignatureFormatError
 from ..codedirectory import CodeDirectoryFlags, HashType
 from ..detached import read_detached_signature
+from ..dmg.udif import DiskImageError, looks_like_disk_image, read_layout
+from ..dmg.udif import read_signature as read_disk_image_signature
+from ..dmg.verify import verify_disk_image
 from ..embedded_signature import EmbeddedSignature, read_signature
 from ..macho import MH_EXECUTE, MH_KEXT_BUNDLE, MachO, MachOError, parse_file
 from ..pkgverify import PackageStatus, verify_package
@@ -45,7 +48,7 @@ from ..verify import (
 )
 from ..xar import XarArchive, XarError
 from .errors import PayloadError
-from .payload import Limits, extract_cpio, extract_zip
+from .payload import Limits, extract_cpio, extract_disk_image, extract_zip
 
 NOT_SIGNED = "The binary is not signed."
 INVALID = "The signature of the binary is invalid."
@@ -159,19 +162,16 @@ class Preflight:
                 self._tree(path)
             return
         head = _head(path)
-        if _is_disk_image(path):
-            raise UsageError(
-                f"{path}: disk images cannot be pre-flighted yet (signbridge does not read DMG signatures); "
-                "check the app before it goes into the image, or submit with --no-preflight"
-            )
-        if head[:4] == b"xar!":
+        if looks_like_disk_image(path):
+            self._disk_image(path)
+        elif head[:4] == b"xar!":
             self._package(path)
         elif head[:4] == b"PK\x03\x04":
             self._zip(path)
         elif _is_macho(path, head):
             self._loose_macho(path)
         elif top:
-            self._add(path, "The file is not an app, a package, a disk image signbridge can read, or a zip of one.")
+            self._add(path, "The file is not an app, a package, a disk image, a zip of one, or Mach-O code.")
 
     def _tree(self, directory: Path, *, skip: frozenset[Path] = frozenset(), inside_bundle: bool = False) -> None:
         for entry in sorted(directory.iterdir()):
@@ -190,6 +190,8 @@ class Preflight:
                 self._zip(entry)
             elif head[:4] == b"xar!":
                 self._package(entry)
+            elif entry.suffix.lower() == ".dmg" and looks_like_disk_image(entry):
+                self._disk_image(entry)
 
     # --- code ----------------------------------------------------------------------------------
 
@@ -270,9 +272,13 @@ class Preflight:
     # --- containers ----------------------------------------------------------------------------
 
     def _zip(self, path: Path) -> None:
+        self._contents(path, extract_zip)
+
+    def _contents(self, path: Path, extract: Callable[[Path, Path, Limits, str], int]) -> None:
+        """Extract an archive or image into the scratch space, within the limits, and walk it."""
         destination = self._scratch(path.name)
         try:
-            extract_zip(path, destination, self.limits, self._show(path))
+            extract(path, destination, self.limits, self._show(path))
         except PayloadError as exc:
             self._add(path, UNREADABLE, str(exc))
             return
@@ -297,6 +303,36 @@ class Preflight:
             self._add(path, PACKAGE_INVALID, "; ".join(verdict.problems) or verdict.status_text)
             return
         self._payloads(path)
+
+    def _disk_image(self, path: Path) -> None:
+        """The image's own signature (optional for the notary, but then Developer ID and
+        timestamped), then every piece of code in its file system."""
+        try:
+            verify_disk_image(path, self._options)
+        except CodeVerificationError as error:
+            # an unsigned image is accepted by the notary: only what is inside counts then
+            if error.status in _TRUST_STATUSES:
+                self._add(path, NOT_DEVELOPER_ID, error.detail)
+            elif not isinstance(error, NotSignedError):
+                self._add(path, INVALID, error.detail or error.status)
+        self._disk_image_rules(path)
+        self._contents(path, extract_disk_image)
+
+    def _disk_image_rules(self, path: Path) -> None:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            self._add(path, UNREADABLE, str(exc))
+            return
+        try:
+            read = read_disk_image_signature(read_layout(path, descriptor), descriptor)
+            if read is not None and read.signature is not None:
+                found = _signature_rules(read.signature, None)
+                self._add_in_order(path, [m for m in found if m != NOT_SIGNED])
+        except (DiskImageError, CodeSignatureFormatError, cms.CmsFormatError, ValueError) as exc:
+            self._add(path, INVALID, str(exc))
+        finally:
+            os.close(descriptor)
 
     def _payloads(self, path: Path) -> None:
         try:
@@ -376,16 +412,6 @@ def _not_code(path: Path) -> bool:
     except (OSError, MachOError):
         return False
     return all(macho.filetype in _NOT_CODE_FILE_TYPES for macho in parsed.slices)
-
-
-def _is_disk_image(path: Path) -> bool:
-    """A UDIF disk image: a 512-byte trailer that starts with 'koly' ends the file."""
-    try:
-        with path.open("rb") as stream:
-            stream.seek(-512, 2)
-            return stream.read(4) == b"koly"
-    except OSError:
-        return False
 
 
 def _is_macho(path: Path, head: bytes) -> bool:

@@ -6,7 +6,9 @@ recognizes the path wins; a new format appends its opener):
 - a bundle (``.app``, a framework...): the ticket is the file ``Contents/CodeResources``, looked
   up by the main executable's CodeDirectory hash;
 - a flat package: the ticket follows the xar archive between two ``t8lr`` markers, looked up by
-  the TOC checksum.
+  the TOC checksum;
+- a disk image: the ticket is slot 0x10002 of the image's code signature, looked up by its
+  CodeDirectory hash.
 
 :func:`staple` computes the lookup record, fetches the ticket (or takes one given as bytes, the
 same path from there on), checks that it parses and covers the file, and writes it with a
@@ -26,8 +28,11 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from ..blobs import CodeSignatureFormatError
+from ..blobs import CodeSignatureFormatError, Magic, Slot, decode_superblob, encode_blob, encode_superblob
 from ..bundle import Bundle, BundleError, atomic_write
+from ..codesign import StagedFile
+from ..dmg.udif import DiskImage, DiskImageError, DiskImageSignature, looks_like_disk_image, read_layout
+from ..dmg.udif import read_signature as read_disk_image_signature
 from ..embedded_signature import read_signature
 from ..macho import MachOError, parse_file
 from ..signed_code import preferred_directory, preferred_slice
@@ -168,20 +173,75 @@ def _open_package(path: Path) -> Stapleable | None:
         raise StapleError(str(exc)) from None
 
 
-def _refuse_disk_image(path: Path) -> Stapleable | None:
-    """Until signbridge reads DMG signatures: a disk image is named, not mistaken for something else."""
-    try:
-        with path.open("rb") as stream:
-            stream.seek(-512, os.SEEK_END)
-            is_disk_image = stream.read(4) == b"koly"
-    except OSError:
-        return None
-    if is_disk_image:
-        raise StapleError(f"{path.name}: stapling disk images (slot 0x10002 of the DMG's signature) is not supported yet")
-    return None
+@dataclass
+class DiskImageTarget:
+    """A UDIF image: the ticket is a BlobWrapper in slot 0x10002 of the image's SuperBlob, which is
+    re-laid (the other blobs unchanged, in their order) with the trailer's signature length."""
+
+    path: Path
+    kind: str = "disk image"
+
+    def _read(self) -> tuple[DiskImage, DiskImageSignature | None]:
+        try:
+            descriptor = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise StapleError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        try:
+            image = read_layout(self.path, descriptor)
+            return image, read_disk_image_signature(image, descriptor)
+        except (DiskImageError, CodeSignatureFormatError) as exc:
+            raise StapleError(f"{self.path.name}: {exc}") from None
+        finally:
+            os.close(descriptor)
+
+    def digests(self) -> list[tuple[int, bytes]]:
+        _image, read = self._read()
+        if read is None or read.signature is None:
+            raise StapleError(
+                f"{self.path.name} is not signed; sign the disk image (codesign -s ...) before stapling"
+            )
+        directory = preferred_directory(read.signature.code_directories)
+        return [(int(directory.hash_type), directory.cdhash())]
+
+    def read_ticket(self) -> bytes | None:
+        _image, read = self._read()
+        return read.ticket if read is not None else None
+
+    def _rewrite(self, ticket: bytes | None) -> None:
+        image, read = self._read()
+        if read is None:
+            raise StapleError(f"{self.path.name} is not signed; sign the disk image before stapling")
+        superblob = decode_superblob(read.raw, Magic.EMBEDDED_SIGNATURE)
+        entries = [(slot, data) for slot in superblob.slots() if slot != Slot.TICKET and (data := superblob.get(slot))]
+        if ticket is not None:
+            entries.append((int(Slot.TICKET), encode_blob(Magic.BLOB_WRAPPER, ticket)))
+        relaid = encode_superblob(Magic.EMBEDDED_SIGNATURE, entries)
+        start = image.trailer.signature_offset
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            with StagedFile(self.path) as staged:
+                staged.copy(descriptor, 0, start, 0)
+                staged.write(relaid, start)
+                staged.write(image.trailer.with_signature(start, len(relaid)), start + len(relaid))
+                staged.commit(start + len(relaid) + len(image.trailer.raw))
+        finally:
+            os.close(descriptor)
+
+    def write_ticket(self, ticket: bytes) -> None:
+        self._rewrite(ticket)
+
+    def remove_ticket(self) -> bool:
+        if self.read_ticket() is None:
+            return False
+        self._rewrite(None)
+        return True
 
 
-FORMATS: list[Callable[[Path], Stapleable | None]] = [_open_bundle, _open_package, _refuse_disk_image]
+def _open_disk_image(path: Path) -> Stapleable | None:
+    return DiskImageTarget(path) if looks_like_disk_image(path) else None
+
+
+FORMATS: list[Callable[[Path], Stapleable | None]] = [_open_bundle, _open_package, _open_disk_image]
 
 
 def open_stapleable(path: str | os.PathLike[str]) -> Stapleable:
@@ -193,7 +253,7 @@ def open_stapleable(path: str | os.PathLike[str]) -> Stapleable:
         if found is not None:
             return found
     raise StapleError(
-        f"{target.name}: stapling is supported for apps and other bundles and for flat packages"
+        f"{target.name}: stapling is supported for apps and other bundles, disk images and flat packages"
     )
 
 
