@@ -214,15 +214,16 @@ class CodesignOptions:
     signing_time: datetime | None = None
 
 
-def notarization_warnings(identity: Identity | None, options: CodesignOptions) -> list[str]:
-    """What a Developer ID signature made with ``options`` lacks for notarization (one line each)."""
+def notarization_warnings(identity: Identity | None, options: CodesignOptions, *, executable: bool = True) -> list[str]:
+    """What a Developer ID signature made with ``options`` lacks for notarization (one line each);
+    the hardened runtime concerns code (``executable``), not disk images."""
     if identity is None or classify_certificate(identity.certificate) is not CertificateKind.DEVELOPER_ID_APPLICATION:
         return []
     found = []
     if options.timestamp_url is None and options.timestamp is None:
         found.append("signing with a Developer ID identity without --timestamp: the notary service will reject it "
                      "(The signature does not include a secure timestamp.)")
-    if not options.flags & CodeDirectoryFlags.RUNTIME:
+    if executable and not options.flags & CodeDirectoryFlags.RUNTIME:
         found.append("signing with a Developer ID identity without --options runtime: the notary service will reject "
                      "executables (The executable does not have the hardened runtime enabled.)")
     return found

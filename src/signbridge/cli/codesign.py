@@ -415,10 +415,7 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
         return EXIT_FAILURE
     reporter = CliReporter(terminal)
     status = EXIT_SUCCESS
-    warnings = engine.notarization_warnings(identity, options)
     for path in arguments.paths:
-        for warning in warnings:
-            terminal.error(f"{path}: warning: {warning}")
         try:
             if looks_like_disk_image(path):
                 signed = sign_disk_image(path, identity, options, reporter)
@@ -429,6 +426,8 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
         except (SignbridgeError, MachOError) as exc:
             terminal.error(f"{path}: {exc}")
         else:
+            for warning in engine.notarization_warnings(identity, options, executable=not looks_like_disk_image(path)):
+                terminal.error(f"{path}: warning: {warning}")
             terminal.note(1, f"{path}: signed {signed.format} [{signed.identifier}]")
             continue
         status = EXIT_FAILURE
