@@ -22,6 +22,10 @@ def test_demo_runs_and_reports_each_step(tmp_path) -> None:
         "3 valid identities found",
         "openssl dgst -verify with the certificate's public key: Verified OK",
         "token signbridge-demo stopped",
+        "jar signed.",
+        'jarsigner -verify -strict: - Signed by "C=US, O=Demo Corp, OU=DEMOTEAM01, CN=Developer ID Application: Demo Corp (DEMOTEAM01)',
+        'jarsigner -verify -strict: Timestamped by "C=US, O=Demo Corp, CN=Demo Corp Timestamp Authority"',
+        "jarsigner -verify -strict: jar verified.",
         "MyApp.app: signed app bundle with Mach-O universal (x86_64 arm64) [com.democorp.MyApp]",
         "MyApp.app: valid on disk",
         "MyApp.app: satisfies its Designated Requirement",
@@ -31,7 +35,7 @@ def test_demo_runs_and_reports_each_step(tmp_path) -> None:
         "Wrote signed product archive to MyApp-signed.pkg",
         'Status: signed by a certificate trusted by "Demo Corp Root CA"',
         "Signed with a trusted timestamp on:",
-        "audit log intact: 10 records, chain verified",
+        "audit log intact: 11 records, chain verified",
         "Done:",
     ):
         assert expected in out, (expected, out)
