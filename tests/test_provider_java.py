@@ -22,21 +22,20 @@ from conftest import require_file, require_tool, run
 from providerkit import CLIENT_MODULE, PROXY_MODULE, Provider, audit_records, last_audit_seq
 from servicekit import DemoService, demo_service
 from signbridge import jarsigning
-from signbridge.token import registry
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @dataclass
-class Served:
-    service: DemoService
-    provider: Provider
-    record: registry.TokenRecord
+class JavaServed:
+    """The demo service, and its token as SunPKCS11 sees it."""
+
     java: jarsigning.JavaToken
+    service: DemoService
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JavaServed]:
     for tool in ("keytool", "jarsigner", "openssl", "pkcs11-tool"):
         require_tool(tool)
     require_file(CLIENT_MODULE, "p11-kit-modules")
@@ -45,9 +44,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         provider = Provider.for_service(service)
         try:
             provider.start("--name", "sbjava")
-            record = provider.record()
-            java = jarsigning.JavaToken.write(tmp_path_factory.mktemp("java"), "sbjava", record.socket)
-            yield Served(service, provider, record, java)
+            java = jarsigning.JavaToken.write(tmp_path_factory.mktemp("java"), "sbjava", provider.record().socket)
+            yield JavaServed(java, service)
         finally:
             provider.cleanup()
 
@@ -56,7 +54,7 @@ def _entries(listing: str) -> dict[str, str]:
     return dict(re.findall(r"^(\S+), (\w+Entry),", listing, re.MULTILINE))
 
 
-def test_keytool_lists_the_identities_through_the_client_module(served: Served) -> None:
+def test_keytool_lists_the_identities_through_the_client_module(served: JavaServed) -> None:
     out = jarsigning.run_java_tool(["keytool", "-list", *served.java.keystore_args()], env=served.java.env())
     assert "Keystore type: PKCS11" in out and "Keystore provider: SunPKCS11-sbjava" in out
     assert _entries(out) == {
@@ -66,7 +64,7 @@ def test_keytool_lists_the_identities_through_the_client_module(served: Served) 
     }
 
 
-def test_keytool_finds_the_token_through_the_p11kit_proxy(served: Served, tmp_path: Path) -> None:
+def test_keytool_finds_the_token_through_the_p11kit_proxy(served: JavaServed, tmp_path: Path) -> None:
     # The proxy numbers the slots of every registered module; pick ours by its label.
     slots = run(["pkcs11-tool", "--module", PROXY_MODULE, "-L"], text=True).stdout
     found = re.search(r"^Slot \d+ \((0x[0-9a-f]+)\):.*\n\s+token label\s+:\s+sbjava\s*$", slots, re.MULTILINE)
@@ -79,7 +77,7 @@ def test_keytool_finds_the_token_through_the_p11kit_proxy(served: Served, tmp_pa
     assert _entries(out)["demo/release-signing"] == "PrivateKeyEntry"
 
 
-def test_jarsigner_signs_through_the_token_and_the_jar_verifies(served: Served, tmp_path: Path) -> None:
+def test_jarsigner_signs_through_the_token_and_the_jar_verifies(served: JavaServed, tmp_path: Path) -> None:
     jar = jarsigning.write_sample_jar(tmp_path / "app.jar", {"com/example/App.txt": b"hello\n", "data/blob.bin": bytes(range(256))})
     original = jar.read_bytes()
     signed = tmp_path / "app-signed.jar"
