@@ -54,7 +54,7 @@ def test_metrics_across_workers_json_logs_and_a_separate_address(tmp_path: Path)
     with demo_service(tmp_path, workers=2, run_args=run_args) as svc:
         operations = f"http://127.0.0.1:{metrics_port}/Api"
         ready = httpx.get(f"{operations}/readyz", timeout=10)
-        assert ready.status_code == 200 and ready.json() == {"status": "ready", "checks": {"database": "ok", "keystore": "ok"}}
+        assert ready.status_code == 200 and ready.json() == {"status": "ready", "checks": {"database": "ok", "keystore": "ok", "api": "ok"}}
         # On the API's own address there are neither metrics nor readiness once they have their own.
         assert httpx.get(f"{svc.api_url}/metrics").status_code == 404
         assert httpx.get(f"{svc.api_url}/readyz").status_code == 404

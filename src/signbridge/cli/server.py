@@ -122,7 +122,7 @@ def init(
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: every log line is a JSON object (access lines included); no token or PIN is ever logged.")
 @click.option("--audit-log", is_flag=True, help="Also log each signing attempt once its audit record is committed.")
-@click.option("--metrics-address", metavar="HOST:PORT",
+@click.option("--metrics-address", metavar="HOST:PORT", envvar="SIGNBRIDGE_METRICS_ADDRESS",
               help="Serve /Api/metrics and /Api/readyz on this address instead of the API's.")
 def run(
     data_dir: Path,
@@ -165,8 +165,10 @@ def run(
 
         operations = None
         if operations_address is not None:
+            local = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
             operations = OperationsServer(
-                operations_address, lambda: open_data_dir(data_dir, database_url=database_url)
+                operations_address, lambda: open_data_dir(data_dir, database_url=database_url),
+                f"{'https' if tls_cert else 'http'}://{local}:{port}/Api/healthz",
             ).start()
             click.echo(f"signbridge metrics and readiness: {operations.url}/metrics, {operations.url}/readyz", err=True)
         scheme = "https" if tls_cert else "http"

@@ -15,6 +15,8 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import httpx
+
 from ..errors import ConfigError
 from . import metrics
 from .datadir import DataDir
@@ -37,8 +39,9 @@ class _QuietHandler(WSGIRequestHandler):
 class OperationsApp:
     """GET /Api/metrics, /Api/readyz and /Api/healthz (paths case-insensitive, as the API's)."""
 
-    def __init__(self, open_store: Callable[[], DataDir]) -> None:
+    def __init__(self, open_store: Callable[[], DataDir], api_health_url: str) -> None:
         self._open_store = open_store
+        self._api_health_url = api_health_url
         self._store: DataDir | None = None
         self._lock = threading.Lock()
 
@@ -59,9 +62,19 @@ class OperationsApp:
         if path == "/api/readyz":
             store = self.store()
             readiness = check_readiness(store.engine, store.keystore)
+            readiness.checks["api"] = self._api_answers()
             status = "200 OK" if readiness.ready else "503 Service Unavailable"
             return _reply(start_response, status, "application/json", json.dumps(readiness.body()).encode())
         return _reply(start_response, "404 Not Found", "text/plain", b"There is no such route.\n")
+
+    def _api_answers(self) -> str:
+        """Whether the API's own address serves yet (the workers start after this listener). Only
+        this machine's service is asked, so its certificate is not checked."""
+        try:
+            response = httpx.get(self._api_health_url, timeout=5.0, verify=False)
+        except httpx.HTTPError as exc:
+            return f"unavailable: {exc or type(exc).__name__}"
+        return "ok" if response.status_code == 200 else f"unavailable: HTTP {response.status_code}"
 
     def close(self) -> None:
         with self._lock:
@@ -78,8 +91,8 @@ def _reply(start_response: StartResponse, status: str, content_type: str, body: 
 class OperationsServer:
     """The listener in a daemon thread; :meth:`close` stops it."""
 
-    def __init__(self, address: tuple[str, int], open_store: Callable[[], DataDir]) -> None:
-        self.app = OperationsApp(open_store)
+    def __init__(self, address: tuple[str, int], open_store: Callable[[], DataDir], api_health_url: str) -> None:
+        self.app = OperationsApp(open_store, api_health_url)
         try:
             self._server = make_server(address[0], address[1], self.app, server_class=_ThreadingServer,
                                        handler_class=_QuietHandler)
