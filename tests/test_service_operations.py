@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from postgreskit import postgres_instance
 from servicekit import demo_service
+from signbridge.server.jsonlog import JsonLinesFormatter
 from signbridge.server.process import free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -143,3 +145,16 @@ def test_readiness_fails_while_the_database_is_unavailable(tmp_path: Path) -> No
         database.start()
         again = httpx.get(f"{svc.api_url}/readyz", timeout=15)
         assert again.status_code == 200, again.text
+
+
+def test_json_lines_never_carry_credentials() -> None:
+    record = logging.LogRecord(
+        "signbridge.server", logging.ERROR, __file__, 1,
+        "refused Authorization: Bearer abc.DEF-123 for pkcs11:object=k;pin-value=1234 at %s",
+        ("postgresql://signbridge:s3cret@db/signbridge",), None,
+    )  # fmt: skip
+    record.fields = {"event": "x", "route": "signhash"}
+    line = json.loads(JsonLinesFormatter().format(record))
+    assert line["level"] == "error" and line["logger"] == "signbridge.server" and line["route"] == "signhash"
+    assert "abc.DEF-123" not in line["message"] and "1234" not in line["message"] and "s3cret" not in line["message"]
+    assert "Bearer ***" in line["message"] and "pin-value=***" in line["message"] and "signbridge:***@db" in line["message"]
