@@ -148,16 +148,14 @@ def run(
     store.close()
     if not tls_cert and not is_loopback_host(host):
         click.echo(f"signbridge: warning: serving plain HTTP on {host}; use --tls-cert/--tls-key", err=True)
-    os.environ["SIGNBRIDGE_DATA_DIR"] = str(data_dir.resolve())
-    if database_url:
-        os.environ["SIGNBRIDGE_DATABASE_URL"] = database_url
     json_lines = log_format == "json"
-    for name, value in {"SIGNBRIDGE_ACCESS_LOG": "json" if json_lines and access_log else None,
-                        "SIGNBRIDGE_AUDIT_LOG": "1" if audit_log else None, "SIGNBRIDGE_METRICS_ADDRESS": metrics_address}.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    _tell_workers({
+        "SIGNBRIDGE_DATA_DIR": str(data_dir.resolve()),
+        "SIGNBRIDGE_DATABASE_URL": database_url or os.environ.get("SIGNBRIDGE_DATABASE_URL"),
+        "SIGNBRIDGE_ACCESS_LOG": "json" if json_lines and access_log else None,
+        "SIGNBRIDGE_AUDIT_LOG": "1" if audit_log else None,
+        "SIGNBRIDGE_METRICS_ADDRESS": metrics_address,
+    })
     with _metrics_directory(data_dir.resolve()):
         from ..server.httpprotocol import HttpProtocol
         from ..server.jsonlog import uvicorn_log_config
@@ -193,6 +191,15 @@ def run(
         finally:
             if operations is not None:
                 operations.close()
+
+
+def _tell_workers(settings: dict[str, str | None]) -> None:
+    """uvicorn's workers build the app from the environment (``create_app_from_env``)."""
+    for name, value in settings.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @contextlib.contextmanager

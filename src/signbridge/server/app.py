@@ -75,14 +75,6 @@ class RunOptions:
             operations_routes=os.environ.get("SIGNBRIDGE_METRICS_ADDRESS") is None,
         )
 
-    def to_env(self) -> dict[str, str]:
-        env = {}
-        if self.access_log:
-            env["SIGNBRIDGE_ACCESS_LOG"] = "json"
-        if self.audit_log:
-            env["SIGNBRIDGE_AUDIT_LOG"] = "1"
-        return env
-
 Parse = Callable[[], tuple[Any, Callable[[Any], dict]]]
 """Turns a request read off the wire into (HashSigningRequest, echo); raises Problem."""
 
@@ -372,7 +364,7 @@ class Api:
                                 status_code=503)
         return JSONResponse(readiness.body(), status_code=200 if readiness.ready else 503)
 
-    async def metrics(self, _request: Request) -> Response:
+    async def prometheus_metrics(self, _request: Request) -> Response:
         body = await run_in_threadpool(metrics.exposition)
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
@@ -437,7 +429,7 @@ class ServiceApp:
             await self.starlette(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = 499  # until a response starts: the client went away first
 
         async def send_noting_status(message: Message) -> None:
             nonlocal status
@@ -499,7 +491,7 @@ def create_app(settings: ServerSettings, options: RunOptions | None = None) -> A
     org = "/api/v1/{organization_id}"
     operations = [
         Route("/api/readyz", api.readyz, methods=["GET"]),
-        Route("/api/metrics", api.metrics, methods=["GET"]),
+        Route("/api/metrics", api.prometheus_metrics, methods=["GET"]),
     ] if api.options.operations_routes else []
     routes = [
         Route("/api/healthz", api.healthz, methods=["GET"]),
