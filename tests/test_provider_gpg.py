@@ -1,8 +1,8 @@
 """GnuPG through the token: gpg-agent runs gnupg-pkcs11-scd as its smart-card daemon, which loads
 p11-kit's client module and finds the token's certificates and keys. An OpenPGP key is made from
-the token's release-signing key (gpg's "existing key" by keygrip), and then gpg --detach-sign and
-rpmsign sign with it; gpg (in a keyring that holds only the exported public key) and rpm's own
-verifier (rpmkeys) check the signatures.
+the token's release-signing key (gpg's "existing key" by keygrip), and then gpg --detach-sign,
+rpmsign and debsigs sign with it; gpg (in a keyring that holds only the exported public key), rpm's
+own verifier (rpmkeys) and debsig-verify check the signatures.
 """
 
 from __future__ import annotations
@@ -190,3 +190,56 @@ def test_rpmsign_signs_an_rpm_that_rpm_verifies(served: GpgServed, tmp_path: Pat
     short_id = served.fingerprint[-8:].lower()
     assert re.search(rf"Header V4 RSA/SHA(256|512) Signature, key ID {short_id}: OK", checked), checked
     assert "Payload SHA256 digest: OK" in checked
+
+
+POLICY = """<?xml version="1.0"?>
+<!DOCTYPE Policy SYSTEM "https://www.debian.org/debsig/1.0/policy.dtd">
+<Policy xmlns="https://www.debian.org/debsig/1.0/">
+  <Origin Name="Demo Corp" id="{keyid}" Description="Demo Corp release signing"/>
+  <Selection><Required Type="origin" File="debsig.gpg" id="{keyid}"/></Selection>
+  <Verification MinOptional="0"><Required Type="origin" File="debsig.gpg" id="{keyid}"/></Verification>
+</Policy>
+"""
+
+
+def test_debsigs_signs_a_deb_that_debsig_verify_accepts(served: GpgServed, tmp_path: Path) -> None:
+    for tool in ("dpkg-deb", "debsigs", "debsig-verify"):
+        require_tool(tool)
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: signbridge-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: Demo Corp <release@democorp.example>\n"
+        "Description: A package signed through signbridge's token\n"
+    )
+    (root / "usr" / "share" / "signbridge-hello").mkdir(parents=True)
+    (root / "usr" / "share" / "signbridge-hello" / "hello.txt").write_text("hello\n")
+    package = tmp_path / "signbridge-hello_1.0_all.deb"
+    run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(package)])
+    # debsigs runs `gpg --openpgp --detach-sign` and passes it no options: gpg.conf gives the card PIN
+    # to every gpg run, and a digest stronger than --openpgp's SHA-1 (which debsig-verify refuses).
+    pin, conf = served.gpg.home / "token.pin", served.gpg.home / "gpg.conf"
+    pin.write_text("CONFIG\n")
+    pin.chmod(0o600)
+    conf.write_text(f"pinentry-mode loopback\npassphrase-file {pin}\npersonal-digest-preferences SHA512 SHA256\n")
+    try:
+        run(["debsigs", "--sign=origin", f"--default-key={served.fingerprint}", str(package)], env=served.gpg.env())
+    finally:
+        conf.unlink()
+        pin.unlink()
+    listed = run(["debsigs", "--list", str(package)], env=served.gpg.env(), text=True).stdout
+    assert "origin" in listed
+
+    keyid = served.fingerprint[-16:]
+    policies, keyrings = tmp_path / "policies" / keyid, tmp_path / "keyrings" / keyid
+    policies.mkdir(parents=True)
+    keyrings.mkdir(parents=True)
+    (policies / "demo.pol").write_text(POLICY.format(keyid=keyid))
+    served.gpg("--batch", "--output", str(keyrings / "debsig.gpg"), "--export", served.fingerprint)
+    verify = ["debsig-verify", "--policies-dir", str(tmp_path / "policies"), "--keyrings-dir", str(tmp_path / "keyrings")]
+    good = subprocess.run([*verify, str(package)], capture_output=True, text=True)
+    assert good.returncode == 0 and "Verified package from 'Demo Corp release signing' (Demo Corp)" in good.stdout, good
+
+    unsigned = tmp_path / "unsigned.deb"
+    run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(unsigned)])
+    refused = subprocess.run([*verify, str(unsigned)], capture_output=True, text=True)
+    assert refused.returncode != 0
