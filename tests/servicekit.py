@@ -97,12 +97,16 @@ class DemoService:
 @contextmanager
 def demo_service(
     directory: Path, *, init_args: tuple[str, ...] = (), env: dict[str, str] | None = None, workers: int = 1,
-    database_url: str | None = None,
+    database_url: str | None = None, run_args: tuple[str, ...] = (), settings: dict | None = None,
 ) -> Iterator[DemoService]:
+    """``settings``: values written into the data directory's server.json before the service starts."""
     data_dir = directory / "data"
     extra = (*init_args, *(("--database-url", database_url) if database_url else ()))
     info = init_demo(data_dir, *extra, env=env)
-    process = ServiceProcess(data_dir, workers=workers, extra_env=env or {}, database_url=database_url)
+    if settings:
+        path = data_dir / "server.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    process = ServiceProcess(data_dir, workers=workers, extra_env=env or {}, database_url=database_url, extra_args=run_args)
     with process:
         yield DemoService(data_dir, info, process)
 

@@ -179,3 +179,21 @@ def test_tls(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_data_dir_after_the_subcommand(tmp_path: Path) -> None:
+    """`--data-dir` and `--database-url` work after the subcommand too; the group's default directory
+    (here one that does not exist) is never opened when a subcommand names another."""
+    data_dir = tmp_path / "data"
+    signbridge("server", "init", "--data-dir", str(data_dir))
+    env = {"SIGNBRIDGE_DATA_DIR": str(tmp_path / "not-a-data-dir")}
+    created = signbridge("admin", "org", "create", "Example", "--data-dir", str(data_dir), env=env)
+    assert "Created organization 'Example'" in created.stdout
+    verified = signbridge("admin", "audit", "verify", "--data-dir", str(data_dir), env=env)
+    assert verified.stdout.splitlines()[0] == "audit log intact: 0 records, chain verified"
+    url = f"sqlite:///{data_dir / 'signbridge.db'}"
+    listed = signbridge("admin", "--data-dir", str(tmp_path / "elsewhere"), "org", "list", "--json",
+                        "--data-dir", str(data_dir), "--database-url", url, env=env)
+    assert [o["name"] for o in json.loads(listed.stdout)] == ["Example"]
+    missing = signbridge("admin", "audit", "verify", env=env, check=False)
+    assert missing.returncode == 2 and "not-a-data-dir is not a signbridge data directory" in missing.stderr

@@ -23,6 +23,10 @@ def test_demo_runs_and_reports_each_step(tmp_path) -> None:
         "3 valid identities found",
         "openssl dgst -verify with the certificate's public key: Verified OK",
         "token signbridge-demo stopped",
+        "jar signed.",
+        'jarsigner -verify -strict: - Signed by "C=US, O=Demo Corp, OU=DEMOTEAM01, CN=Developer ID Application: Demo Corp (DEMOTEAM01)',
+        'jarsigner -verify -strict: Timestamped by "C=US, O=Demo Corp, CN=Demo Corp Timestamp Authority"',
+        "jarsigner -verify -strict: jar verified.",
         "MyApp.app: signed app bundle with Mach-O universal (x86_64 arm64) [com.democorp.MyApp]",
         "MyApp.app: valid on disk",
         "MyApp.app: satisfies its Designated Requirement",
@@ -40,7 +44,7 @@ def test_demo_runs_and_reports_each_step(tmp_path) -> None:
         "No problems found.",
         "Pre-flight of the disk image",
         "MyApp.dmg/MyApp/MyApp.app/Contents/Frameworks/Demo.framework: The signature of the binary is invalid.",
-        "audit log intact: 11 records, chain verified",
+        "audit log intact: 12 records, chain verified",
         "Done:",
     ):
         assert expected in out, (expected, out)

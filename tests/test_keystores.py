@@ -212,6 +212,31 @@ def test_deleted_key_is_gone(backend, stores):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_check_reaches_the_key_past_the_cache(backend, stores):
+    """Readiness: ``check`` finds the key where it is kept, even after it was used (and cached)."""
+    store = stores[backend]
+    ref = store.generate(KeySpec.EC_P256, "checked")
+    store.sign(ref, digest_request(SHA256, Scheme.ECDSA))
+    store.check(ref)
+    store.delete(ref)
+    assert "no key" in str(keystore_error(lambda: store.check(ref)))
+
+
+def test_check_notices_a_key_file_gone_while_signing_still_uses_the_cache(tmp_path):
+    store = SoftwareKeystore(tmp_path / "data")
+    try:
+        ref = store.generate(KeySpec.EC_P256, "cached")
+        request = digest_request(SHA256, Scheme.ECDSA)
+        store.sign(ref, request)
+        (key_file,) = store.keys_dir.iterdir()
+        key_file.unlink()
+        store.sign(ref, request)
+        assert "no key" in str(keystore_error(lambda: store.check(ref)))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_concurrent_signing(backend, stores, key_for):
     """8 threads x 50 signatures, RSA (PKCS#1 and PSS) and ECDSA mixed; every one must verify."""
     store = stores[backend]

@@ -49,6 +49,8 @@ def test_healthz_and_openapi(svc: DemoService) -> None:
     assert document["openapi"].startswith("3.")
     assert "/v1/{organizationId}/SigningRequests/SignHash" in document["paths"]
     assert "/v1/{organizationId}/Cryptoki/MySigningPolicies" in document["paths"]
+    assert {"/healthz", "/readyz", "/metrics"} <= set(document["paths"])
+    assert httpx.get(f"{svc.api_url}/readyz").json() == {"status": "ready", "checks": {"database": "ok", "keystore": "ok"}}
 
 
 def test_my_signing_policies_shape(svc: DemoService) -> None:
@@ -76,14 +78,15 @@ def test_chain_verifies_with_openssl(svc: DemoService, tmp_path: Path) -> None:
     assert len(chain) == 2  # intermediate, root
     (tmp_path / "leaf.pem").write_text(ssl.DER_cert_to_PEM_cert(base64.b64decode(release["certificateBytes"])))
     (tmp_path / "inter.pem").write_text(ssl.DER_cert_to_PEM_cert(chain[0]))
-    # Apple's leaf markers are critical extensions openssl does not know, as on real Developer ID certificates.
-    proc = run(["openssl", "verify", "-ignore_critical", "-CAfile", str(svc.root_pem), "-untrusted",
+    # Apple marks the leaf markers critical; the demo's are not, so that Java accepts jars they sign
+    # (and openssl verifies the chain without -ignore_critical).
+    proc = run(["openssl", "verify", "-CAfile", str(svc.root_pem), "-untrusted",
                 str(tmp_path / "inter.pem"), "-purpose", "any", str(tmp_path / "leaf.pem")])
     assert b": OK" in proc.stdout
     text = run(["openssl", "x509", "-in", str(tmp_path / "inter.pem"), "-noout", "-text"]).stdout.decode()
     assert "1.2.840.113635.100.6.2.6" in text
     leaf_text = run(["openssl", "x509", "-in", str(tmp_path / "leaf.pem"), "-noout", "-text"]).stdout.decode()
-    assert "1.2.840.113635.100.6.1.13: critical" in leaf_text
+    assert "1.2.840.113635.100.6.1.13:" in leaf_text and "1.2.840.113635.100.6.1.13: critical" not in leaf_text
     assert "Code Signing" in leaf_text
 
 

@@ -26,6 +26,7 @@ import pydmg
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from . import jarsigning
 from .api import ServiceClient
 from .apple.component import build_component_package
 from .errors import SignbridgeError
@@ -165,6 +166,23 @@ class Demo:
         out = _checked(subprocess.run(verify, capture_output=True, text=True, check=False), "openssl dgst -verify")
         self.detail(f"openssl dgst -verify with the certificate's public key: {out.strip()}")
 
+    def sign_jar(self, record: dict) -> None:
+        self.say("Signing a jar with Java's jarsigner through the token (SunPKCS11 loading p11-kit-client.so)")
+        token = jarsigning.JavaToken.write(self.workdir, TOKEN_NAME, record["socket"])
+        jar = jarsigning.write_sample_jar(self.workdir / "app.jar", {"com/democorp/app/release.txt": b"Demo Corp release\n"})
+        signed = self.workdir / "app-signed.jar"
+        assert self.service is not None
+        self.detail(f"$ jarsigner -addprovider SunPKCS11 -providerArg {token.config.name} -storetype PKCS11 -keystore NONE "
+                    f"-storepass CONFIG -tsa {self.service.api_url}/timestamp -signedjar {signed.name} {jar.name} demo/release-signing")
+        out = jarsigning.sign_jar(token, jar, signed, "demo/release-signing", tsa_url=f"{self.service.api_url}/timestamp")
+        self.detail(f"  {out.strip().splitlines()[0]}")
+        assert self.info is not None
+        trust = jarsigning.truststore(self.workdir / "demo-trust.p12", {"demo-root": Path(self.info["rootCertificate"])})
+        verified = jarsigning.verify_jar(signed, trust)
+        shown = [line.strip() for line in verified.splitlines() if line.strip().startswith(("- Signed by", "Timestamped by"))]
+        for line in [*shown, "jar verified."]:
+            self.detail(f"  jarsigner -verify -strict: {line}")
+
     # Apple's tools, through the token
 
     def build_sample_app(self) -> Path:
@@ -282,6 +300,7 @@ def run_demo(echo: Echo, *, keep: Path | None = None) -> None:
             record = demo.start_token()
             try:
                 demo.sign_through_the_token(record)
+                demo.sign_jar(record)
                 app = demo.build_sample_app()
                 demo.codesign_app(app)
                 demo.codesign_disk_image(app)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from functools import update_wrapper
 from pathlib import Path
+from typing import Any
 
 import click
 from cryptography import x509
@@ -25,9 +27,50 @@ from ..server.datadir import DataDir, open_data_dir
 from ..server.keystores import KeySpec
 from ..server.models import Organization
 from ..server.tsa import load_timestamp_authority
-from .common import data_dir_option, print_json, print_table, read_certificate_file
+from .common import F, data_dir_option, print_json, print_table, read_certificate_file
 
-pass_store = click.make_pass_decorator(DataDir)
+
+class StoreLocation:
+    """Where the data directory is. The group's options give the default; a subcommand's own
+    ``--data-dir``/``--database-url`` override it, so both orders work. Opened on first use."""
+
+    def __init__(self, data_dir: Path, database_url: str | None) -> None:
+        self.data_dir = data_dir
+        self.database_url = database_url
+        self._store: DataDir | None = None
+
+    def open(self, context: click.Context) -> DataDir:
+        if self._store is None:
+            self._store = open_data_dir(self.data_dir, database_url=self.database_url)
+            context.find_root().call_on_close(self._store.close)
+        return self._store
+
+
+def pass_store(function: F) -> F:
+    @click.pass_context
+    def wrapper(context: click.Context, /, *args: Any, **kwargs: Any) -> Any:
+        return context.invoke(function, context.find_object(StoreLocation).open(context), *args, **kwargs)
+
+    return update_wrapper(wrapper, function)  # type: ignore[return-value]
+
+
+def _override_data_dir(context: click.Context, _parameter: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        context.find_object(StoreLocation).data_dir = value
+
+
+def _override_database_url(context: click.Context, _parameter: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        context.find_object(StoreLocation).database_url = value
+
+
+def _subcommand_location_options() -> list[click.Option]:
+    return [
+        click.Option(["--data-dir"], type=click.Path(file_okay=False, path_type=Path), expose_value=False,
+                     is_eager=True, callback=_override_data_dir, help="The service's data directory."),
+        click.Option(["--database-url"], expose_value=False, is_eager=True, callback=_override_database_url,
+                     help="SQLAlchemy URL of the database (default: SQLite in the data directory)."),
+    ]
 
 
 @click.group()
@@ -35,9 +78,7 @@ pass_store = click.make_pass_decorator(DataDir)
 @click.pass_context
 def admin(context: click.Context, data_dir: Path, database_url: str | None) -> None:
     """Administer the signing service's data directory."""
-    store = open_data_dir(data_dir, database_url=database_url)
-    context.obj = store
-    context.call_on_close(store.close)
+    context.obj = StoreLocation(data_dir, database_url)
 
 
 org_option = click.option(
@@ -523,3 +564,14 @@ def audit_certificate(store: DataDir) -> None:
     if certificate is None:
         raise UsageError("this service has no checkpoint key yet; `signbridge server run` creates it")
     click.echo(_pem(certificate), nl=False)
+
+
+def _add_location_options(group: click.Group) -> None:
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _add_location_options(command)
+        else:
+            command.params.extend(_subcommand_location_options())
+
+
+_add_location_options(admin)

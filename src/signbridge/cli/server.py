@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+from uvicorn.config import LOGGING_CONFIG
 
 from ..config import is_loopback_host
 from ..errors import UsageError
@@ -15,7 +19,18 @@ from ..server.database import redact_url
 from ..server.datadir import init_data_dir, open_data_dir
 from ..server.demo_org import create_demo
 from ..server.keystores.factory import describe_keystore
+from ..token.registry import pid_alive
 from .common import data_dir_option, print_json
+
+# Read by prometheus_client when it is first imported: this module must not import it.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--metrics-address must be HOST:PORT, not {text!r}")
+    return host or "127.0.0.1", int(port)
 
 
 @click.group()
@@ -104,7 +119,12 @@ def init(
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key for HTTPS.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Worker processes.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
-@click.option("--access-log/--no-access-log", default=True, show_default=True)
+@click.option("--access-log/--no-access-log", default=True, show_default=True, help="A log line per request.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: every log line is a JSON object (access lines included); no token or PIN is ever logged.")
+@click.option("--audit-log", is_flag=True, help="Also log each signing attempt once its audit record is committed.")
+@click.option("--metrics-address", metavar="HOST:PORT", envvar="SIGNBRIDGE_METRICS_ADDRESS",
+              help="Serve /Api/metrics and /Api/readyz on this address instead of the API's.")
 @click.option(
     "--forwarded-allow-ips",
     metavar="ADDRESSES",
@@ -121,6 +141,9 @@ def run(
     workers: int,
     log_level: str,
     access_log: bool,
+    log_format: str,
+    audit_log: bool,
+    metrics_address: str | None,
     forwarded_allow_ips: str | None,
 ) -> None:
     """Run the signing service (uvicorn) until SIGTERM or Ctrl-C."""
@@ -128,6 +151,7 @@ def run(
 
     if bool(tls_cert) != bool(tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
+    operations_address = parse_address(metrics_address) if metrics_address else None
     store = open_data_dir(data_dir, database_url=database_url)  # fails early, before workers start
     settings = store.settings
     try:
@@ -139,27 +163,88 @@ def run(
         proxies = [address.strip() for address in forwarded_allow_ips.split(",") if address.strip()]
     if not tls_cert and not is_loopback_host(host):
         click.echo(f"signbridge: warning: serving plain HTTP on {host}; use --tls-cert/--tls-key", err=True)
-    os.environ["SIGNBRIDGE_DATA_DIR"] = str(data_dir.resolve())
-    if database_url:
-        os.environ["SIGNBRIDGE_DATABASE_URL"] = database_url
-    scheme = "https" if tls_cert else "http"
-    click.echo(f"signbridge service: {scheme}://{host}:{port}/Api ({workers} worker{'s' if workers > 1 else ''})", err=True)
-    from ..server.httpprotocol import ConnectionLimits, HttpProtocol
+    json_lines = log_format == "json"
+    _tell_workers({
+        "SIGNBRIDGE_DATA_DIR": str(data_dir.resolve()),
+        "SIGNBRIDGE_DATABASE_URL": database_url or os.environ.get("SIGNBRIDGE_DATABASE_URL"),
+        "SIGNBRIDGE_ACCESS_LOG": "json" if json_lines and access_log else None,
+        "SIGNBRIDGE_AUDIT_LOG": "1" if audit_log else None,
+        "SIGNBRIDGE_METRICS_ADDRESS": metrics_address,
+    })
+    with _metrics_directory(data_dir.resolve()):
+        from ..server.httpprotocol import ConnectionLimits, HttpProtocol
+        from ..server.jsonlog import uvicorn_log_config
+        from ..server.operations import OperationsServer
 
-    limits = ConnectionLimits(settings.header_timeout, settings.body_timeout, settings.max_connections_per_ip)
-    uvicorn.run(
-        "signbridge.server.app:create_app_from_env",
-        factory=True,
-        http=functools.partial(HttpProtocol, limits=limits),
-        proxy_headers=bool(proxies),
-        forwarded_allow_ips=proxies or None,
-        host=host,
-        port=port,
-        workers=workers,
-        ssl_certfile=tls_cert,
-        ssl_keyfile=tls_key,
-        log_level=log_level,
-        access_log=access_log,
-        timeout_graceful_shutdown=30,
-        server_header=False,
-    )
+        limits = ConnectionLimits(settings.header_timeout, settings.body_timeout, settings.max_connections_per_ip)
+        operations = None
+        if operations_address is not None:
+            local = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+            operations = OperationsServer(
+                operations_address, lambda: open_data_dir(data_dir, database_url=database_url),
+                f"{'https' if tls_cert else 'http'}://{local}:{port}/Api/healthz",
+            ).start()
+            click.echo(f"signbridge metrics and readiness: {operations.url}/metrics, {operations.url}/readyz", err=True)
+        scheme = "https" if tls_cert else "http"
+        click.echo(f"signbridge service: {scheme}://{host}:{port}/Api ({workers} worker{'s' if workers > 1 else ''})", err=True)
+        try:
+            uvicorn.run(
+                "signbridge.server.app:create_app_from_env",
+                factory=True,
+                http=functools.partial(HttpProtocol, limits=limits),
+                proxy_headers=bool(proxies),
+                forwarded_allow_ips=proxies or None,
+                host=host,
+                port=port,
+                workers=workers,
+                ssl_certfile=tls_cert,
+                ssl_keyfile=tls_key,
+                log_level=log_level,
+                # In JSON the app writes the access lines itself (with the route and the duration).
+                access_log=access_log and not json_lines,
+                log_config=uvicorn_log_config(json_lines, log_level) if json_lines or audit_log else LOGGING_CONFIG,
+                timeout_graceful_shutdown=30,
+                server_header=False,
+            )
+        finally:
+            if operations is not None:
+                operations.close()
+
+
+def _tell_workers(settings: dict[str, str | None]) -> None:
+    """uvicorn's workers build the app from the environment (``create_app_from_env``)."""
+    for name, value in settings.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _metrics_directory(data_dir: Path) -> Iterator[None]:
+    """prometheus_client's multiprocess directory, empty, named in the environment before any worker
+    (or this process) imports prometheus_client: ``DATA_DIR/metrics/<pid>``, removed at the end, or
+    the operator's ``PROMETHEUS_MULTIPROC_DIR``, emptied of value files first."""
+    given = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+    if given:
+        directory = Path(given)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+    else:
+        base = data_dir / "metrics"
+        base.mkdir(mode=0o700, exist_ok=True)
+        for previous in base.iterdir():
+            # Left by a service that was killed: its values must not be added to ours.
+            if previous.name.isdigit() and not pid_alive(int(previous.name)):
+                shutil.rmtree(previous, ignore_errors=True)
+        directory = base / str(os.getpid())
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(mode=0o700)
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = str(directory)
+    try:
+        yield
+    finally:
+        if not given:
+            shutil.rmtree(directory, ignore_errors=True)
+

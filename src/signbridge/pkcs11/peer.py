@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-# Options whose next argument is a secret (pkcs11-tool, p11tool, openssl, osslsigncode).
+# Options whose next argument is a secret (pkcs11-tool, p11tool, openssl, osslsigncode; jarsigner,
+# keytool; gpg, whose --passphrase is the card PIN with --pinentry-mode loopback).
 _SECRET_OPTIONS = {
     "--pin", "-p", "--so-pin", "--puk", "--new-pin", "--set-pin", "-pass", "-passin", "-passout",
+    "-storepass", "-keypass", "-srcstorepass", "-deststorepass", "--passphrase",
 }  # fmt: skip
-_SECRET_INLINE = re.compile(r"(pin-value=|--(?:so-)?pin=|--set-pin=|pass:)[^;&?\s]*", re.IGNORECASE)
+_SECRET_INLINE = re.compile(r"(pin-value=|--(?:so-)?pin=|--set-pin=|--passphrase=|pass:)[^;&?\s]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

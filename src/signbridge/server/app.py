@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +36,45 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import SignbridgeError
+from . import metrics
 from .audit import AuditEntry, AuditLog
 from .checkpoints import PURPOSE as CHECKPOINT_PURPOSE
 from .checkpoints import CheckpointSigner, write_checkpoint
 from .database import open_engine
+from .jsonlog import ACCESS_LOGGER, AUDIT_LOGGER
 from .keystores.factory import open_keystore
 from .models import Certificate
 from .openapi import openapi_document
 from .problems import PROBLEM_CONTENT_TYPE, Problem, bad_request
+from .readiness import check_readiness
 from .requests import get, parse_fast_signing_payload, parse_sign_hash
 from .service import Caller, SigningService
 from .settings import ServerSettings
 from .tsa import TimestampAuthority, load_timestamp_authority
 
 log = logging.getLogger("signbridge.server")
+access_log = logging.getLogger(ACCESS_LOGGER)
+audit_log = logging.getLogger(AUDIT_LOGGER)
 
 MAX_TIMESTAMP_QUERY = 64 * 1024
+READINESS_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How ``server run`` asked the workers to behave (passed through the environment)."""
+
+    access_log: bool = False  # a JSON access line per request, written by the app (not uvicorn)
+    audit_log: bool = False  # a log line per signing attempt, once its audit record is committed
+    operations_routes: bool = True  # /Api/metrics and /Api/readyz on the API's own address
+
+    @classmethod
+    def from_env(cls) -> RunOptions:
+        return cls(
+            access_log=os.environ.get("SIGNBRIDGE_ACCESS_LOG") == "json",
+            audit_log=os.environ.get("SIGNBRIDGE_AUDIT_LOG") == "1",
+            operations_routes=os.environ.get("SIGNBRIDGE_METRICS_ADDRESS") is None,
+        )
 
 Parse = Callable[[], tuple[Any, Callable[[Any], dict]]]
 """Turns a request read off the wire into (HashSigningRequest, echo); raises Problem."""
@@ -125,11 +150,23 @@ def _describe(entry: AuditEntry, caller: Caller | None, parsed) -> None:  # noqa
         entry.client_metadata = parsed.metadata
 
 
+def _audit_fields(entry: AuditEntry, seq: int | None) -> dict[str, Any]:
+    """An audit record as a log line: what was decided about whom, never a credential."""
+    return {
+        "event": "signing", "seq": seq, "outcome": entry.outcome, "status": entry.status,
+        "organizationId": entry.organization_id, "projectSlug": entry.project_slug, "signingPolicySlug": entry.policy_slug,
+        "algorithm": entry.algorithm, "user": entry.user_name, "signingRequestId": entry.request_id,
+        "certificateSha256": entry.certificate_sha256, "digest": entry.digest, "reason": entry.reason,
+        "remoteAddress": entry.remote_address,
+    }
+
+
 class Api:
     """The route handlers, bound to one service instance."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, options: RunOptions | None = None) -> None:
         self.settings = settings
+        self.options = options or RunOptions()
         self.service: SigningService | None = None
         self.tsa: TimestampAuthority | None = None
         self.checkpoints: CheckpointSigner | None = None
@@ -139,9 +176,10 @@ class Api:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         engine = open_engine(self.settings.database_url)
         keystore = open_keystore(self.settings.data_dir, self.settings.keystore)
-        audit = AuditLog(engine)
+        observer = metrics.ServiceObserver()
+        audit = AuditLog(engine, observer)
         self.service = SigningService(
-            engine, keystore, audit, rate_limit_per_minute=self.settings.rate_limit_per_minute
+            engine, keystore, audit, rate_limit_per_minute=self.settings.rate_limit_per_minute, observer=observer
         )
         with Session(engine) as session:
             self.tsa = load_timestamp_authority(session, keystore)
@@ -161,6 +199,7 @@ class Api:
             self.service.close()
             keystore.close()
             engine.dispose()
+            metrics.process_exited(os.getpid())
 
     def _load_checkpoint_signer(self) -> CheckpointSigner | None:
         service = self.service
@@ -187,6 +226,7 @@ class Api:
         service = self.service
         assert service is not None
         seq = await service.audit.append(entry)
+        self._audited(entry, seq)
         if seq % self.settings.audit_checkpoint_records == 0 and self.checkpoints is not None:
             task = asyncio.create_task(self._checkpoint())
             self._background.add(task)
@@ -249,6 +289,11 @@ class Api:
             await send_problem(send, Problem(503, "The audit log is unavailable; the signature was not released."))
             return
         await send_json(send, 200, body)
+
+    def _audited(self, entry: AuditEntry, seq: int) -> None:
+        metrics.count_signing_request(entry)
+        if self.options.audit_log:
+            audit_log.info("signing request %s: %s", entry.outcome, entry.status, extra={"fields": _audit_fields(entry, seq)})
 
     async def _read_signing_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         declared = headers.get(b"content-length")
@@ -334,6 +379,22 @@ class Api:
     async def healthz(self, _request: Request) -> Response:
         return PlainTextResponse("Healthy")
 
+    async def readyz(self, _request: Request) -> Response:
+        service = self.service
+        assert service is not None
+        try:
+            readiness = await asyncio.wait_for(
+                run_in_threadpool(check_readiness, service.engine, service.keystore), READINESS_TIMEOUT
+            )
+        except TimeoutError:
+            return JSONResponse({"status": "unavailable", "checks": {"timeout": f"no answer within {READINESS_TIMEOUT:g} s"}},
+                                status_code=503)
+        return JSONResponse(readiness.body(), status_code=200 if readiness.ready else 503)
+
+    async def prometheus_metrics(self, _request: Request) -> Response:
+        body = await run_in_threadpool(metrics.exposition)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
+
     async def openapi(self, _request: Request) -> Response:
         return JSONResponse(openapi_document(__version__))
 
@@ -387,26 +448,55 @@ class ServiceApp:
     """The ASGI application uvicorn runs. Paths are matched case-insensitively, as ASP.NET does (clients
     write Api, API or api; ours are declared in lower case); POSTs to the signing routes skip Starlette."""
 
-    def __init__(self, api: Api, starlette: Starlette) -> None:
+    def __init__(self, api: Api, starlette: Starlette, *, access_log: bool = False) -> None:
         self.api = api
         self.starlette = starlette
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.starlette(scope, receive, send)
             return
+        started = time.perf_counter()
+        status = 499  # until a response starts: the client went away first
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         path = scope["path"].lower()
         match = _SIGNING_PATH.fullmatch(path) if scope["method"] == "POST" else None
-        if match is None:
-            await self.starlette({**scope, "path": path}, receive, send)
-            return
-        scope["path_params"] = {"organization_id": match[1]}
-        endpoint = self.api.sign_hash if match[2] else self.api.fast_signing_request
+        route = ("signhash" if match[2] else "signingrequests") if match else metrics.route_of(path)
         try:
-            await endpoint(scope, receive, send)
-        except Exception as exc:
-            log.exception("unexpected error", exc_info=exc)
-            await send_problem(send, _UNEXPECTED)
+            if match is None:
+                await self.starlette({**scope, "path": path}, receive, send_noting_status)
+                return
+            scope["path_params"] = {"organization_id": match[1]}
+            endpoint = self.api.sign_hash if match[2] else self.api.fast_signing_request
+            try:
+                await endpoint(scope, receive, send_noting_status)
+            except Exception as exc:
+                log.exception("unexpected error", exc_info=exc)
+                await send_problem(send_noting_status, _UNEXPECTED)
+        finally:
+            seconds = time.perf_counter() - started
+            metrics.TIMERS[route].observe(status, seconds)
+            if self.access_log:
+                _log_access(scope, route, status, seconds)
+
+
+def _log_access(scope: Scope, route: str, status: int, seconds: float) -> None:
+    client = scope.get("client")
+    access_log.info(
+        "%s %s %s", scope["method"], scope["path"], status,
+        extra={"fields": {
+            "event": "access", "method": scope["method"], "path": scope["path"], "route": route, "status": status,
+            "durationMs": round(seconds * 1000, 3), "remoteAddress": client[0] if client else None,
+            "httpVersion": scope.get("http_version"),
+        }},
+    )  # fmt: skip
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
@@ -425,11 +515,16 @@ async def _server_error(_request: Request, exc: Exception) -> Response:
     return problem_response(_UNEXPECTED)
 
 
-def create_app(settings: ServerSettings) -> ASGIApp:
-    api = Api(settings)
+def create_app(settings: ServerSettings, options: RunOptions | None = None) -> ASGIApp:
+    api = Api(settings, options)
     org = "/api/v1/{organization_id}"
+    operations = [
+        Route("/api/readyz", api.readyz, methods=["GET"]),
+        Route("/api/metrics", api.prometheus_metrics, methods=["GET"]),
+    ] if api.options.operations_routes else []
     routes = [
         Route("/api/healthz", api.healthz, methods=["GET"]),
+        *operations,
         Route("/api/swagger/v1/swagger.json", api.openapi, methods=["GET"]),
         Route("/api/openapi.json", api.openapi, methods=["GET"]),
         Route(f"{org}/cryptoki/mysigningpolicies", api.my_signing_policies, methods=["GET"]),
@@ -442,10 +537,11 @@ def create_app(settings: ServerSettings) -> ASGIApp:
         lifespan=api.lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
-    return ServiceApp(api, app)
+    return ServiceApp(api, app, access_log=api.options.access_log)
 
 
 def create_app_from_env() -> ASGIApp:
     """The factory uvicorn's worker processes call: settings from ``SIGNBRIDGE_DATA_DIR``."""
     data_dir = Path(os.environ["SIGNBRIDGE_DATA_DIR"])
-    return create_app(ServerSettings.load(data_dir, database_url=os.environ.get("SIGNBRIDGE_DATABASE_URL")))
+    settings = ServerSettings.load(data_dir, database_url=os.environ.get("SIGNBRIDGE_DATABASE_URL"))
+    return create_app(settings, RunOptions.from_env())

@@ -16,8 +16,10 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 from sqlalchemy import Connection, Engine, insert, select
 
@@ -116,12 +118,29 @@ def append_batch(engine: Engine, rows: Sequence[tuple]) -> list[int]:
     return list(range(first + 1, seq + 1))
 
 
+class AuditObserver(Protocol):
+    """What the audit log reports as it works (the service's metrics)."""
+
+    def audit_queue(self, depth: int) -> None: ...
+
+    def audit_committed(self, seconds: float, ok: bool) -> None: ...
+
+
+class _Unobserved:
+    def audit_queue(self, depth: int) -> None:
+        return None
+
+    def audit_committed(self, seconds: float, ok: bool) -> None:
+        return None
+
+
 class AuditLog:
     """Appends records for the tasks of one event loop, committing whatever is waiting in one
     transaction (group commit): while one batch is being written, the next one gathers. The commits
     happen in the audit writer process (:mod:`.audit_writer`)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, observer: AuditObserver | None = None) -> None:
+        self._observer = observer or _Unobserved()
         self._pending: list[tuple[AuditEntry, asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._process = AuditWriter(engine.url.render_as_string(hide_password=False))
@@ -140,16 +159,21 @@ class AuditLog:
     async def _write_pending(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            self._observer.audit_queue(len(batch) + len(self._pending))
+            started = time.perf_counter()
             try:
                 seqs = await self._process.append([entry_row(entry) for entry, _ in batch])
             except AuditError as error:
+                self._observer.audit_committed(time.perf_counter() - started, False)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            self._observer.audit_committed(time.perf_counter() - started, True)
             for (_, future), seq in zip(batch, seqs, strict=True):
                 if not future.done():
                     future.set_result(seq)
+        self._observer.audit_queue(0)
 
     async def aclose(self) -> None:
         """Write everything appended so far, then stop the writer process."""

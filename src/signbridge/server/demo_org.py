@@ -60,7 +60,9 @@ def _leaf_extensions(eku: str, marker: str | None) -> list[pki.Extension]:
         ),
     ]
     if marker:
-        extensions.append(pki.Extension(_marker(marker), critical=True))
+        # Apple marks these critical. Java refuses a jar signer whose certificate has a critical
+        # extension it does not know, so the demo's are not: the same keys then sign jars too.
+        extensions.append(pki.Extension(_marker(marker), critical=False))
     return extensions
 
 

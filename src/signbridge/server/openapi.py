@@ -108,6 +108,23 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/healthz": {
                 "get": {"operationId": "Healthz", "security": [], "responses": {"200": {"description": "Healthy"}}}
             },
+            "/readyz": {
+                "get": {
+                    "operationId": "Readyz",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "The database and the keystore answer"},
+                        "503": {"description": "A check failed; the body names it"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "Metrics",
+                    "security": [],
+                    "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+                }
+            },
             "/v1/{organizationId}/Cryptoki/MySigningPolicies": {
                 "get": {
                     "operationId": "Cryptoki_MySigningPolicies",

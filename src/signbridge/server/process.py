@@ -33,8 +33,10 @@ class ServiceProcess:
         log_path: Path | None = None,
         extra_env: dict[str, str] | None = None,
         database_url: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
+        self.extra_args = extra_args
         self.port = port or free_port()
         self.workers = workers
         self.log_path = log_path or data_dir / "service.log"
@@ -50,7 +52,7 @@ class ServiceProcess:
         command = [
             sys.executable, "-m", "signbridge", "server", "run",
             "--data-dir", str(self.data_dir), "--port", str(self.port),
-            "--workers", str(self.workers), "--no-access-log", "--log-level", "warning",
+            "--workers", str(self.workers), "--no-access-log", "--log-level", "warning", *self.extra_args,
         ]
         if self.database_url:
             command += ["--database-url", self.database_url]

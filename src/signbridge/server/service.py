@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -69,10 +70,28 @@ class SignResult:
     signature: bytes
 
 
+class SigningObserver(Protocol):
+    """What the service reports besides its audit records (the service's metrics)."""
+
+    def rate_limited(self, organization_id: str) -> None: ...
+
+    def keystore_failed(self, backend: str) -> None: ...
+
+
+class _Unobserved:
+    def rate_limited(self, organization_id: str) -> None:
+        return None
+
+    def keystore_failed(self, backend: str) -> None:
+        return None
+
+
 class SigningService:
     def __init__(
-        self, engine: Engine, keystore: Keystore, audit: AuditLog, *, rate_limit_per_minute: int = 0
+        self, engine: Engine, keystore: Keystore, audit: AuditLog, *, rate_limit_per_minute: int = 0,
+        observer: SigningObserver | None = None,
     ) -> None:
+        self.observer = observer or _Unobserved()
         self.engine = engine
         self.keystore = keystore
         self.audit = audit
@@ -126,6 +145,7 @@ class SigningService:
         if self.rate_limiter is not None:
             retry_after = self.rate_limiter.check(caller.token_id)
             if retry_after is not None:
+                self.observer.rate_limited(caller.organization_id)
                 raise Problem(
                     429,
                     f"Too many requests with this API token; try again in {retry_after} s.",
@@ -283,6 +303,7 @@ class SigningService:
                 verify_digest_signature(key, as_der, signature)
         except (KeystoreError, SignatureError) as exc:
             log.error("signing with %s failed: %s", loaded.key_ref, exc)
+            self.observer.keystore_failed(self.keystore.backend)
             raise Problem(503, "The keystore could not sign; try again later.", audit_outcome="failed") from None
         if isinstance(key, ec.EllipticCurvePublicKey) and wanted.ecdsa_format is EcdsaFormat.IEEE:
             signature = ecdsa_der_to_ieee(signature, key.curve)

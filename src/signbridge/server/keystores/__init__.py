@@ -89,6 +89,10 @@ class Keystore(Protocol):
         ``request.ecdsa_format`` says; converting the encoding is the caller's job."""
         ...
 
+    def check(self, ref: KeyRef) -> None:
+        """Reach the key where it is kept, past any cache (readiness); raises KeystoreError."""
+        ...
+
     def delete(self, ref: KeyRef) -> None:
         ...
 

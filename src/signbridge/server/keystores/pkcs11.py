@@ -162,6 +162,17 @@ class Pkcs11Keystore:
         connection.public_keys[key_id] = key
         return key
 
+    def check(self, ref: KeyRef) -> None:
+        connection = self._open_connection()
+        key_id = self._key_id(ref)
+        try:
+            with connection.lock:
+                found = _find(connection, ObjectClass.PRIVATE_KEY, key_id)
+        except p11.PKCS11Error as exc:
+            raise KeystoreError(f"the PKCS#11 token {self.token_label!r} does not answer: {_describe(exc)}") from None
+        if found is None:
+            raise self._not_found(ref)
+
     def sign(self, ref: KeyRef, request: SignatureRequest) -> bytes:
         connection = self._open_connection()
         key_id = self._key_id(ref)

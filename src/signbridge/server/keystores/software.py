@@ -104,6 +104,10 @@ class SoftwareKeystore:
             self._cache.clear()
             self._closed = True
 
+    def check(self, ref: KeyRef) -> None:
+        self._check_open()
+        self._load(ref, self._key_id(ref))
+
     def _private_key(self, ref: KeyRef) -> SigningKey:
         self._check_open()
         key_id = self._key_id(ref)
