@@ -1,7 +1,7 @@
 """Settings of the crypto provider (``signbridge start``), read the way SignPath's providers read them.
 
 Each setting can come from the command line, the environment or a JSON config file; the command
-line wins over the environment, which wins over the file (reference/signpath.md §2.4). The file is
+line wins over the environment, which wins over the file. The file is
 ``--config``, else ``$SIGNPATH_CONFIG_FILE``, else ``config.json`` beside the installed
 ``signbridge`` program; only that last one may be absent.
 

@@ -1,6 +1,6 @@
 """Bundles: layout discovery, validation, nested code, signing order and safe replacement.
 
-Three layouts are understood (reference/apple-signing.md §3):
+Three layouts are understood:
 
 - deep: ``Foo.app/Contents/{Info.plist, MacOS/<CFBundleExecutable>, Resources/, _CodeSignature/}``,
   used by macOS applications, app extensions (``.appex``), XPC services (``.xpc``) and plug-ins;

@@ -1,6 +1,6 @@
 """Apple's certificate kinds: the OIDs that mark them and how to tell them apart.
 
-Facts from Apple's Security framework policies (reference/apple-signing.md §5): the leaf marker
+Facts from Apple's Security framework policies: the leaf marker
 extensions and extended key usages of each kind, and the intermediate markers.
 """
 

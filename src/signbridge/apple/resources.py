@@ -1,6 +1,6 @@
 """The resource seal of a bundle: ``_CodeSignature/CodeResources``.
 
-CodeResources is an XML property list with four keys (reference/apple-signing.md §3.1-3.2):
+CodeResources is an XML property list with four keys:
 
 - ``rules`` / ``rules2``: which paths (relative to the bundle's content root, ``Contents/`` or
   ``Versions/A/``) are sealed, as regular expressions with ``omit``, ``optional``, ``nested`` and

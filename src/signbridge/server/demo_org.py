@@ -1,6 +1,6 @@
 """The demo organization: a local CA hierarchy shaped like Apple's, three policies, a CI user.
 
-Certificates follow Apple's Developer ID profiles (reference/apple-signing.md §5): the leaf marker
+Certificates follow Apple's Developer ID profiles: the leaf marker
 extensions, the installer EKU, the intermediate marker, the subject layout.
 """
 
