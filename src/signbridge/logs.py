@@ -1,4 +1,4 @@
-"""Logging of the crypto provider, shaped like SignPath's (reference/signpath.md §2.4, "Logging").
+"""Logging of the crypto provider, shaped like SignPath's.
 
 Two outputs, each with its own level (``none``, ``fatal``, ``error``, ``warning``, ``info``,
 ``debug``, ``verbose``; ``none`` turns the output off):

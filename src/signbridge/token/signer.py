@@ -8,7 +8,7 @@ any other PIN is ``CKR_PIN_INCORRECT``.
 The pkcs11 server drives each consumer connection from its own thread, and calls ``check_pin``
 and the signer from it, so the credentials a connection logged in with are kept per thread.
 
-Service failures map to return values as SignPath documents (reference/signpath.md §3):
+Service failures map to return values as SignPath documents:
 transient (timeouts, 503 after every retry) -> CKR_FUNCTION_FAILED, other 5xx -> CKR_DEVICE_ERROR,
 4xx -> CKR_ARGUMENTS_BAD, anything else -> CKR_GENERAL_ERROR.
 """
