@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
@@ -38,12 +37,10 @@ from .. import __version__
 from ..errors import SignbridgeError
 from . import metrics
 from .audit import AuditEntry, AuditLog
-from .checkpoints import PURPOSE as CHECKPOINT_PURPOSE
-from .checkpoints import CheckpointSigner, write_checkpoint
+from .checkpoints import CheckpointSigner, checkpoint_row, write_checkpoint
 from .database import open_engine
 from .jsonlog import ACCESS_LOGGER, AUDIT_LOGGER
 from .keystores.factory import open_keystore
-from .models import Certificate
 from .openapi import openapi_document
 from .problems import PROBLEM_CONTENT_TYPE, Problem, bad_request
 from .readiness import check_readiness
@@ -205,7 +202,7 @@ class Api:
         service = self.service
         assert service is not None
         with Session(service.engine) as session:
-            row = session.scalars(select(Certificate).where(Certificate.purpose == CHECKPOINT_PURPOSE)).first()
+            row = checkpoint_row(session)
         return None if row is None else CheckpointSigner(row, service.keystore, self.tsa)
 
     async def _checkpoint(self) -> None:

@@ -94,9 +94,14 @@ class CheckpointError(AuditError):
 # Signing
 
 
+def checkpoint_row(session: Session) -> Certificate | None:
+    """The checkpoint key's certificate row, if the service has one."""
+    return session.scalars(select(Certificate).where(Certificate.purpose == PURPOSE).order_by(Certificate.created_at)).first()
+
+
 def ensure_checkpoint_key(session: Session, keystore: Keystore) -> Certificate:
     """The service's checkpoint certificate, generating its key in the keystore the first time."""
-    row = session.scalars(select(Certificate).where(Certificate.purpose == PURPOSE).order_by(Certificate.created_at)).first()
+    row = checkpoint_row(session)
     if row is not None:
         return row
     ref = keystore.generate(KeySpec.EC_P256, f"signbridge/{SLUG}")
@@ -122,7 +127,7 @@ def ensure_checkpoint_key(session: Session, keystore: Keystore) -> Certificate:
 def checkpoint_key_certificate(session: Session, keystore: Keystore) -> x509.Certificate | None:
     """The checkpoint certificate, once it is known to hold the keystore's checkpoint key (so that a
     certificate swapped in the database cannot vouch for forged checkpoints); None if there is none."""
-    row = session.scalars(select(Certificate).where(Certificate.purpose == PURPOSE).order_by(Certificate.created_at)).first()
+    row = checkpoint_row(session)
     if row is None:
         return None
     certificate = directory.load_x509(row)
