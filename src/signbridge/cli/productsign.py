@@ -30,6 +30,7 @@ from ..apple.codesign import resolve_timestamp_url
 from ..apple.pkgverify import PackageStatus, PackageVerdict, verify_package
 from ..apple.productsign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
 from ..apple.trust import anchors_from_environment
+from ..certificate_files import read_certificates
 from ..config import load_settings
 from ..errors import SignbridgeError
 from ..identity import Identity
@@ -113,7 +114,7 @@ def _productsign(
 ) -> None:
     settings = load_settings(cli={})
     identity = _select_identity(identity_name, tokens)
-    extra = [certificate for path in cert_files for certificate in _read_certificates(path)]
+    extra = [certificate for path in cert_files for certificate in read_certificates(path, error=_ProductsignFailure)]
     if timestamp is None and DEVELOPER_ID_INSTALLER in extension_oids(identity.certificate):
         timestamp = DEFAULT_TIMESTAMP  # Apple timestamps Developer ID signatures unless told not to
     url = resolve_timestamp_url("" if timestamp == DEFAULT_TIMESTAMP else timestamp, settings.timestamp_url)
@@ -157,19 +158,6 @@ def _select_identity(name: str, tokens: Sequence[str]) -> Identity:
             detail = str(exc).removeprefix(f"{name}: no identity found").strip()
             message += f" {detail}" if detail else ""
         raise _ProductsignFailure(message) from None
-
-
-def _read_certificates(path: Path) -> list[x509.Certificate]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _ProductsignFailure(f"cannot read the certificate file {path}: {exc.strerror or exc}") from None
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError:
-        raise _ProductsignFailure(f"{path} holds no readable PEM or DER certificate") from None
 
 
 # --- pkgutil --check-signature --------------------------------------------------------------------
