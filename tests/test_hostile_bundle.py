@@ -122,7 +122,7 @@ def test_rule_weights_must_be_finite_and_in_range(app: Path, weight: float) -> N
     with pytest.raises(CodeVerificationError) as caught:
         verify_code(app, DEEP)
     assert caught.value.status == RESOURCE_DIRECTORY_FAILED
-    assert "weights are whole numbers" in caught.value.detail
+    assert "weights are finite numbers" in caught.value.detail
 
 
 def test_rule_that_backtracks_is_evaluated_in_linear_time(app: Path) -> None:
@@ -219,6 +219,12 @@ def test_entitlements_with_control_characters_cannot_become_xml() -> None:
     assert load_entitlements(binary) == {"com.apple.dev\x01loper": True}
     with pytest.raises(EntitlementsError, match="cannot be written as an XML property list"):
         entitlements_xml(binary)
+
+
+def test_binary_entitlements_with_line_ends_become_xml_with_newlines() -> None:
+    """Found by the entitlements-xml harness: XML turns a carriage return into a newline."""
+    binary = plistlib.dumps({"com.ap\rle.team": "G43\r\nBCU"}, fmt=plistlib.FMT_BINARY)
+    assert load_entitlements(entitlements_xml(binary)) == {"com.ap\nle.team": "G43\nBCU"}
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,11 @@ CodeResources is an XML property list with four keys:
 - ``rules`` / ``rules2``: which paths (relative to the bundle's content root, ``Contents/`` or
   ``Versions/A/``) are sealed, as regular expressions with ``omit``, ``optional``, ``nested`` and
   ``weight``; the rule of highest weight that matches a path decides (an omitting rule wins a tie,
-  as Apple's seals show). signbridge writes Apple's defaults: the ``Resources/`` rules for bundles
-  with a ``Contents`` or ``Versions`` directory, the iOS-style rules (everything at the root is a
-  resource, nothing is nested code) for shallow bundles.
+  as Apple's seals show). A stored seal's rules are untrusted: :class:`RuleSet` evaluates them
+  with RE2 in linear time (POSIX syntax, bounded count, length and weight). signbridge writes
+  Apple's defaults: the ``Resources/`` rules for bundles with a ``Contents`` or ``Versions``
+  directory, the iOS-style rules (everything at the root is a resource, nothing is nested code)
+  for shallow bundles.
 - ``files`` (version 1): SHA-1 of every regular file the v1 rules select.
 - ``files2`` (version 2): per path a dict of digests (``hash`` = SHA-1, ``hash2`` = SHA-256), a
   ``{symlink: target}``, or for nested code ``{cdhash, requirement}``; ``optional`` when the rule
@@ -204,7 +206,7 @@ class ResourceRule:
             raise ResourceSealError(f"resource rule {pattern!r} has a weight that is not a number")
         if not (math.isfinite(weight) and 0 <= weight <= MAX_WEIGHT):
             raise ResourceSealError(
-                f"resource rule {pattern!r} has the weight {weight}; weights are whole numbers from 0 to {MAX_WEIGHT}"
+                f"resource rule {pattern!r} has the weight {weight}; weights are finite numbers from 0 to {MAX_WEIGHT}"
             )
         flags = 0
         for key, flag in (("omit", OMITTED), ("optional", OPTIONAL), ("nested", NESTED)):
