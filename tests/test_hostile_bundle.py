@@ -19,18 +19,22 @@ from bundlefixtures import adhoc_sign_bundle, build_myapp
 from codesignkit import codesign
 from signbridge.apple import codesign as cs
 from signbridge.apple import display
+from signbridge.apple.blobs import CodeSignatureFormatError
 from signbridge.apple.bundle import MAX_NESTING, Bundle, BundleLayoutError, InfoPlistError, sign_bundle_plan
 from signbridge.apple.entitlements import EntitlementsError, decode_der, entitlements_xml, load_entitlements
 from signbridge.apple.macho_signing import SigningOptions, sign_path
 from signbridge.apple.plist import MAX_DEPTH, PlistError, load_plist
+from signbridge.apple.requirements import MAX_EXPRESSION_DEPTH, encode_requirement, parse_requirement
 from signbridge.apple.resources import MAX_RULES, ResourceSealError, RuleSet, read_code_resources
 from signbridge.apple.verify import (
     BAD_BUNDLE,
     RESOURCE_DIRECTORY_FAILED,
     CodeVerificationError,
     NotSignedError,
+    RequirementContext,
     RequirementSyntaxError,
     VerifyOptions,
+    evaluate,
     parse_requirement_text,
     verify_code,
 )
@@ -251,6 +255,18 @@ def test_malformed_der_entitlements(der: bytes) -> None:
 def test_hostile_requirement_text_is_a_syntax_error(text: str) -> None:
     with pytest.raises(RequirementSyntaxError):
         parse_requirement_text(text)
+
+
+def test_requirement_blobs_nested_past_the_limit_are_refused_and_at_it_evaluated() -> None:
+    at_limit = parse_requirement_text(" and ".join(["always"] * MAX_EXPRESSION_DEPTH))
+    assert evaluate(at_limit, RequirementContext(identifier="x")) is True
+    blob = encode_requirement(at_limit)
+    assert parse_requirement(blob) == at_limit
+    # One more level: a NOT opcode (6) in front of the expression, the blob's length adjusted.
+    deeper = blob[:12] + (6).to_bytes(4, "big") + blob[12:]
+    deeper = deeper[:4] + len(deeper).to_bytes(4, "big") + deeper[8:]
+    with pytest.raises(CodeSignatureFormatError, match="nested too deeply"):
+        parse_requirement(deeper)
 
 
 # --- nesting ----------------------------------------------------------------------------------------
