@@ -20,7 +20,6 @@ import plistlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from xml.parsers.expat import ExpatError
 
 import httpx
 from asn1crypto import algos, cms, core
@@ -41,6 +40,7 @@ from ..signatures import (
 )
 from ..tsa import ASN1_ERRORS, TimestampToken, find_signer_certificate, parse_token, request_timestamp
 from .certificates import unique_certificates
+from .plist import load_plist
 
 ID_DATA = "1.2.840.113549.1.7.1"
 ID_SIGNED_DATA = "1.2.840.113549.1.7.2"
@@ -636,11 +636,11 @@ def _single(attributes: dict[str, list[core.Asn1Value]], oid: str, name: str, re
 
 
 def _cdhashes_from_plist(value: core.Asn1Value) -> tuple[bytes, ...]:
-    octets = core.OctetString.load(value.dump()).native
     try:
-        document = plistlib.loads(octets, fmt=plistlib.FMT_XML)
-    except (ExpatError, *ASN1_ERRORS) as exc:  # plistlib raises expat's errors and ValueErrors
-        raise CmsFormatError(f"the CDHashes attribute is not a valid XML property list ({exc})") from None
+        octets = core.OctetString.load(value.dump()).native
+    except ASN1_ERRORS as exc:
+        raise CmsFormatError(f"the CDHashes attribute is not an OCTET STRING ({exc})") from None
+    document = load_plist(octets or b"", "the CDHashes attribute", CmsFormatError)
     cdhashes = document.get("cdhashes") if isinstance(document, dict) else None
     if not isinstance(cdhashes, list) or not all(isinstance(item, bytes) for item in cdhashes):
         raise CmsFormatError('the CDHashes attribute has no "cdhashes" array of data')

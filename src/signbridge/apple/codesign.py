@@ -30,7 +30,6 @@ import contextlib
 import errno
 import mmap
 import os
-import plistlib
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -78,6 +77,7 @@ from .macho_signing import (
     SigningOptions,
     sign_into,
 )
+from .plist import plist_dict
 from .requirements import (
     EMPTY_REQUIREMENT_SET,
     RequirementType,
@@ -332,11 +332,8 @@ def default_identifier(path: Path, info_plist: bytes | None, prefix: str | None)
 def bundle_identifier(info_plist: bytes | None) -> str | None:
     if not info_plist:
         return None
-    try:
-        info = plistlib.loads(info_plist)
-    except (plistlib.InvalidFileException, ValueError, TypeError):
-        return None
-    value = info.get("CFBundleIdentifier") if isinstance(info, dict) else None
+    info = plist_dict(info_plist)
+    value = info.get("CFBundleIdentifier") if info is not None else None
     return value if isinstance(value, str) and value else None
 
 
