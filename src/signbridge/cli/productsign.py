@@ -76,6 +76,10 @@ class _ProductsignFailure(SignbridgeError):
               show_default=True,
               help="Table-of-contents checksum: sha1 as Apple's productsign writes (any macOS); sha256 is "
                    "reported as damaged by macOS 10.11 and older.")
+@click.option("--check-files/--no-check-files", default=True, show_default=True,
+              help="Check every file's data against the archived checksum in the table of contents as it is "
+                   "copied, before signing (one read of the data). --no-check-files lets the kernel copy it "
+                   "unread: for trusted inputs too large to read.")
 @click.argument("input_path", metavar="INPUT.pkg", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="OUTPUT.pkg", type=click.Path(path_type=Path))
 @click.pass_context
@@ -86,6 +90,7 @@ def productsign(
     cert_files: Sequence[Path],
     tokens: Sequence[str],
     toc_checksum: str,
+    check_files: bool,
     input_path: Path,
     output_path: Path,
 ) -> None:
@@ -93,7 +98,7 @@ def productsign(
     identity from the running tokens. Only the package's table-of-contents checksum (and the hash of
     the CMS signed attributes) is sent to the token; the input is never modified."""
     try:
-        _productsign(identity_name, timestamp, cert_files, tokens, toc_checksum, input_path, output_path)
+        _productsign(identity_name, timestamp, cert_files, tokens, toc_checksum, check_files, input_path, output_path)
     except SignbridgeError as exc:
         click.echo(f"productsign: error: {exc}", err=True)
         context.exit(EXIT_FAILURE)
@@ -108,6 +113,7 @@ def _productsign(
     cert_files: Sequence[Path],
     tokens: Sequence[str],
     toc_checksum: str,
+    check_files: bool,
     input_path: Path,
     output_path: Path,
 ) -> None:
@@ -134,6 +140,7 @@ def _productsign(
         extra_certificates=extra,
         toc_checksum=toc_checksum,
         timestamp=cms.timestamper(url) if url is not None else None,
+        check_files=check_files,
     )
     if signed.dropped_ticket:
         click.echo(
@@ -179,8 +186,12 @@ def _read_certificates(path: Path) -> list[x509.Certificate]:
 @click.option("--check-signature", "package", metavar="PKG", required=True,
               type=click.Path(path_type=Path), help="Check the package's signature and print its certificates.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON, for scripts.")
+@click.option("--check-files/--no-check-files", default=False, show_default=True,
+              help="Also read every file's data and check it against its archived and extracted checksums. "
+                   "Apple's pkgutil checks the table of contents and the signatures only; the installer checks "
+                   "the data as it extracts it.")
 @click.pass_context
-def pkgutil(context: click.Context, package: Path, as_json: bool) -> None:
+def pkgutil(context: click.Context, package: Path, as_json: bool, check_files: bool) -> None:
     """Check the signature of a macOS installer package, as Apple's pkgutil --check-signature does.
 
     Trust anchors come from SIGNBRIDGE_ANCHORS or the TrustAnchors setting. Exits 0 when the package
@@ -190,7 +201,7 @@ def pkgutil(context: click.Context, package: Path, as_json: bool) -> None:
         settings = load_settings(cli={})
         configured = os.pathsep.join(str(path) for path in settings.trust_anchors) or None
         anchors = anchors_from_environment(configured)
-        verdict = verify_package(package, anchors)
+        verdict = verify_package(package, anchors, check_files=check_files)
     except SignbridgeError as exc:
         click.echo(f"pkgutil: error: {exc}", err=True)
         context.exit(EXIT_FAILURE)

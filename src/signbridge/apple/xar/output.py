@@ -1,7 +1,10 @@
 """Writing a package safely: a temporary file next to the target, renamed over it only when complete.
 
-Copies of heap data go through the kernel (``copy_file_range``, then ``sendfile``) so that a large
-payload costs about what ``cp`` costs and never passes through Python's memory.
+Heap data is copied in one of two ways. Unchecked, through the kernel (``copy_file_range``, then
+``sendfile``), so that a large payload costs about what ``cp`` costs and never passes through
+Python's memory. Checked (:func:`copy_checked`), in one pass: each chunk is read once into a
+buffer, written out, and hashed by a second thread meanwhile (hashlib and the system calls release
+the GIL, so the hash of one chunk overlaps the reading and writing of the next).
 """
 
 from __future__ import annotations
@@ -10,14 +13,19 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import TruncatedXarError, XarError
+from .filedata import StoredChecksum
 
 _FALLBACK_ERRORS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
 _BLOCK = 8 * 1024 * 1024
+_CHECKED_CHUNK = 1024 * 1024  # read, hashed and written while it is still in the processor's cache
+_CHECKED_BUFFERS = 4  # chunks in flight: one being read and written while the others are hashed
 
 
 @contextlib.contextmanager
@@ -52,6 +60,74 @@ def copy_range(source: BinaryIO, out: BinaryIO, offset: int, count: int, name: s
         done += _copy_with(_read_write, src, dst, offset + done, count - done, name)
     # os-level writes moved the file position; keep the buffered object in step
     out.seek(0, os.SEEK_END)
+
+
+def copy_checked(
+    source: BinaryIO, out: BinaryIO, offset: int, count: int, checks: Sequence[StoredChecksum], name: str
+) -> None:
+    """:func:`copy_range`, reading every byte once and feeding it to the ``checks`` it belongs to
+    (ordered by ``start``, all inside the copied range); each check is verified as soon as its data
+    has passed, so a mismatch stops the copy there. Raises the check's
+    :class:`~.errors.ChecksumMismatchError`."""
+    out.flush()
+    src, dst = source.fileno(), out.fileno()
+    waiting = deque(checks)
+    active: list[StoredChecksum] = []
+
+    def feed(chunk: memoryview, position: int) -> None:  # in the hashing thread, one chunk after another
+        end = position + len(chunk)
+        while waiting and waiting[0].start < end:
+            active.append(waiting.popleft())
+        for check in active:
+            check.update(chunk, position)
+        for check in sorted((check for check in active if check.end <= end), key=lambda check: check.end):
+            check.verify()  # of files sharing bytes, the one whose data ends first is named
+            active.remove(check)
+
+    buffers = [memoryview(bytearray(_CHECKED_CHUNK)) for _ in range(_CHECKED_BUFFERS)]
+    in_flight: deque[Future[None]] = deque()
+    position, end = offset, offset + count
+    with ThreadPoolExecutor(1, thread_name_prefix="xar-checksums") as hashing:
+        try:
+            for number in range(-(-count // _CHECKED_CHUNK)):
+                if len(in_flight) == _CHECKED_BUFFERS:
+                    in_flight.popleft().result()  # its buffer is free again, and its checks passed
+                buffer = buffers[number % _CHECKED_BUFFERS][: min(_CHECKED_CHUNK, end - position)]
+                chunk = buffer[: _read_into(src, buffer, position, name)]
+                in_flight.append(hashing.submit(feed, chunk, position))
+                _write_all(dst, chunk, name)
+                position += len(chunk)
+            while in_flight:
+                in_flight.popleft().result()
+        finally:
+            for future in in_flight:
+                future.cancel()
+    unchecked = [*active, *waiting]  # data past the copied bytes: a caller's mistake, never let pass
+    if unchecked:
+        raise XarError(f"{name}: the data of {unchecked[0].path!r} lies outside the bytes copied; it was not checked")
+    out.seek(0, os.SEEK_END)
+
+
+def _read_into(src: int, buffer: memoryview, offset: int, name: str) -> int:
+    """Fill ``buffer`` from ``offset`` (short reads are retried); the package ending first is an error."""
+    done = 0
+    while done < len(buffer):
+        try:
+            n = os.preadv(src, [buffer[done:]], offset + done)
+        except OSError as e:
+            raise XarError(f"cannot read {name}: {e.strerror}") from None
+        if n == 0:
+            raise TruncatedXarError(f"{name} became shorter while it was being copied")
+        done += n
+    return done
+
+
+def _write_all(dst: int, data: memoryview, name: str) -> None:
+    try:
+        while data:
+            data = data[os.write(dst, data) :]
+    except OSError as e:
+        raise XarError(f"cannot copy the data of {name}: {e.strerror}") from None
 
 
 def _copy_with(copy, src: int, dst: int, offset: int, count: int, name: str) -> int:  # noqa: ANN001
