@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -68,44 +69,83 @@ def copy_checked(
     """:func:`copy_range`, reading every byte once and feeding it to the ``checks`` it belongs to
     (ordered by ``start``, all inside the copied range); each check is verified as soon as its data
     has passed, so a mismatch stops the copy there. Raises the check's
-    :class:`~.errors.ChecksumMismatchError`."""
+    :class:`~.errors.ChecksumMismatchError`.
+
+    The hashing runs in a second thread, a chunk behind the reading and writing; a chunk's buffer is
+    reused only once it has been hashed. (A thread of its own fed through a queue: handing each chunk
+    to a ``concurrent.futures`` pool cost more than the overlap gained on a busy machine.)
+    """
     out.flush()
     src, dst = source.fileno(), out.fileno()
-    waiting = deque(checks)
-    active: list[StoredChecksum] = []
-
-    def feed(chunk: memoryview, position: int) -> None:  # in the hashing thread, one chunk after another
-        end = position + len(chunk)
-        while waiting and waiting[0].start < end:
-            active.append(waiting.popleft())
-        for check in active:
-            check.update(chunk, position)
-        for check in sorted((check for check in active if check.end <= end), key=lambda check: check.end):
-            check.verify()  # of files sharing bytes, the one whose data ends first is named
-            active.remove(check)
-
+    hashing = _Hashing(checks)
     buffers = [memoryview(bytearray(_CHECKED_CHUNK)) for _ in range(_CHECKED_BUFFERS)]
-    in_flight: deque[Future[None]] = deque()
     position, end = offset, offset + count
-    with ThreadPoolExecutor(1, thread_name_prefix="xar-checksums") as hashing:
-        try:
-            for number in range(-(-count // _CHECKED_CHUNK)):
-                if len(in_flight) == _CHECKED_BUFFERS:
-                    in_flight.popleft().result()  # its buffer is free again, and its checks passed
-                buffer = buffers[number % _CHECKED_BUFFERS][: min(_CHECKED_CHUNK, end - position)]
-                chunk = buffer[: _read_into(src, buffer, position, name)]
-                in_flight.append(hashing.submit(feed, chunk, position))
-                _write_all(dst, chunk, name)
-                position += len(chunk)
-            while in_flight:
-                in_flight.popleft().result()
-        finally:
-            for future in in_flight:
-                future.cancel()
-    unchecked = [*active, *waiting]  # data past the copied bytes: a caller's mistake, never let pass
+    hashing.start()
+    try:
+        for number in range(-(-count // _CHECKED_CHUNK)):
+            hashing.wait_for_buffer()  # raises what the hashing found
+            buffer = buffers[number % _CHECKED_BUFFERS][: min(_CHECKED_CHUNK, end - position)]
+            chunk = buffer[: _read_into(src, buffer, position, name)]
+            hashing.feed(chunk, position)
+            _write_all(dst, chunk, name)
+            position += len(chunk)
+    finally:
+        hashing.finish()
+    unchecked = hashing.unfinished()  # data past the copied bytes: a caller's mistake, never let pass
     if unchecked:
         raise XarError(f"{name}: the data of {unchecked[0].path!r} lies outside the bytes copied; it was not checked")
     out.seek(0, os.SEEK_END)
+
+
+class _Hashing(threading.Thread):
+    """The thread that feeds each chunk to the checks it belongs to, in order (hashlib releases the
+    GIL while it hashes, so this runs beside the reading and writing)."""
+
+    def __init__(self, checks: Sequence[StoredChecksum]) -> None:
+        super().__init__(name="xar-checksums", daemon=True)
+        self._waiting = deque(checks)
+        self._active: list[StoredChecksum] = []
+        self._chunks: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        self._free = threading.Semaphore(_CHECKED_BUFFERS)
+        self._error: BaseException | None = None
+
+    def wait_for_buffer(self) -> None:
+        self._free.acquire()
+        if self._error is not None:
+            raise self._error
+
+    def feed(self, chunk: memoryview, position: int) -> None:
+        self._chunks.put((chunk, position))
+
+    def finish(self) -> None:
+        """Wait for the chunks fed so far; raise what the hashing found."""
+        self._chunks.put(None)
+        self.join()
+        if self._error is not None:
+            raise self._error
+
+    def unfinished(self) -> list[StoredChecksum]:
+        return [*self._active, *self._waiting]
+
+    def run(self) -> None:
+        while (item := self._chunks.get()) is not None:
+            try:
+                if self._error is None:
+                    self._check(*item)
+            except BaseException as error:  # noqa: BLE001 - handed to the copying thread, which raises it
+                self._error = error
+            finally:
+                self._free.release()
+
+    def _check(self, chunk: memoryview, position: int) -> None:
+        end = position + len(chunk)
+        while self._waiting and self._waiting[0].start < end:
+            self._active.append(self._waiting.popleft())
+        for check in self._active:
+            check.update(chunk, position)
+        for check in sorted((check for check in self._active if check.end <= end), key=lambda check: check.end):
+            check.verify()  # of files sharing bytes, the one whose data ends first is named
+            self._active.remove(check)
 
 
 def _read_into(src: int, buffer: memoryview, offset: int, name: str) -> int:
