@@ -17,22 +17,21 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from .. import keychain
 from ..apple import cms
 from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, common_name, extension_oids
-from ..apple.codesign import resolve_timestamp_url
-from ..apple.pkgverify import PackageStatus, PackageVerdict, verify_package
 from ..apple.productsign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
-from ..apple.trust import anchors_from_environment
 from ..config import load_settings
 from ..errors import SignbridgeError
-from ..identity import Identity
+
+if TYPE_CHECKING:  # each command imports what only it needs when it runs (start-up time)
+    from ..apple.pkgverify import PackageVerdict
+    from ..identity import Identity
 
 EXIT_FAILURE = 1
 DEFAULT_TIMESTAMP = "\0default"  # what a bare --timestamp becomes
@@ -117,12 +116,14 @@ def _productsign(
     input_path: Path,
     output_path: Path,
 ) -> None:
+    from .. import keychain
+
     settings = load_settings(cli={})
     identity = _select_identity(identity_name, tokens)
     extra = [certificate for path in cert_files for certificate in _read_certificates(path)]
     if timestamp is None and DEVELOPER_ID_INSTALLER in extension_oids(identity.certificate):
         timestamp = DEFAULT_TIMESTAMP  # Apple timestamps Developer ID signatures unless told not to
-    url = resolve_timestamp_url("" if timestamp == DEFAULT_TIMESTAMP else timestamp, settings.timestamp_url)
+    url = cms.resolve_timestamp_url("" if timestamp == DEFAULT_TIMESTAMP else timestamp, settings.timestamp_url)
 
     if url is not None:
         click.echo("productsign: using timestamp authority for signature")
@@ -152,6 +153,8 @@ def _productsign(
 
 
 def _select_identity(name: str, tokens: Sequence[str]) -> Identity:
+    from .. import keychain
+
     records = keychain.find_tokens(tokens) if tokens else None
     try:
         return keychain.select_identity(name, usage=Usage.INSTALLER, tokens=records)
@@ -197,6 +200,9 @@ def pkgutil(context: click.Context, package: Path, as_json: bool, check_files: b
     Trust anchors come from SIGNBRIDGE_ANCHORS or the TrustAnchors setting. Exits 0 when the package
     is signed by a trusted certificate, 1 otherwise.
     """
+    from ..apple.pkgverify import verify_package
+    from ..apple.trust import anchors_from_environment
+
     try:
         settings = load_settings(cli={})
         configured = os.pathsep.join(str(path) for path in settings.trust_anchors) or None
@@ -217,13 +223,15 @@ def pkgutil(context: click.Context, package: Path, as_json: bool, check_files: b
 
 def render_check_signature(verdict: PackageVerdict, *, now: datetime | None = None) -> str:
     """The report in the layout of Apple's ``pkgutil --check-signature``."""
+    from ..apple.pkgverify import PackageStatus
+
     now = now or datetime.now(UTC)
     lines = [f'Package "{verdict.path.name}":', f"   Status: {verdict.status_text}"]
     if verdict.ok and verdict.stapled_ticket:
         lines.append("   Notarization: trusted by the Apple notary service")
     if verdict.timestamp is not None:
         lines.append(f"   Signed with a trusted timestamp on: {_date(verdict.timestamp)}")
-    if verdict.chain and verdict.status in _WITH_CHAIN:
+    if verdict.chain and verdict.status in (PackageStatus.TRUSTED, PackageStatus.UNTRUSTED, PackageStatus.EXPIRED):
         lines.append("   Certificate Chain:")
         for number, certificate in enumerate(verdict.chain, start=1):
             if number > 1:
@@ -237,9 +245,6 @@ def render_check_signature(verdict: PackageVerdict, *, now: datetime | None = No
             for start in range(0, len(pairs), _FINGERPRINT_BYTES_PER_LINE):
                 lines.append("           " + " ".join(pairs[start : start + _FINGERPRINT_BYTES_PER_LINE]))
     return "\n".join(lines) + "\n"
-
-
-_WITH_CHAIN = (PackageStatus.TRUSTED, PackageStatus.UNTRUSTED, PackageStatus.EXPIRED)
 
 
 def verdict_json(verdict: PackageVerdict) -> dict[str, Any]:
