@@ -214,7 +214,8 @@ def test_productsign_resigns_through_the_token(item, tmp_path, token, pki, tsa):
     assert verified.returncode == 0 and "Verification successful" in verified.stderr, verified.stderr
 
     anchors = write_pem(tmp_path / "anchors.pem", pki.root.certificate, tsa.root)
-    checked = signbridge("pkgutil", "--check-signature", str(out), env={"SIGNBRIDGE_ANCHORS": str(anchors)})
+    checked = signbridge("pkgutil", "--check-signature", str(out), "--check-files",
+                         env={"SIGNBRIDGE_ANCHORS": str(anchors)})  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.splitlines()[2].startswith("   Signed with a trusted timestamp on: ")
 
