@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from ..apple import cms
 from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, common_name, extension_oids
 from ..apple.productsign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
+from ..certificate_files import read_certificates
 from ..config import load_settings
 from ..errors import SignbridgeError
 
@@ -120,7 +121,7 @@ def _productsign(
 
     settings = load_settings(cli={})
     identity = _select_identity(identity_name, tokens)
-    extra = [certificate for path in cert_files for certificate in _read_certificates(path)]
+    extra = [certificate for path in cert_files for certificate in read_certificates(path, error=_ProductsignFailure)]
     if timestamp is None and DEVELOPER_ID_INSTALLER in extension_oids(identity.certificate):
         timestamp = DEFAULT_TIMESTAMP  # Apple timestamps Developer ID signatures unless told not to
     url = cms.resolve_timestamp_url("" if timestamp == DEFAULT_TIMESTAMP else timestamp, settings.timestamp_url)
@@ -167,19 +168,6 @@ def _select_identity(name: str, tokens: Sequence[str]) -> Identity:
             detail = str(exc).removeprefix(f"{name}: no identity found").strip()
             message += f" {detail}" if detail else ""
         raise _ProductsignFailure(message) from None
-
-
-def _read_certificates(path: Path) -> list[x509.Certificate]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _ProductsignFailure(f"cannot read the certificate file {path}: {exc.strerror or exc}") from None
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError:
-        raise _ProductsignFailure(f"{path} holds no readable PEM or DER certificate") from None
 
 
 # --- pkgutil --check-signature --------------------------------------------------------------------
