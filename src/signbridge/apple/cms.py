@@ -16,6 +16,7 @@ content, :func:`check_timestamp` checks its timestamp.
 
 from __future__ import annotations
 
+import os
 import plistlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -257,6 +258,24 @@ def sign_detached(
         timestamp_token=token,
         content_digest=content_digest,
     )
+
+
+APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
+TIMESTAMP_URL_ENVIRONMENT_VARIABLE = "SIGNBRIDGE_TIMESTAMP_URL"
+
+
+def resolve_timestamp_url(
+    requested: str | None, configured: str | None = None, *, environ: os._Environ | dict | None = None
+) -> str | None:
+    """The TSA ``--timestamp[=URL]`` asks for: None when absent or ``none``; the given URL; for
+    ``--timestamp`` alone (``requested == ""``) the configured TSA (``TimestampUrl`` /
+    ``SIGNBRIDGE_TIMESTAMP_URL``), else Apple's."""
+    if requested is None or requested == "none":
+        return None
+    if requested:
+        return requested
+    environ = os.environ if environ is None else environ
+    return configured or environ.get(TIMESTAMP_URL_ENVIRONMENT_VARIABLE) or APPLE_TIMESTAMP_URL
 
 
 def timestamper(

@@ -58,6 +58,7 @@ from .certificates import (
     WWDR_INTERMEDIATE,
     extension_oids,
 )
+from .cms import APPLE_TIMESTAMP_URL, TIMESTAMP_URL_ENVIRONMENT_VARIABLE, resolve_timestamp_url  # noqa: F401 - re-exported
 from .codedirectory import (
     CodeDirectory,
     CodeDirectoryFlags,
@@ -94,8 +95,6 @@ from .signed_code import (
 )
 from .trust import CertificateKind, classify_certificate
 
-APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
-TIMESTAMP_URL_ENVIRONMENT_VARIABLE = "SIGNBRIDGE_TIMESTAMP_URL"
 CMS_DIGEST = HashAlgorithm.SHA256
 
 _SETTABLE_FLAGS = frozenset(name for name, _ in FLAG_NAMES if name not in ("adhoc", "linker-signed"))
@@ -176,20 +175,6 @@ def parse_digest_algorithms(text: str) -> tuple[HashType, ...]:
     if HashType.SHA1 in ordered:
         ordered = (HashType.SHA1, *(t for t in ordered if t != HashType.SHA1))
     return ordered
-
-
-def resolve_timestamp_url(
-    requested: str | None, configured: str | None = None, *, environ: os._Environ | dict | None = None
-) -> str | None:
-    """The TSA ``--timestamp[=URL]`` asks for: None when absent or ``none``; the given URL; for
-    ``--timestamp`` alone (``requested == ""``) the configured TSA (``TimestampUrl`` /
-    ``SIGNBRIDGE_TIMESTAMP_URL``), else Apple's."""
-    if requested is None or requested == "none":
-        return None
-    if requested:
-        return requested
-    environ = os.environ if environ is None else environ
-    return configured or environ.get(TIMESTAMP_URL_ENVIRONMENT_VARIABLE) or APPLE_TIMESTAMP_URL
 
 
 @dataclass(frozen=True)
