@@ -132,7 +132,7 @@ def _receive(sock: socket.socket) -> Any:
 
 def serve(sock: socket.socket) -> None:
     """Answer frames until the service closes the socket."""
-    from .audit import append_batch
+    from .audit import ChainAppender
     from .database import open_engine, redact_url
 
     opening = _receive(sock)
@@ -145,17 +145,19 @@ def serve(sock: socket.socket) -> None:
         sock.sendall(_frame(("error", f"the audit writer cannot open {redact_url(url)}: {exc}")))
         return
     sock.sendall(_frame(("ready",)))
+    appender = ChainAppender(engine)
     try:
         while (message := _receive(sock)) is not None:
             _, rows = message
             try:
-                seqs = append_batch(engine, rows)
+                seqs = appender.append(rows)
             except Exception as exc:  # noqa: BLE001 - every waiting request learns that its record was not written
                 reply: tuple = ("error", f"the audit record could not be written: {exc}")
             else:
                 reply = ("ok", seqs[0], seqs[-1])
             sock.sendall(_frame(reply))
     finally:
+        appender.close()
         engine.dispose()
 
 
