@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import SignbridgeError
 from . import metrics
-from .audit import AuditEntry, AuditLog
+from .audit import GENESIS, AuditEntry, AuditLog
 from .checkpoints import CheckpointSigner, checkpoint_row, write_checkpoint
 from .database import open_engine
 from .jsonlog import ACCESS_LOGGER, AUDIT_LOGGER
@@ -185,6 +185,8 @@ class Api:
         self.checkpoints = self._load_checkpoint_signer()
         self.signer = SigningThread() if self.service.inline else None
         ticker = asyncio.create_task(self._checkpoint_ticker()) if self.checkpoints else None
+        if self.checkpoints is not None:
+            self._in_background(self._warm_checkpoints())
         # Each request allocates a few thousand short-lived objects; with the default thresholds the
         # cyclic collector runs every few requests and rescans everything loaded at start-up.
         gc.freeze()
@@ -230,9 +232,21 @@ class Api:
         seq = await service.audit.append(entry)
         self._audited(entry, seq)
         if seq % self.settings.audit_checkpoint_records == 0 and self.checkpoints is not None:
-            task = asyncio.create_task(self._checkpoint())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._checkpoint())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _warm_checkpoints(self) -> None:
+        """Sign a checkpoint that is thrown away, so that the first real one, due amid the traffic,
+        does not load the checkpoint and TSA keys and the thread pool's modules while holding the GIL."""
+        assert self.checkpoints is not None
+        try:
+            await run_in_threadpool(self.checkpoints.sign, 0, GENESIS)
+        except (SignbridgeError, OSError) as exc:
+            log.warning("cannot sign an audit checkpoint: %s", exc)
 
     def _authorize(self, authorization: str | None, organization_id: str, parse: Parse, entry: AuditEntry):  # noqa: ANN202
         """Authenticate and parse; (grant, request, echo). ``entry`` learns each fact as it is established."""
