@@ -17,7 +17,15 @@ import pytest
 
 from servicekit import SigningLoad, init_demo, signbridge
 from signbridge.errors import AuditError
-from signbridge.server.audit import AuditEntry, AuditLog, ensure_head, verify
+from signbridge.server.audit import (
+    AuditEntry,
+    AuditLog,
+    ChainAppender,
+    ensure_head,
+    entry_row,
+    record_hash,
+    verify,
+)
 from signbridge.server.database import create_schema, open_engine
 from signbridge.server.process import ServiceProcess
 
@@ -87,6 +95,30 @@ def test_failed_commit_reaches_every_waiter(tmp_path: Path) -> None:
 
     results = asyncio.run(run())
     assert all(isinstance(r, AuditError) and "could not be written" in str(r) for r in results)
+
+
+def test_the_appender_keeps_its_connection_and_recovers_after_a_failed_batch(tmp_path: Path) -> None:
+    engine = _engine(tmp_path / "f.db")
+    appender = ChainAppender(engine)
+    try:
+        assert appender.append([entry_row(AuditEntry("granted", 200, digest="aa"))]) == [1]
+        assert appender.append([entry_row(AuditEntry("denied", 403)) for _ in range(3)]) == [2, 3, 4]
+        assert engine.pool.checkedout() == 1  # one connection, kept between batches
+        with engine.begin() as connection:
+            connection.exec_driver_sql("UPDATE audit_head SET id = 2 WHERE id = 1")
+        with pytest.raises(AuditError, match="no head record"):
+            appender.append([entry_row(AuditEntry("granted", 200))])
+        assert engine.pool.checkedout() == 0  # given up, not left in a transaction
+        with engine.begin() as connection:
+            connection.exec_driver_sql("UPDATE audit_head SET id = 1 WHERE id = 2")
+        assert appender.append([entry_row(AuditEntry("granted", 200, user_name="after"))]) == [5]
+    finally:
+        appender.close()
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT * FROM audit_records ORDER BY seq").mappings().all()
+    assert [row["seq"] for row in rows] == [1, 2, 3, 4, 5]
+    assert all(row["record_hash"] == record_hash(row["seq"], row["prev_hash"], row) for row in rows)
+    assert verify(engine).ok
 
 
 @pytest.fixture

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
 import struct
+import threading
 
 import httpx
 import pytest
+import uvloop
 
 from servicekit import DemoService, demo_service
 from signbridge.server.app import ServiceApp
 from signbridge.server.httpprotocol import CoalescingTransport
+from signbridge.server.sockets import write_now
 
 H32 = base64.b64encode(bytes(32)).decode()
 
@@ -186,6 +190,53 @@ def test_close_flushes_and_abort_drops() -> None:
     closing, aborting = asyncio.run(run())
     assert closing.writes == [b"last words"] and closing.closed
     assert aborting.writes == [] and aborting.aborted
+
+
+def test_writes_past_the_socket_buffer_arrive_whole_and_in_order() -> None:
+    """The socket takes part of a large write at once (written without the GIL); uvloop's transport
+    sends the rest, and what follows waits behind it."""
+    big = os.urandom(8 << 20)
+    ours, theirs = socket.socketpair()
+    received = bytearray()
+
+    def read() -> None:
+        while chunk := theirs.recv(1 << 20):
+            received.extend(chunk)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        coalescing = CoalescingTransport(transport, loop)
+        coalescing.write(b"head:")
+        coalescing.write(big)
+        await asyncio.sleep(0)
+        assert transport.get_write_buffer_size() > 0  # the socket did not take it all
+        coalescing.write(b":tail")
+        await asyncio.sleep(0)
+        while transport.get_write_buffer_size():
+            await asyncio.sleep(0.01)
+        coalescing.close()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
+    reader.join(30)
+    theirs.close()
+    assert bytes(received) == b"head:" + big + b":tail"
+
+
+def test_write_now_takes_what_the_socket_takes_and_leaves_errors_to_the_transport() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        assert write_now(ours.fileno(), b"ping") == 4
+        assert theirs.recv(4) == b"ping"
+        partial = write_now(ours.fileno(), bytes(64 << 20))
+        assert 0 < partial < 64 << 20
+        assert write_now(ours.fileno(), b"full") == 0  # would block
+        theirs.close()
+        assert write_now(ours.fileno(), b"gone") == 0  # EPIPE: the transport's own write reports it
 
 
 def _data_segments_in(sock: socket.socket) -> int:

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import SignbridgeError
 from . import metrics
-from .audit import AuditEntry, AuditLog
+from .audit import GENESIS, AuditEntry, AuditLog
 from .checkpoints import CheckpointSigner, checkpoint_row, write_checkpoint
 from .database import open_engine
 from .jsonlog import ACCESS_LOGGER, AUDIT_LOGGER
@@ -47,6 +47,7 @@ from .readiness import check_readiness
 from .requests import get, parse_fast_signing_payload, parse_sign_hash
 from .service import Caller, SigningService
 from .settings import ServerSettings
+from .signing_thread import SigningThread
 from .tsa import TimestampAuthority, load_timestamp_authority
 
 log = logging.getLogger("signbridge.server")
@@ -167,6 +168,7 @@ class Api:
         self.service: SigningService | None = None
         self.tsa: TimestampAuthority | None = None
         self.checkpoints: CheckpointSigner | None = None
+        self.signer: SigningThread | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
@@ -181,7 +183,10 @@ class Api:
         with Session(engine) as session:
             self.tsa = load_timestamp_authority(session, keystore)
         self.checkpoints = self._load_checkpoint_signer()
+        self.signer = SigningThread() if self.service.inline else None
         ticker = asyncio.create_task(self._checkpoint_ticker()) if self.checkpoints else None
+        if self.checkpoints is not None:
+            self._in_background(self._warm_checkpoints())
         # Each request allocates a few thousand short-lived objects; with the default thresholds the
         # cyclic collector runs every few requests and rescans everything loaded at start-up.
         gc.freeze()
@@ -193,6 +198,8 @@ class Api:
                 ticker.cancel()
             await audit.aclose()
             await self._checkpoint()  # a clean shutdown leaves no record uncovered
+            if self.signer is not None:
+                self.signer.close()
             self.service.close()
             keystore.close()
             engine.dispose()
@@ -225,13 +232,24 @@ class Api:
         seq = await service.audit.append(entry)
         self._audited(entry, seq)
         if seq % self.settings.audit_checkpoint_records == 0 and self.checkpoints is not None:
-            task = asyncio.create_task(self._checkpoint())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._checkpoint())
 
-    def _authorize_and_sign(self, authorization: str | None, organization_id: str, parse: Parse, entry: AuditEntry):  # noqa: ANN202
-        """Authenticate, parse, sign (on the event loop or in a worker thread, see ``SigningService.inline``).
-        ``entry`` learns each fact as it is established."""
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _warm_checkpoints(self) -> None:
+        """Sign a checkpoint that is thrown away, so that the first real one, due amid the traffic,
+        does not load the checkpoint and TSA keys and the thread pool's modules while holding the GIL."""
+        assert self.checkpoints is not None
+        try:
+            await run_in_threadpool(self.checkpoints.sign, 0, GENESIS)
+        except (SignbridgeError, OSError) as exc:
+            log.warning("cannot sign an audit checkpoint: %s", exc)
+
+    def _authorize(self, authorization: str | None, organization_id: str, parse: Parse, entry: AuditEntry):  # noqa: ANN202
+        """Authenticate and parse; (grant, request, echo). ``entry`` learns each fact as it is established."""
         service = self.service
         assert service is not None
         try:
@@ -247,7 +265,25 @@ class Api:
         _describe(entry, grant.caller, parsed)
         if invalid is not None:
             raise invalid
+        return grant, parsed, echo
+
+    def _authorize_and_sign(self, authorization: str | None, organization_id: str, parse: Parse, entry: AuditEntry):  # noqa: ANN202
+        """Authenticate, parse and sign, all in a worker thread (keys in an HSM, or a database server:
+        see ``SigningService.inline``)."""
+        service = self.service
+        assert service is not None
+        grant, parsed, echo = self._authorize(authorization, organization_id, parse, entry)
         return echo(service.sign(grant, parsed, entry))
+
+    async def _authorize_and_sign_inline(self, authorization: str | None, organization_id: str, parse: Parse,
+                                         entry: AuditEntry):  # noqa: ANN202
+        """Authenticate and parse on the event loop; only the signature itself is made in the signing thread."""
+        service, signer = self.service, self.signer
+        assert service is not None and signer is not None
+        grant, parsed, echo = self._authorize(authorization, organization_id, parse, entry)
+        loaded = service.signing_key(grant, parsed, entry)
+        signature = await signer.call(service.signature, loaded, parsed.signature)
+        return echo(service.granted(entry, signature))
 
     async def _signing_route(self, scope: Scope, receive: Receive, send: Send, read: ReadRequest) -> None:
         """Read the request, then authenticate, parse and sign it; answer only once the audit record
@@ -264,8 +300,8 @@ class Api:
             parse = await read(scope, headers, receive)
             authorization = headers.get(b"authorization")
             arguments = (authorization and authorization.decode("latin-1"), organization_id, parse, entry)
-            if service.inline:
-                body = self._authorize_and_sign(*arguments)
+            if self.signer is not None:
+                body = await self._authorize_and_sign_inline(*arguments)
             else:
                 body = await run_in_threadpool(self._authorize_and_sign, *arguments)
         except ClientDisconnect:

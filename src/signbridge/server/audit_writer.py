@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import AuditError
+from .sockets import write_now
 
 _LENGTH = struct.Struct(">I")
 _START_TIMEOUT = 60.0
@@ -43,6 +44,7 @@ class AuditWriter:
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._fd = -1
 
     async def append(self, rows: Sequence[tuple]) -> list[int]:
         """Commit ``rows`` (values in ``ENTRY_FIELDS`` order); their sequence numbers."""
@@ -75,6 +77,7 @@ class AuditWriter:
             raise AuditError(f"cannot start the audit writer process: {exc.strerror}") from None
         finally:
             theirs.close()
+        self._fd = ours.fileno()
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         try:
             kind, *rest = await asyncio.wait_for(self._exchange(("open", self._database_url)), _START_TIMEOUT)
@@ -87,8 +90,12 @@ class AuditWriter:
 
     async def _exchange(self, message: tuple) -> tuple:
         assert self._reader is not None and self._writer is not None
-        self._writer.write(_frame(message))
-        await self._writer.drain()
+        frame = _frame(message)
+        if not self._writer.transport.get_write_buffer_size():
+            frame = frame[write_now(self._fd, frame):]  # without the GIL, see .sockets
+        if frame:
+            self._writer.write(frame)
+            await self._writer.drain()
         (length,) = _LENGTH.unpack(await self._reader.readexactly(_LENGTH.size))
         return marshal.loads(await self._reader.readexactly(length))
 
@@ -125,7 +132,7 @@ def _receive(sock: socket.socket) -> Any:
 
 def serve(sock: socket.socket) -> None:
     """Answer frames until the service closes the socket."""
-    from .audit import append_batch
+    from .audit import ChainAppender
     from .database import open_engine, redact_url
 
     opening = _receive(sock)
@@ -138,17 +145,19 @@ def serve(sock: socket.socket) -> None:
         sock.sendall(_frame(("error", f"the audit writer cannot open {redact_url(url)}: {exc}")))
         return
     sock.sendall(_frame(("ready",)))
+    appender = ChainAppender(engine)
     try:
         while (message := _receive(sock)) is not None:
             _, rows = message
             try:
-                seqs = append_batch(engine, rows)
+                seqs = appender.append(rows)
             except Exception as exc:  # noqa: BLE001 - every waiting request learns that its record was not written
                 reply: tuple = ("error", f"the audit record could not be written: {exc}")
             else:
                 reply = ("ok", seqs[0], seqs[-1])
             sock.sendall(_frame(reply))
     finally:
+        appender.close()
         engine.dispose()
 
 

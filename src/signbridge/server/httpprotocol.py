@@ -2,7 +2,9 @@
 
 uvicorn writes a response's status line and headers, then its body, as two socket writes. On
 loopback each write runs the receiver's TCP path and may wake it, so a small JSON answer costs two
-of both. Here writes made during one turn of the event loop are joined and sent at its end.
+of both. Here writes made during one turn of the event loop are joined and sent at its end, and on
+a plain TCP connection with nothing queued they are written without holding the GIL (uvloop's
+transport holds it through the system call, which would keep the signing thread waiting).
 
 uvicorn waits forever for a request that never finishes arriving. Here a client has
 ``header_timeout`` seconds from connecting (or from the end of its previous response) to send a
@@ -18,6 +20,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .sockets import write_now
+
 
 class CoalescingTransport:
     """A transport whose writes within one event-loop turn reach the socket as one write."""
@@ -26,6 +30,7 @@ class CoalescingTransport:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._fd = _plain_socket_fd(transport)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._pending:
@@ -36,7 +41,11 @@ class CoalescingTransport:
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
-            if not self._transport.is_closing():
+            if self._transport.is_closing():
+                return
+            if self._fd is not None and not self._transport.get_write_buffer_size():
+                data = data[write_now(self._fd, data):]
+            if data:
                 self._transport.write(data)
 
     def close(self) -> None:
@@ -49,6 +58,14 @@ class CoalescingTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+def _plain_socket_fd(transport: asyncio.Transport) -> int | None:
+    """The socket under a transport that writes bytes as they are (no TLS), or None."""
+    if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("ssl_object") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    return None if sock is None else sock.fileno()
 
 
 @dataclass(frozen=True)

@@ -99,15 +99,21 @@ def route_of(path: str) -> str:
     }.get(path, "other")
 
 
+_SIGNING_COUNTERS: dict[tuple[str, ...], Counter] = {}
+
+
 def count_signing_request(entry: AuditEntry) -> None:
     """One signing request, once its audit record is settled. An unauthenticated caller's project
     and policy are its own words, so they are not labels (each would be a new series)."""
     if entry.user_id is None:
-        SIGNING_REQUESTS.labels("", "", "", "", entry.outcome).inc()
-        return
-    SIGNING_REQUESTS.labels(
-        entry.organization_id or "", entry.project_slug or "", entry.policy_slug or "", entry.algorithm or "", entry.outcome
-    ).inc()
+        labels: tuple[str, ...] = ("", "", "", "", entry.outcome)
+    else:
+        labels = (entry.organization_id or "", entry.project_slug or "", entry.policy_slug or "", entry.algorithm or "",
+                  entry.outcome)
+    counter = _SIGNING_COUNTERS.get(labels)
+    if counter is None:  # bound once per series, as RouteTimer does: labels() takes a lock and builds the key
+        counter = _SIGNING_COUNTERS[labels] = SIGNING_REQUESTS.labels(*labels)
+    counter.inc()
 
 
 class ServiceObserver:
