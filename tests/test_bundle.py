@@ -616,18 +616,24 @@ def test_atomic_write(tmp_path: Path) -> None:
 
 def test_staged_bundle_leaves_the_original_untouched_on_failure(app: Path) -> None:
     before = snapshot(app)
+    executable = Path("Contents", "MacOS", "MyApp")
     with pytest.raises(RuntimeError, match="signing failed"), staged_bundle(app) as work:
         assert work != app and snapshot(work) == before
-        (work / "Contents" / "MacOS" / "MyApp").write_bytes(b"half-written")
+        # Staging copies no file data: each staged file is the original's file, linked.
+        assert (work / executable).stat().st_ino == (app / executable).stat().st_ino
+        atomic_write(work / executable, b"half-written", mode=0o755)
         (work / "Contents" / "Resources" / "new.txt").write_text("new\n")
+        (work / "Contents" / "Info.plist").unlink()
         raise RuntimeError("signing failed")
     assert snapshot(app) == before
+    assert (app / executable).stat().st_nlink == 1
     assert sorted(os.listdir(app.parent)) == ["MyApp.app"]
 
 
 def test_staged_bundle_swaps_atomically_on_success(app: Path) -> None:
     before = snapshot(app)
     info = app / "Contents" / "Info.plist"
+    info_inode = info.stat().st_ino
     misses = 0
     stop = threading.Event()
 
@@ -649,6 +655,7 @@ def test_staged_bundle_swaps_atomically_on_success(app: Path) -> None:
 
     assert misses == 0
     assert app.stat().st_ino == staged_inode
+    assert info.stat().st_ino == info_inode and info.stat().st_nlink == 1  # the same file, not a copy
     after = snapshot(app)
     assert after.pop("Contents/_CodeSignature/CodeResources")[0] == "file"
     assert after.pop("Contents/_CodeSignature")[0] == "dir"

@@ -224,22 +224,18 @@ def sign_bundle(
         if not options.force:
             raise AlreadySignedError()
         reporter.note(path, replacing_note(state))
-    with staged_bundle(original.root) as staged:
-        root = Bundle.open(staged)
+    with staged_bundle(original) as staged:
+        root = original.moved_to(staged)
         plan = sign_bundle_plan(root) if options.deep else [root.root]
         done: dict[Path, NestedCode] = {}
         results: list[SignedCode] = []
         for item in plan:
-            if item.is_dir() and remove_stapled_ticket(Bundle.open(item).content_root):
-                reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
-            if item == root.root:
+            if item.is_dir():
+                bundle = root if item == root.root else Bundle.open(item)
+                if remove_stapled_ticket(bundle.content_root):
+                    reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
                 signed = _sign_one_bundle(
-                    root, identity, options, reporter, done, top=True, executor=executor
-                )
-            elif item.is_dir():
-                nested_bundle = Bundle.open(item)
-                signed = _sign_one_bundle(
-                    nested_bundle, identity, options, reporter, done, top=False, executor=executor
+                    bundle, identity, options, reporter, done, top=bundle is root, executor=executor
                 )
             else:
                 job = MachOJob(item, entitlements=False, nested=True)
