@@ -11,6 +11,7 @@ import base64
 import hashlib
 import os
 import plistlib
+import random
 import re
 import struct
 import sys
@@ -671,3 +672,33 @@ def test_staged_signing_end_to_end(app: Path) -> None:
     objdump = require_file(str(machofixtures.LLVM / "llvm-objdump"), "llvm-14")
     headers = run([objdump, "--macho", "--private-headers", "--arch=arm64", str(bundle.executable_path)]).stdout
     assert b"LC_CODE_SIGNATURE" in headers
+
+
+def test_code_resources_are_serialized_as_plistlib_writes_them() -> None:
+    """The seal's own XML writer gives plistlib's bytes (sorted keys, tab indents, base64 lines as
+    wide as the nesting allows) with whole reals written without ``.0``, for every kind of value,
+    at every depth, including strings that need escaping."""
+    generator = random.Random(20261203)
+
+    def value(depth: int) -> object:
+        kind = generator.randrange(8 if depth < 9 else 5)
+        if kind == 0:
+            return "".join(generator.choice("ab<>&\r\n\tz é€/") for _ in range(generator.randrange(12)))
+        if kind == 1:
+            return generator.choice([True, False, 0, -(1 << 63), (1 << 64) - 1, 1.0, -3.0, 0.5, 1e20])
+        if kind in (2, 3):
+            return generator.randbytes(generator.choice([0, 1, 20, 32, 39, 42, 45, 57, 60, 200]))
+        if kind == 4:
+            return {}
+        if kind in (5, 6):
+            keys = ["".join(generator.choice("ab/._<") for _ in range(generator.randrange(1, 8))) for _ in range(5)]
+            return {key: value(depth + 1) for key in keys}
+        return [value(depth + 1) for _ in range(generator.randrange(4))]
+
+    for _ in range(2000):
+        plist = {f"key{n}": value(0) for n in range(generator.randrange(5))}
+        expected = plistlib.dumps(plist, fmt=plistlib.FMT_XML, sort_keys=True)
+        expected = re.sub(rb"<real>(-?\d+)\.0</real>", rb"<real>\1</real>", expected)
+        assert serialize_code_resources(plist) == expected
+    with pytest.raises(ValueError, match="control characters"):
+        serialize_code_resources({"files": {"a\x01b": b""}})

@@ -25,15 +25,19 @@ Files are hashed in a thread pool (hashlib releases the GIL), one task per file.
 
 from __future__ import annotations
 
+import binascii
+import collections
 import enum
 import hashlib
 import os
 import plistlib
+import queue
 import re
 import struct
+import threading
 import xml.parsers.expat
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -273,12 +277,17 @@ def _scan_directory(directory: Path, prefix: str, rules: RuleSet, out: list[Seal
 # --- hashing ----------------------------------------------------------------------------------------
 
 
-def hash_file(path: Path, hash_types: Sequence[HashType]) -> dict[HashType, bytes]:
-    """Digests of one file, read once."""
+def hash_file(
+    path: Path, hash_types: Sequence[HashType], buffer: bytearray | None = None
+) -> dict[HashType, bytes]:
+    """Digests of one file, read once, into ``buffer`` when given (a thread hashing many files
+    reuses one)."""
     hashers = {hash_type: hashlib.new(hash_type.hashlib_name) for hash_type in hash_types}
+    view = memoryview(buffer if buffer is not None else bytearray(READ_CHUNK))
     try:
-        with open(path, "rb") as stream:
-            while chunk := stream.read(READ_CHUNK):
+        with open(path, "rb", buffering=0) as stream:
+            while count := stream.readinto(view):
+                chunk = view[:count]
                 for hasher in hashers.values():
                     hasher.update(chunk)
     except OSError as error:
@@ -293,9 +302,10 @@ def hash_files(
     executor: Executor | None = None,
     progress: Progress | None = None,
 ) -> dict[Path, dict[HashType, bytes]]:
-    """Digests of many files, computed in a thread pool; ``progress(done, total)`` after each file."""
+    """Digests of many files, each read once for all of them, on one thread per core of the pool;
+    ``progress(done, total)`` after each file."""
     if executor is None:
-        with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             return _hash_in(pool, paths, hash_types, progress)
     return _hash_in(executor, paths, hash_types, progress)
 
@@ -303,21 +313,42 @@ def hash_files(
 def _hash_in(
     executor: Executor, paths: Sequence[Path], hash_types: Sequence[HashType], progress: Progress | None
 ) -> dict[Path, dict[HashType, bytes]]:
+    """One task per core takes the next file until none is left (a task per file cost more in
+    the pool's bookkeeping than hashing a small file); this thread collects the results."""
     total = len(paths)
     if progress is not None:
         progress(0, total)
-    futures: dict[Future, Path] = {executor.submit(hash_file, path, hash_types): path for path in paths}
-    results: dict[Path, dict[HashType, bytes]] = {}
+    pending = collections.deque(enumerate(paths))
+    finished: queue.SimpleQueue[tuple[int, dict[HashType, bytes] | BaseException]] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work() -> None:
+        buffer = bytearray(READ_CHUNK)
+        while not stop.is_set():
+            try:
+                index, path = pending.popleft()
+            except IndexError:
+                return
+            try:
+                finished.put((index, hash_file(path, hash_types, buffer)))
+            except BaseException as error:
+                finished.put((index, error))  # for this thread to raise
+                raise
+
+    workers = [executor.submit(work) for _ in range(min(os.cpu_count() or 1, total))]
+    results: list[dict[HashType, bytes]] = [{} for _ in paths]
     try:
-        for done, future in enumerate(as_completed(futures), start=1):
-            results[futures[future]] = future.result()
+        for done in range(1, total + 1):
+            index, outcome = finished.get()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results[index] = outcome
             if progress is not None:
                 progress(done, total)
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
-    return results
+    finally:
+        stop.set()
+        wait(workers)  # no thread reads the files once this returns
+    return dict(zip(paths, results, strict=True))
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -374,12 +405,13 @@ def build_code_resources(
     to_hash = {entry.path for entry in entries2 if entry.kind == EntryKind.FILE}
     to_hash.update(entry.path for entry in entries1)
     wanted = tuple(dict.fromkeys((*hash_types, HashType.SHA1)))
-    digests = hash_files(
-        [bundle.content_root / path for path in sorted(to_hash)], wanted, executor=executor, progress=progress
-    )
+    names = sorted(to_hash)
+    files = [bundle.content_root / name for name in names]
+    by_file = hash_files(files, wanted, executor=executor, progress=progress)
+    digests = {name: by_file[file] for name, file in zip(names, files, strict=True)}
 
     def digest(path: str, hash_type: HashType) -> bytes:
-        return digests[bundle.content_root / path][hash_type]
+        return digests[path][hash_type]
 
     files2: dict[str, object] = {}
     for entry in entries2:
@@ -424,9 +456,84 @@ _REAL = re.compile(rb"<real>(-?\d+)\.0</real>")
 
 
 def serialize_code_resources(plist: Mapping[str, object]) -> bytes:
-    """Apple's XML plist layout: sorted keys, tab indents, whole-number reals without ``.0``."""
-    data = plistlib.dumps(dict(plist), fmt=plistlib.FMT_XML, sort_keys=True)
-    return _REAL.sub(rb"<real>\1</real>", data)
+    """Apple's XML plist layout: sorted keys, tab indents, whole-number reals without ``.0``.
+
+    The bytes are :func:`plistlib.dumps`'s (XML, sorted keys) with that one change, written by
+    :class:`_SealWriter`, which is several times faster on a seal of thousands of files.
+    """
+    lines: list[bytes] = [plistlib.dumps({})[: -len(b'<plist version="1.0">\n<dict/>\n</plist>\n')]]
+    lines.append(b'<plist version="1.0">\n')
+    _SealWriter(lines).value(dict(plist), 0)
+    lines.append(b"</plist>\n")
+    return _REAL.sub(rb"<real>\1</real>", b"".join(lines))
+
+
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_SPECIAL = re.compile(r"[\x00-\x08\x0b\x0c\x0d-\x1f&<>]")
+
+
+def _line_bytes(level: int) -> int:
+    """How many bytes plistlib puts on one base64 line of a ``<data>`` element at ``level``."""
+    return (max(16, 76 - 8 * level) // 4) * 3
+
+
+class _SealWriter:
+    """plistlib's XML writer for the types a seal holds, as lines appended to a list."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.append = lines.append
+
+    def text(self, element: str, text: str, level: int) -> None:
+        if _SPECIAL.search(text):
+            if _CONTROL.search(text):
+                raise ValueError("strings can't contain control characters; use bytes instead")
+            text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_ESCAPES)
+        self.append(b"\t" * level + f"<{element}>{text}</{element}>\n".encode())
+
+    def value(self, value: object, level: int) -> None:
+        indent = b"\t" * level
+        if isinstance(value, str):
+            self.text("string", value, level)
+        elif value is True or value is False:
+            self.append(indent + (b"<true/>\n" if value else b"<false/>\n"))
+        elif isinstance(value, int):
+            if not -1 << 63 <= value < 1 << 64:
+                raise OverflowError(value)
+            self.append(indent + b"<integer>%d</integer>\n" % value)
+        elif isinstance(value, float):
+            self.append(indent + f"<real>{value!r}</real>\n".encode())
+        elif isinstance(value, dict):
+            if not value:
+                self.append(indent + b"<dict/>\n")
+                return
+            self.append(indent + b"<dict>\n")
+            one_line = _line_bytes(level + 1)
+            for key, item in sorted(value.items()):
+                if not isinstance(key, str):
+                    raise TypeError("keys must be strings")
+                self.text("key", key, level + 1)
+                if isinstance(item, bytes) and 0 < len(item) <= one_line:  # a digest, inline
+                    self.append(b"%s\t<data>\n%s\t%s%s\t</data>\n" % (indent, indent, binascii.b2a_base64(item), indent))
+                else:
+                    self.value(item, level + 1)
+            self.append(indent + b"</dict>\n")
+        elif isinstance(value, bytes | bytearray):
+            self.append(indent + b"<data>\n")
+            chunk = _line_bytes(level)
+            for start in range(0, len(value), chunk):
+                self.append(indent + binascii.b2a_base64(value[start : start + chunk]))
+            self.append(indent + b"</data>\n")
+        elif isinstance(value, list | tuple):
+            if not value:
+                self.append(indent + b"<array/>\n")
+                return
+            self.append(indent + b"<array>\n")
+            for item in value:
+                self.value(item, level + 1)
+            self.append(indent + b"</array>\n")
+        else:
+            raise TypeError(f"unsupported type: {type(value)}")
 
 
 def parse_code_resources(data: bytes) -> dict:
