@@ -1,7 +1,7 @@
 """codesign's speed next to plain hashing of the same bytes, measured in the same run.
 
     ./dev bench codesign [--runs 5] [--only-macho] [--only-bundle] [--only-dmg] [--skip-bundle]
-                         [--size-mib 256] [--files 5000] [--dmg-size-mib 1024]
+                         [--size-mib 256] [--files 5000] [--dmg-size-mib 1024] [--work-dir DIR]
 
 1. A single-architecture arm64 Mach-O of ``--size-mib`` MiB (clang + ld64.lld; a seeded random
    blob in ``__TEXT`` through ``.incbin``) is signed ad hoc and with an RSA-2048 identity
@@ -14,6 +14,9 @@
 3. A UDIF disk image of ``--dmg-size-mib`` MiB is signed ad hoc and with the RSA identity, next
    to ``openssl dgst -sha256`` of the same file. Target: at most 1.1x. The last table is the
    floor: the engine's one SHA-256 over the image, writing nothing.
+
+``--work-dir`` chooses the file system: on one with reflinks (XFS, btrfs) the staged output
+shares the input's blocks instead of copying them (see docs/benchmarks.md).
 
 Each run times every step once, in turn, so that a change in the machine's load weighs on the
 reference and the engine alike; the tables give best, median and range, the median's ratio to the
@@ -372,15 +375,19 @@ def main() -> None:
     parser.add_argument("--only-bundle", action="store_true")
     parser.add_argument("--only-dmg", action="store_true")
     parser.add_argument("--skip-bundle", action="store_true")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the inputs are written and signed (default: the system's temporary directory)")
     arguments = parser.parse_args()
     chosen = {name for name in ("macho", "bundle", "dmg") if getattr(arguments, f"only_{name}")}
     chosen = chosen or {"macho", "dmg"} | (set() if arguments.skip_bundle else {"bundle"})
     identity = local_identity()
     with (
-        tempfile.TemporaryDirectory(prefix="bench-codesign-") as temporary,
+        tempfile.TemporaryDirectory(prefix="bench-codesign-", dir=arguments.work_dir) as temporary,
         ThreadPoolExecutor(os.cpu_count()) as pool,
     ):
         work = Path(temporary)
+        kind = subprocess.run(["stat", "-f", "-c", "%T", work], capture_output=True, text=True).stdout.strip()
+        print(f"inputs and outputs in {work} (file system: {kind})")
         if "macho" in chosen:
             bench_macho(work, arguments.size_mib, arguments.runs, pool, identity)
         if "bundle" in chosen:

@@ -45,10 +45,13 @@ from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.macho import parse_file
 from signbridge.apple.macho_signing import SigningOptions, sign_path
 from signbridge.apple.resources import (
+    DigestCache,
     NestedCode,
     NestedCodeNotSignedError,
     ResourceSealError,
     build_code_resources,
+    hash_file,
+    hash_files,
     serialize_code_resources,
     verify_code_resources,
 )
@@ -702,3 +705,34 @@ def test_code_resources_are_serialized_as_plistlib_writes_them() -> None:
         assert serialize_code_resources(plist) == expected
     with pytest.raises(ValueError, match="control characters"):
         serialize_code_resources({"files": {"a\x01b": b""}})
+
+
+def test_digests_hashed_ahead_are_taken_only_for_the_file_that_was_hashed(tmp_path: Path) -> None:
+    files = [tmp_path / f"file{n}.bin" for n in range(8)]
+    generator = random.Random(8)
+    for path in files:
+        path.write_bytes(generator.randbytes(generator.randrange(1, 3 << 20)))
+    types = (HashType.SHA1, HashType.SHA256)
+    cache = DigestCache()
+    cache.start(files, types)
+    cache.finish(stop=False)
+    atomic_write(files[1], b"signed since", mode=0o644)  # replaced: a new inode
+    with files[2].open("ab") as stream:  # written into: new size and times
+        stream.write(b"more")
+    files[3].unlink()
+    os.link(files[4], tmp_path / "another name")  # a new link changes the change time
+
+    assert cache.take(files[0], (HashType.SHA512,)) is None  # not computed ahead
+    assert cache.take(files[0], types) is None  # taken once only
+    for path in files[1:5]:
+        assert cache.take(path, types) is None
+    assert cache.take(files[5], types) == hash_file(files[5], types)
+
+    cache = DigestCache()
+    cache.start(files[:3] + files[4:], types)
+    cache.finish(stop=False)
+    files[6].write_bytes(b"rewritten in place")
+    digests = hash_files([*files[:3], *files[4:]], types, cache=cache)
+    for path in [*files[:3], *files[4:]]:
+        expected = {hash_type: hashlib.new(hash_type.hashlib_name, path.read_bytes()).digest() for hash_type in types}
+        assert digests[path] == expected

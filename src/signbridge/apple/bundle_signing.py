@@ -45,7 +45,7 @@ from .ipa import extracted_app, write_ipa
 from .macho import MachOError, parse_file
 from .requirements import cdhash as cdhash_requirement
 from .requirements import render
-from .resources import NestedCode, build_code_resources
+from .resources import DigestCache, NestedCode, build_code_resources, start_sealing
 from .signed_code import (
     designated_requirement,
     preferred_directory,
@@ -153,6 +153,7 @@ def _sign_one_bundle(
     *,
     top: bool,
     executor: Executor,
+    cache: DigestCache | None = None,
 ) -> SignedCode:
     records = {path: code for path, code in nested.items() if path.is_relative_to(bundle.content_root)}
     if not options.deep:
@@ -167,6 +168,7 @@ def _sign_one_bundle(
             hash_types=_seal_hash_types(bundle, options),
             executor=executor,
             progress=advance,
+            cache=cache,
         )
     atomic_write(bundle.code_resources_path, seal)
     identifier = (options.identifier if top else None) or bundle.identifier
@@ -229,19 +231,25 @@ def sign_bundle(
         plan = sign_bundle_plan(root) if options.deep else [root.root]
         done: dict[Path, NestedCode] = {}
         results: list[SignedCode] = []
-        for item in plan:
-            if item.is_dir():
-                bundle = root if item == root.root else Bundle.open(item)
-                if remove_stapled_ticket(bundle.content_root):
-                    reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
-                signed = _sign_one_bundle(
-                    bundle, identity, options, reporter, done, top=bundle is root, executor=executor
-                )
-            else:
-                job = MachOJob(item, entitlements=False, nested=True)
-                signed = sign_macho_file(job, identity, options, reporter, executor=executor)
-            done[item] = NestedCode(signed.cdhash, signed.requirement or "")
-            results.append(signed)
+        # The root's resources are hashed on a thread of their own while its nested code is signed.
+        cache = start_sealing(root, _seal_hash_types(root, options))
+        try:
+            for item in plan:
+                if item.is_dir():
+                    bundle = root if item == root.root else Bundle.open(item)
+                    if remove_stapled_ticket(bundle.content_root):
+                        reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
+                    signed = _sign_one_bundle(
+                        bundle, identity, options, reporter, done, top=bundle is root, executor=executor,
+                        cache=cache if bundle is root else None,
+                    )  # fmt: skip
+                else:
+                    job = MachOJob(item, entitlements=False, nested=True)
+                    signed = sign_macho_file(job, identity, options, reporter, executor=executor)
+                done[item] = NestedCode(signed.cdhash, signed.requirement or "")
+                results.append(signed)
+        finally:
+            cache.finish()
     final = results[-1]
     nested = tuple(results[:-1])
     return SignedCode(path, final.identifier, final.format, final.cdhash, final.requirement, nested)

@@ -282,17 +282,84 @@ def hash_file(
 ) -> dict[HashType, bytes]:
     """Digests of one file, read once, into ``buffer`` when given (a thread hashing many files
     reuses one)."""
+    return _hash_identified(path, hash_types, buffer)[1]
+
+
+FileIdentity = tuple[int, int, int, int, int]
+
+
+def _identity(status: os.stat_result) -> FileIdentity:
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
+def _hash_identified(
+    path: Path, hash_types: Sequence[HashType], buffer: bytearray | None
+) -> tuple[FileIdentity, dict[HashType, bytes]]:
+    """The file's digests and the identity of the file they are of, taken before it was read."""
     hashers = {hash_type: hashlib.new(hash_type.hashlib_name) for hash_type in hash_types}
     view = memoryview(buffer if buffer is not None else bytearray(READ_CHUNK))
     try:
         with open(path, "rb", buffering=0) as stream:
+            identity = _identity(os.fstat(stream.fileno()))
             while count := stream.readinto(view):
                 chunk = view[:count]
                 for hasher in hashers.values():
                     hasher.update(chunk)
     except OSError as error:
         raise UnreadableFileError(f"cannot read {path}: {error.strerror}") from error
-    return {hash_type: hasher.digest()[: hash_type.size] for hash_type, hasher in hashers.items()}
+    return identity, {hash_type: hasher.digest()[: hash_type.size] for hash_type, hasher in hashers.items()}
+
+
+class DigestCache:
+    """Digests of files hashed ahead of time on a thread of their own (while this one signs
+    nested code), for :func:`hash_files` to take instead of reading the files again.
+
+    An entry is taken only while its file is the one hashed: same device, inode, size,
+    modification and change time. Signing writes a changed file anew and renames it into place,
+    so a file signed since it was hashed is a new inode and is hashed again.
+    """
+
+    def __init__(self) -> None:
+        self._found: dict[Path, tuple[FileIdentity, dict[HashType, bytes]]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, paths: Sequence[Path], hash_types: Sequence[HashType]) -> None:
+        """Hash ``paths`` in order on a new thread until all are done or :meth:`finish` is called."""
+
+        def run() -> None:
+            buffer = bytearray(READ_CHUNK)
+            for path in paths:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._found[path] = _hash_identified(path, hash_types, buffer)
+                except UnreadableFileError:
+                    continue  # not cached: hash_files reads it again and reports the error
+        self._thread = threading.Thread(target=run, name="seal digests", daemon=True)
+        self._thread.start()
+
+    def finish(self, *, stop: bool = True) -> None:
+        """Return when the thread has let go of the files: at once (``stop``, what is not hashed
+        yet stays so) or when it has hashed all of them."""
+        if stop:
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def take(self, path: Path, hash_types: Sequence[HashType]) -> dict[HashType, bytes] | None:
+        """The digests of ``path`` as it is now, when they were computed ahead; else None."""
+        entry = self._found.pop(path, None)
+        if entry is None:
+            return None
+        identity, digests = entry
+        try:
+            current = _identity(os.lstat(path))
+        except OSError:
+            return None
+        if current != identity or any(hash_type not in digests for hash_type in hash_types):
+            return None
+        return digests
 
 
 def hash_files(
@@ -301,13 +368,31 @@ def hash_files(
     *,
     executor: Executor | None = None,
     progress: Progress | None = None,
+    cache: DigestCache | None = None,
 ) -> dict[Path, dict[HashType, bytes]]:
     """Digests of many files, each read once for all of them, on one thread per core of the pool;
-    ``progress(done, total)`` after each file."""
+    ``progress(done, total)`` after each file. Digests ``cache`` computed ahead are taken first."""
+    known: dict[Path, dict[HashType, bytes]] = {}
+    if cache is not None:
+        cache.finish()
+        for path in paths:
+            if (digests := cache.take(path, hash_types)) is not None:
+                known[path] = digests
+    if not known:
+        missing, advance = paths, progress
+    else:
+        missing = [path for path in paths if path not in known]
+
+        def advance(done: int, _: int) -> None:
+            if progress is not None:
+                progress(done + len(known), len(paths))
+
     if executor is None:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            return _hash_in(pool, paths, hash_types, progress)
-    return _hash_in(executor, paths, hash_types, progress)
+            hashed = _hash_in(pool, missing, hash_types, advance)
+    else:
+        hashed = _hash_in(executor, missing, hash_types, advance)
+    return {path: known[path] if path in known else hashed[path] for path in paths} if known else hashed
 
 
 def _hash_in(
@@ -378,21 +463,11 @@ def _hash_type_of_key(key: str) -> HashType | None:
     return None
 
 
-def build_code_resources(
+def _seal_entries(
     bundle: Bundle,
-    nested_info: Mapping[str | Path, NestedCode],
-    *,
-    hash_types: Sequence[HashType] = DEFAULT_HASH_TYPES,
-    executor: Executor | None = None,
-    progress: Progress | None = None,
-) -> bytes:
-    """The bundle's CodeResources as Apple writes it (XML plist bytes).
-
-    ``nested_info`` maps each nested code item (its path relative to the content root, such as
-    ``Frameworks/Demo.framework``, or its absolute path) to its cdhash and designated requirement;
-    every nested item must be there, signed first. ``hash_types`` are the files2 digests (Apple
-    uses the CodeDirectory digests: SHA-256 alone writes only ``hash2``).
-    """
+) -> tuple[dict[str, object], dict[str, object], list[SealedEntry], list[SealedEntry]]:
+    """The bundle's seal rules (``files`` and ``files2``) and what each seals: regular files only
+    for ``files``."""
     rules1, rules2 = default_rules(bundle.is_shallow)
     exclusions = seal_exclusions(bundle.content_root, bundle.executable_path)
     entries2 = scan(bundle.content_root, RuleSet.from_plist(rules2, exclusions))
@@ -401,17 +476,59 @@ def build_code_resources(
         for entry in scan(bundle.content_root, RuleSet.from_plist(rules1, exclusions))
         if entry.is_regular_file
     ]
+    return rules1, rules2, entries1, entries2
+
+
+def _hashed_names(entries1: Sequence[SealedEntry], entries2: Sequence[SealedEntry]) -> list[str]:
+    """The files whose digests the seal stores, sorted."""
+    names = {entry.path for entry in entries2 if entry.kind == EntryKind.FILE}
+    names.update(entry.path for entry in entries1)
+    return sorted(names)
+
+
+def seal_digest_types(hash_types: Sequence[HashType]) -> tuple[HashType, ...]:
+    """The digests computed of each sealed file: ``hash_types`` for ``files2``, SHA-1 for ``files``."""
+    return tuple(dict.fromkeys((*hash_types, HashType.SHA1)))
+
+
+def start_sealing(bundle: Bundle, hash_types: Sequence[HashType]) -> DigestCache:
+    """Start hashing the files the bundle's seal will store digests of, on a thread of its own,
+    before its nested code is signed (which replaces nested Mach-O files: those are left for
+    later). Pass the cache to :func:`build_code_resources`; :meth:`DigestCache.finish` it when
+    signing stops early."""
+    _, _, entries1, entries2 = _seal_entries(bundle)
+    later = {entry.path for entry in entries1 if entry.kind == EntryKind.NESTED_MACHO}
+    cache = DigestCache()
+    names = [name for name in _hashed_names(entries1, entries2) if name not in later]
+    cache.start([bundle.content_root / name for name in names], seal_digest_types(hash_types))
+    return cache
+
+
+def build_code_resources(
+    bundle: Bundle,
+    nested_info: Mapping[str | Path, NestedCode],
+    *,
+    hash_types: Sequence[HashType] = DEFAULT_HASH_TYPES,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+    cache: DigestCache | None = None,
+) -> bytes:
+    """The bundle's CodeResources as Apple writes it (XML plist bytes).
+
+    ``nested_info`` maps each nested code item (its path relative to the content root, such as
+    ``Frameworks/Demo.framework``, or its absolute path) to its cdhash and designated requirement;
+    every nested item must be there, signed first. ``hash_types`` are the files2 digests (Apple
+    uses the CodeDirectory digests: SHA-256 alone writes only ``hash2``). ``cache``: digests
+    computed ahead (:func:`start_sealing`).
+    """
+    rules1, rules2, entries1, entries2 = _seal_entries(bundle)
     nested = {_seal_key(bundle, key): value for key, value in nested_info.items()}
-    to_hash = {entry.path for entry in entries2 if entry.kind == EntryKind.FILE}
-    to_hash.update(entry.path for entry in entries1)
-    wanted = tuple(dict.fromkeys((*hash_types, HashType.SHA1)))
-    names = sorted(to_hash)
+    names = _hashed_names(entries1, entries2)
     files = [bundle.content_root / name for name in names]
-    by_file = hash_files(files, wanted, executor=executor, progress=progress)
+    by_file = hash_files(files, seal_digest_types(hash_types), executor=executor, progress=progress, cache=cache)
     digests = {name: by_file[file] for name, file in zip(names, files, strict=True)}
 
-    def digest(path: str, hash_type: HashType) -> bytes:
-        return digests[path][hash_type]
+    keys = [(hash_key(hash_type), hash_type) for hash_type in hash_types]
 
     files2: dict[str, object] = {}
     for entry in entries2:
@@ -426,14 +543,15 @@ def build_code_resources(
         elif entry.kind == EntryKind.SYMLINK:
             seal = {"symlink": os.readlink(bundle.content_root / entry.path)}
         else:
-            seal = {hash_key(hash_type): digest(entry.path, hash_type) for hash_type in hash_types}
+            found = digests[entry.path]
+            seal = {key: found[hash_type] for key, hash_type in keys}
         if entry.flags & OPTIONAL:
             seal["optional"] = True
         files2[entry.path] = seal["hash"] if list(seal) == ["hash"] else seal
 
     files: dict[str, object] = {}
     for entry in entries1:
-        sha1 = digest(entry.path, HashType.SHA1)
+        sha1 = digests[entry.path][HashType.SHA1]
         files[entry.path] = sha1 if entry.flags == 0 else {"hash": sha1, "optional": bool(entry.flags & OPTIONAL)}
 
     return serialize_code_resources(
