@@ -30,6 +30,7 @@ from .codesign import (
     UnsignedNestedCodeError,
     default_identifier,
     existing_signature_state,
+    mapped,
     read_code,
     replacing_note,
     requirements_and_signer,
@@ -92,11 +93,11 @@ def bundle_signature_state(bundle: Bundle) -> str | None:
     """Like :func:`existing_signature_state` for a bundle's main executable and its seal."""
     if bundle.executable_path is None:
         return "signed" if has_detached_signature(bundle.signature_dir) else None
-    try:
-        parsed = parse_file(read_code(bundle.executable_path))
-    except MachOError:
-        return "invalid"
-    state = existing_signature_state(parsed)
+    with mapped(bundle.executable_path) as (data, _):
+        try:
+            state = existing_signature_state(parse_file(data))
+        except MachOError:
+            return "invalid"
     if state is None and bundle.code_resources_path.is_file():
         return "signed"
     return state
@@ -141,7 +142,8 @@ def _seal_hash_types(bundle: Bundle, options: CodesignOptions) -> tuple[HashType
         return options.hash_types
     if bundle.executable_path is None:
         return (HashType.SHA256,)
-    return widest_default_hash_types(parse_file(read_code(bundle.executable_path)))
+    with mapped(bundle.executable_path) as (data, _):
+        return widest_default_hash_types(parse_file(data))
 
 
 def _sign_one_bundle(
