@@ -20,7 +20,9 @@ sign a non-Mach-O file there (a script) with a detached signature; signbridge se
 resource, which Apple's verifier accepts. Excluded always: ``_CodeSignature``, ``CodeResources``
 (where a stapled ticket lives), ``_MASReceipt`` and the main executable.
 
-Files are hashed in a thread pool (hashlib releases the GIL), one task per file.
+Every file is read once for all its digests, on one pool thread per core (hashlib releases the
+GIL); a signer may start hashing a bundle's files on a thread of its own before the seal is built
+(:func:`start_sealing`).
 """
 
 from __future__ import annotations
