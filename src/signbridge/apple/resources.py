@@ -279,15 +279,16 @@ def _scan_directory(directory: Path, prefix: str, rules: RuleSet, out: list[Seal
 # --- hashing ----------------------------------------------------------------------------------------
 
 
+FileIdentity = tuple[int, int, int, int, int]
+FilePath = str | Path  # a Path, or a str where thousands are made (building Paths costs more)
+
+
 def hash_file(
-    path: Path, hash_types: Sequence[HashType], buffer: bytearray | None = None
+    path: FilePath, hash_types: Sequence[HashType], buffer: bytearray | None = None
 ) -> dict[HashType, bytes]:
     """Digests of one file, read once, into ``buffer`` when given (a thread hashing many files
     reuses one)."""
     return _hash_identified(path, hash_types, buffer)[1]
-
-
-FileIdentity = tuple[int, int, int, int, int]
 
 
 def _identity(status: os.stat_result) -> FileIdentity:
@@ -295,7 +296,7 @@ def _identity(status: os.stat_result) -> FileIdentity:
 
 
 def _hash_identified(
-    path: Path, hash_types: Sequence[HashType], buffer: bytearray | None
+    path: FilePath, hash_types: Sequence[HashType], buffer: bytearray | None
 ) -> tuple[FileIdentity, dict[HashType, bytes]]:
     """The file's digests and the identity of the file they are of, taken before it was read."""
     hashers = {hash_type: hashlib.new(hash_type.hashlib_name) for hash_type in hash_types}
@@ -322,11 +323,11 @@ class DigestCache:
     """
 
     def __init__(self) -> None:
-        self._found: dict[Path, tuple[FileIdentity, dict[HashType, bytes]]] = {}
+        self._found: dict[FilePath, tuple[FileIdentity, dict[HashType, bytes]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, paths: Sequence[Path], hash_types: Sequence[HashType]) -> None:
+    def start(self, paths: Sequence[FilePath], hash_types: Sequence[HashType]) -> None:
         """Hash ``paths`` in order on a new thread until all are done or :meth:`finish` is called."""
 
         def run() -> None:
@@ -349,7 +350,7 @@ class DigestCache:
         if self._thread is not None:
             self._thread.join()
 
-    def take(self, path: Path, hash_types: Sequence[HashType]) -> dict[HashType, bytes] | None:
+    def take(self, path: FilePath, hash_types: Sequence[HashType]) -> dict[HashType, bytes] | None:
         """The digests of ``path`` as it is now, when they were computed ahead; else None."""
         entry = self._found.pop(path, None)
         if entry is None:
@@ -365,16 +366,16 @@ class DigestCache:
 
 
 def hash_files(
-    paths: Sequence[Path],
+    paths: Sequence[FilePath],
     hash_types: Sequence[HashType],
     *,
     executor: Executor | None = None,
     progress: Progress | None = None,
     cache: DigestCache | None = None,
-) -> dict[Path, dict[HashType, bytes]]:
+) -> dict[FilePath, dict[HashType, bytes]]:
     """Digests of many files, each read once for all of them, on one thread per core of the pool;
     ``progress(done, total)`` after each file. Digests ``cache`` computed ahead are taken first."""
-    known: dict[Path, dict[HashType, bytes]] = {}
+    known: dict[FilePath, dict[HashType, bytes]] = {}
     if cache is not None:
         cache.finish()
         for path in paths:
@@ -398,8 +399,8 @@ def hash_files(
 
 
 def _hash_in(
-    executor: Executor, paths: Sequence[Path], hash_types: Sequence[HashType], progress: Progress | None
-) -> dict[Path, dict[HashType, bytes]]:
+    executor: Executor, paths: Sequence[FilePath], hash_types: Sequence[HashType], progress: Progress | None
+) -> dict[FilePath, dict[HashType, bytes]]:
     """One task per core takes the next file until none is left (a task per file cost more in
     the pool's bookkeeping than hashing a small file); this thread collects the results."""
     total = len(paths)
@@ -488,6 +489,11 @@ def _hashed_names(entries1: Sequence[SealedEntry], entries2: Sequence[SealedEntr
     return sorted(names)
 
 
+def _sealed_paths(bundle: Bundle, names: Sequence[str]) -> list[FilePath]:
+    root = os.fspath(bundle.content_root)
+    return [f"{root}/{name}" for name in names]
+
+
 def seal_digest_types(hash_types: Sequence[HashType]) -> tuple[HashType, ...]:
     """The digests computed of each sealed file: ``hash_types`` for ``files2``, SHA-1 for ``files``."""
     return tuple(dict.fromkeys((*hash_types, HashType.SHA1)))
@@ -502,7 +508,7 @@ def start_sealing(bundle: Bundle, hash_types: Sequence[HashType]) -> DigestCache
     later = {entry.path for entry in entries1 if entry.kind == EntryKind.NESTED_MACHO}
     cache = DigestCache()
     names = [name for name in _hashed_names(entries1, entries2) if name not in later]
-    cache.start([bundle.content_root / name for name in names], seal_digest_types(hash_types))
+    cache.start(_sealed_paths(bundle, names), seal_digest_types(hash_types))
     return cache
 
 
@@ -526,7 +532,7 @@ def build_code_resources(
     rules1, rules2, entries1, entries2 = _seal_entries(bundle)
     nested = {_seal_key(bundle, key): value for key, value in nested_info.items()}
     names = _hashed_names(entries1, entries2)
-    files = [bundle.content_root / name for name in names]
+    files = _sealed_paths(bundle, names)
     by_file = hash_files(files, seal_digest_types(hash_types), executor=executor, progress=progress, cache=cache)
     digests = {name: by_file[file] for name, file in zip(names, files, strict=True)}
 
