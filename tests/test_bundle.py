@@ -11,6 +11,7 @@ import base64
 import hashlib
 import os
 import plistlib
+import random
 import re
 import struct
 import sys
@@ -44,10 +45,13 @@ from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.macho import parse_file
 from signbridge.apple.macho_signing import SigningOptions, sign_path
 from signbridge.apple.resources import (
+    DigestCache,
     NestedCode,
     NestedCodeNotSignedError,
     ResourceSealError,
     build_code_resources,
+    hash_file,
+    hash_files,
     serialize_code_resources,
     verify_code_resources,
 )
@@ -616,18 +620,24 @@ def test_atomic_write(tmp_path: Path) -> None:
 
 def test_staged_bundle_leaves_the_original_untouched_on_failure(app: Path) -> None:
     before = snapshot(app)
+    executable = Path("Contents", "MacOS", "MyApp")
     with pytest.raises(RuntimeError, match="signing failed"), staged_bundle(app) as work:
         assert work != app and snapshot(work) == before
-        (work / "Contents" / "MacOS" / "MyApp").write_bytes(b"half-written")
+        # Staging copies no file data: each staged file is the original's file, linked.
+        assert (work / executable).stat().st_ino == (app / executable).stat().st_ino
+        atomic_write(work / executable, b"half-written", mode=0o755)
         (work / "Contents" / "Resources" / "new.txt").write_text("new\n")
+        (work / "Contents" / "Info.plist").unlink()
         raise RuntimeError("signing failed")
     assert snapshot(app) == before
+    assert (app / executable).stat().st_nlink == 1
     assert sorted(os.listdir(app.parent)) == ["MyApp.app"]
 
 
 def test_staged_bundle_swaps_atomically_on_success(app: Path) -> None:
     before = snapshot(app)
     info = app / "Contents" / "Info.plist"
+    info_inode = info.stat().st_ino
     misses = 0
     stop = threading.Event()
 
@@ -649,6 +659,7 @@ def test_staged_bundle_swaps_atomically_on_success(app: Path) -> None:
 
     assert misses == 0
     assert app.stat().st_ino == staged_inode
+    assert info.stat().st_ino == info_inode and info.stat().st_nlink == 1  # the same file, not a copy
     after = snapshot(app)
     assert after.pop("Contents/_CodeSignature/CodeResources")[0] == "file"
     assert after.pop("Contents/_CodeSignature")[0] == "dir"
@@ -664,3 +675,64 @@ def test_staged_signing_end_to_end(app: Path) -> None:
     objdump = require_file(str(machofixtures.LLVM / "llvm-objdump"), "llvm-14")
     headers = run([objdump, "--macho", "--private-headers", "--arch=arm64", str(bundle.executable_path)]).stdout
     assert b"LC_CODE_SIGNATURE" in headers
+
+
+def test_code_resources_are_serialized_as_plistlib_writes_them() -> None:
+    """The seal's own XML writer gives plistlib's bytes (sorted keys, tab indents, base64 lines as
+    wide as the nesting allows) with whole reals written without ``.0``, for every kind of value,
+    at every depth, including strings that need escaping."""
+    generator = random.Random(20261203)
+
+    def value(depth: int) -> object:
+        kind = generator.randrange(8 if depth < 9 else 5)
+        if kind == 0:
+            return "".join(generator.choice("ab<>&\r\n\tz é€/") for _ in range(generator.randrange(12)))
+        if kind == 1:
+            return generator.choice([True, False, 0, -(1 << 63), (1 << 64) - 1, 1.0, -3.0, 0.5, 1e20])
+        if kind in (2, 3):
+            return generator.randbytes(generator.choice([0, 1, 20, 32, 39, 42, 45, 57, 60, 200]))
+        if kind == 4:
+            return {}
+        if kind in (5, 6):
+            keys = ["".join(generator.choice("ab/._<") for _ in range(generator.randrange(1, 8))) for _ in range(5)]
+            return {key: value(depth + 1) for key in keys}
+        return [value(depth + 1) for _ in range(generator.randrange(4))]
+
+    for _ in range(2000):
+        plist = {f"key{n}": value(0) for n in range(generator.randrange(5))}
+        expected = plistlib.dumps(plist, fmt=plistlib.FMT_XML, sort_keys=True)
+        expected = re.sub(rb"<real>(-?\d+)\.0</real>", rb"<real>\1</real>", expected)
+        assert serialize_code_resources(plist) == expected
+    with pytest.raises(ValueError, match="control characters"):
+        serialize_code_resources({"files": {"a\x01b": b""}})
+
+
+def test_digests_hashed_ahead_are_taken_only_for_the_file_that_was_hashed(tmp_path: Path) -> None:
+    files = [tmp_path / f"file{n}.bin" for n in range(8)]
+    generator = random.Random(8)
+    for path in files:
+        path.write_bytes(generator.randbytes(generator.randrange(1, 3 << 20)))
+    types = (HashType.SHA1, HashType.SHA256)
+    cache = DigestCache()
+    cache.start(files, types)
+    cache.finish(stop=False)
+    atomic_write(files[1], b"signed since", mode=0o644)  # replaced: a new inode
+    with files[2].open("ab") as stream:  # written into: new size and times
+        stream.write(b"more")
+    files[3].unlink()
+    os.link(files[4], tmp_path / "another name")  # a new link changes the change time
+
+    assert cache.take(files[0], (HashType.SHA512,)) is None  # not computed ahead
+    assert cache.take(files[0], types) is None  # taken once only
+    for path in files[1:5]:
+        assert cache.take(path, types) is None
+    assert cache.take(files[5], types) == hash_file(files[5], types)
+
+    cache = DigestCache()
+    cache.start(files[:3] + files[4:], types)
+    cache.finish(stop=False)
+    files[6].write_bytes(b"rewritten in place")
+    digests = hash_files([*files[:3], *files[4:]], types, cache=cache)
+    for path in [*files[:3], *files[4:]]:
+        expected = {hash_type: hashlib.new(hash_type.hashlib_name, path.read_bytes()).digest() for hash_type in types}
+        assert digests[path] == expected

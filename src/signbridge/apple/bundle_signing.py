@@ -30,6 +30,7 @@ from .codesign import (
     UnsignedNestedCodeError,
     default_identifier,
     existing_signature_state,
+    mapped,
     read_code,
     replacing_note,
     requirements_and_signer,
@@ -45,7 +46,7 @@ from .ipa import extracted_app, write_ipa
 from .macho import MachOError, parse_file
 from .requirements import cdhash as cdhash_requirement
 from .requirements import render
-from .resources import NestedCode, build_code_resources
+from .resources import DigestCache, NestedCode, build_code_resources, start_sealing
 from .signed_code import (
     designated_requirement,
     preferred_directory,
@@ -92,11 +93,11 @@ def bundle_signature_state(bundle: Bundle) -> str | None:
     """Like :func:`existing_signature_state` for a bundle's main executable and its seal."""
     if bundle.executable_path is None:
         return "signed" if has_detached_signature(bundle.signature_dir) else None
-    try:
-        parsed = parse_file(read_code(bundle.executable_path))
-    except MachOError:
-        return "invalid"
-    state = existing_signature_state(parsed)
+    with mapped(bundle.executable_path) as (data, _):
+        try:
+            state = existing_signature_state(parse_file(data))
+        except MachOError:
+            return "invalid"
     if state is None and bundle.code_resources_path.is_file():
         return "signed"
     return state
@@ -141,7 +142,8 @@ def _seal_hash_types(bundle: Bundle, options: CodesignOptions) -> tuple[HashType
         return options.hash_types
     if bundle.executable_path is None:
         return (HashType.SHA256,)
-    return widest_default_hash_types(parse_file(read_code(bundle.executable_path)))
+    with mapped(bundle.executable_path) as (data, _):
+        return widest_default_hash_types(parse_file(data))
 
 
 def _sign_one_bundle(
@@ -153,6 +155,7 @@ def _sign_one_bundle(
     *,
     top: bool,
     executor: Executor,
+    cache: DigestCache | None = None,
 ) -> SignedCode:
     records = {path: code for path, code in nested.items() if path.is_relative_to(bundle.content_root)}
     if not options.deep:
@@ -167,6 +170,7 @@ def _sign_one_bundle(
             hash_types=_seal_hash_types(bundle, options),
             executor=executor,
             progress=advance,
+            cache=cache,
         )
     atomic_write(bundle.code_resources_path, seal)
     identifier = (options.identifier if top else None) or bundle.identifier
@@ -224,28 +228,30 @@ def sign_bundle(
         if not options.force:
             raise AlreadySignedError()
         reporter.note(path, replacing_note(state))
-    with staged_bundle(original.root) as staged:
-        root = Bundle.open(staged)
+    with staged_bundle(original) as staged:
+        root = original.moved_to(staged)
         plan = sign_bundle_plan(root) if options.deep else [root.root]
         done: dict[Path, NestedCode] = {}
         results: list[SignedCode] = []
-        for item in plan:
-            if item.is_dir() and remove_stapled_ticket(Bundle.open(item).content_root):
-                reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
-            if item == root.root:
-                signed = _sign_one_bundle(
-                    root, identity, options, reporter, done, top=True, executor=executor
-                )
-            elif item.is_dir():
-                nested_bundle = Bundle.open(item)
-                signed = _sign_one_bundle(
-                    nested_bundle, identity, options, reporter, done, top=False, executor=executor
-                )
-            else:
-                job = MachOJob(item, entitlements=False, nested=True)
-                signed = sign_macho_file(job, identity, options, reporter, executor=executor)
-            done[item] = NestedCode(signed.cdhash, signed.requirement or "")
-            results.append(signed)
+        # The root's resources are hashed on a thread of their own while its nested code is signed.
+        cache = start_sealing(root, _seal_hash_types(root, options))
+        try:
+            for item in plan:
+                if item.is_dir():
+                    bundle = root if item == root.root else Bundle.open(item)
+                    if remove_stapled_ticket(bundle.content_root):
+                        reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
+                    signed = _sign_one_bundle(
+                        bundle, identity, options, reporter, done, top=bundle is root, executor=executor,
+                        cache=cache if bundle is root else None,
+                    )  # fmt: skip
+                else:
+                    job = MachOJob(item, entitlements=False, nested=True)
+                    signed = sign_macho_file(job, identity, options, reporter, executor=executor)
+                done[item] = NestedCode(signed.cdhash, signed.requirement or "")
+                results.append(signed)
+        finally:
+            cache.finish()
     final = results[-1]
     nested = tuple(results[:-1])
     return SignedCode(path, final.identifier, final.format, final.cdhash, final.requirement, nested)

@@ -385,9 +385,10 @@ def sign_into(
     progress: Progress | None = None,
 ) -> tuple[list[SignedSlice], int]:
     """Sign ``parsed`` (read from the open file ``source``) into ``output``; the signed slices and
-    the output's size. The output is laid out before any hashing; ``executor`` copies the unchanged
-    code into it while the pages are hashed, then the new headers and signatures are written
-    around it. ``progress`` is called with (bytes done, bytes in all). The views of ``parsed`` the
+    the output's size. The output is laid out before any hashing; ``executor`` copies each
+    slice's code (from its first byte, so that a file system with reflinks shares the blocks
+    instead) into it while the pages are hashed, then the new headers are written over the old
+    ones and the signatures after them. ``progress`` is called with (bytes done, bytes in all). The views of ``parsed`` the
     slices' ``parts`` hold are released on return (the caller may unmap the input)."""
     total = os.fstat(source).st_size
     layouts = [lay_out_slice(macho, options, with_cms=cms_signer is not None) for macho in parsed.slices]
@@ -396,9 +397,11 @@ def sign_into(
         sources = [arch.offset for arch in parsed.fat_arches] if parsed.fat_arches is not None else [0]
         copies = []
         for layout, start, offset in zip(layouts, sources, offsets, strict=True):
-            head, length = len(layout.header), len(layout.body)
-            if length:
-                copies.append(executor.submit(output.copy, source, start + head, length, offset + head))
+            # From the slice's start, old header included (the new one is written over it): a
+            # file system with reflinks shares only whole blocks, so the copy must start on one.
+            length = len(layout.header) + len(layout.body)
+            if len(layout.body):
+                copies.append(executor.submit(output.copy, source, start, length, offset))
         try:
             signed: list[SignedSlice] = []
             for layout in layouts:

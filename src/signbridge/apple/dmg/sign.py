@@ -3,7 +3,8 @@
 The output is the input's bytes up to its code limit (everything before an existing signature, or
 before the trailer), copied in the kernel into a :class:`~signbridge.apple.codesign.StagedFile`
 while the same bytes are hashed once, then the SuperBlob (CodeDirectory, requirements, CMS) and the
-trailer with its signature fields set; the staged file replaces the input only when it is whole.
+trailer with its signature fields set; the staged file replaces the input only when it is whole
+(why not write the new tail into the input: :class:`~signbridge.apple.codesign.StagedFile`).
 A stapled notarization ticket is dropped: it names the old cdhash.
 """
 
