@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from cryptography import x509
 
 from .. import __version__
+from .._httpx import httpx
 from ..errors import ConfigError, SignbridgeError
 from ..signatures import Scheme, SignatureRequest
 

@@ -32,13 +32,12 @@ import plistlib
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from . import cms
 from .blobs import CodeSignatureFormatError, decode_blob
-from .bundle import Bundle, bundle_format
 from .certificates import common_name
 from .codedirectory import CodeDirectory, HashType
 from .detached import read_detached_signature
@@ -57,6 +56,9 @@ from .signed_code import (
 )
 from .stapled import read_stapled_ticket
 from .verify import NotSignedError, plist_dict
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 STDERR = "stderr"
 STDOUT = "stdout"
@@ -188,6 +190,8 @@ def ipa_information(path: Path, *, architecture: str | None = None) -> SigningIn
 def bundle_information(path: Path, *, architecture: str | None = None) -> SigningInformation:
     """The signing information of a bundle: its main executable's signature (or its detached
     signature), its Info.plist and seal."""
+    from .bundle import Bundle, bundle_format  # not needed for a single Mach-O file
+
     bundle = Bundle.open(path)
     executable = bundle.executable_path
     seal_bytes = bundle.code_resources_path.read_bytes() if bundle.code_resources_path.is_file() else None
@@ -215,6 +219,8 @@ def bundle_information(path: Path, *, architecture: str | None = None) -> Signin
 
 
 def _detached_information(bundle: Bundle, seal_bytes: bytes | None) -> SigningInformation:
+    from .bundle import bundle_format
+
     try:
         detached = read_detached_signature(bundle.signature_dir)
     except CodeSignatureFormatError:
