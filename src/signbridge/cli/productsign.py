@@ -17,22 +17,22 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from .. import keychain
 from ..apple import cms
 from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, common_name, extension_oids
-from ..apple.codesign import resolve_timestamp_url
 from ..apple.pkgverify import PackageStatus, PackageVerdict, verify_package
 from ..apple.productsign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
 from ..apple.trust import anchors_from_environment
 from ..config import load_settings
 from ..errors import SignbridgeError
-from ..identity import Identity
+
+if TYPE_CHECKING:
+    from ..identity import Identity
 
 EXIT_FAILURE = 1
 DEFAULT_TIMESTAMP = "\0default"  # what a bare --timestamp becomes
@@ -111,6 +111,9 @@ def _productsign(
     input_path: Path,
     output_path: Path,
 ) -> None:
+    from .. import keychain
+    from ..apple.codesign import resolve_timestamp_url  # signing only: pkgutil needs neither
+
     settings = load_settings(cli={})
     identity = _select_identity(identity_name, tokens)
     extra = [certificate for path in cert_files for certificate in _read_certificates(path)]
@@ -145,6 +148,8 @@ def _productsign(
 
 
 def _select_identity(name: str, tokens: Sequence[str]) -> Identity:
+    from .. import keychain
+
     records = keychain.find_tokens(tokens) if tokens else None
     try:
         return keychain.select_identity(name, usage=Usage.INSTALLER, tokens=records)
