@@ -72,7 +72,8 @@ def main() -> int:
     codesign_bench = bench_module("codesign")
     identity = codesign_bench.local_identity()
     python = sys.executable
-    signbridge = [python, "-m", "signbridge"]
+    script = Path(python).parent / "signbridge"  # the console script, as users run it
+    signbridge = [python, str(script)] if script.is_file() else [python, "-m", "signbridge"]
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as temporary:
         work = Path(temporary)
         dylib = codesign_bench.build_dylib(work)
