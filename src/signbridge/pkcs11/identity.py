@@ -81,7 +81,6 @@ def objects_for_identity(
         CKA.TRUSTED: False,
     }
     key_type = key_attributes[CKA.KEY_TYPE]
-    mechanisms = tuple(int(spec.type) for spec in SIGN_MECHANISMS.values() if spec.key_type == key_type)
     private_key = {
         **common,
         CKA.CLASS: CKO.PRIVATE_KEY.value,
@@ -96,7 +95,7 @@ def objects_for_identity(
         CKA.NEVER_EXTRACTABLE: True,
         CKA.ALWAYS_AUTHENTICATE: False,
         CKA.WRAP_WITH_TRUSTED: False,
-        CKA.ALLOWED_MECHANISMS: mechanisms,
+        CKA.ALLOWED_MECHANISMS: _allowed_mechanisms(key_type),
     }
     private_key.pop(CKA.MODULUS_BITS, None)  # a public-key attribute only
     return (
@@ -163,6 +162,11 @@ def _elements(encoded: bytes) -> list[bytes]:
         elements.append(contents[:size])
         contents = contents[size:]
     return elements
+
+
+@functools.cache
+def _allowed_mechanisms(key_type: int) -> tuple[int, ...]:
+    return tuple(int(spec.type) for spec in SIGN_MECHANISMS.values() if spec.key_type == key_type)
 
 
 @functools.cache
