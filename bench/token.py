@@ -159,9 +159,11 @@ def time_start(env: dict[str, str], log_file: Path, size: int, runs: int) -> tup
         with log_file.open() as handle:
             handle.seek(offset)
             found = re.findall(
-                rf"loaded {size} identities in ([0-9.]+) s \(fetching ([0-9.]+) s, objects ([0-9.]+) s\)", handle.read()
+                rf"loaded {size} identities in ([0-9.]+) s(?: \(fetching ([0-9.]+) s, objects ([0-9.]+) s\))?",
+                handle.read(),
             )
-        load, fetch, build = (float(value) for value in found[-1])
+        # An older token logs only the whole (its parts are then shown as nan).
+        load, fetch, build = (float(value or "nan") for value in found[-1])
         loads.append(load)
         fetches.append(fetch)
         builds.append(build)

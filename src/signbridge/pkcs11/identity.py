@@ -145,12 +145,17 @@ class _Parsed:
         if len(spki) != 2 or spki[1][0] != 0x03:
             raise ConfigError("the certificate's subjectPublicKeyInfo is malformed")
         key_bits = asn1_parser.parse(spki[1])[4][1:]  # BIT STRING contents after the unused-bits byte
-        try:
-            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-            self.key_identifier = ski.value.digest
-        except x509.ExtensionNotFound:
-            self.key_identifier = hashlib.sha1(key_bits).digest()
         self.public_key_hash = hashlib.sha1(key_bits).digest()
+        self._certificate = certificate
+
+    @functools.cached_property
+    def key_identifier(self) -> bytes:
+        """The subject key identifier, else the SHA-1 of the public key (only CA objects use it:
+        reading the extensions costs more than the rest of this class)."""
+        try:
+            return self._certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        except x509.ExtensionNotFound:
+            return self.public_key_hash
 
 
 def _elements(encoded: bytes) -> list[bytes]:
