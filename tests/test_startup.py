@@ -131,3 +131,12 @@ def test_token_process_imports_what_serving_needs() -> None:
                 "signbridge.keychain")  # fmt: skip
     assert not _matching(modules, unneeded), _matching(modules, unneeded)
     assert {"httpx", "signbridge.pkcs11.server", "signbridge.pkcs11.identity"} <= modules
+
+
+def test_pkgutil_check_signature_imports_no_signing(tmp_path: Path) -> None:
+    package = corpus_item("pkg/htacg_binaries__HTML_Tidy-5.2.0.pkg")
+    modules, proc = _imported_by_main(tmp_path, "pkgutil", "--check-signature", str(package), env=apple_anchor_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "Status: signed by a developer certificate issued by Apple" in proc.stdout
+    signing = ("httpx", "rich", "signbridge.keychain", "signbridge.pkcs11", "signbridge.token", "signbridge.apple.codesign")
+    assert not _matching(modules, signing), _matching(modules, signing)
