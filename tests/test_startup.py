@@ -15,12 +15,12 @@ from signbridge.cli import COMMANDS, cli
 HEAVY = ("sqlalchemy", "httpx", "rich", "cryptography.x509", "asn1crypto", "signbridge.server", "signbridge.apple", "uvicorn")
 # What codesign's display and verification of one Mach-O file never need: click (codesign parses its
 # own arguments), the HTTP client (only timestamping uses it), progress bars, the signing engine,
-# tokens and the PKCS#11 client (only signing finds an identity), bundles and disk images.
+# tokens and the PKCS#11 client (only signing finds an identity), bundles, disk images and archives.
 NOT_FOR_CODESIGN_CHECKS = (
     "click", "httpx", "httpcore", "rich", "pygments", "sqlalchemy", "uvicorn", "signbridge.server",
     "signbridge.api", "signbridge.keychain", "signbridge.pkcs11", "signbridge.token", "signbridge.config",
     "signbridge.apple.codesign", "signbridge.apple.macho_signing", "signbridge.apple.bundle",
-    "signbridge.apple.resources", "signbridge.apple.dmg.verify", "signbridge.apple.dmg.sign",
+    "signbridge.apple.resources", "signbridge.apple.dmg.verify", "signbridge.apple.dmg.sign", "zipfile",
 )  # fmt: skip
 DYLIB = "macho/htacg_tidy-mac-installer__libtidy.5.6.0.dylib"
 
