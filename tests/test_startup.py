@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,12 @@ def test_pkgutil_check_signature_imports_no_signing(tmp_path: Path) -> None:
     assert "Status: signed by a developer certificate issued by Apple" in proc.stdout
     signing = ("httpx", "rich", "signbridge.keychain", "signbridge.pkcs11", "signbridge.token", "signbridge.apple.codesign")
     assert not _matching(modules, signing), _matching(modules, signing)
+
+
+def test_security_find_identity_imports_no_token_server_or_network(tmp_path: Path) -> None:
+    env = {**os.environ, "SIGNBRIDGE_RUNTIME_DIR": str(tmp_path / "run")}  # no token runs there
+    modules, proc = _imported_by_main(tmp_path, "security", "find-identity", "-v", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "     0 valid identities found\n"
+    unneeded = ("httpx", "rich", "asn1crypto", "signbridge.api", "signbridge.pkcs11.server", "signbridge.pkcs11.identity")
+    assert not _matching(modules, unneeded), _matching(modules, unneeded)

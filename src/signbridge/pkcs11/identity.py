@@ -23,12 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..errors import ConfigError
-from .constants import CKA, CKC, CKK, CKO
+from .constants import CATEGORY_AUTHORITY, CATEGORY_TOKEN_USER, CKA, CKC, CKK, CKO
 from .signing import SIGN_MECHANISMS
 from .token import TokenObject
-
-CATEGORY_TOKEN_USER = 1  # CKA_CERTIFICATE_CATEGORY: the certificate of the token's own key
-CATEGORY_AUTHORITY = 2
 
 _CURVE_OIDS = {
     "secp256r1": "1.2.840.10045.3.1.7",
