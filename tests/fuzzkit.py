@@ -75,16 +75,30 @@ def mutants(draw, seeds: Sequence[bytes]) -> bytes:
 
 
 def _with_time_bound(target: Callable[[bytes], object], data: bytes) -> None:
+    expired = False
+    message = f"one input took more than {FUZZ_TIME_BOUND} s"
+
     def expire(signum, frame):
-        raise FuzzTimeout(f"one input took more than {FUZZ_TIME_BOUND} s")
+        nonlocal expired
+        expired = True
+        raise FuzzTimeout(message)
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, FUZZ_TIME_BOUND)
     try:
         target(data)
+    except FuzzTimeout:
+        raise
+    except BaseException:
+        if expired:
+            raise FuzzTimeout(message) from None
+        raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    # The alarm's exception is lost when it lands in a garbage-collector callback or a __del__.
+    if expired:
+        raise FuzzTimeout(message)
 
 
 def fuzz(name: str, seeds: Sequence[bytes], target: Callable[[bytes], object], cases: int = FUZZ_CASES) -> int:

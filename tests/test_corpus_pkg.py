@@ -214,7 +214,8 @@ def test_productsign_resigns_through_the_token(item, tmp_path, token, pki, tsa):
     assert verified.returncode == 0 and "Verification successful" in verified.stderr, verified.stderr
 
     anchors = write_pem(tmp_path / "anchors.pem", pki.root.certificate, tsa.root)
-    checked = signbridge("pkgutil", "--check-signature", str(out), env={"SIGNBRIDGE_ANCHORS": str(anchors)})
+    checked = signbridge("pkgutil", "--check-signature", str(out), "--check-files",
+                         env={"SIGNBRIDGE_ANCHORS": str(anchors)})  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.splitlines()[2].startswith("   Signed with a trusted timestamp on: ")
 
@@ -368,17 +369,22 @@ def test_tampering_reported_by_the_command_line(shaped, tmp_path, pki):
     shutil.copy(shaped["product-notarized"], package)
     flip(package, _heap_file_offset(package, "Tool.pkg/Payload") + 5)
     anchors = write_pem(tmp_path / "anchors.pem", pki.root.certificate)
-    result = signbridge("pkgutil", "--check-signature", str(package), env={"SIGNBRIDGE_ANCHORS": str(anchors)})
+    command = ("pkgutil", "--check-signature", str(package))
+    result = signbridge(*command, "--check-files", env={"SIGNBRIDGE_ANCHORS": str(anchors)})
     assert result.returncode == 1
     assert result.stdout.splitlines()[1] == "   Status: package is invalid (checksum did not verify)"
     assert "'Tool.pkg/Payload'" in result.stderr and "checksum" in result.stderr
+    # as Apple's pkgutil, the plain check reads no file data: the TOC and its signatures are intact
+    result = signbridge(*command, env={"SIGNBRIDGE_ANCHORS": str(anchors)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[1] == '   Status: signed by a certificate trusted by "Test Apple Root CA"'
 
 
 def test_a_changed_byte_in_a_real_nested_component_is_named(tmp_path):
     package = tmp_path / "tidy.pkg"
     shutil.copy(corpus_item(TIDY), package)
     flip(package, _heap_file_offset(package, "HTML_Tidy.pkg/Payload") + 1000)
-    result = signbridge("pkgutil", "--check-signature", str(package), env=apple_anchor_env())
+    result = signbridge("pkgutil", "--check-signature", str(package), "--check-files", env=apple_anchor_env())
     assert result.returncode == 1
     assert result.stdout.splitlines()[1] == "   Status: package is invalid (checksum did not verify)"
     assert "'HTML_Tidy.pkg/Payload'" in result.stderr

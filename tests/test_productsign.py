@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pkgkit import (
     MTIME,
     bsdtar_package,
     component_package,
+    flip,
     identity_of,
     openssl_cms_verify,
     openssl_rsa_verify,
@@ -36,6 +38,7 @@ from signbridge.apple.certificates import EKU_DEVELOPER_ID_INSTALLER
 from signbridge.apple.pkgverify import PackageStatus, verify_package
 from signbridge.apple.productsign import InstallerIdentityError, sign_package
 from signbridge.apple.xar import (
+    ChecksumMismatchError,
     DuplicateSignatureError,
     HeapRangeError,
     NotXarError,
@@ -43,7 +46,9 @@ from signbridge.apple.xar import (
     TocTooLargeError,
     TruncatedXarError,
     UnsafeTocError,
+    UnsupportedChecksumError,
     XarError,
+    output,
     write_package,
 )
 from signbridge.errors import SignatureError
@@ -56,7 +61,10 @@ from xarfixtures import (
     bsdtar_extract,
     bsdtar_list,
     bsdtar_list_verbose,
+    bsdtar_readable,
+    check_file_checksums,
     file_xml,
+    heap_bytes,
     notarize,
     raw_xar,
     read_layout,
@@ -246,6 +254,115 @@ def test_signing_a_large_package_streams_its_payload(tmp_path, pki):
     unsigned = read_layout(package)
     before = unsigned.heap_offset + unsigned.file_ranges()["Payload"][0]
     assert offset % 65536 == before % 65536 and offset != before
+
+
+# --- file data against the table of contents --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "path"),
+    [("product", "app.pkg/Payload"), ("product", "Distribution"), ("component", "Payload"),
+     ("bsdtar", "app.pkg/Bom")],
+)  # fmt: skip
+def test_file_data_that_does_not_match_its_checksum_is_refused_before_signing(tmp_path, pki, source, path):
+    """The last stored byte of one file is changed (``Distribution`` is stored gzip-compressed):
+    nothing is signed or written, and the error names the file and both checksums."""
+    package, _, _ = build(source, tmp_path)
+    layout = read_layout(package)
+    offset, length = layout.file_ranges()[path]
+    flip(package, layout.heap_offset + offset + length - 1)
+    # independently of signbridge: hashlib over the stored bytes no longer gives the archived checksum
+    with pytest.raises(AssertionError):
+        check_file_checksums(package)
+    changed = hashlib.sha1(heap_bytes(package, layout, offset, length)).hexdigest()
+    before = snapshot(tmp_path)
+    requests = []
+    with pytest.raises(ChecksumMismatchError) as raised:
+        sign_package(package, tmp_path / "out.pkg", identity_of(pki, log=requests))
+    message = str(raised.value)
+    assert message.startswith(f"{package}: the stored data of {path!r} does not match its archived sha1 checksum")
+    assert changed in message  # what the data hashes to, next to what the TOC gives
+    assert requests == []  # nothing was sent to the signer
+    assert snapshot(tmp_path) == before  # input untouched, no output, no temporary file
+
+
+def test_the_check_can_be_skipped_and_the_data_is_then_copied_unread(tmp_path, pki):
+    package = component_package(tmp_path / "in.pkg")
+    layout = read_layout(package)
+    offset, length = layout.file_ranges()["Payload"]
+    flip(package, layout.heap_offset + offset + 100)
+    out = tmp_path / "out.pkg"
+    sign_package(package, out, identity_of(pki), check_files=False)
+    signed = read_layout(out)
+    assert heap_bytes(out, signed, signed.file_ranges()["Payload"][0], length) == heap_bytes(
+        package, layout, offset, length
+    )
+    # the signature covers the TOC, so it verifies; the data is what the installer (and --check-files) refuses
+    assert verify_package(out, [pki.root.certificate], check_files=False).ok
+    assert verify_package(out, [pki.root.certificate]).status is PackageStatus.INVALID_CHECKSUM
+
+
+def _stored(name: str, file_id: int, offset: int, data: bytes, checksums: dict[str, str]) -> str:
+    """A <file> stored as is, with the given checksums ({"archived-checksum": "sha256", ...})."""
+    sums = "".join(f'<{tag} style="{style}">{hashlib.new(style, data).hexdigest()}</{tag}>'
+                   for tag, style in checksums.items())  # fmt: skip
+    return (
+        f'<file id="{file_id}"><name>{name}</name><type>file</type><data><length>{len(data)}</length>'
+        f'<offset>{offset}</offset><size>{len(data)}</size><encoding style="application/octet-stream"/>{sums}'
+        "</data></file>"
+    )
+
+
+HAND_MADE = {  # name -> (checksums, what the error calls the mismatch)
+    "a": ({"archived-checksum": "sha256", "extracted-checksum": "sha256"}, "archived sha256"),
+    "b": ({"extracted-checksum": "md5"}, "extracted md5"),  # no archived checksum: the stored bytes are the contents
+    "c": ({"archived-checksum": "sha512", "extracted-checksum": "sha512"}, "archived sha512"),
+}
+
+
+def _hand_made(path: Path) -> tuple[Path, dict[str, tuple[int, int]]]:
+    """Three files of 5,000 bytes; "c" lies inside "a" (two files sharing stored bytes)."""
+    a, b = bytes(range(256)) * 19 + bytes(136), hashlib.sha512(b"b").digest() * 78 + bytes(8)
+    ranges = {"a": (20, 5000), "b": (5020, 5000), "c": (1020, 3000)}
+    body = "".join(_stored(name, number, ranges[name][0], (a + b)[ranges[name][0] - 20 : sum(ranges[name]) - 20],
+                           HAND_MADE[name][0]) for number, name in enumerate(HAND_MADE, 1))  # fmt: skip
+    return raw_xar(path, toc_document(body), a + b), ranges
+
+
+@pytest.mark.parametrize("chunk", [7, 4096, 1024 * 1024])
+@pytest.mark.parametrize("name", HAND_MADE)
+def test_every_file_is_checked_across_chunks_and_shared_bytes(tmp_path, pki, monkeypatch, chunk, name):
+    monkeypatch.setattr(output, "_CHECKED_CHUNK", chunk)  # chunk boundaries inside and between files
+    package, ranges = _hand_made(tmp_path / "in.pkg")
+    sign_package(package, tmp_path / "good.pkg", identity_of(pki))
+    assert check_file_checksums(tmp_path / "good.pkg") == 2  # hashlib agrees (it reads archived checksums)
+    offset, length = ranges[name]
+    flip(package, read_layout(package).heap_offset + offset + (10 if name == "a" else length // 2))  # "a" alone
+    with pytest.raises(ChecksumMismatchError, match=f"the stored data of '{name}' does not match its "
+                                                    f"{HAND_MADE[name][1]} checksum"):  # fmt: skip
+        sign_package(package, tmp_path / "bad.pkg", identity_of(pki))
+    assert not (tmp_path / "bad.pkg").exists()
+
+
+def test_a_checksum_signbridge_cannot_compute_is_refused_unless_the_check_is_skipped(tmp_path, pki):
+    toc = toc_document(_stored("a", 1, 20, b"hello", {}).replace(
+        "</data>", '<archived-checksum style="whirlpool2">00</archived-checksum></data>'))  # fmt: skip
+    package = raw_xar(tmp_path / "in.pkg", toc, b"hello")
+    with pytest.raises(UnsupportedChecksumError, match="'a' has a 'whirlpool2' checksum"):
+        sign_package(package, tmp_path / "out.pkg", identity_of(pki))
+    sign_package(package, tmp_path / "out.pkg", identity_of(pki), check_files=False)
+    assert bsdtar_extract(tmp_path / "out.pkg", tmp_path) == {"a": b"hello"}
+
+
+def test_bsdtar_refuses_the_data_productsign_refuses(tmp_path):
+    """libarchive's xar reader, a second implementation, also compares the archived checksum."""
+    package = component_package(tmp_path / "in.pkg")
+    layout = read_layout(package)
+    flip(package, layout.heap_offset + layout.file_ranges()["Payload"][0] + 10)
+    bsdtar = bsdtar_readable(package, tmp_path)
+    result = subprocess.run([require_tool("bsdtar"), "-x", "-f", str(bsdtar), "-C", str(tmp_path)],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode != 0 and "Payload" in result.stderr, result.stderr
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from pkgkit import (
+    component_package,
     flip,
     identity_of,
     openssl_cms_verify,
@@ -202,6 +203,26 @@ def test_bad_input_fails_with_a_specific_error_and_leaves_no_output(tmp_path, to
     assert installer_requests(token) == []
 
 
+def test_file_data_that_does_not_match_is_refused_unless_the_check_is_skipped(tmp_path, token, anchors):
+    work = tmp_path / "work"
+    work.mkdir()
+    package = component_package(work / "in.pkg")
+    layout = signed_parts(package).layout
+    flip(package, layout.heap_offset + layout.file_ranges()["Payload"][0] + 1000)
+    before = snapshot(work)
+    command = ("productsign", "--sign", TEAM, "--timestamp=none", str(package), str(work / "out.pkg"))
+    result = signbridge(*command)
+    assert result.returncode == 1 and "Wrote signed product archive" not in result.stdout
+    assert result.stderr.startswith(f"productsign: error: {package}: the stored data of 'Payload' does not match "
+                                    "its archived sha1 checksum (the table of contents gives ")  # fmt: skip
+    assert snapshot(work) == before and installer_requests(token) == []
+    # skipped, for trusted inputs: the kernel copies the data unread, and pkgutil --check-files finds it
+    result = signbridge(*command[:-2], "--no-check-files", *command[-2:])
+    assert result.returncode == 0, result.stderr
+    checked = signbridge("pkgutil", "--check-signature", str(work / "out.pkg"), "--check-files", env=anchors)
+    assert checked.stdout.splitlines()[1] == "   Status: package is invalid (checksum did not verify)"
+
+
 def test_an_output_directory_that_does_not_exist(tmp_path, token):
     package = product_archive(tmp_path / "in.pkg")
     result = signbridge("productsign", "--sign", TEAM, "--timestamp=none", str(package),
@@ -310,21 +331,30 @@ def test_check_signature_of_an_unsigned_package(tmp_path, anchors):
         ("signature", "invalid signature"),
         ("x-signature", "invalid signature"),
         ("checksum", "package is invalid (checksum did not verify)"),
-        ("Payload", "package is invalid (checksum did not verify)"),
     ],
 )
 def test_check_signature_of_damaged_packages(signed, tmp_path, anchors, damage, status):
     package = tmp_path / "signed.pkg"
     package.write_bytes(signed.read_bytes())
-    parts = signed_parts(package)
-    if damage == "Payload":
-        offset = parts.layout.heap_offset + parts.layout.file_ranges()["app.pkg/Payload"][0] + 1000
-    else:
-        offset = parts.slot_offset(damage) + 10
-    flip(package, offset)
+    flip(package, signed_parts(package).slot_offset(damage) + 10)
     result = signbridge("pkgutil", "--check-signature", str(package), env=anchors)
     assert (result.returncode, result.stdout) == (1, f'Package "signed.pkg":\n   Status: {status}\n')
     assert result.stderr.startswith("pkgutil: ")  # why, for the person at the terminal
+
+
+def test_check_signature_reads_file_data_only_when_asked(signed, tmp_path, anchors):
+    """Apple's pkgutil checks the TOC checksum and the signatures; the file data is checked by the
+    installer as it extracts it (libxar), and by --check-files here."""
+    package = tmp_path / "signed.pkg"
+    package.write_bytes(signed.read_bytes())
+    layout = signed_parts(package).layout
+    flip(package, layout.heap_offset + layout.file_ranges()["app.pkg/Payload"][0] + 1000)
+    result = signbridge("pkgutil", "--check-signature", str(package), "--check-files", env=anchors)
+    status = "package is invalid (checksum did not verify)"
+    assert (result.returncode, result.stdout) == (1, f'Package "signed.pkg":\n   Status: {status}\n')
+    assert "'app.pkg/Payload'" in result.stderr and "sha1 checksum" in result.stderr
+    result = signbridge("pkgutil", "--check-signature", str(package), env=anchors)
+    assert result.returncode == 0 and result.stdout.splitlines()[1].startswith("   Status: signed by a certificate")
 
 
 def test_check_signature_without_anchors(signed):

@@ -1,8 +1,9 @@
 """GnuPG through the token: gpg-agent runs gnupg-pkcs11-scd as its smart-card daemon, which loads
-p11-kit's client module and finds the token's certificates and keys. An OpenPGP key is made from
-the token's release-signing key (gpg's "existing key" by keygrip), and then gpg --detach-sign,
-rpmsign and debsigs sign with it; gpg (in a keyring that holds only the exported public key), rpm's
-own verifier (rpmkeys) and debsig-verify check the signatures.
+p11-kit's client module and finds the token's certificates and keys. The token holds one policy,
+whose key gnupg-pkcs11-scd's openpgp-sign names, so that gpg --card-status shows it as the
+signature key. An OpenPGP key is made from it (gpg's "existing key" by keygrip), and then gpg
+--detach-sign, rpmsign and debsigs sign with it; gpg (in a keyring that holds only the exported
+public key), rpm's own verifier (rpmkeys) and debsig-verify check the signatures.
 """
 
 from __future__ import annotations
@@ -50,16 +51,22 @@ class Gpg:
 class GpgServed:
     gpg: Gpg
     service: DemoService
+    keygrip: str
     fingerprint: str
     public_key: Path
 
 
-def _configure(home: Path) -> None:
+def _configure(home: Path, sign_keygrip: str | None = None) -> None:
+    """gpg-agent and gnupg-pkcs11-scd as docs/provider.md configures them; gpg-agent (and with it
+    gnupg-pkcs11-scd) is stopped, so that the next gpg starts them with this configuration."""
     home.chmod(0o700)
     (home / "gpg-agent.conf").write_text(f"scdaemon-program {SCD}\nallow-loopback-pinentry\n")
     (home / "gnupg-pkcs11-scd.conf").write_text(
         f"providers signbridge\nprovider-signbridge-library {CLIENT_MODULE}\n"
+        + (f"openpgp-sign {sign_keygrip}\n" if sign_keygrip else "")
     )
+    subprocess.run(["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(home)}, capture_output=True,
+                   check=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +81,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpgServed]:
         provider = Provider.for_service(service)
         gpg = None
         try:
-            provider.start("--name", "sbgpg")
+            provider.start("--name", "sbgpg", "--project-slug", "demo", "--signing-policy-slug", "release-signing")
             _configure(home)
             gpg = Gpg(home, provider.record().socket)
-            fingerprint = _key_from_the_token(gpg)
+            gpg("--card-status")  # gpg-agent learns the card: a stub per key, by keygrip
+            (keygrip,) = _learn(gpg).values()
+            # Only now: with openpgp-sign set, gnupg-pkcs11-scd's READKEY finds no key, and without
+            # the stubs gpg-agent would need it for, --card-status fails ("Not found").
+            _configure(home, sign_keygrip=keygrip)
+            fingerprint = _key_from_the_token(gpg, keygrip)
             public_key = tmp_path_factory.mktemp("pub") / "release.asc"
             public_key.write_text(gpg("--armor", "--export", fingerprint).stdout)
-            yield GpgServed(gpg, service, fingerprint, public_key)
+            yield GpgServed(gpg, service, keygrip, fingerprint, public_key)
         finally:
             if gpg is not None:
                 subprocess.run(["gpgconf", "--kill", "all"], env=gpg.env(), capture_output=True, check=False)
@@ -88,20 +100,23 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpgServed]:
             shutil.rmtree(home, ignore_errors=True)
 
 
+def _scd(gpg: Gpg, *commands: str) -> str:
+    proc = subprocess.run(["gpg-connect-agent", *(f"SCD {c}" for c in commands), "/bye"], capture_output=True,
+                          text=True, env=gpg.env(), timeout=120, check=True)  # fmt: skip
+    return proc.stdout
+
+
 def _learn(gpg: Gpg) -> dict[str, str]:
     """The card's key pairs as gnupg-pkcs11-scd reports them: common name -> keygrip. (Issuer
     certificates are listed too, without a KEYPAIRINFO; ECDSA keys are not: it handles RSA only.)"""
-    proc = subprocess.run(["gpg-connect-agent", "SCD LEARN --force", "/bye"], capture_output=True, text=True,
-                          env=gpg.env(), timeout=120, check=True)
-    pairs = set(re.findall(r"^S KEYPAIRINFO ([0-9A-F]{40}) ", proc.stdout, re.M))
-    named = re.finditer(r"^S KEY-FRIEDNLY ([0-9A-F]{40}) .*?/CN=([^/]+)/.* on sbgpg$", proc.stdout, re.M)
+    learned = _scd(gpg, "LEARN --force")
+    pairs = set(re.findall(r"^S KEYPAIRINFO ([0-9A-F]{40}) ", learned, re.M))
+    named = re.finditer(r"^S KEY-FRIEDNLY ([0-9A-F]{40}) .*?/CN=([^/]+)/.* on sbgpg\w*$", learned, re.M)
     return {m[2]: m[1] for m in named if m[1] in pairs}
 
 
-def _key_from_the_token(gpg: Gpg) -> str:
-    """An OpenPGP key whose secret part is the token's release-signing key (gpg's "existing key")."""
-    gpg("--card-status")  # makes gpg-agent learn the card: a stub per key, by keygrip
-    keygrip = _learn(gpg)["Developer ID Application: Demo Corp (DEMOTEAM01)"]
+def _key_from_the_token(gpg: Gpg, keygrip: str) -> str:
+    """An OpenPGP key whose secret part is the token's key with that keygrip (gpg's "existing key")."""
     parameters = gpg.home / "key.params"
     parameters.write_text(
         f"Key-Type: RSA\nKey-Grip: {keygrip}\nKey-Usage: sign\nName-Real: Demo Corp Release Signing\n"
@@ -114,15 +129,52 @@ def _key_from_the_token(gpg: Gpg) -> str:
     return fingerprint
 
 
-def test_card_status_shows_the_token_and_its_keys(served: GpgServed) -> None:
+def _as_gpg_prints_a_fingerprint(hexdigits: str) -> str:
+    groups = [hexdigits[i : i + 4] for i in range(0, 40, 4)]
+    return " ".join(groups[:5]) + "  " + " ".join(groups[5:])
+
+
+def test_card_status_shows_the_token_and_its_signature_key(served: GpgServed) -> None:
     status = served.gpg("--card-status").stdout
     serial = re.search(r"^Application ID \.+: (D27600012401\w+)$", status, re.M)
     assert serial, status
-    keys = _learn(served.gpg)
-    assert set(keys) == {"Developer ID Application: Demo Corp (DEMOTEAM01)", "Developer ID Installer: Demo Corp (DEMOTEAM01)"}
+    assert _learn(served.gpg) == {"Developer ID Application: Demo Corp (DEMOTEAM01)": served.keygrip}
+    # openpgp-sign makes gnupg-pkcs11-scd report that key as the card's signature key; what it
+    # reports is its keygrip (it keeps no OpenPGP fingerprint), so gpg finds no OpenPGP key by it.
+    assert f"Signature key ....: {_as_gpg_prints_a_fingerprint(served.keygrip)}\n" in status, status
+    assert "Encryption key....: [none]\n" in status and "Authentication key: [none]\n" in status
+    assert "General key info..: [none]\n" in status
     # The OpenPGP key lives on that card: gpg keeps only a stub that points to it.
-    secret = served.gpg("--list-secret-keys", served.fingerprint).stdout
+    secret = served.gpg("--with-keygrip", "--list-secret-keys", served.fingerprint).stdout
     assert "sec>" in secret and f"Card serial no. = {serial[1][16:20]} {serial[1][20:28]}" in secret
+    assert f"Keygrip = {served.keygrip}" in secret
+
+
+def test_a_token_with_an_ecdsa_key_cannot_sign_with_openpgp_sign_set(served: GpgServed) -> None:
+    """Why the token holds one policy: on a token with all the demo's keys gnupg-pkcs11-scd lists the
+    RSA keys and skips the ECDSA one, but with openpgp-sign set, PKSIGN looks the key up by walking
+    the certificates and gives up at the ECDSA one, which comes first (gnupg-pkcs11-scd 0.10.0;
+    fixed upstream after 0.11.0, in no release yet)."""
+    home = Path(tempfile.mkdtemp(prefix="sbe", dir="/tmp"))
+    provider = Provider.for_service(served.service)
+    gpg = None
+    try:
+        provider.start("--name", "sbgpgall")
+        _configure(home)
+        gpg = Gpg(home, provider.record().socket)
+        keys = _learn(gpg)
+        assert set(keys) == {"Developer ID Application: Demo Corp (DEMOTEAM01)",
+                             "Developer ID Installer: Demo Corp (DEMOTEAM01)"}  # fmt: skip
+        application = keys["Developer ID Application: Demo Corp (DEMOTEAM01)"]
+        (key_id,) = re.findall(rf"^S KEYPAIRINFO {application} (\S+)$", _scd(gpg, "LEARN --force"), re.M)
+        _configure(home, sign_keygrip=application)
+        signed = _scd(gpg, f"SETDATA {'00' * 32}", f"PKSIGN --hash=sha256 {key_id}")
+        assert re.search(r"^ERR \d+ Wrong public key algorithm", signed, re.M), signed
+    finally:
+        if gpg is not None:
+            subprocess.run(["gpgconf", "--kill", "all"], env=gpg.env(), capture_output=True, check=False)
+        provider.cleanup()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_detach_sign_and_verify_with_the_exported_public_key(served: GpgServed, tmp_path: Path) -> None:

@@ -434,11 +434,14 @@ def test_new_signatures_take_the_place_of_the_old_ones(tmp_path: Path, signer: O
 def test_finish_falls_back_when_the_kernel_cannot_copy(
     tmp_path: Path, signer: OpensslSigner, monkeypatch: pytest.MonkeyPatch, unavailable: list[str]
 ) -> None:
-    """copy_file_range fails across file systems (EXDEV) and sendfile on some; the bytes must not change."""
+    """copy_file_range fails across file systems (EXDEV) and sendfile on some; the bytes must not change
+    (and are those of the checked copy, which reads every byte)."""
     package = writer_package(tmp_path)
     prepared = prepare_signed(package, "sha256", signer.size, 3000, [signer.cert_der])
     rsa = signer.rsa_sign(prepared.toc_checksum, "sha256")
-    finish(prepared, rsa, b"", tmp_path / "kernel.pkg")
+    finish(prepared, rsa, b"", tmp_path / "kernel.pkg", check_files=False)
+    finish(prepared, rsa, b"", tmp_path / "checked.pkg")
+    assert (tmp_path / "checked.pkg").read_bytes() == (tmp_path / "kernel.pkg").read_bytes()
 
     refused: list[str] = []
 
@@ -448,7 +451,7 @@ def test_finish_falls_back_when_the_kernel_cannot_copy(
 
     for name in unavailable:
         monkeypatch.setattr(output, name, refuse)
-    finish(prepared, rsa, b"", tmp_path / "fallback.pkg")
+    finish(prepared, rsa, b"", tmp_path / "fallback.pkg", check_files=False)
     assert len(refused) == len(unavailable)
     assert (tmp_path / "fallback.pkg").read_bytes() == (tmp_path / "kernel.pkg").read_bytes()
     assert bsdtar_extract(tmp_path / "fallback.pkg", tmp_path) == FILES

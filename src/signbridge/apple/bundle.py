@@ -33,19 +33,18 @@ import enum
 import errno
 import logging
 import os
-import plistlib
 import re
 import shutil
 import stat
 import sys
 import tempfile
-import xml.parsers.expat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SignbridgeError
+from .plist import load_plist_dict
 from .resources import (
     EntryKind,
     RuleSet,
@@ -68,6 +67,7 @@ __all__ = [
     "UnsealedContentError",
     "atomic_write",
     "bundle_format",
+    "check_nesting",
     "exchange_paths",
     "sign_bundle_plan",
     "staged_bundle",
@@ -77,6 +77,11 @@ log = logging.getLogger(__name__)
 
 CODE_SIGNATURE_DIR = "_CodeSignature"
 CODE_RESOURCES = "CodeResources"
+
+# Bounds for hostile input: bundles inside bundles (real apps nest three or four deep) and
+# directories inside a bundle.
+MAX_NESTING = 16
+MAX_DIRECTORY_DEPTH = 128
 
 # Files Apple tolerates beside Contents/ in a bundle's root (BundleDiskRep::setup).
 _APP_ROOT_EXTRAS = frozenset({".LSOverride", ".DS_Store", "Icon\r", ".SoftwareDepot.tracking"})
@@ -271,17 +276,24 @@ def bundle_format(bundle: Bundle, executable_format: str | None) -> str:
     return f"{prefix} with {executable_format}" if executable_format else prefix
 
 
-def sign_bundle_plan(bundle: Bundle) -> list[Path]:
+def check_nesting(depth: int, where: Path) -> None:
+    """Refuse bundles nested more than :data:`MAX_NESTING` deep inside one another."""
+    if depth > MAX_NESTING:
+        raise BundleLayoutError(f"{where} is nested more than {MAX_NESTING} bundles deep; refusing to go further")
+
+
+def sign_bundle_plan(bundle: Bundle, depth: int = 0) -> list[Path]:
     """Everything to sign, in order: nested code innermost first, ``bundle.root`` itself last.
 
     A directory in the list is a bundle: build its CodeResources (its nested code is signed by
     then), write it, then sign its main executable with Info.plist in slot 1 and CodeResources in
     slot 3. A file is a loose nested Mach-O: sign it as a file.
     """
+    check_nesting(depth, bundle.root)
     plan: list[Path] = []
     for item in [*bundle.sealed_code(), *bundle.nested()]:
         if isinstance(item, Bundle):
-            plan.extend(sign_bundle_plan(item))
+            plan.extend(sign_bundle_plan(item, depth + 1))
         else:
             plan.append(item)
     plan.append(bundle.root)
@@ -329,13 +341,7 @@ def _read_info_plist(path: Path, root: Path) -> dict:
         raise BundleLayoutError(f"{shown} is missing") from error
     except OSError as error:
         raise UnreadableFileError(f"cannot read {shown}: {error.strerror}") from error
-    try:
-        plist = plistlib.loads(data)
-    except (plistlib.InvalidFileException, xml.parsers.expat.ExpatError, ValueError) as error:
-        raise InfoPlistError(f"{shown} is not a valid property list: {error}") from error
-    if not isinstance(plist, dict):
-        raise InfoPlistError(f"{shown} is not a dictionary")
-    return plist
+    return load_plist_dict(data, str(shown), InfoPlistError)
 
 
 def _validate_framework_root(root: Path, version: str) -> None:
@@ -369,6 +375,10 @@ def _validate_tree(root: Path) -> None:
         raise UnreadableFileError(f"cannot read directory {where}: {error.strerror}") from error
 
     for directory, dirnames, filenames in os.walk(root, onerror=unreadable):
+        if len(Path(directory).relative_to(root).parts) >= MAX_DIRECTORY_DEPTH and dirnames:
+            raise BundleLayoutError(
+                f"{Path(directory, dirnames[0]).relative_to(root)} lies more than {MAX_DIRECTORY_DEPTH} directories deep"
+            )
         for name in (*dirnames, *filenames):
             path = Path(directory, name)
             shown = path.relative_to(root).as_posix()

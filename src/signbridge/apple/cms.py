@@ -16,12 +16,12 @@ content, :func:`check_timestamp` checks its timestamp.
 
 from __future__ import annotations
 
+import os
 import plistlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
-from xml.parsers.expat import ExpatError
 
 from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
@@ -41,6 +41,7 @@ from ..signatures import (
 )
 from ..tsa import ASN1_ERRORS, TimestampToken, find_signer_certificate, parse_token, request_timestamp
 from .certificates import unique_certificates
+from .plist import load_plist
 
 if TYPE_CHECKING:
     import httpx
@@ -260,6 +261,24 @@ def sign_detached(
         timestamp_token=token,
         content_digest=content_digest,
     )
+
+
+APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
+TIMESTAMP_URL_ENVIRONMENT_VARIABLE = "SIGNBRIDGE_TIMESTAMP_URL"
+
+
+def resolve_timestamp_url(
+    requested: str | None, configured: str | None = None, *, environ: os._Environ | dict | None = None
+) -> str | None:
+    """The TSA ``--timestamp[=URL]`` asks for: None when absent or ``none``; the given URL; for
+    ``--timestamp`` alone (``requested == ""``) the configured TSA (``TimestampUrl`` /
+    ``SIGNBRIDGE_TIMESTAMP_URL``), else Apple's."""
+    if requested is None or requested == "none":
+        return None
+    if requested:
+        return requested
+    environ = os.environ if environ is None else environ
+    return configured or environ.get(TIMESTAMP_URL_ENVIRONMENT_VARIABLE) or APPLE_TIMESTAMP_URL
 
 
 def timestamper(
@@ -639,11 +658,11 @@ def _single(attributes: dict[str, list[core.Asn1Value]], oid: str, name: str, re
 
 
 def _cdhashes_from_plist(value: core.Asn1Value) -> tuple[bytes, ...]:
-    octets = core.OctetString.load(value.dump()).native
     try:
-        document = plistlib.loads(octets, fmt=plistlib.FMT_XML)
-    except (ExpatError, *ASN1_ERRORS) as exc:  # plistlib raises expat's errors and ValueErrors
-        raise CmsFormatError(f"the CDHashes attribute is not a valid XML property list ({exc})") from None
+        octets = core.OctetString.load(value.dump()).native
+    except ASN1_ERRORS as exc:
+        raise CmsFormatError(f"the CDHashes attribute is not an OCTET STRING ({exc})") from None
+    document = load_plist(octets or b"", "the CDHashes attribute", CmsFormatError)
     cdhashes = document.get("cdhashes") if isinstance(document, dict) else None
     if not isinstance(cdhashes, list) or not all(isinstance(item, bytes) for item in cdhashes):
         raise CmsFormatError('the CDHashes attribute has no "cdhashes" array of data')

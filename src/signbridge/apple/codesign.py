@@ -30,7 +30,6 @@ import contextlib
 import errno
 import mmap
 import os
-import plistlib
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +58,7 @@ from .certificates import (
     WWDR_INTERMEDIATE,
     extension_oids,
 )
+from .cms import APPLE_TIMESTAMP_URL, TIMESTAMP_URL_ENVIRONMENT_VARIABLE, resolve_timestamp_url  # noqa: F401 - re-exported
 from .codedirectory import (
     CodeDirectory,
     CodeDirectoryFlags,
@@ -78,6 +78,7 @@ from .macho_signing import (
     SigningOptions,
     sign_into,
 )
+from .plist import plist_dict
 from .requirements import (
     EMPTY_REQUIREMENT_SET,
     RequirementType,
@@ -94,8 +95,6 @@ from .signed_code import (
 )
 from .trust import CertificateKind, classify_certificate
 
-APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
-TIMESTAMP_URL_ENVIRONMENT_VARIABLE = "SIGNBRIDGE_TIMESTAMP_URL"
 CMS_DIGEST = HashAlgorithm.SHA256
 
 _SETTABLE_FLAGS = frozenset(name for name, _ in FLAG_NAMES if name not in ("adhoc", "linker-signed"))
@@ -176,20 +175,6 @@ def parse_digest_algorithms(text: str) -> tuple[HashType, ...]:
     if HashType.SHA1 in ordered:
         ordered = (HashType.SHA1, *(t for t in ordered if t != HashType.SHA1))
     return ordered
-
-
-def resolve_timestamp_url(
-    requested: str | None, configured: str | None = None, *, environ: os._Environ | dict | None = None
-) -> str | None:
-    """The TSA ``--timestamp[=URL]`` asks for: None when absent or ``none``; the given URL; for
-    ``--timestamp`` alone (``requested == ""``) the configured TSA (``TimestampUrl`` /
-    ``SIGNBRIDGE_TIMESTAMP_URL``), else Apple's."""
-    if requested is None or requested == "none":
-        return None
-    if requested:
-        return requested
-    environ = os.environ if environ is None else environ
-    return configured or environ.get(TIMESTAMP_URL_ENVIRONMENT_VARIABLE) or APPLE_TIMESTAMP_URL
 
 
 @dataclass(frozen=True)
@@ -332,11 +317,8 @@ def default_identifier(path: Path, info_plist: bytes | None, prefix: str | None)
 def bundle_identifier(info_plist: bytes | None) -> str | None:
     if not info_plist:
         return None
-    try:
-        info = plistlib.loads(info_plist)
-    except (plistlib.InvalidFileException, ValueError, TypeError):
-        return None
-    value = info.get("CFBundleIdentifier") if isinstance(info, dict) else None
+    info = plist_dict(info_plist)
+    value = info.get("CFBundleIdentifier") if info is not None else None
     return value if isinstance(value, str) and value else None
 
 

@@ -28,7 +28,6 @@ goes to standard output, as in Apple's tool. Dates are local time in Apple's en_
 from __future__ import annotations
 
 import os
-import plistlib
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,10 +41,12 @@ from .certificates import common_name
 from .codedirectory import CodeDirectory, HashType
 from .detached import read_detached_signature
 from .embedded_signature import EmbeddedSignature, read_signature
-from .entitlements import EntitlementsError, decode_der, load_entitlements
+from .entitlements import EntitlementsError, decode_der, entitlements_xml, load_entitlements
 from .ipa import extracted_app, is_ipa
 from .macho import MachO, MachOFile, parse_file
+from .plist import plist_dict
 from .requirements import RequirementType, parse_requirement_set, render
+from .resources import read_code_resources
 from .signed_code import (
     flag_names,
     issuer_chain,
@@ -55,7 +56,7 @@ from .signed_code import (
     stored_designated_requirement,
 )
 from .stapled import read_stapled_ticket
-from .verify import NotSignedError, plist_dict
+from .verify import NotSignedError
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -145,22 +146,12 @@ def macho_information(
 
 
 def resource_seal(code_resources: bytes | None) -> ResourceSeal | None:
-    """Count the rules and files of a CodeResources plist (version 2 when it has rules2)."""
+    """Count the rules and files of a CodeResources plist (version 2 when it has files2);
+    :class:`~signbridge.apple.resources.ResourceSealError` when it is not a valid seal."""
     if code_resources is None:
         return None
-    try:
-        document = plistlib.loads(code_resources)
-    except (plistlib.InvalidFileException, ValueError, TypeError):
-        return None
-    if not isinstance(document, dict):
-        return None
-    if isinstance(document.get("rules2"), dict):
-        files = document.get("files2") or {}
-        nested = tuple(
-            sorted(path for path, seal in files.items() if isinstance(seal, dict) and "requirement" in seal)
-        )
-        return ResourceSeal(2, len(document["rules2"]), len(files), nested)
-    return ResourceSeal(1, len(document.get("rules") or {}), len(document.get("files") or {}))
+    seal = read_code_resources(code_resources)
+    return ResourceSeal(seal.version, len(seal.rules), len(seal.files), seal.nested if seal.version == 2 else ())
 
 
 def signing_information(
@@ -394,7 +385,7 @@ def entitlements_of(signature: EmbeddedSignature) -> tuple[dict[str, Any] | None
 
 
 def xml_entitlements(entitlements: dict[str, Any]) -> bytes:
-    return plistlib.dumps(entitlements, fmt=plistlib.FMT_XML)
+    return entitlements_xml(entitlements)
 
 
 def entitlements_text(entitlements: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import SignbridgeError
 from .blobs import Magic, decode_blob, encode_blob
 from .codedirectory import ExecSegmentFlags
+from .plist import MAX_DEPTH, MAX_ELEMENTS, load_plist
 
 _TAG_BOOLEAN = 0x01
 _TAG_INTEGER = 0x02
@@ -23,7 +24,6 @@ _TAG_SEQUENCE = 0x30
 _TAG_SET = 0x31
 _TAG_DICTIONARY = 0xB0  # [CONTEXT 16], constructed
 _TAG_PLIST = 0x70  # [APPLICATION 16], constructed
-_MAX_DEPTH = 64
 
 _EXEC_SEGMENT_ENTITLEMENTS = (
     ("get-task-allow", ExecSegmentFlags.ALLOW_UNSIGNED),
@@ -42,10 +42,7 @@ class EntitlementsError(SignbridgeError):
 
 def load_entitlements(data: bytes) -> dict[str, Any]:
     """Parse an entitlements file (XML or binary plist) whose root must be a dictionary."""
-    try:
-        value = plistlib.loads(data)
-    except (plistlib.InvalidFileException, ValueError) as error:
-        raise EntitlementsError(f"the entitlements are not a valid property list: {error}") from None
+    value = load_plist(data, "the entitlements", EntitlementsError)
     if not isinstance(value, dict):
         raise EntitlementsError(f"the entitlements must be a dictionary, not a {type(value).__name__}")
     return value
@@ -59,7 +56,10 @@ def entitlements_xml(data: bytes | Mapping[str, Any]) -> bytes:
             return data
     else:
         value = dict(data)
-    return plistlib.dumps(value, fmt=plistlib.FMT_XML)
+    try:
+        return plistlib.dumps(value, fmt=plistlib.FMT_XML)
+    except (ValueError, OverflowError, TypeError) as error:  # control characters, integers beyond 64 bits
+        raise EntitlementsError(f"the entitlements cannot be written as an XML property list: {error}") from None
 
 
 def entitlements_blob(data: bytes | Mapping[str, Any]) -> bytes:
@@ -161,13 +161,22 @@ def _read_tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:
 def _items(content: bytes) -> list[tuple[int, bytes]]:
     items, pos = [], 0
     while pos < len(content):
+        if len(items) >= MAX_ELEMENTS:
+            raise EntitlementsError(f"a DER entitlements container holds more than {MAX_ELEMENTS} values")
         tag, value, pos = _read_tlv(content, pos)
         items.append((tag, value))
     return items
 
 
+def _utf8(content: bytes) -> str:
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EntitlementsError("a DER entitlements string is not valid UTF-8") from None
+
+
 def _decode_value(tag: int, content: bytes, depth: int) -> Any:
-    if depth > _MAX_DEPTH:
+    if depth > MAX_DEPTH:
         raise EntitlementsError("the DER entitlements are nested too deeply")
     if tag == _TAG_BOOLEAN:
         if len(content) != 1:
@@ -176,7 +185,7 @@ def _decode_value(tag: int, content: bytes, depth: int) -> Any:
     if tag == _TAG_INTEGER:
         return int.from_bytes(content, "big", signed=True)
     if tag == _TAG_UTF8_STRING:
-        return content.decode()
+        return _utf8(content)
     if tag == _TAG_SEQUENCE:
         return [_decode_value(item_tag, item, depth + 1) for item_tag, item in _items(content)]
     if tag in (_TAG_DICTIONARY, _TAG_SET):
@@ -185,7 +194,7 @@ def _decode_value(tag: int, content: bytes, depth: int) -> Any:
             parts = _items(entry)
             if entry_tag != _TAG_SEQUENCE or len(parts) != 2 or parts[0][0] != _TAG_UTF8_STRING:
                 raise EntitlementsError("a DER entitlements dictionary entry is not a (key, value) pair")
-            result[parts[0][1].decode()] = _decode_value(parts[1][0], parts[1][1], depth + 1)
+            result[_utf8(parts[0][1])] = _decode_value(parts[1][0], parts[1][1], depth + 1)
         return result
     raise EntitlementsError(f"the DER entitlements contain an unsupported tag 0x{tag:02x}")
 

@@ -3,9 +3,12 @@
 The checks, in order; the first that fails decides the verdict:
 
 1. The package can be read (header, table of contents, heap ranges): else *package is invalid*.
-2. The stored TOC checksum is the hash of the compressed TOC, and every file's stored and
-   decoded bytes match their archived and extracted checksums (streamed, never held in memory):
-   else *package is invalid (checksum did not verify)*.
+2. The stored TOC checksum is the hash of the compressed TOC, and, with ``check_files``, every
+   file's stored and decoded bytes match their archived and extracted checksums (streamed, never
+   held in memory): else *package is invalid (checksum did not verify)*. Apple's pkgutil reads no
+   file data (libxar checks the TOC checksum when it opens a package, and a file's archived
+   checksum only when the file is extracted); ``pkgutil --check-signature`` does the same unless
+   asked to check the files.
 3. There is a signature: else *no signature*.
 4. Each signature verifies over the TOC checksum: the classic RSA signature as PKCS#1 v1.5 over
    the checksum as the message hash, or over the SHA-1 or SHA-256 of the checksum (older tools

@@ -10,8 +10,11 @@ Only digests reach the signer (:attr:`Identity.sign`, i.e. the token):
    type id-data; signed attributes contentType, signingTime and messageDigest of the checksum),
    built by :mod:`signbridge.apple.cms`, which sends the signer the digest of the signed
    attributes; the optional RFC 3161 timestamp covers the CMS signature value.
-4. The signed package is written beside the output and renamed over it; the file data is copied
-   by the kernel, byte for byte. The input is never written to.
+4. Before anything is signed, the file data is copied into a temporary file beside the output and
+   every file's stored bytes are checked against the archived checksum the TOC gives (one read of
+   each byte; ``check_files=False`` lets the kernel copy them unread instead). A mismatch refuses
+   the package. The signatures are then written before the data and the file renamed over the
+   output. The input is never written to.
 
 The TOC checksum is SHA-1 by default, as Apple's productsign writes it today (see
 docs/productsign.md); SHA-256 may be chosen, at the cost of macOS 10.11 and older reporting the
@@ -37,7 +40,7 @@ from ..identity import Identity
 from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from . import cms
 from .certificates import Usage, unique_certificates
-from .xar import PreparedPackage, XarArchive, finish, prepare_signed
+from .xar import PreparedPackage, Signatures, XarArchive, prepare_signed, write_signed
 from .xar.header import HEADER_SIZE
 
 DEFAULT_TOC_CHECKSUM = HashAlgorithm.SHA1
@@ -84,12 +87,16 @@ def sign_package(
     toc_checksum: HashAlgorithm | str = DEFAULT_TOC_CHECKSUM,
     timestamp: cms.Timestamper | None = None,
     signing_time: datetime | None = None,
+    check_files: bool = True,
 ) -> SignedPackage:
     """Sign the package at ``input_path`` with ``identity`` and write the result to ``output_path``.
 
     ``extra_certificates`` are embedded after the identity's own chain (``productsign --cert``);
     ``timestamp`` (see :func:`signbridge.apple.cms.timestamper`) timestamps the CMS signature.
-    Raises a :class:`signbridge.apple.xar.XarError` for a package that cannot be read or written,
+    With ``check_files`` (the default) every file's stored data is checked against its archived
+    checksum while it is copied, before the signer is asked for anything.
+    Raises a :class:`signbridge.apple.xar.XarError` for a package that cannot be read or written
+    (:class:`signbridge.apple.xar.ChecksumMismatchError` for data that does not match its checksum),
     :class:`InstallerIdentityError` for a certificate that is not for installers, and a
     :class:`SignatureError` when the signer fails or returns a signature that does not verify.
     """
@@ -115,36 +122,43 @@ def sign_package(
     prepared = _prepare_in_phase(
         archive, algorithm, rsa_size, cms_size, [_der(cert) for cert in certificates], signed_at
     )
-    checksum = prepared.toc_checksum
+    stamped: list[datetime | None] = []  # when the timestamp authority says the CMS was signed
 
-    rsa_signature = None
-    if rsa_size is not None:
-        request = SignatureRequest(checksum, algorithm, Scheme.RSA_PKCS1)
-        rsa_signature = identity.sign(request)
-        try:
-            verify_digest_signature(public_key, request, rsa_signature)
-        except SignatureError as exc:
-            raise SignatureError(f"the RSA signature of the package from {_source(identity)} is wrong: {exc}") from None
-    chain = [certificate for certificate in certificates if certificate != leaf]
-    cms_der = cms.sign_detached(
-        CMS_DIGEST.digest(checksum),
-        identity.sign,
-        leaf,
-        chain,
-        hash_algorithm=CMS_DIGEST,
-        timestamp=timestamp,
-        signing_time=signed_at,
-        ecdsa_format=EcdsaFormat.ASN1,  # Identity.sign returns ECDSA signatures in DER
-    )
-    parsed = cms.parse_signed_data(cms_der)
-    written = finish(prepared, rsa_signature, cms_der, output_path)
+    def sign(prepared: PreparedPackage) -> Signatures:
+        checksum = prepared.toc_checksum
+        rsa_signature = None
+        if rsa_size is not None:
+            request = SignatureRequest(checksum, algorithm, Scheme.RSA_PKCS1)
+            rsa_signature = identity.sign(request)
+            try:
+                verify_digest_signature(public_key, request, rsa_signature)
+            except SignatureError as exc:
+                raise SignatureError(
+                    f"the RSA signature of the package from {_source(identity)} is wrong: {exc}"
+                ) from None
+        chain = [certificate for certificate in certificates if certificate != leaf]
+        cms_der = cms.sign_detached(
+            CMS_DIGEST.digest(checksum),
+            identity.sign,
+            leaf,
+            chain,
+            hash_algorithm=CMS_DIGEST,
+            timestamp=timestamp,
+            signing_time=signed_at,
+            ecdsa_format=EcdsaFormat.ASN1,  # Identity.sign returns ECDSA signatures in DER
+        )
+        token = cms.parse_signed_data(cms_der).timestamp
+        stamped.append(token.gen_time if token is not None else None)
+        return rsa_signature, cms_der
+
+    written = write_signed(prepared, output_path, sign, check_files=check_files)
     return SignedPackage(
         path=written,
         certificates=tuple(certificates),
         checksum_algorithm=algorithm,
-        toc_checksum=checksum,
-        signatures=(("RSA",) if rsa_signature is not None else ()) + ("CMS",),
-        timestamp=parsed.timestamp.gen_time if parsed.timestamp is not None else None,
+        toc_checksum=prepared.toc_checksum,
+        signatures=(("RSA",) if rsa_size is not None else ()) + ("CMS",),
+        timestamp=stamped[0],
         replaced_signatures=prepared.replaced_signatures,
         dropped_ticket=prepared.dropped_ticket,
     )

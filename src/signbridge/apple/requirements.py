@@ -31,7 +31,7 @@ EMPTY_REQUIREMENT_SET = _encode_superblob(Magic.REQUIREMENT_SET, [])
 OID_DEVELOPER_ID_CA = "1.2.840.113635.100.6.2.6"
 OID_DEVELOPER_ID_LEAF = "1.2.840.113635.100.6.1.13"
 
-_MAX_DEPTH = 256
+MAX_EXPRESSION_DEPTH = 128  # Apple's requirements nest a handful of terms; this keeps every walk far from Python's recursion limit
 
 
 class RequirementType(enum.IntEnum):
@@ -298,8 +298,10 @@ class _Reader:
         return Match(op, self.data())
 
     def expr(self, depth: int = 0) -> Expr:
-        if depth > _MAX_DEPTH:
-            raise CodeSignatureFormatError("the requirement expression is nested too deeply")
+        if depth >= MAX_EXPRESSION_DEPTH:
+            raise CodeSignatureFormatError(
+                f"the requirement expression is nested too deeply (more than {MAX_EXPRESSION_DEPTH} terms)"
+            )
         raw = self.u32()
         op = raw & ~OPCODE_FLAG_MASK
         if op in (Op.IDENT, Op.NAMED_ANCHOR, Op.NAMED_CODE, Op.CDHASH):

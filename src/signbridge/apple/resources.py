@@ -5,9 +5,11 @@ CodeResources is an XML property list with four keys:
 - ``rules`` / ``rules2``: which paths (relative to the bundle's content root, ``Contents/`` or
   ``Versions/A/``) are sealed, as regular expressions with ``omit``, ``optional``, ``nested`` and
   ``weight``; the rule of highest weight that matches a path decides (an omitting rule wins a tie,
-  as Apple's seals show). signbridge writes Apple's defaults: the ``Resources/`` rules for bundles
-  with a ``Contents`` or ``Versions`` directory, the iOS-style rules (everything at the root is a
-  resource, nothing is nested code) for shallow bundles.
+  as Apple's seals show). A stored seal's rules are untrusted: :class:`RuleSet` evaluates them
+  with RE2 in linear time (POSIX syntax, bounded count, length and weight). signbridge writes
+  Apple's defaults: the ``Resources/`` rules for bundles with a ``Contents`` or ``Versions``
+  directory, the iOS-style rules (everything at the root is a resource, nothing is nested code)
+  for shallow bundles.
 - ``files`` (version 1): SHA-1 of every regular file the v1 rules select.
 - ``files2`` (version 2): per path a dict of digests (``hash`` = SHA-1, ``hash2`` = SHA-256), a
   ``{symlink: target}``, or for nested code ``{cdhash, requirement}``; ``optional`` when the rule
@@ -26,21 +28,25 @@ Files are hashed in a thread pool (hashlib releases the GIL), one task per file.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import math
 import os
 import plistlib
 import re
 import struct
-import xml.parsers.expat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import re2
+
 from ..errors import SignbridgeError
 from .codedirectory import HashType
 from .macho import FAT_MAGIC, FAT_MAGIC_64, MAX_FAT_ARCHES, MH_CIGAM, MH_CIGAM_64, MH_MAGIC, MH_MAGIC_64
+from .plist import load_plist_dict, optional_key, require
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -125,19 +131,68 @@ def default_rules(shallow: bool) -> tuple[dict[str, object], dict[str, object]]:
     return (SHALLOW_RULES, SHALLOW_RULES2) if shallow else (DEFAULT_RULES, DEFAULT_RULES2)
 
 
+# Seal rules come from the signature, and anyone can re-seal a bundle ad hoc with rules of their
+# choosing: they are POSIX extended regular expressions (Apple compiles them with regcomp and
+# REG_EXTENDED), evaluated here by RE2, which takes time linear in the path whatever the pattern.
+# Constructs RE2 cannot evaluate in linear time (back-references) are refused, as are patterns
+# POSIX does not define (Perl's \d, look-around); Apple's own rules all compile.
+MAX_RULES = 128
+MAX_PATTERN_LENGTH = 1024
+MAX_WEIGHT = 0xFFFFFFFF  # Apple keeps a rule's weight in an unsigned 32-bit integer
+
+_RULE_OPTIONS = re2.Options()
+_RULE_OPTIONS.posix_syntax = True
+_RULE_OPTIONS.one_line = True  # without REG_NEWLINE, ^ and $ match only at the ends of the path
+_RULE_OPTIONS.dot_nl = True
+_RULE_OPTIONS.never_capture = True
+_RULE_OPTIONS.log_errors = False
+
+
+@functools.lru_cache(maxsize=512)
+def _compile_rule(pattern: str) -> re2._Regexp:
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ResourceSealError(
+            f"resource rule {pattern[:40]!r}... is longer than {MAX_PATTERN_LENGTH} characters"
+        )
+    try:
+        return re2.compile(pattern.encode("utf-8"), _RULE_OPTIONS)
+    except UnicodeEncodeError:
+        raise ResourceSealError(f"resource rule {pattern!r} is not valid Unicode") from None
+    except re2.error as error:
+        reason = error.args[0].decode(errors="replace") if error.args and isinstance(error.args[0], bytes) else error
+        raise ResourceSealError(
+            f"invalid resource rule {pattern!r}: {reason} (rules are POSIX extended regular expressions "
+            "without back-references)"
+        ) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _rule_matcher(patterns: tuple[str, ...]) -> re2.Set:
+    """All patterns in one RE2 set (each already compiled alone, so each is valid)."""
+    matcher = re2.Set.SearchSet(_RULE_OPTIONS)
+    for pattern in patterns:
+        try:
+            matcher.Add(pattern.encode("utf-8"))
+        except re2.error:
+            raise ResourceSealError(f"invalid resource rule {pattern!r}") from None
+    matcher.Compile()
+    return matcher
+
+
+def literal_rule(path: str, flags: int = EXCLUSION) -> ResourceRule:
+    """A rule that matches exactly ``path``."""
+    return ResourceRule("^" + re2.escape(path) + "$", 0, flags)
+
+
 @dataclass(frozen=True)
 class ResourceRule:
     pattern: str
     weight: int = 1
     flags: int = 0
-    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    regex: re2._Regexp = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        try:
-            compiled = re.compile(self.pattern)
-        except re.error as error:
-            raise ResourceSealError(f"invalid resource rule {self.pattern!r}: {error}") from error
-        object.__setattr__(self, "regex", compiled)
+        object.__setattr__(self, "regex", _compile_rule(self.pattern))
 
     @classmethod
     def from_plist(cls, pattern: str, value: object) -> ResourceRule:
@@ -147,8 +202,12 @@ class ResourceRule:
         if not isinstance(value, dict):
             raise ResourceSealError(f"resource rule {pattern!r} is neither a boolean nor a dictionary")
         weight = value.get("weight", 1)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
-            raise ResourceSealError(f"resource rule {pattern!r} has an invalid weight")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ResourceSealError(f"resource rule {pattern!r} has a weight that is not a number")
+        if not (math.isfinite(weight) and 0 <= weight <= MAX_WEIGHT):
+            raise ResourceSealError(
+                f"resource rule {pattern!r} has the weight {weight}; weights are finite numbers from 0 to {MAX_WEIGHT}"
+            )
         flags = 0
         for key, flag in (("omit", OMITTED), ("optional", OPTIONAL), ("nested", NESTED)):
             if value.get(key) is True:
@@ -158,40 +217,51 @@ class ResourceRule:
 
 @dataclass(frozen=True)
 class RuleSet:
-    """Resource rules plus the exclusions Apple adds for the bundle at hand."""
+    """Resource rules plus the exclusions Apple adds for the bundle at hand: the one evaluator of
+    seal rules. All rules are matched in one pass over the path (an RE2 set)."""
 
     rules: tuple[ResourceRule, ...]
+    _matcher: re2.Set = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.rules) > MAX_RULES:
+            raise ResourceSealError(f"the seal has {len(self.rules)} resource rules; at most {MAX_RULES} are read")
+        object.__setattr__(self, "_matcher", _rule_matcher(tuple(rule.pattern for rule in self.rules)))
 
     @classmethod
     def from_plist(cls, rules: object, exclusions: Iterable[ResourceRule] = ()) -> RuleSet:
-        if not isinstance(rules, dict) or not all(isinstance(key, str) for key in rules):
+        if not isinstance(rules, dict):
             raise ResourceSealError("the resource rules are not a dictionary of patterns")
+        if len(rules) > MAX_RULES:
+            raise ResourceSealError(f"the seal has {len(rules)} resource rules; at most {MAX_RULES} are read")
         parsed = [ResourceRule.from_plist(pattern, value) for pattern, value in rules.items()]
         return cls((*exclusions, *parsed))
+
+    def _matching(self, path: str) -> list[int]:
+        text = os.fsencode(path)
+        found = self._matcher.Match(text)
+        if not found:  # an RE2 set reports nothing when its DFA runs out of memory: ask each rule
+            found = [n for n, rule in enumerate(self.rules) if rule.regex.search(text)]
+        return sorted(found)
 
     def find(self, path: str) -> ResourceRule | None:
         """The deciding rule: an exclusion at once, else the matching rule of highest weight (of
         equal weights, an omitting one: ``^Info\\.plist$`` beats ``^`` in older iOS seals)."""
         best: ResourceRule | None = None
-        for rule in self.rules:
-            if rule.regex.search(path):
-                if rule.flags & EXCLUSION:
-                    return rule
-                if best is None or rule.weight > best.weight or rule.weight == best.weight and rule.flags & OMITTED and not best.flags & OMITTED:
-                    best = rule
+        for index in self._matching(path):
+            rule = self.rules[index]
+            if rule.flags & EXCLUSION:
+                return rule
+            if best is None or rule.weight > best.weight or rule.weight == best.weight and rule.flags & OMITTED and not best.flags & OMITTED:
+                best = rule
         return best
 
 
 def seal_exclusions(content_root: Path, executable: Path | None) -> list[ResourceRule]:
     """What Apple's BundleDiskRep keeps out of every seal: signature files and the main executable."""
-    exclusions = [
-        ResourceRule("^_CodeSignature$", 0, EXCLUSION),
-        ResourceRule("^CodeResources$", 0, EXCLUSION),
-        ResourceRule("^_MASReceipt$", 0, EXCLUSION),
-    ]
+    exclusions = [literal_rule("_CodeSignature"), literal_rule("CodeResources"), literal_rule("_MASReceipt")]
     if executable is not None:
-        relative = executable.relative_to(content_root).as_posix()
-        exclusions.append(ResourceRule("^" + re.escape(relative) + "$", 0, EXCLUSION))
+        exclusions.append(literal_rule(executable.relative_to(content_root).as_posix()))
     return exclusions
 
 
@@ -238,19 +308,25 @@ def is_macho_file(path: Path) -> bool:
 
 
 def scan(content_root: Path, rules: RuleSet) -> list[SealedEntry]:
-    """Every path the rules seal under ``content_root``, sorted by path."""
+    """Every path the rules seal under ``content_root``, sorted by path (walked without recursion,
+    so a deep directory tree costs no stack)."""
     entries: list[SealedEntry] = []
-    _scan_directory(content_root, "", rules, entries)
+    pending = [(content_root, "")]
+    while pending:
+        directory, prefix = pending.pop()
+        pending.extend(_scan_directory(directory, prefix, rules, entries))
     entries.sort(key=lambda entry: entry.path)
     return entries
 
 
-def _scan_directory(directory: Path, prefix: str, rules: RuleSet, out: list[SealedEntry]) -> None:
+def _scan_directory(directory: Path, prefix: str, rules: RuleSet, out: list[SealedEntry]) -> list[tuple[Path, str]]:
+    """Seal the entries of one directory; returns the subdirectories still to enter."""
     try:
         with os.scandir(directory) as iterator:
             children = sorted(iterator, key=lambda child: child.name)
     except OSError as error:
         raise UnreadableFileError(f"cannot read directory {directory}: {error.strerror}") from error
+    subdirectories = []
     for child in children:
         relative = prefix + child.name
         rule = rules.find(relative)
@@ -261,13 +337,14 @@ def _scan_directory(directory: Path, prefix: str, rules: RuleSet, out: list[Seal
             if rule is not None and rule.flags & NESTED and "." in child.name:
                 out.append(SealedEntry(relative, EntryKind.NESTED_BUNDLE, rule.flags))
             elif rule is None or not rule.flags & EXCLUSION:
-                _scan_directory(Path(child.path), relative + "/", rules, out)
+                subdirectories.append((Path(child.path), relative + "/"))
         elif rule is not None and not rule.flags & (OMITTED | EXCLUSION):
             if not child.is_file(follow_symlinks=False):
                 raise ResourceError(f"{child.path} is not a regular file, a directory or a symbolic link")
             nested = rule.flags & NESTED and is_macho_file(Path(child.path))
             kind = EntryKind.NESTED_MACHO if nested else EntryKind.FILE
             out.append(SealedEntry(relative, kind, rule.flags if nested else rule.flags & ~NESTED))
+    return subdirectories
 
 
 # --- hashing ----------------------------------------------------------------------------------------
@@ -429,14 +506,65 @@ def serialize_code_resources(plist: Mapping[str, object]) -> bytes:
     return _REAL.sub(rb"<real>\1</real>", data)
 
 
-def parse_code_resources(data: bytes) -> dict:
-    try:
-        plist = plistlib.loads(data)
-    except (plistlib.InvalidFileException, xml.parsers.expat.ExpatError, ValueError) as error:
-        raise ResourceSealError(f"the sealed resource directory is invalid: {error}") from error
-    if not isinstance(plist, dict):
-        raise ResourceSealError("the sealed resource directory is invalid: not a dictionary")
-    return plist
+@dataclass(frozen=True)
+class FileSeal:
+    """One ``files``/``files2`` entry, typed: digests of a file, a symbolic link's target, or
+    nested code's cdhash and requirement."""
+
+    digests: Mapping[HashType, bytes] = field(default_factory=dict)
+    symlink: str | None = None
+    cdhash: bytes | None = None
+    requirement: str | None = None
+    optional: bool = False
+
+    @classmethod
+    def from_plist(cls, path: str, value: object) -> FileSeal:
+        if isinstance(value, bytes):
+            return cls({HashType.SHA1: value})
+        what = f"the seal of {path!r} in the sealed resource directory"
+        entry = require(value, dict, what, ResourceSealError)
+        digests = {}
+        for key, digest in entry.items():
+            hash_type = _hash_type_of_key(key)
+            if hash_type is not None:
+                digests[hash_type] = require(digest, bytes, f"{what}: {key}", ResourceSealError)
+        return cls(
+            digests,
+            symlink=optional_key(entry, "symlink", str, what, ResourceSealError),
+            cdhash=optional_key(entry, "cdhash", bytes, what, ResourceSealError),
+            requirement=optional_key(entry, "requirement", str, what, ResourceSealError),
+            optional=entry.get("optional") is True,
+        )
+
+
+@dataclass(frozen=True)
+class StoredSeal:
+    """A CodeResources as read from a signed bundle: the version that governs (2 when it has
+    ``files2``), that version's rules (checked when evaluated) and its file seals."""
+
+    version: int
+    rules: Mapping[str, object]
+    files: Mapping[str, FileSeal]
+
+    @property
+    def nested(self) -> tuple[str, ...]:
+        """The paths sealed as nested code (those with a designated requirement)."""
+        return tuple(sorted(path for path, seal in self.files.items() if seal.requirement is not None))
+
+
+def read_code_resources(data: bytes) -> StoredSeal:
+    """Read a stored CodeResources; :class:`ResourceSealError` when it is not a valid seal."""
+    what = "the sealed resource directory (CodeResources)"
+    plist = load_plist_dict(data, what, ResourceSealError)
+    version = 2 if "files2" in plist or "rules2" in plist else 1
+    files_key, rules_key = ("files2", "rules2") if version == 2 else ("files", "rules")
+    if files_key not in plist or rules_key not in plist:
+        raise ResourceSealError(f"{what} has no {rules_key} and {files_key}")
+    rules = require(plist[rules_key], dict, f"{what}: {rules_key}", ResourceSealError)
+    files = require(plist[files_key], dict, f"{what}: {files_key}", ResourceSealError)
+    if len(rules) > MAX_RULES:
+        raise ResourceSealError(f"{what} has {len(rules)} resource rules; at most {MAX_RULES} are read")
+    return StoredSeal(version, rules, {path: FileSeal.from_plist(path, value) for path, value in files.items()})
 
 
 # --- verification -----------------------------------------------------------------------------------
@@ -457,79 +585,60 @@ def verify_code_resources(
     gets the absolute path of each nested bundle or Mach-O file and returns its cdhash; it raises a
     SignbridgeError when that code does not verify (reported as ``nested code invalid: …``).
     """
-    plist = parse_code_resources(stored)
-    if isinstance(plist.get("rules2"), dict) and isinstance(plist.get("files2"), dict):
-        rules, files, version = plist["rules2"], plist["files2"], 2
-    elif isinstance(plist.get("rules"), dict) and isinstance(plist.get("files"), dict):
-        rules, files, version = plist["rules"], plist["files"], 1
-    else:
-        raise ResourceSealError("the sealed resource directory is invalid: no rules and files")
+    seal = read_code_resources(stored)
+    files = seal.files
     exclusions = seal_exclusions(bundle.content_root, bundle.executable_path)
-    entries = scan(bundle.content_root, RuleSet.from_plist(rules, exclusions))
-    if version == 1:
+    entries = scan(bundle.content_root, RuleSet.from_plist(seal.rules, exclusions))
+    if seal.version == 1:
         entries = [entry for entry in entries if entry.is_regular_file]
     on_disk = {entry.path: entry for entry in entries}
 
     needed: set[HashType] = set()
     to_hash = []
     for path, entry in on_disk.items():
-        seal = files.get(path)
-        keys = _digest_types(seal)
-        if keys and entry.is_regular_file:
-            needed.update(keys)
+        stored_seal = files.get(path)
+        if stored_seal is not None and stored_seal.digests and entry.is_regular_file:
+            needed.update(stored_seal.digests)
             to_hash.append(bundle.content_root / path)
     digests = hash_files(to_hash, sorted(needed), executor=executor, progress=progress)
 
     problems: list[str] = []
     for path in sorted(set(on_disk) | set(files)):
         shown = display_path(bundle, path)
-        seal, entry = files.get(path), on_disk.get(path)
-        if seal is None:
+        stored_seal, entry = files.get(path), on_disk.get(path)
+        if stored_seal is None:
             problems.append(f"file added: {shown}")
         elif entry is None:
-            if not (isinstance(seal, dict) and seal.get("optional") is True):
+            if not stored_seal.optional:
                 problems.append(f"file missing: {shown}")
-        elif isinstance(seal, dict) and "cdhash" in seal:
-            problems.extend(_check_nested(bundle, entry, seal, shown, nested_check))
-        elif not _matches(bundle, entry, seal, digests):
+        elif stored_seal.cdhash is not None:
+            problems.extend(_check_nested(bundle, entry, stored_seal.cdhash, shown, nested_check))
+        elif not _matches(bundle, entry, stored_seal, digests):
             problems.append(f"file modified: {shown}")
     return problems
 
 
-def _digest_types(seal: object) -> list[HashType]:
-    if isinstance(seal, bytes):
-        return [HashType.SHA1]
-    if isinstance(seal, dict):
-        return [hash_type for key in seal if (hash_type := _hash_type_of_key(key)) is not None]
-    return []
-
-
 def _matches(
-    bundle: Bundle, entry: SealedEntry, seal: object, digests: Mapping[Path, Mapping[HashType, bytes]]
+    bundle: Bundle, entry: SealedEntry, seal: FileSeal, digests: Mapping[Path, Mapping[HashType, bytes]]
 ) -> bool:
     path = bundle.content_root / entry.path
-    if isinstance(seal, dict) and "symlink" in seal:
-        return entry.kind == EntryKind.SYMLINK and os.readlink(path) == seal["symlink"]
-    expected = {HashType.SHA1: seal} if isinstance(seal, bytes) else {}
-    if isinstance(seal, dict):
-        expected = {
-            hash_type: seal[key] for key in seal if (hash_type := _hash_type_of_key(key)) is not None
-        }
-    if not expected or not entry.is_regular_file:
+    if seal.symlink is not None:
+        return entry.kind == EntryKind.SYMLINK and os.readlink(path) == seal.symlink
+    if not seal.digests or not entry.is_regular_file:
         return False
     actual = digests[path]
-    return all(actual.get(hash_type) == value for hash_type, value in expected.items())
+    return all(actual.get(hash_type) == value for hash_type, value in seal.digests.items())
 
 
 def _check_nested(
-    bundle: Bundle, entry: SealedEntry, seal: dict, shown: str, nested_check: NestedCheck
+    bundle: Bundle, entry: SealedEntry, cdhash: bytes, shown: str, nested_check: NestedCheck
 ) -> list[str]:
     if not entry.is_nested:
         return [f"nested code modified: {shown}"]
     try:
-        cdhash = nested_check(bundle.content_root / entry.path)
+        actual = nested_check(bundle.content_root / entry.path)
     except SignbridgeError as error:
         return [f"nested code invalid: {shown}: {error}"]
-    if cdhash != seal["cdhash"]:
+    if actual != cdhash:
         return [f"nested code modified: {shown}"]
     return []

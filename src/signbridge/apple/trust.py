@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtensionOID
 
+from ..certificate_files import read_certificates
 from ..errors import ConfigError
 from ..signatures import CertificateSignatureError, verify_certificate_signature
 from .certificates import (
@@ -168,13 +169,13 @@ def load_anchors(spec: str | os.PathLike[str] | None) -> list[x509.Certificate]:
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(entry for entry in path.iterdir() if entry.is_file() and entry.name[:1] != ".")
-        anchors = unique_certificates(certificate for file in files for certificate in _read_certificates(file))
+        anchors = unique_certificates(certificate for file in files for certificate in _read_anchors(file))
         if not anchors:
             raise TrustAnchorError(f"the trust anchor directory {path} holds no certificate files")
         return anchors
     if not path.exists():
         raise TrustAnchorError(f"the trust anchors file {path} does not exist")
-    return unique_certificates(_read_certificates(path))
+    return unique_certificates(_read_anchors(path))
 
 
 def anchors_from_environment(
@@ -191,28 +192,6 @@ def anchors_from_environment(
     parts = [part for part in str(value).split(os.pathsep) if part]
     return unique_certificates(anchor for part in parts for anchor in load_anchors(part))
 
-
-def _read_certificates(path: Path) -> list[x509.Certificate]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TrustAnchorError(f"cannot read the trust anchors file {path}: {exc.strerror or exc}") from None
-    if b"-----BEGIN" in data:
-        try:
-            certificates = x509.load_pem_x509_certificates(data)
-        except ValueError:
-            raise TrustAnchorError(
-                f"the trust anchors file {path} holds no readable PEM certificate"
-            ) from None
-        return certificates
-    if not data.strip():
-        raise TrustAnchorError(f"the trust anchors file {path} is empty")
-    try:
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError:
-        raise TrustAnchorError(
-            f"the trust anchors file {path} is neither a PEM nor a DER certificate"
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,3 +491,7 @@ def _name(name: x509.Name) -> str:
 
 def _describe(certificate: x509.Certificate) -> str:
     return f'"{common_name(certificate) if certificate.subject else "(no subject)"}"'
+
+
+def _read_anchors(path: Path) -> list[x509.Certificate]:
+    return read_certificates(path, role="trust anchors file", error=TrustAnchorError)

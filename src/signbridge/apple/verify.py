@@ -21,10 +21,11 @@ Code requirements: :func:`parse_requirement_text` compiles Apple's requirement l
 
 from __future__ import annotations
 
+import copy
 import os
-import plistlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,9 +42,11 @@ from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType, hash_cod
 from .embedded_signature import EmbeddedSignature, read_signature
 from .entitlements import EntitlementsError, load_entitlements, parse_der_entitlements_blob
 from .macho import MachO, MachOError, MachOFile, parse_file
+from .plist import plist_dict
 from .requirements import (
     ANCHOR_CERT,
     LEAF_CERT,
+    MAX_EXPRESSION_DEPTH,
     OPCODE_FLAG_DEFAULT_FALSE,
     OPCODE_FLAG_MASK,
     Expr,
@@ -163,15 +166,19 @@ class CodeVerificationError(SignbridgeError):
         self, *, architecture: str | None = None, subcomponent: str | None = None
     ) -> CodeVerificationError:
         """The same failure located in a slice or nested piece of code (outermost location kept)."""
-        error = type(self)(
-            self.status,
-            self.detail,
-            architecture=self.architecture or architecture,
-            subcomponent=self.subcomponent or subcomponent,
-            added=self.added,
-            modified=self.modified,
-            missing=self.missing,
+        return self.replaced(
+            architecture=self.architecture or architecture, subcomponent=self.subcomponent or subcomponent
         )
+
+    def replaced(self, **changes: Any) -> CodeVerificationError:
+        """A copy of this error (of the same class) with some of its fields changed."""
+        error = copy.copy(self)
+        for name, value in changes.items():
+            if name not in ("status", "detail", "architecture", "subcomponent", "added", "modified", "missing"):
+                raise TypeError(f"CodeVerificationError has no field {name!r}")
+            setattr(error, name, tuple(value) if name in ("added", "modified", "missing") else value)
+        error.args = (error.status,)
+        error.message = error.status
         return error
 
 
@@ -375,7 +382,7 @@ def _tokens(text: str) -> list[_Token]:
         if found.group("comment"):
             continue
         if found.group("hash") is not None:
-            tokens.append(_Token("hash", bytes.fromhex(found.group("hex"))))
+            tokens.append(_Token("hash", _hex(found.group("hex"))))
         elif found.group("string") is not None:
             tokens.append(_Token("string", re.sub(r"\\(.)", r"\1", found.group("text"))))
         elif found.group("op"):
@@ -386,10 +393,32 @@ def _tokens(text: str) -> list[_Token]:
     return tokens
 
 
+def _hex(text: str) -> bytes:
+    if len(text) % 2:
+        raise RequirementSyntaxError(f"the hash {text[:16]}... has an odd number of hex digits")
+    return bytes.fromhex(text)
+
+
+# Parentheses and negations nest the parser's own calls; the expression it builds may be deeper
+# (a chain of "and"s), up to what a compiled requirement may hold.
+_MAX_TEXT_NESTING = 64
+
+
+def _depth(expr: Expr) -> int:
+    deepest, pending = 0, [(expr, 1)]
+    while pending:
+        node, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if node.op in (Op.AND, Op.OR, Op.NOT):
+            pending.extend((child, depth + 1) for child in node.args)
+    return deepest
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = _tokens(text)
         self.position = 0
+        self.nesting = 0
 
     @property
     def current(self) -> _Token:
@@ -451,9 +480,11 @@ class _Parser:
 
     def primary(self) -> Expr:
         if self.accept("op", "!") or self.keyword("not"):
-            return Expr(Op.NOT, (self.primary(),))
+            with self.nested():
+                return Expr(Op.NOT, (self.primary(),))
         if self.accept("op", "("):
-            inner = self.expression()
+            with self.nested():
+                inner = self.expression()
             self.expect("op", ")")
             return inner
         word = self.keyword(
@@ -488,6 +519,14 @@ class _Parser:
             return Expr(Op.LEGACY_DEVELOPER_ID)
         raise RequirementSyntaxError(f"unexpected {self._describe(self.current)} in the requirement")
 
+    @contextmanager
+    def nested(self) -> Iterator[None]:
+        self.nesting += 1
+        if self.nesting > _MAX_TEXT_NESTING:
+            raise RequirementSyntaxError(f"the requirement nests more than {_MAX_TEXT_NESTING} parentheses or negations")
+        yield
+        self.nesting -= 1
+
     def anchor(self) -> Expr:
         if self.keyword("apple"):
             if self.keyword("generic"):
@@ -513,7 +552,7 @@ class _Parser:
         if self.accept("op", "="):
             return Expr(Op.ANCHOR_HASH, (slot, self.hash()))
         self.expect("op", "[")
-        name = self.value().decode()
+        name = self.text()
         self.expect("op", "]")
         match = self.match()
         prefix, _, rest = name.partition(".")
@@ -557,6 +596,13 @@ class _Parser:
             return token.value
         raise RequirementSyntaxError(f"expected a value but found {self._describe(token)}")
 
+    def text(self) -> str:
+        token = self.current
+        if token.kind in ("string", "word"):
+            self.take()
+            return str(token.value)
+        raise RequirementSyntaxError(f"expected a name but found {self._describe(token)}")
+
     def hash(self) -> bytes:
         token = self.current
         if token.kind == "hash":
@@ -564,7 +610,7 @@ class _Parser:
             return token.value
         if token.kind in ("word", "string") and re.fullmatch(r"(0x)?[0-9A-Fa-f]+", str(token.value)):
             self.take()
-            return bytes.fromhex(str(token.value).removeprefix("0x"))
+            return _hex(str(token.value).removeprefix("0x"))
         raise RequirementSyntaxError(f'expected a hash such as H"..." but found {self._describe(token)}')
 
     def integer(self) -> int:
@@ -575,6 +621,8 @@ class _Parser:
             except ValueError:
                 pass
             else:
+                if not -(1 << 31) <= number < 1 << 32:
+                    raise RequirementSyntaxError(f"the number {token.value} does not fit in 32 bits")
                 self.take()
                 return number
         raise RequirementSyntaxError(f"expected a number but found {self._describe(token)}")
@@ -591,7 +639,10 @@ def parse_requirement_text(text: str) -> Expr:
     """Compile a requirement in Apple's language (``identifier "x" and anchor apple generic``)."""
     if not text.strip():
         raise RequirementSyntaxError("the requirement is empty")
-    return _Parser(text).parse()
+    expr = _Parser(text).parse()
+    if _depth(expr) > MAX_EXPRESSION_DEPTH:
+        raise RequirementSyntaxError(f"the requirement nests more than {MAX_EXPRESSION_DEPTH} terms deep")
+    return expr
 
 
 def load_requirement(argument: str) -> Expr:
@@ -1028,17 +1079,6 @@ def requirement_context(
         platform=directory.platform,
         apple_roots=options.apple_roots,
     )
-
-
-def plist_dict(data: bytes | None) -> dict[str, Any] | None:
-    """A property list's top-level dictionary, or None when the data is absent or not one."""
-    if not data:
-        return None
-    try:
-        value = plistlib.loads(data)
-    except (plistlib.InvalidFileException, ValueError, TypeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def entitlements_of(signature: EmbeddedSignature) -> dict[str, Any] | None:

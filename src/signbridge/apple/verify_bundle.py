@@ -18,7 +18,14 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 from .blobs import CodeSignatureFormatError
-from .bundle import Bundle, BundleError, BundleSymlinkError, UnsealedContentError, bundle_format
+from .bundle import (
+    Bundle,
+    BundleError,
+    BundleSymlinkError,
+    UnsealedContentError,
+    bundle_format,
+    check_nesting,
+)
 from .detached import read_detached_signature
 from .ipa import extracted_app, is_ipa
 from .resources import ResourceError, verify_code_resources
@@ -106,10 +113,8 @@ def _relocated(error: CodeVerificationError, old: str, new: str) -> CodeVerifica
     def move(text: str) -> str:
         return text.replace(old, new)
 
-    return type(error)(
-        error.status,
-        move(error.detail),
-        architecture=error.architecture,
+    return error.replaced(
+        detail=move(error.detail),
         subcomponent=move(error.subcomponent) if error.subcomponent else None,
         added=[move(item) for item in error.added],
         modified=[move(item) for item in error.modified],
@@ -128,10 +133,14 @@ def open_bundle_for_verification(path: Path) -> Bundle:
         raise CodeVerificationError(BAD_BUNDLE, str(exc)) from None
 
 
-def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor) -> Verdict:
+def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor, depth: int = 0) -> Verdict:
     """Verify a bundle: its code (main executable, or Info.plist under a detached signature) with
     Info.plist and CodeResources bound, every sealed resource, and its nested code (each verified
-    in full, recursively)."""
+    in full, recursively, at most MAX_NESTING bundles deep)."""
+    try:
+        check_nesting(depth, path)
+    except BundleError as exc:
+        raise CodeVerificationError(BAD_BUNDLE, str(exc)) from None
     bundle = open_bundle_for_verification(path)
     code_resources = None
     if bundle.code_resources_path.is_file():
@@ -151,7 +160,7 @@ def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor) -> 
 
     def nested_check(nested_path: Path) -> bytes:
         try:
-            nested = verify_bundle(nested_path, options, executor=executor) if nested_path.is_dir() else (
+            nested = verify_bundle(nested_path, options, executor=executor, depth=depth + 1) if nested_path.is_dir() else (
                 verify_macho_path(nested_path, options, executor=executor)
             )
         except FileNotFoundError:
@@ -178,7 +187,7 @@ def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor) -> 
             where = sealed.root if isinstance(sealed, Bundle) else sealed
             try:
                 if isinstance(sealed, Bundle):
-                    nested_verdicts.append(verify_bundle(where, options, executor=executor))
+                    nested_verdicts.append(verify_bundle(where, options, executor=executor, depth=depth + 1))
                 else:
                     nested_verdicts.append(verify_macho_path(where, options, executor=executor))
             except CodeVerificationError as error:

@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
+from ..certificate_files import read_certificates
 from ..errors import UsageError
 from ..server import audit as audit_log
 from ..server import directory
@@ -27,7 +28,7 @@ from ..server.datadir import DataDir, open_data_dir
 from ..server.keystores import KeySpec
 from ..server.models import Organization
 from ..server.tsa import load_timestamp_authority
-from .common import F, data_dir_option, print_json, print_table, read_certificate_file
+from .common import F, data_dir_option, print_json, print_table
 
 
 class StoreLocation:
@@ -203,8 +204,8 @@ def _write_atomically(path: Path, text: str) -> None:
 @pass_store
 def cert_import(store: DataDir, org_ref: str | None, slug: str, certificate: Path, chain: Path | None) -> None:
     """Attach the certificate issued for a key's CSR (PEM or DER; extra PEM certificates are the chain)."""
-    leaf, *rest = read_certificate_file(certificate)
-    pool = rest + (read_certificate_file(chain) if chain else [])
+    leaf, *rest = read_certificates(certificate, error=UsageError)
+    pool = rest + (read_certificates(chain, error=UsageError) if chain else [])
     with store.session() as session:
         row = directory.get_certificate(session, _organization(session, org_ref), slug)
         directory.import_certificate(session, store.keystore, row, leaf, pool)

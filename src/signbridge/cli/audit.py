@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
+from ..certificate_files import read_certificates
 from ..errors import UsageError
 from ..server.audit_export import kept_checkpoints, read_export, verify_export
 from .admin import report_verification
-from .common import read_certificate_file
 
 
 @click.group()
@@ -28,7 +28,7 @@ def audit() -> None:
 def verify(export_path: Path, cert_path: Path, kept_paths: tuple[Path, ...], as_json: bool) -> None:
     """Check an export's hash chain and its checkpoints against the pinned certificate; exit 1 when
     records were edited, deleted or reordered, or checkpoints forged or removed."""
-    certificates = read_certificate_file(cert_path)
+    certificates = read_certificates(cert_path, error=UsageError)
     if len(certificates) != 1:
         raise UsageError(f"{cert_path} must hold exactly the checkpoint certificate")
     kept = kept_checkpoints(kept_paths)

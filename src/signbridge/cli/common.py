@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import platformdirs
 
-from ..errors import UsageError
-
 if TYPE_CHECKING:
-    from cryptography import x509
+    pass
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,19 +47,3 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
         if index == 0:
             click.echo("  ".join("-" * width for width in widths))
-
-
-def read_certificate_file(path: Path) -> list[x509.Certificate]:
-    """The certificates in a PEM (one or more) or DER file."""
-    from cryptography import x509
-
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read the certificate file {path}: {exc.strerror or exc}") from None
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
-        raise UsageError(f"{path} holds no readable certificate: {exc}") from None

@@ -25,13 +25,13 @@ from cryptography.hazmat.primitives import hashes
 
 from ..apple import cms
 from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, common_name, extension_oids
-from ..apple.pkgverify import PackageStatus, PackageVerdict, verify_package
 from ..apple.productsign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
-from ..apple.trust import anchors_from_environment
+from ..certificate_files import read_certificates
 from ..config import load_settings
 from ..errors import SignbridgeError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # each command imports what only it needs when it runs (start-up time)
+    from ..apple.pkgverify import PackageVerdict
     from ..identity import Identity
 
 EXIT_FAILURE = 1
@@ -76,6 +76,10 @@ class _ProductsignFailure(SignbridgeError):
               show_default=True,
               help="Table-of-contents checksum: sha1 as Apple's productsign writes (any macOS); sha256 is "
                    "reported as damaged by macOS 10.11 and older.")
+@click.option("--check-files/--no-check-files", default=True, show_default=True,
+              help="Check every file's data against the archived checksum in the table of contents as it is "
+                   "copied, before signing (one read of the data). --no-check-files lets the kernel copy it "
+                   "unread: for trusted inputs too large to read.")
 @click.argument("input_path", metavar="INPUT.pkg", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="OUTPUT.pkg", type=click.Path(path_type=Path))
 @click.pass_context
@@ -86,6 +90,7 @@ def productsign(
     cert_files: Sequence[Path],
     tokens: Sequence[str],
     toc_checksum: str,
+    check_files: bool,
     input_path: Path,
     output_path: Path,
 ) -> None:
@@ -93,7 +98,7 @@ def productsign(
     identity from the running tokens. Only the package's table-of-contents checksum (and the hash of
     the CMS signed attributes) is sent to the token; the input is never modified."""
     try:
-        _productsign(identity_name, timestamp, cert_files, tokens, toc_checksum, input_path, output_path)
+        _productsign(identity_name, timestamp, cert_files, tokens, toc_checksum, check_files, input_path, output_path)
     except SignbridgeError as exc:
         click.echo(f"productsign: error: {exc}", err=True)
         context.exit(EXIT_FAILURE)
@@ -108,18 +113,18 @@ def _productsign(
     cert_files: Sequence[Path],
     tokens: Sequence[str],
     toc_checksum: str,
+    check_files: bool,
     input_path: Path,
     output_path: Path,
 ) -> None:
     from .. import keychain
-    from ..apple.codesign import resolve_timestamp_url  # signing only: pkgutil needs neither
 
     settings = load_settings(cli={})
     identity = _select_identity(identity_name, tokens)
-    extra = [certificate for path in cert_files for certificate in _read_certificates(path)]
+    extra = [certificate for path in cert_files for certificate in read_certificates(path, error=_ProductsignFailure)]
     if timestamp is None and DEVELOPER_ID_INSTALLER in extension_oids(identity.certificate):
         timestamp = DEFAULT_TIMESTAMP  # Apple timestamps Developer ID signatures unless told not to
-    url = resolve_timestamp_url("" if timestamp == DEFAULT_TIMESTAMP else timestamp, settings.timestamp_url)
+    url = cms.resolve_timestamp_url("" if timestamp == DEFAULT_TIMESTAMP else timestamp, settings.timestamp_url)
 
     if url is not None:
         click.echo("productsign: using timestamp authority for signature")
@@ -137,6 +142,7 @@ def _productsign(
         extra_certificates=extra,
         toc_checksum=toc_checksum,
         timestamp=cms.timestamper(url) if url is not None else None,
+        check_files=check_files,
     )
     if signed.dropped_ticket:
         click.echo(
@@ -164,19 +170,6 @@ def _select_identity(name: str, tokens: Sequence[str]) -> Identity:
         raise _ProductsignFailure(message) from None
 
 
-def _read_certificates(path: Path) -> list[x509.Certificate]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _ProductsignFailure(f"cannot read the certificate file {path}: {exc.strerror or exc}") from None
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError:
-        raise _ProductsignFailure(f"{path} holds no readable PEM or DER certificate") from None
-
-
 # --- pkgutil --check-signature --------------------------------------------------------------------
 
 
@@ -184,18 +177,25 @@ def _read_certificates(path: Path) -> list[x509.Certificate]:
 @click.option("--check-signature", "package", metavar="PKG", required=True,
               type=click.Path(path_type=Path), help="Check the package's signature and print its certificates.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON, for scripts.")
+@click.option("--check-files/--no-check-files", default=False, show_default=True,
+              help="Also read every file's data and check it against its archived and extracted checksums. "
+                   "Apple's pkgutil checks the table of contents and the signatures only; the installer checks "
+                   "the data as it extracts it.")
 @click.pass_context
-def pkgutil(context: click.Context, package: Path, as_json: bool) -> None:
+def pkgutil(context: click.Context, package: Path, as_json: bool, check_files: bool) -> None:
     """Check the signature of a macOS installer package, as Apple's pkgutil --check-signature does.
 
     Trust anchors come from SIGNBRIDGE_ANCHORS or the TrustAnchors setting. Exits 0 when the package
     is signed by a trusted certificate, 1 otherwise.
     """
+    from ..apple.pkgverify import verify_package
+    from ..apple.trust import anchors_from_environment
+
     try:
         settings = load_settings(cli={})
         configured = os.pathsep.join(str(path) for path in settings.trust_anchors) or None
         anchors = anchors_from_environment(configured)
-        verdict = verify_package(package, anchors)
+        verdict = verify_package(package, anchors, check_files=check_files)
     except SignbridgeError as exc:
         click.echo(f"pkgutil: error: {exc}", err=True)
         context.exit(EXIT_FAILURE)
@@ -211,13 +211,15 @@ def pkgutil(context: click.Context, package: Path, as_json: bool) -> None:
 
 def render_check_signature(verdict: PackageVerdict, *, now: datetime | None = None) -> str:
     """The report in the layout of Apple's ``pkgutil --check-signature``."""
+    from ..apple.pkgverify import PackageStatus
+
     now = now or datetime.now(UTC)
     lines = [f'Package "{verdict.path.name}":', f"   Status: {verdict.status_text}"]
     if verdict.ok and verdict.stapled_ticket:
         lines.append("   Notarization: trusted by the Apple notary service")
     if verdict.timestamp is not None:
         lines.append(f"   Signed with a trusted timestamp on: {_date(verdict.timestamp)}")
-    if verdict.chain and verdict.status in _WITH_CHAIN:
+    if verdict.chain and verdict.status in (PackageStatus.TRUSTED, PackageStatus.UNTRUSTED, PackageStatus.EXPIRED):
         lines.append("   Certificate Chain:")
         for number, certificate in enumerate(verdict.chain, start=1):
             if number > 1:
@@ -231,9 +233,6 @@ def render_check_signature(verdict: PackageVerdict, *, now: datetime | None = No
             for start in range(0, len(pairs), _FINGERPRINT_BYTES_PER_LINE):
                 lines.append("           " + " ".join(pairs[start : start + _FINGERPRINT_BYTES_PER_LINE]))
     return "\n".join(lines) + "\n"
-
-
-_WITH_CHAIN = (PackageStatus.TRUSTED, PackageStatus.UNTRUSTED, PackageStatus.EXPIRED)
 
 
 def verdict_json(verdict: PackageVerdict) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import plistlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from ..dmg.verify import verify_disk_image
 from ..embedded_signature import EmbeddedSignature, read_signature
 from ..macho import MH_EXECUTE, MH_KEXT_BUNDLE, MachO, MachOError, parse_file
 from ..pkgverify import PackageStatus, verify_package
+from ..plist import plist_dict
 from ..trust import CertificateKind, classify_certificate
 from ..verify import (
     CERT_EXPIRED,
@@ -432,12 +432,18 @@ def _is_bundle(directory: Path) -> bool:
 def _main_executable_named(root: Path) -> bool:
     """Whether the bundle's Info.plist names a main executable (present or not)."""
     for info in ("Contents/Info.plist", "Resources/Info.plist", "Info.plist"):
-        try:
-            document: Any = plistlib.loads((root / info).read_bytes())
-        except (OSError, plistlib.InvalidFileException, ValueError):
-            continue
-        return isinstance(document, dict) and bool(document.get("CFBundleExecutable"))
+        document = _info_plist(root / info)
+        if document is not None:
+            return bool(document.get("CFBundleExecutable"))
     return False
+
+
+def _info_plist(path: Path) -> dict[str, Any] | None:
+    """A bundle's Info.plist when it is there and readable as a dictionary."""
+    try:
+        return plist_dict(path.read_bytes())
+    except OSError:
+        return None
 
 
 def _main_executable(root: Path) -> Path | None:
@@ -447,11 +453,10 @@ def _main_executable(root: Path) -> Path | None:
         ("Resources/Info.plist", "."),
         ("Info.plist", "."),
     ):
-        try:
-            document: Any = plistlib.loads((root / info).read_bytes())
-        except (OSError, plistlib.InvalidFileException, ValueError):
+        document = _info_plist(root / info)
+        if document is None:
             continue
-        name = document.get("CFBundleExecutable") if isinstance(document, dict) else None
+        name = document.get("CFBundleExecutable")
         if isinstance(name, str) and name and "/" not in name:
             candidate = (root / folder / name).resolve()
             inside = candidate.is_relative_to(root.resolve())

@@ -3,15 +3,17 @@
 - :class:`XarArchive` reads and checks a package (header, TOC, heap ranges, TOC checksum) and
   streams file data out with its checksums verified.
 - :func:`write_package` builds an unsigned package from files.
-- :func:`prepare_signed` / :func:`finish` replace a package's signatures; :func:`signature_data`
-  reads them back.
+- :func:`prepare_signed` / :func:`write_signed` (or :func:`finish`) replace a package's signatures,
+  checking every file's archived checksum as its data is copied; :func:`signature_data` reads them back.
 
 Signing a package::
 
     prepared = prepare_signed(XarArchive.open(path), "sha256", 256, 9000, [leaf_der, *chain_der])
-    rsa = token_sign(prepared.toc_checksum)        # PKCS#1 v1.5, DigestInfo(sha256, checksum)
-    cms = build_cms(prepared.toc_checksum, ...)    # detached SignedData over the checksum
-    finish(prepared, rsa, cms, out_path)
+    def sign(prepared):                            # called once the file data is copied and checked
+        rsa = token_sign(prepared.toc_checksum)    # PKCS#1 v1.5, DigestInfo(sha256, checksum)
+        cms = build_cms(prepared.toc_checksum, ...)  # detached SignedData over the checksum
+        return rsa, cms
+    write_signed(prepared, out_path, sign)
     if prepared.dropped_ticket: warn("the stapled notarization ticket was removed")
 
 Modules: header (28-byte header), tocxml (safe XML in/out), toc (TOC model), archive (reader),
@@ -39,7 +41,15 @@ from .errors import (
     XarFormatError,
 )
 from .header import XarHeader
-from .signing import PreparedPackage, SignatureData, finish, prepare_signed, signature_data
+from .signing import (
+    PreparedPackage,
+    SignatureData,
+    Signatures,
+    finish,
+    prepare_signed,
+    signature_data,
+    write_signed,
+)
 from .toc import ChecksumSlot, FileChecksum, FileData, HeapRange, SignatureSlot, Toc, XarFile
 from .writer import PackageEntry, write_package
 
@@ -61,6 +71,7 @@ __all__ = [
     "SignatureData",
     "SignatureSizeError",
     "SignatureSlot",
+    "Signatures",
     "SourceChangedError",
     "StapledTicket",
     "StapledTicketError",
@@ -78,4 +89,5 @@ __all__ = [
     "prepare_signed",
     "signature_data",
     "write_package",
+    "write_signed",
 ]

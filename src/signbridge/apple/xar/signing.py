@@ -14,8 +14,10 @@ Both signatures sign the TOC checksum; that checksum is known only once the new 
 the signatures' offsets, sizes and certificates) is final, hence two steps:
 
 1. :func:`prepare_signed` builds the new TOC and exposes ``toc_checksum`` for the signer;
-2. :func:`finish` writes header, TOC, checksum, signatures and then copies the input's file data
-   through the kernel to a temporary file beside the output, renamed over it at the end.
+2. :func:`write_signed` copies the input's file data to a temporary file beside the output,
+   checking every file's archived checksum as it passes (one read of each byte), then has the
+   signatures made, writes header, TOC, checksum and signatures before the data and renames the
+   file over the output. :func:`finish` does the same with signatures made beforehand.
 
 Re-signing drops the old signatures (and an old signature area of another size) and any stapled
 notarization ticket, which no longer matches once the TOC changes; ``PreparedPackage`` says so.
@@ -28,6 +30,7 @@ import base64
 import copy
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,8 +41,9 @@ from ...errors import SignatureError
 from ...hashes import HashAlgorithm
 from .archive import XarArchive
 from .errors import HeapRangeError, InvalidNumberError, SignatureSizeError, UnsupportedChecksumError, XarError
+from .filedata import stored_checksums
 from .header import MAX_INT, pack_header
-from .output import atomic_output, copy_range
+from .output import atomic_output, copy_checked, copy_range
 from .toc import SIGNATURE, X_SIGNATURE
 from .tocxml import XMLDSIG_NS, Element, child, children, indent, local_name, make, serialize
 
@@ -144,35 +148,74 @@ def prepare_signed(
     )
 
 
+Signatures = tuple[bytes | None, bytes | None]  # the RSA signature and the CMS, either possibly absent
+
+
 def finish(
-    prepared: PreparedPackage, rsa_signature: bytes | None, cms: bytes | None, out_path: str | os.PathLike[str]
+    prepared: PreparedPackage,
+    rsa_signature: bytes | None,
+    cms: bytes | None,
+    out_path: str | os.PathLike[str],
+    *,
+    check_files: bool = True,
 ) -> Path:
-    """Write the signed package to ``out_path`` (atomically; nothing is left behind on error)."""
+    """Write the signed package to ``out_path`` with signatures already made (see :func:`write_signed`)."""
+    _check_signature_sizes(prepared, rsa_signature, cms)
+    return write_signed(prepared, out_path, lambda _: (rsa_signature, cms), check_files=check_files)
+
+
+def write_signed(
+    prepared: PreparedPackage,
+    out_path: str | os.PathLike[str],
+    sign: Callable[[PreparedPackage], Signatures],
+    *,
+    check_files: bool = True,
+) -> Path:
+    """Write the signed package to ``out_path``, atomically: nothing is left behind on error.
+
+    The input's file data is copied first, into a temporary file beside ``out_path`` at its final
+    place; with ``check_files`` every file's stored bytes are checked against their archived checksum
+    in the same pass (:func:`.output.copy_checked`), else the kernel copies them unread. Only then is
+    ``sign`` called for the signatures of ``prepared.toc_checksum``, so a package whose data does not
+    match its table of contents is refused (:class:`ChecksumMismatchError` naming the file) before
+    anything is signed. Header, TOC, checksum and signatures are written before the data last.
+    """
     source = prepared.source
-    rsa_signature = rsa_signature or b""
-    cms = cms or b""
-    if len(rsa_signature) != (prepared.rsa_size or 0):
-        raise SignatureSizeError(
-            f"the RSA signature is {len(rsa_signature)} bytes, but {prepared.rsa_size or 0} were reserved for it"
-        )
-    if len(cms) > (prepared.cms_reserved_size or 0):
-        raise SignatureSizeError(
-            f"the CMS signature is {len(cms)} bytes, more than the {prepared.cms_reserved_size or 0} reserved for it"
-        )
     out_path = Path(out_path)
     if out_path.exists() and os.path.samefile(out_path, source.path):
         raise XarError(f"the signed package must be written to a new file, not over its input {source.name}")
+    head = pack_header(
+        len(prepared.toc_compressed), len(prepared.toc_xml), prepared.checksum_algorithm.hashlib_name
+    ) + prepared.toc_compressed
     with source.reopen() as src:
         mode = os.fstat(src.fileno()).st_mode & 0o777
         with atomic_output(out_path, mode) as out:
-            algorithm = prepared.checksum_algorithm.hashlib_name
-            out.write(pack_header(len(prepared.toc_compressed), len(prepared.toc_xml), algorithm))
-            out.write(prepared.toc_compressed)
+            out.seek(len(head) + prepared.signature_area_size)
+            if check_files:
+                checks = stored_checksums(source.toc.files, source.heap_offset, source.name)
+                copy_checked(src, out, prepared.copy_offset, prepared.copy_length, checks, source.name)
+            else:
+                copy_range(src, out, prepared.copy_offset, prepared.copy_length, source.name)
+            rsa_signature, cms = sign(prepared)
+            _check_signature_sizes(prepared, rsa_signature, cms)
+            out.seek(0)
+            out.write(head)
             out.write(prepared.toc_checksum)
-            out.write(rsa_signature)
-            out.write(cms.ljust(prepared.cms_reserved_size or 0, b"\0"))
-            copy_range(src, out, prepared.copy_offset, prepared.copy_length, source.name)
+            out.write(rsa_signature or b"")
+            out.write((cms or b"").ljust(prepared.cms_reserved_size or 0, b"\0"))
     return out_path
+
+
+def _check_signature_sizes(prepared: PreparedPackage, rsa_signature: bytes | None, cms: bytes | None) -> None:
+    rsa_length, cms_length = len(rsa_signature or b""), len(cms or b"")
+    if rsa_length != (prepared.rsa_size or 0):
+        raise SignatureSizeError(
+            f"the RSA signature is {rsa_length} bytes, but {prepared.rsa_size or 0} were reserved for it"
+        )
+    if cms_length > (prepared.cms_reserved_size or 0):
+        raise SignatureSizeError(
+            f"the CMS signature is {cms_length} bytes, more than the {prepared.cms_reserved_size or 0} reserved for it"
+        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The signing service: HTTP API, keystores, authorization, audit log and timestamp authority."""
