@@ -46,7 +46,6 @@ from .ipa import extracted_app, is_ipa
 from .macho import MachO, MachOFile, parse_file
 from .plist import plist_dict
 from .requirements import RequirementType, parse_requirement_set, render
-from .resources import read_code_resources
 from .signed_code import (
     flag_names,
     issuer_chain,
@@ -150,6 +149,8 @@ def resource_seal(code_resources: bytes | None) -> ResourceSeal | None:
     :class:`~signbridge.apple.resources.ResourceSealError` when it is not a valid seal."""
     if code_resources is None:
         return None
+    from .resources import read_code_resources  # bundles only: a Mach-O file has no seal to read
+
     seal = read_code_resources(code_resources)
     return ResourceSeal(seal.version, len(seal.rules), len(seal.files), seal.nested if seal.version == 2 else ())
 
