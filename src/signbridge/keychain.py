@@ -49,8 +49,7 @@ from .apple.certificates import Usage
 from .errors import NotFoundError, SignatureError, SignbridgeError
 from .identity import Identity
 from .pkcs11 import CKA, CKO, Pkcs11Client, Pkcs11Error, Pkcs11Object, pss_params
-from .pkcs11.constants import CKM, CKR
-from .pkcs11.identity import CATEGORY_AUTHORITY
+from .pkcs11.constants import CATEGORY_AUTHORITY, CKM, CKR
 from .signatures import (
     CertificateSignatureError,
     EcdsaFormat,

@@ -21,8 +21,8 @@ import plistlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-import httpx
 from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
@@ -42,6 +42,9 @@ from ..signatures import (
 from ..tsa import ASN1_ERRORS, TimestampToken, find_signer_certificate, parse_token, request_timestamp
 from .certificates import unique_certificates
 from .plist import load_plist
+
+if TYPE_CHECKING:
+    import httpx
 
 ID_DATA = "1.2.840.113549.1.7.1"
 ID_SIGNED_DATA = "1.2.840.113549.1.7.2"

@@ -15,10 +15,13 @@ import enum
 import hashlib
 import struct
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .blobs import CodeSignatureFormatError, Magic, Slot
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 PAGE_SIZE = 4096
 CDHASH_SIZE = 20

@@ -31,13 +31,12 @@ import os
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from . import cms
 from .blobs import CodeSignatureFormatError, decode_blob
-from .bundle import Bundle, bundle_format
 from .certificates import common_name
 from .codedirectory import CodeDirectory, HashType
 from .detached import read_detached_signature
@@ -47,7 +46,6 @@ from .ipa import extracted_app, is_ipa
 from .macho import MachO, MachOFile, parse_file
 from .plist import plist_dict
 from .requirements import RequirementType, parse_requirement_set, render
-from .resources import read_code_resources
 from .signed_code import (
     flag_names,
     issuer_chain,
@@ -58,6 +56,9 @@ from .signed_code import (
 )
 from .stapled import read_stapled_ticket
 from .verify import NotSignedError
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 STDERR = "stderr"
 STDOUT = "stdout"
@@ -148,6 +149,8 @@ def resource_seal(code_resources: bytes | None) -> ResourceSeal | None:
     :class:`~signbridge.apple.resources.ResourceSealError` when it is not a valid seal."""
     if code_resources is None:
         return None
+    from .resources import read_code_resources  # bundles only: a Mach-O file has no seal to read
+
     seal = read_code_resources(code_resources)
     return ResourceSeal(seal.version, len(seal.rules), len(seal.files), seal.nested if seal.version == 2 else ())
 
@@ -179,6 +182,8 @@ def ipa_information(path: Path, *, architecture: str | None = None) -> SigningIn
 def bundle_information(path: Path, *, architecture: str | None = None) -> SigningInformation:
     """The signing information of a bundle: its main executable's signature (or its detached
     signature), its Info.plist and seal."""
+    from .bundle import Bundle, bundle_format  # not needed for a single Mach-O file
+
     bundle = Bundle.open(path)
     executable = bundle.executable_path
     seal_bytes = bundle.code_resources_path.read_bytes() if bundle.code_resources_path.is_file() else None
@@ -206,6 +211,8 @@ def bundle_information(path: Path, *, architecture: str | None = None) -> Signin
 
 
 def _detached_information(bundle: Bundle, seal_bytes: bytes | None) -> SigningInformation:
+    from .bundle import bundle_format
+
     try:
         detached = read_detached_signature(bundle.signature_dir)
     except CodeSignatureFormatError:

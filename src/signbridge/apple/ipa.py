@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from ..errors import SignbridgeError
+
+# zipfile, shutil and tempfile are imported where an archive is read or written: every reader of a
+# Mach-O file asks is_ipa, and those imports cost a tenth of `codesign -dvvv`'s start-up.
+if TYPE_CHECKING:
+    import zipfile
 
 PAYLOAD = "Payload"
 MAX_TOTAL_SIZE = 8 << 30  # declared uncompressed bytes an archive may unpack to
@@ -82,6 +85,8 @@ def _app_name(entries: list[tuple[zipfile.ZipInfo, tuple[str, ...]]]) -> str:
 
 def extract(archive: Path, destination: Path) -> Path:
     """Unpack the app of ``archive`` under ``destination`` (an empty private directory); its path."""
+    import zipfile
+
     try:
         zipped = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -141,6 +146,8 @@ def _check_link(name: str, parts: tuple[str, ...], link: str) -> None:
 
 
 def _extract_file(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
+    import zipfile
+
     mode = (info.external_attr >> 16) & 0o777 if info.create_system == 3 else 0
     written = 0
     try:
@@ -158,6 +165,9 @@ def _extract_file(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) 
 @contextlib.contextmanager
 def extracted_app(archive: Path) -> Iterator[Path]:
     """The app of ``archive``, unpacked into a private temporary directory removed afterwards."""
+    import shutil
+    import tempfile
+
     work = Path(tempfile.mkdtemp(prefix="signbridge-ipa."))
     try:
         yield extract(archive, work)
@@ -167,6 +177,9 @@ def extracted_app(archive: Path) -> Iterator[Path]:
 
 def write_ipa(app: Path, target: Path) -> None:
     """Zip ``app`` as ``Payload/<app name>`` into a new archive and rename it over ``target``."""
+    import tempfile
+    import zipfile
+
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".sb-signing", dir=target.parent)
     os.close(handle)
     try:
@@ -186,6 +199,8 @@ def write_ipa(app: Path, target: Path) -> None:
 
 
 def _add_directory(output: zipfile.ZipFile, name: Path) -> None:
+    import zipfile
+
     info = zipfile.ZipInfo(f"{name.as_posix()}/")
     info.create_system = 3
     info.external_attr = (stat.S_IFDIR | 0o755) << 16 | 0x10
@@ -193,6 +208,9 @@ def _add_directory(output: zipfile.ZipFile, name: Path) -> None:
 
 
 def _add_tree(output: zipfile.ZipFile, directory: Path, name: Path) -> None:
+    import shutil
+    import zipfile
+
     _add_directory(output, name)
     for entry in sorted(os.listdir(directory)):
         path = directory / entry

@@ -25,12 +25,11 @@ import copy
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -68,6 +67,9 @@ from .signed_code import (
     preferred_slice,
 )
 from .trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 # Apple's sentences (Security framework error strings), as codesign prints them after the path.
 UNSIGNED = "code object is not signed at all"

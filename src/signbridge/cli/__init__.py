@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import click
-
-from .. import __version__
 from ..errors import SignbridgeError
 
 # Command name -> ("module:attribute", the one-line help). A command's module is imported only when
@@ -24,49 +24,60 @@ COMMANDS = {
     "restart": ("provider:restart", "Reload the certificates of every running token."),
     "security": ("security:security", "Tokens and identities, as macOS's `security` shows them."),
     "pluginkit": ("security:pluginkit", "The registered token driver, as `pluginkit -m -v -p` shows it."),
-    "codesign": ("codesign:codesign", "Sign, verify and display code signatures (Apple's codesign)."),
+    "codesign": ("codesign:run", "Sign, verify and display code signatures (Apple's codesign)."),
     "productsign": ("productsign:productsign", "Sign an installer package (Apple's productsign)."),
     "pkgutil": ("productsign:pkgutil", "Check an installer package's signature (Apple's pkgutil)."),
     "notarytool": ("notarytool:notarytool", "Check, submit and follow notarization (Apple's notarytool)."),
     "stapler": ("stapler:stapler", "Staple and validate notarization tickets (Apple's stapler)."),
 }
+# Commands that parse their own arguments, as Apple's tool does (their target is a function from
+# the arguments to the exit code, not a click command). `signbridge codesign ...` runs them without
+# importing click, a good part of a short command's start-up.
+OWN_ARGUMENTS = frozenset({"codesign"})
+
+_ANSI_STYLE = re.compile(r"\033\[[;?0-9]*[a-zA-Z]")
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        entry = COMMANDS.get(cmd_name)
-        if entry is None:
-            return None
-        module_name, attribute = entry[0].split(":")
-        return getattr(importlib.import_module(f"{__name__}.{module_name}"), attribute)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, short_help) for name, (_target, short_help) in COMMANDS.items()])
+def echo(text: str, *, err: bool = False) -> None:
+    """One line to standard output (or error), as ``click.echo`` writes it, without importing click:
+    flushed, and ANSI styles removed unless the stream is a terminal."""
+    stream = sys.stderr if err else sys.stdout
+    if not stream.isatty():
+        text = _ANSI_STYLE.sub("", text)
+    stream.write(text + "\n")
+    stream.flush()
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="signbridge")
-def cli() -> None:
-    """Sign with the tools you know, with keys you never hold."""
+def command_target(name: str) -> Any:
+    """The object COMMANDS names for ``name``: a click command, or an OWN_ARGUMENTS function."""
+    module_name, attribute = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), attribute)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "cli":  # the click group, made on first use (see OWN_ARGUMENTS)
+        from .group import cli
+
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
+    arguments = sys.argv[1:]
+    if arguments and arguments[0] in OWN_ARGUMENTS:
+        run: Callable[[Sequence[str]], int] = command_target(arguments[0])
+        _exit_with(lambda: run(arguments[1:]))
+    from .group import run_group
+
+    _exit_with(run_group)
+
+
+def _exit_with(run: Callable[[], int]) -> None:
     try:
-        code = cli.main(standalone_mode=False, prog_name="signbridge")
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+        code = run()
     except SignbridgeError as exc:
-        click.echo(f"signbridge: error: {exc}", err=True)
+        echo(f"signbridge: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    # Without standalone mode click returns the code of an Exit raised by a command.
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(code)

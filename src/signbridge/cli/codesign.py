@@ -19,30 +19,15 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import click
-
-from .. import keychain
-from ..apple import codesign as engine
-from ..apple import display
-from ..apple.certificates import Usage
-from ..apple.codesign import CodesignOptions
-from ..apple.dmg.sign import sign_disk_image
-from ..apple.dmg.udif import looks_like_disk_image
-from ..apple.dmg.verify import disk_image_information, verify_disk_image
-from ..apple.macho import MachOError
-from ..apple.trust import anchors_from_environment
-from ..apple.verify import (
-    REQUIREMENT_FAILED,
-    CodeVerificationError,
-    NotSignedError,
-    VerifyOptions,
-    load_requirement,
-    verify_code,
-)
-from ..config import load_settings
 from ..errors import SignbridgeError, UsageError
-from ..identity import Identity
+from . import echo
+
+if TYPE_CHECKING:
+    from ..apple import display
+    from ..apple.codesign import CodesignOptions
+    from ..identity import Identity
 
 DEPRECATED_COLON = "Warning: Specifying ':' in the path is deprecated and will not work in a future release"
 EXIT_SUCCESS = 0
@@ -255,10 +240,10 @@ class Terminal:
 
     def note(self, level: int, text: str) -> None:
         if self.verbose >= level:
-            click.echo(text, err=True)
+            echo(text, err=True)
 
     def error(self, text: str) -> None:
-        click.echo(text, err=True)
+        echo(text, err=True)
 
 
 class CliReporter:
@@ -311,14 +296,7 @@ def _stderr_console():  # noqa: ANN202 - rich is imported lazily
 # --- the command ----------------------------------------------------------------------------------
 
 
-@click.command(
-    "codesign",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
-    add_help_option=False,
-)
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def codesign(context: click.Context, argv: tuple[str, ...]) -> None:
+def run(argv: Sequence[str]) -> int:
     """Sign, verify and display code signatures, as Apple's codesign does.
 
     \b
@@ -329,24 +307,19 @@ def codesign(context: click.Context, argv: tuple[str, ...]) -> None:
 
     IDENTITY is a certificate's SHA-1 or SHA-256 or part of its common name, found in the
     running signbridge tokens; "-" signs ad hoc. Trust anchors for verification come from
-    SIGNBRIDGE_ANCHORS or the TrustAnchors setting.
+    SIGNBRIDGE_ANCHORS or the TrustAnchors setting. Returns the exit code.
     """
-    context.exit(run(argv))
-
-
-def run(argv: Sequence[str]) -> int:
-    """Run codesign with ``argv``; returns the exit code."""
     try:
         arguments = parse_arguments(argv)
     except ArgumentError as exc:
-        click.echo(f"signbridge codesign: {exc}", err=True)
-        click.echo(USAGE, err=True)
+        echo(f"signbridge codesign: {exc}", err=True)
+        echo(USAGE, err=True)
         return EXIT_USAGE
     if arguments.help:
-        click.echo(USAGE)
+        echo(USAGE)
         return EXIT_SUCCESS
     if arguments.operation is None or not arguments.paths:
-        click.echo(USAGE, err=True)
+        echo(USAGE, err=True)
         return EXIT_USAGE
     terminal = Terminal(arguments.verbose)
     try:
@@ -364,6 +337,9 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _sign_options(arguments: Arguments) -> CodesignOptions:
+    from ..apple import codesign as engine
+    from ..config import load_settings
+
     settings = load_settings(cli={})
     entitlements = None
     if arguments.entitlements is not None:
@@ -379,7 +355,7 @@ def _sign_options(arguments: Arguments) -> CodesignOptions:
     digests = None
     if arguments.digest_algorithm:
         digests = engine.parse_digest_algorithms(arguments.digest_algorithm)
-    return CodesignOptions(
+    return engine.CodesignOptions(
         identifier=arguments.identifier,
         prefix=arguments.prefix,
         force=arguments.force,
@@ -396,11 +372,19 @@ def _identity(arguments: Arguments) -> Identity | None:
     name = arguments.identity or ""
     if name == "-":
         return None
+    from .. import keychain
+    from ..apple.certificates import Usage
+
     tokens = keychain.find_tokens([arguments.token]) if arguments.token else None
     return keychain.select_identity(name, usage=Usage.CODE, tokens=tokens)
 
 
 def _sign(arguments: Arguments, terminal: Terminal) -> int:
+    from ..apple import codesign as engine
+    from ..apple.dmg.sign import sign_disk_image
+    from ..apple.dmg.udif import looks_like_disk_image
+    from ..apple.macho import MachOError
+
     try:
         options = _sign_options(arguments)
     except UsageError:
@@ -440,12 +424,25 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
 
 
 def anchors_for_verification():  # noqa: ANN201
+    from ..apple.trust import anchors_from_environment
+    from ..config import load_settings
+
     settings = load_settings(cli={})
     configured = os.pathsep.join(str(path) for path in settings.trust_anchors) or None
     return tuple(anchors_from_environment(configured))
 
 
 def _verify(arguments: Arguments, terminal: Terminal) -> int:
+    from ..apple.dmg.udif import looks_like_disk_image
+    from ..apple.macho import MachOError
+    from ..apple.verify import (
+        REQUIREMENT_FAILED,
+        CodeVerificationError,
+        VerifyOptions,
+        load_requirement,
+        verify_code,
+    )
+
     try:
         requirement = load_requirement(arguments.test_requirement) if arguments.test_requirement else None
         anchors = anchors_for_verification()
@@ -465,7 +462,12 @@ def _verify(arguments: Arguments, terminal: Terminal) -> int:
     status = EXIT_SUCCESS
     for path in arguments.paths:
         try:
-            verdict = verify_disk_image(path, options) if looks_like_disk_image(path) else verify_code(path, options)
+            if looks_like_disk_image(path):
+                from ..apple.dmg.verify import verify_disk_image
+
+                verdict = verify_disk_image(path, options)
+            else:
+                verdict = verify_code(path, options)
         except FileNotFoundError:
             terminal.error(f"{path}: No such file or directory")
             status = EXIT_FAILURE
@@ -498,10 +500,17 @@ def _verify(arguments: Arguments, terminal: Terminal) -> int:
 
 
 def _display(arguments: Arguments, terminal: Terminal) -> int:
+    from ..apple import display
+    from ..apple.dmg.udif import looks_like_disk_image
+    from ..apple.macho import MachOError
+    from ..apple.verify import NotSignedError
+
     status = EXIT_SUCCESS
     for path in arguments.paths:
         try:
             if looks_like_disk_image(path):
+                from ..apple.dmg.verify import disk_image_information
+
                 info = disk_image_information(path)
             else:
                 info = display.signing_information(path, architecture=arguments.architecture)
@@ -518,7 +527,7 @@ def _display(arguments: Arguments, terminal: Terminal) -> int:
             status = EXIT_FAILURE
             continue
         for stream, line in display.display_lines(info, arguments.verbose, nested=arguments.deep):
-            click.echo(line, err=stream == display.STDERR)
+            echo(line, err=stream == display.STDERR)
         if arguments.requirements is not None:
             _write_requirements(info, arguments.requirements)
         if arguments.entitlements is not None:
@@ -527,12 +536,16 @@ def _display(arguments: Arguments, terminal: Terminal) -> int:
 
 
 def _write_requirements(info: display.SigningInformation, destination: str) -> None:
+    from ..apple import display
+
     designated = display.implicit_designated(info)
     text = "".join(line + "\n" for line in display.requirement_lines(info, designated))
     _write_output(destination, text.encode())
 
 
 def _write_entitlements(info: display.SigningInformation, arguments: Arguments, terminal: Terminal) -> None:
+    from ..apple import display
+
     destination = arguments.entitlements or "-"
     value, xml, der = display.entitlements_of(info.signature)
     if destination.startswith(":"):

@@ -6,15 +6,46 @@ its certificate/public-key/private-key objects) and :func:`serve` them on a Unix
 Tool side: :class:`Pkcs11Client` lists identities and signs digests over the same protocol.
 """
 
-from .client import Pkcs11Client, Pkcs11Object, TokenInfo
-from .constants import CKA, CKC, CKF, CKG, CKK, CKM, CKO, CKR, CKS, CKU
-from .errors import Pkcs11Error, ProtocolError, SocketPathError
-from .identity import authority_object, objects_for_identity
-from .peer import CallerInfo
-from .server import Pkcs11Server, serve
-from .signing import pss_params
-from .token import Signer, Token, TokenObject
-from .wire import Mechanism, PssParams
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import Pkcs11Client, Pkcs11Object, TokenInfo
+    from .constants import CKA, CKC, CKF, CKG, CKK, CKM, CKO, CKR, CKS, CKU
+    from .errors import Pkcs11Error, ProtocolError, SocketPathError
+    from .identity import authority_object, objects_for_identity
+    from .peer import CallerInfo
+    from .server import Pkcs11Server, serve
+    from .signing import pss_params
+    from .token import Signer, Token, TokenObject
+    from .wire import Mechanism, PssParams
+
+# Name -> its module, imported on first use: the token process serves without the client, and a
+# tool's client needs no server.
+_MODULES = {
+    "Pkcs11Client": "client", "Pkcs11Object": "client", "TokenInfo": "client",
+    "CKA": "constants", "CKC": "constants", "CKF": "constants", "CKG": "constants", "CKK": "constants",
+    "CKM": "constants", "CKO": "constants", "CKR": "constants", "CKS": "constants", "CKU": "constants",
+    "Pkcs11Error": "errors", "ProtocolError": "errors", "SocketPathError": "errors",
+    "authority_object": "identity", "objects_for_identity": "identity",
+    "CallerInfo": "peer",
+    "Pkcs11Server": "server", "serve": "server",
+    "pss_params": "signing",
+    "Signer": "token", "Token": "token", "TokenObject": "token",
+    "Mechanism": "wire", "PssParams": "wire",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CKA",

@@ -149,6 +149,11 @@ class CKC(enum.IntEnum):
     WTLS = 2
 
 
+# CKA_CERTIFICATE_CATEGORY values (PKCS#11 v2.40, 4.6.2)
+CATEGORY_TOKEN_USER = 1  # the certificate of the token's own key
+CATEGORY_AUTHORITY = 2
+
+
 class CKU(enum.IntEnum):
     """User types for C_Login."""
 

@@ -9,6 +9,7 @@ check each argument against the call's signature string, as p11-kit does.
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 import sys
 from collections.abc import Iterable, Sequence
@@ -64,6 +65,7 @@ _ULONG_KIND = {
 _TEMPLATE_KIND = {CKA.WRAP_TEMPLATE, CKA.UNWRAP_TEMPLATE, CKA.DERIVE_TEMPLATE}
 
 
+@functools.cache
 def attribute_kind(attribute_type: int) -> Kind:
     if attribute_type in _BYTE_KIND:
         return Kind.BYTE

@@ -15,8 +15,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import httpx
-
+from .._httpx import httpx
 from ..errors import ConfigError
 from . import metrics
 from .datadir import DataDir

@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
+from .._httpx import httpx
 from ..errors import SignbridgeError
 
 

@@ -35,17 +35,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..api.client import ServiceClient
 from ..config import ProviderSettings
 from ..errors import SignbridgeError
 from ..logs import configure_logging, log_file_path
-from ..pkcs11 import Pkcs11Server, Token, serve
 from . import registration, registry
-from .loader import LoadedIdentities, LoadError, load_identities
-from .signer import ServiceSigner
+
+if TYPE_CHECKING:  # imported where the token process needs them: `signbridge start` itself does not
+    from ..api.client import ServiceClient
+    from ..pkcs11 import Pkcs11Server, Token
+    from .loader import LoadedIdentities
+    from .signer import ServiceSigner
 
 log = logging.getLogger("signbridge.token")
 
@@ -118,15 +120,24 @@ class TokenProcess:
         self._owns_directory = False
 
     def start(self, on_retry: Callable[[str, float], None] | None = None) -> registry.TokenRecord:
+        from ..api.client import ServiceClient
+        from ..pkcs11.server import serve
+        from .loader import build_objects, fetch_policies
+        from .signer import ServiceSigner
+
         self._prepare_directories()
         client = ServiceClient.from_settings(self.settings, on_retry=on_retry)
         self.client = client
         started = time.monotonic()
-        identities = load_identities(client, self.settings.project_slug, self.settings.signing_policy_slug)
+        policies = fetch_policies(client, self.settings.project_slug, self.settings.signing_policy_slug)
+        fetched = time.monotonic()
+        identities = build_objects(policies)
+        built = time.monotonic()
         log.info(
-            "loaded %d identities in %.3f s: %s",
-            len(identities.policies), time.monotonic() - started, ", ".join(identities.key_ids),
-        )
+            "loaded %d identities in %.3f s (fetching %.3f s, objects %.3f s): %s",
+            len(identities.policies), built - started, fetched - started, built - fetched,
+            ", ".join(identities.key_ids),
+        )  # fmt: skip
         self.notes.extend(f"not served: {reason}" for reason in identities.skipped)
         self.signer = ServiceSigner(self.settings, client, self.name)
         if identities.policies:
@@ -176,12 +187,16 @@ class TokenProcess:
                 leftover.unlink()
         length = len(os.fsencode(self.socket_path))
         if length > MAX_SOCKET_PATH:
+            from .loader import LoadError
+
             raise LoadError(
                 f"the socket path {self.socket_path} is {length} bytes, too long for a Unix socket "
                 f"(at most {MAX_SOCKET_PATH}); set SIGNBRIDGE_RUNTIME_DIR to a shorter directory"
             )
 
     def _token(self, identities: LoadedIdentities) -> Token:
+        from ..pkcs11.token import Token
+
         assert self.signer is not None
         return Token(
             label=self.name,
@@ -194,6 +209,8 @@ class TokenProcess:
 
     def reload(self) -> registry.TokenRecord:
         """Load the certificates again and swap the served token; on failure keep serving the old one."""
+        from .loader import load_identities
+
         assert self.client is not None and self.server is not None and self.record is not None
         try:
             identities = load_identities(self.client, self.settings.project_slug, self.settings.signing_policy_slug)

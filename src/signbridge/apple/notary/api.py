@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from ..._httpx import httpx
 from .credentials import ApiKey
 from .errors import NotaryError
 

@@ -15,8 +15,7 @@ import os
 import time
 from collections.abc import Callable
 
-import httpx
-
+from ..._httpx import httpx
 from .errors import TicketError, TicketNotFoundError
 
 LOOKUP_URL = (
