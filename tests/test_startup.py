@@ -87,9 +87,8 @@ def test_codesign_verify_imports_no_signing_or_network(tmp_path: Path) -> None:
     modules, proc = _imported_by_main(tmp_path, "codesign", "--verify", "-v", str(path), env=apple_anchor_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == f"{path}: valid on disk\n{path}: satisfies its Designated Requirement\n"
-    # Verification reads the TrustAnchors setting, and verify_code dispatches files, bundles and
-    # archives in one module that imports the bundle reader.
-    allowed = {"signbridge.config", "signbridge.apple.bundle", "signbridge.apple.resources"}
+    # Verification reads the TrustAnchors setting; a lone Mach-O file needs no bundle reader.
+    allowed = {"signbridge.config"}
     unexpected = [name for name in _matching(modules, NOT_FOR_CODESIGN_CHECKS) if name not in allowed]
     assert not unexpected, unexpected
     assert "signbridge.apple.verify" in modules

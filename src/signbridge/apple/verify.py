@@ -1170,6 +1170,14 @@ def verify_code(
     still be unsatisfied); raises :class:`CodeVerificationError` (:class:`NotSignedError` for
     unsigned code), an :class:`~signbridge.apple.ipa.IpaError` or ``FileNotFoundError``.
     """
+    target = Path(path)
+    if target.is_file() and target.suffix.lower() != ".ipa":  # a Mach-O file: no bundle readers needed
+        if executor is not None:
+            return verify_macho_path(target, options, executor=executor)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return verify_macho_path(target, options, executor=pool)
     # Bundles and archives are checked in verify_bundle.py, which builds on this module.
     from .verify_bundle import verify_path
 
