@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from ..der import read_certificates
 from ..errors import SignatureError, TimestampError
 from ..hashes import HashAlgorithm
 from ..signatures import (
@@ -574,17 +575,10 @@ def _attribute_values(signed_attrs: cms.CMSAttributes) -> _AttributeValues:
 
 
 def _certificates(signed_data: cms.SignedData) -> tuple[x509.Certificate, ...]:
-    certificates = []
     if isinstance(signed_data["certificates"], core.Void):
         return ()
-    for choice in signed_data["certificates"]:
-        if choice.name != "certificate":
-            continue
-        try:
-            certificates.append(x509.load_der_x509_certificate(choice.chosen.dump()))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise CmsFormatError(f"a certificate in the CMS signature cannot be read ({exc})") from None
-    return tuple(certificates)
+    ders = [choice.chosen.dump() for choice in signed_data["certificates"] if choice.name == "certificate"]
+    return read_certificates(ders, "the CMS signature", CmsFormatError)
 
 
 def _hash_algorithm(oid: str, what: str) -> HashAlgorithm:
@@ -639,7 +633,7 @@ def _cdhashes_from_plist(value: core.Asn1Value) -> tuple[bytes, ...]:
     octets = core.OctetString.load(value.dump()).native
     try:
         document = plistlib.loads(octets, fmt=plistlib.FMT_XML)
-    except (ExpatError, *ASN1_ERRORS) as exc:  # plistlib raises expat's errors and ValueErrors
+    except (ExpatError, LookupError, *ASN1_ERRORS) as exc:  # plistlib: expat errors, ValueErrors, unknown encodings
         raise CmsFormatError(f"the CDHashes attribute is not a valid XML property list ({exc})") from None
     cdhashes = document.get("cdhashes") if isinstance(document, dict) else None
     if not isinstance(cdhashes, list) or not all(isinstance(item, bytes) for item in cdhashes):

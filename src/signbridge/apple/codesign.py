@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
+from xml.parsers.expat import ExpatError
 
 from cryptography import x509
 
@@ -334,7 +335,7 @@ def bundle_identifier(info_plist: bytes | None) -> str | None:
         return None
     try:
         info = plistlib.loads(info_plist)
-    except (plistlib.InvalidFileException, ValueError, TypeError):
+    except (plistlib.InvalidFileException, ValueError, TypeError, ExpatError):
         return None
     value = info.get("CFBundleIdentifier") if isinstance(info, dict) else None
     return value if isinstance(value, str) and value else None

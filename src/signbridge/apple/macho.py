@@ -2,7 +2,8 @@
 
 Parsing validates what signing relies on and raises a specific :class:`MachOError` subclass
 otherwise: truncated files, wrong magic numbers, absurd load-command counts or sizes, overlapping
-universal slices, and a code signature that is not the last thing in ``__LINKEDIT``.
+universal slices, content inside the header and load commands, and a code signature that is not
+the last thing in ``__LINKEDIT`` (:func:`check_layout`, the one layout check for readers and signers).
 Messages do not name the file; the command line prefixes the path.
 """
 
@@ -333,18 +334,24 @@ class MachO:
             return None
         return self.data[section.offset : section.offset + section.size]
 
+    def contents(self) -> Iterator[tuple[str, int]]:
+        """(what, file offset) of every section, and section-less segment, with bytes in the file. A
+        section-less segment at offset 0 maps the header itself (``__TEXT``) and is left out."""
+        for segment in self.segments:
+            if not segment.filesize:
+                continue  # not in the file (__PAGEZERO, a dSYM's __TEXT): neither are its sections
+            if not segment.sections:
+                if segment.fileoff:
+                    yield f"segment {segment.name}", segment.fileoff
+                continue
+            for section in segment.sections:
+                if section.size and not section.is_zerofill:
+                    yield f"section {section.segment_name},{section.name}", section.offset
+
     @property
     def first_content_offset(self) -> int:
-        """Where the first section (or section-less segment) content starts: load commands must end before."""
-        low = len(self.data)
-        for segment in self.segments:
-            if segment.sections:
-                for section in segment.sections:
-                    if section.size and not section.is_zerofill:
-                        low = min(low, section.offset)
-            elif segment.filesize:
-                low = min(low, segment.fileoff)
-        return low
+        """Where the first section (or section-less segment) content starts: load commands end before."""
+        return min((offset for _, offset in self.contents()), default=len(self.data))
 
     @property
     def header_padding(self) -> int:
@@ -528,8 +535,7 @@ def parse_macho(data: bytes) -> MachO:
         code_signature=parser.code_signature,
         build_version=parser.build_version,
     )
-    if macho.code_signature is not None:
-        check_signature_is_last(macho)
+    check_layout(macho)
     return macho
 
 
@@ -694,6 +700,27 @@ def linkedit_ranges(macho: MachO) -> Iterator[tuple[str, int, int]]:
                 start, size = fields[2 * position], fields[2 * position + 1]
                 if size:
                     yield f"the dyld {what} info", start, start + size
+
+
+def check_layout(macho: MachO) -> None:
+    """The one check of a slice's file layout, for readers and signers alike: no section or
+    segment content and no code signature overlaps the header and load commands (the signer
+    rewrites that region), and a code signature is the last data of ``__LINKEDIT``, which ends the
+    slice's segments. Raises a :class:`MachOError` subclass naming what is wrong."""
+    end = macho.load_commands_end
+    for what, offset in macho.contents():
+        if offset < end:
+            raise LoadCommandError(
+                f"{what} starts at offset {offset}, inside the header and load commands (which end at {end})"
+            )
+    signature = macho.code_signature
+    if signature is not None:
+        if signature.dataoff < end:
+            raise SignatureLayoutError(
+                f"the code signature starts at offset {signature.dataoff}, inside the header and load "
+                f"commands (which end at {end})"
+            )
+        check_signature_is_last(macho)
 
 
 def check_signature_is_last(macho: MachO) -> None:

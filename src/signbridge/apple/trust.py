@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtensionOID
 
+from ..der import read_certificate, read_certificates
 from ..errors import ConfigError
 from ..signatures import CertificateSignatureError, verify_certificate_signature
 from .certificates import (
@@ -197,22 +198,21 @@ def _read_certificates(path: Path) -> list[x509.Certificate]:
         data = path.read_bytes()
     except OSError as exc:
         raise TrustAnchorError(f"cannot read the trust anchors file {path}: {exc.strerror or exc}") from None
+    what = f"the trust anchors file {path}"
     if b"-----BEGIN" in data:
         try:
             certificates = x509.load_pem_x509_certificates(data)
         except ValueError:
-            raise TrustAnchorError(
-                f"the trust anchors file {path} holds no readable PEM certificate"
-            ) from None
-        return certificates
+            raise TrustAnchorError(f"{what} holds no readable PEM certificate") from None
+        ders = [certificate.public_bytes(serialization.Encoding.DER) for certificate in certificates]
+        return list(read_certificates(ders, what, TrustAnchorError))
     if not data.strip():
-        raise TrustAnchorError(f"the trust anchors file {path} is empty")
+        raise TrustAnchorError(f"{what} is empty")
     try:
-        return [x509.load_der_x509_certificate(data)]
+        x509.load_der_x509_certificate(data)
     except ValueError:
-        raise TrustAnchorError(
-            f"the trust anchors file {path} is neither a PEM nor a DER certificate"
-        ) from None
+        raise TrustAnchorError(f"{what} is neither a PEM nor a DER certificate") from None
+    return [read_certificate(data, what, TrustAnchorError)]
 
 
 # ---------------------------------------------------------------------------------------------

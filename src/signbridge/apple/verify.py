@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from xml.parsers.expat import ExpatError
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -1034,7 +1035,7 @@ def plist_dict(data: bytes | None) -> dict[str, Any] | None:
         return None
     try:
         value = plistlib.loads(data)
-    except (plistlib.InvalidFileException, ValueError, TypeError):
+    except (plistlib.InvalidFileException, ValueError, TypeError, ExpatError):
         return None
     return value if isinstance(value, dict) else None
 
