@@ -11,6 +11,7 @@ from __future__ import annotations
 import plistlib
 from collections.abc import Mapping
 from typing import Any
+from xml.parsers.expat import ExpatError
 
 from ..errors import SignbridgeError
 from .blobs import Magic, decode_blob, encode_blob
@@ -44,7 +45,7 @@ def load_entitlements(data: bytes) -> dict[str, Any]:
     """Parse an entitlements file (XML or binary plist) whose root must be a dictionary."""
     try:
         value = plistlib.loads(data)
-    except (plistlib.InvalidFileException, ValueError) as error:
+    except (plistlib.InvalidFileException, ValueError, TypeError, LookupError, ExpatError) as error:
         raise EntitlementsError(f"the entitlements are not a valid property list: {error}") from None
     if not isinstance(value, dict):
         raise EntitlementsError(f"the entitlements must be a dictionary, not a {type(value).__name__}")

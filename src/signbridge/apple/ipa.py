@@ -11,11 +11,13 @@ the target, so the input is replaced whole or not at all.
 from __future__ import annotations
 
 import contextlib
+import lzma
 import os
 import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -26,6 +28,13 @@ MAX_TOTAL_SIZE = 8 << 30  # declared uncompressed bytes an archive may unpack to
 MAX_RATIO = 1000  # declared size / compressed size of one entry, above RATIO_FLOOR
 RATIO_FLOOR = 16 << 20
 _COPY_CHUNK = 1 << 20
+# What zipfile raises on a damaged archive, when it opens it or reads an entry: a bad structure or
+# an impossible offset (OSError from seek), a truncated or corrupt compressed stream, an unsupported
+# compression method, or an encrypted entry (RuntimeError).
+ZIP_ERRORS = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError,
+    zlib.error, lzma.LZMAError,
+)  # fmt: skip
 
 
 class IpaError(SignbridgeError):
@@ -84,7 +93,7 @@ def extract(archive: Path, destination: Path) -> Path:
     """Unpack the app of ``archive`` under ``destination`` (an empty private directory); its path."""
     try:
         zipped = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except ZIP_ERRORS as exc:
         raise IpaError(f"cannot read the .ipa as a zip archive: {exc}") from None
     with zipped:
         infos = zipped.infolist()
@@ -118,7 +127,7 @@ def _unpack(
         if info.is_dir():
             target.mkdir(parents=True, exist_ok=True)
         elif _is_symlink(info):
-            link = zipped.read(info).decode("utf-8", errors="replace")
+            link = _read_link(zipped, info)
             _check_link(info.filename, parts, link)
             links.append((info, target, link))
         else:
@@ -128,6 +137,15 @@ def _unpack(
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(link, target)
     return [(info.filename, target) for info, target, _ in links]
+
+
+def _read_link(zipped: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    if info.file_size > 4096:
+        raise UnsafeIpaError(f"the symbolic link {info.filename!r} claims a {info.file_size}-byte target")
+    try:
+        return zipped.read(info).decode("utf-8", errors="replace")
+    except ZIP_ERRORS as exc:
+        raise IpaError(f"the archive entry {info.filename!r} cannot be read: {exc}") from None
 
 
 def _check_link(name: str, parts: tuple[str, ...], link: str) -> None:
@@ -150,7 +168,7 @@ def _extract_file(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) 
                 if written > info.file_size:
                     raise UnsafeIpaError(f"the archive entry {info.filename!r} is larger than it declares")
                 output.write(chunk)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+    except ZIP_ERRORS as exc:
         raise IpaError(f"the archive entry {info.filename!r} cannot be read: {exc}") from None
     os.chmod(target, mode or 0o644)
 
