@@ -29,6 +29,11 @@ FAT_ARCH_SIZE = 20
 FAT_ARCH_64_SIZE = 32
 # A universal file with more slices than this is something else (Java class files share 0xcafebabe).
 MAX_FAT_ARCHES = 32
+# Bounds on the work one slice can ask for. Linkers write tens of load commands (a few hundred for
+# a program that links very many libraries); a symbol's section number is one byte, so no image
+# addresses more than 255 sections.
+MAX_LOAD_COMMANDS = 4096
+MAX_SECTIONS = 255
 
 CPU_ARCH_ABI64 = 0x01000000
 CPU_ARCH_ABI64_32 = 0x02000000
@@ -512,6 +517,10 @@ def parse_macho(data: bytes) -> MachO:
             f"the load commands claim {sizeofcmds} bytes, but the file ends {len(data) - header_size} bytes "
             "after the header"
         )
+    if ncmds > MAX_LOAD_COMMANDS:
+        raise LoadCommandError(
+            f"the header claims {ncmds} load commands; signbridge reads at most {MAX_LOAD_COMMANDS}"
+        )
     if ncmds * 8 > sizeofcmds:
         raise LoadCommandError(
             f"the header claims {ncmds} load commands, which cannot fit in {sizeofcmds} bytes of "
@@ -557,6 +566,7 @@ class _LoadCommandParser:
         self.linkedit_data: list[LinkeditData] = []
         self.code_signature: LinkeditData | None = None
         self.build_version: BuildVersion | None = None
+        self.sections = 0  # in all segments so far
 
     def unpack(self, code: str, offset: int) -> tuple:
         return struct.unpack_from(self.byteorder + code, self.data, offset)
@@ -645,6 +655,9 @@ class _LoadCommandParser:
             header_code, offset + 8
         )
         name = _text(raw_name)
+        self.sections += nsects
+        if self.sections > MAX_SECTIONS:
+            raise LoadCommandError(f"the segments claim more than {MAX_SECTIONS} sections in all")
         if cmdsize != header_size + nsects * section_size:
             raise LoadCommandError(
                 f"segment {name} claims {nsects} sections, which do not fit its {cmdsize}-byte load command"
