@@ -14,8 +14,9 @@ data. Opening an archive reads the header and TOC only (a bounded amount of memo
 the package); file data is read on demand and streamed.
 
 Everything read is checked: lengths against the file, numbers against overflow, the TOC's
-inflated size against the size its header declares and a limit, its XML against DTDs/entities, every heap range against the heap,
-and (unless asked not to) the stored TOC checksum against a fresh hash of the compressed TOC.
+inflated size against the size its header declares and a limit, its XML against DTDs/entities,
+every heap range against the heap, and (unless asked not to) the stored TOC checksum against a
+fresh hash of the compressed TOC.
 """
 
 from __future__ import annotations
