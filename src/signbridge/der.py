@@ -1,4 +1,4 @@
-"""Reading DER from untrusted input: X.509 certificates and ASN.1 values, in one place.
+"""Reading DER from untrusted input: X.509 certificates, in one place, and what asn1crypto raises.
 
 Certificates arrive inside signatures, packages, notarization tickets and timestamps that anyone
 can write. cryptography reads a certificate lazily: loading it checks the outer structure, and a
@@ -6,15 +6,13 @@ damaged name, extension or key raises ``ValueError`` or ``UnsupportedAlgorithm``
 whichever code reads that field first (a chain check, ``codesign -d``'s ``Authority=`` lines, a
 designated requirement). :func:`read_certificate` reads every field once, up front, and turns any
 failure into the caller's :class:`~signbridge.errors.SignbridgeError`: a certificate it returns can
-be read anywhere without raising. asn1crypto is lazy the same way; :func:`load` parses a value
-and everything beneath it at once.
+be read anywhere without raising.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from asn1crypto import core
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
@@ -55,15 +53,3 @@ def read_certificates(
         read_certificate(der, f"certificate {number} of {what}", error) for number, der in enumerate(ders, 1)
     )
 
-
-def load(
-    spec: type[core.Asn1Value], data: bytes, what: str, error: type[SignbridgeError], *, strict: bool = True
-) -> core.Asn1Value:
-    """``data`` parsed as ``spec``, every nested value included; ``error`` naming ``what`` when it is
-    not one (``strict``: no bytes may follow it)."""
-    try:
-        value = spec.load(bytes(data), strict=strict)
-        value.native  # noqa: B018 - parses every nested value now, so malformed input fails here
-    except ASN1_ERRORS as exc:
-        raise error(f"{what} is malformed ({exc})") from None
-    return value

@@ -319,10 +319,9 @@ def _trusted_timestamp(
         when = cms.check_timestamp(parsed, anchors)
     except SignatureError as exc:
         return None, [f"the timestamp is not trusted: {exc}"]
-    carried = token.certificates
     signer = token.signer_certificate
     path = evaluate_chain(signer, token.certificates, anchors, at=when).chain if signer is not None else ()
-    stray = [certificate for certificate in carried if certificate not in (*path, *anchors)]
+    stray = [certificate for certificate in token.certificates if certificate not in (*path, *anchors)]
     if stray:
         raise _Invalid(
             PackageStatus.INVALID_SIGNATURE,
