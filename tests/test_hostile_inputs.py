@@ -19,6 +19,7 @@ import shutil
 import struct
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from machofixtures import get_fixtures
 from pkgkit import rewrite_toc, signbridge
 from signbridge.apple import cms, display
 from signbridge.apple import codesign as engine
-from signbridge.apple.blobs import CodeSignatureFormatError, Magic, decode_superblob, encode_blob
+from signbridge.apple.blobs import CodeSignatureFormatError, Magic, decode_blob, decode_superblob, encode_blob
 from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.ipa import IpaError
 from signbridge.apple.ipa import extract as extract_ipa
@@ -40,7 +41,13 @@ from signbridge.apple.notary.errors import PayloadError
 from signbridge.apple.notary.payload import Limits, extract_cpio, extract_zip
 from signbridge.apple.pkgverify import PackageStatus, verify_package
 from signbridge.apple.ticket import TicketError, parse_ticket
-from signbridge.apple.verify import MODIFIED, CodeVerificationError, VerifyOptions, verify_code
+from signbridge.apple.verify import (
+    MODIFIED,
+    CodeVerificationError,
+    VerifyOptions,
+    entitlements_of,
+    verify_code,
+)
 from signbridge.apple.xar import TocTooLargeError, XarArchive
 from signbridge.der import CertificateFormatError, read_certificate
 from xarfixtures import notarization_ticket, sample_files, write_tree
@@ -309,3 +316,41 @@ def test_zip_with_an_impossible_offset(tmp_path):
         extract_zip(path, tmp_path / "zip", Limits(), "A.ipa")
     with pytest.raises(IpaError, match="cannot be read: .*Invalid argument"):
         extract_ipa(path, tmp_path / "ipa")
+
+
+# --- property lists met on the way (the plist reader itself is tested with the bundle formats) ------------
+
+
+def test_unknown_encoding_in_the_cdhashes_attribute():
+    """Fuzz-found: the CMS's CDHashes plist naming an encoding Python does not know (LookupError)."""
+    data = corpus_bytes("macho/htacg_tidy-mac-installer__tidy")
+    der = read_signature(parse_file(data).slices[0]).cms.replace(b'encoding="UTF-8"', b'encoding="UTB-8"')
+    parsed = cms.parse_signed_data(der)
+    assert parsed.cdhashes is None and "CDHashes" in parsed.attribute_problem
+    with pytest.raises(cms.SignatureMismatch):  # the attributes no longer match their signature
+        cms.verify_detached(parsed, content_digest=bytes(32))
+
+
+def test_embedded_info_plist_that_is_not_xml_signs_and_verifies(fx, tmp_path):
+    """Fuzz-found: ad hoc signing a tool whose __TEXT,__info_plist is not well-formed (ExpatError
+    while choosing its identifier, then while verifying what was signed)."""
+    data = bytearray(fx.read("exe_plist.arm64"))
+    section = parse_file(bytes(data)).slices[0].section("__TEXT", "__info_plist")
+    data[section.offset + 40] = ord("<")  # inside the XML declaration
+    path = tmp_path / "tool"
+    path.write_bytes(data)
+    engine.sign_code(path, None, engine.CodesignOptions(force=True))
+    assert verify_code(path, VerifyOptions(strict=True)).identifier == "tool"
+
+
+def test_entitlements_that_are_not_a_property_list():
+    """Fuzz-found in a SuperBlob: entitlements whose XML is not well-formed or names an unknown
+    encoding, read by --verify (requirement context) and -d --entitlements."""
+    signature = read_signature(parse_file(corpus_bytes(
+        "bundles/sparkle-project_Sparkle__DevSignedApp.app/Contents/MacOS/SignedApp")).slices[0])
+    xml = decode_blob(signature.entitlements)[1]
+    assert b'encoding="UTF-8"' in xml
+    for broken in (xml.replace(b'encoding="UTF-8"', b'encoding="UTB-8"'), xml.replace(b"<plist", b"<<plist", 1)):
+        damaged = replace(signature, entitlements=encode_blob(Magic.EMBEDDED_ENTITLEMENTS, broken))
+        assert entitlements_of(damaged) is None
+        display.entitlements_of(damaged)  # (dictionary, XML, DER), whatever of them can be read
