@@ -354,3 +354,19 @@ def test_entitlements_that_are_not_a_property_list():
         damaged = replace(signature, entitlements=encode_blob(Magic.EMBEDDED_ENTITLEMENTS, broken))
         assert entitlements_of(damaged) is None
         display.entitlements_of(damaged)  # (dictionary, XML, DER), whatever of them can be read
+
+
+def test_zip_entry_whose_utf8_name_is_not_utf8(tmp_path):
+    """Fuzz-found: an entry flagged as having a UTF-8 name whose local header's name is not UTF-8
+    (UnicodeDecodeError from zipfile)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("Payload/Caf\u00e9.app/Info.plist", b"<plist/>")
+    data = buffer.getvalue()
+    local = data.index("Payload/Caf\u00e9".encode())  # the local header's copy comes first
+    path = tmp_path / "A.ipa"
+    path.write_bytes(data[:local + 11] + b"\x90" + data[local + 12 :])
+    with pytest.raises(PayloadError, match="A.ipa is not a readable zip archive: 'utf-8' codec"):
+        extract_zip(path, tmp_path / "zip", Limits(), "A.ipa")
+    with pytest.raises(IpaError, match="cannot be read: 'utf-8' codec"):
+        extract_ipa(path, tmp_path / "ipa")

@@ -30,10 +30,10 @@ RATIO_FLOOR = 16 << 20
 _COPY_CHUNK = 1 << 20
 # What zipfile raises on a damaged archive, when it opens it or reads an entry: a bad structure or
 # an impossible offset (OSError from seek), a truncated or corrupt compressed stream, an unsupported
-# compression method, or an encrypted entry (RuntimeError).
+# compression method, an encrypted entry (RuntimeError), a UTF-8 name that is not UTF-8.
 ZIP_ERRORS = (
     zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError,
-    zlib.error, lzma.LZMAError,
+    zlib.error, lzma.LZMAError, UnicodeDecodeError,
 )  # fmt: skip
 
 
