@@ -187,3 +187,17 @@ def scratch(name: str) -> Iterator[Path]:
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def input_file(name: str, filename: str) -> Iterator[Callable[[bytes], Path]]:
+    """A function that writes an input to ``filename`` in a :func:`scratch` directory and returns its
+    path, for targets that read a file as the command would."""
+    with scratch(name) as directory:
+        path = directory / filename
+
+        def write(data: bytes) -> Path:
+            path.write_bytes(data)
+            return path
+
+        yield write

@@ -17,7 +17,7 @@ import pytest
 from codesignkit import local_identity
 from corpuskit import APPLE_ROOT, CORPUS
 from dmgkit import make_image
-from fuzzkit import FUZZ_CASES, fuzz, read_seeds, scratch
+from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from signbridge.apple import display
 from signbridge.apple.codesign import CodesignOptions, QuietReporter
 from signbridge.apple.dmg.sign import sign_disk_image
@@ -44,13 +44,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
 
 @pytest.fixture
 def write():
-    with scratch("dmg") as directory:
-        path = directory / "image.dmg"
-
-        def write(data: bytes) -> Path:
-            path.write_bytes(data)
-            return path
-
+    with input_file("dmg", "image.dmg") as write:
         yield write
 
 

@@ -10,12 +10,11 @@ verifier must accept too.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from corpuskit import APPLE_ROOT, CORPUS
-from fuzzkit import FUZZ_CASES, fuzz, read_seeds, scratch
+from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from machofixtures import THIN, UNIVERSAL, get_fixtures
 from signbridge.apple import codesign as engine
 from signbridge.apple import display
@@ -48,14 +47,7 @@ def executor():
 
 @pytest.fixture
 def write():
-    """Writes an input where the command would read it (a file in memory), and returns its path."""
-    with scratch("macho") as directory:
-        path = directory / "code"
-
-        def write(data: bytes) -> Path:
-            path.write_bytes(data)
-            return path
-
+    with input_file("macho", "code") as write:
         yield write
 
 

@@ -10,12 +10,10 @@ as text and JSON; ``productsign`` reads a package and signs it into a scratch fi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from corpuskit import APPLE_ROOT, CORPUS
-from fuzzkit import FUZZ_CASES, fuzz, read_seeds, scratch
+from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from pkgkit import bsdtar_package, component_package, identity_of, product_archive
 from signbridge.apple.pkgverify import verify_package
 from signbridge.apple.productsign import sign_package
@@ -47,13 +45,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory, pki) -> list[bytes]:
 
 @pytest.fixture
 def write():
-    with scratch("pkg") as directory:
-        path = directory / "input.pkg"
-
-        def write(data: bytes) -> Path:
-            path.write_bytes(data)
-            return path
-
+    with input_file("pkg", "input.pkg") as write:
         yield write
 
 
