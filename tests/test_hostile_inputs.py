@@ -331,12 +331,18 @@ def test_unknown_encoding_in_the_cdhashes_attribute():
         cms.verify_detached(parsed, content_digest=bytes(32))
 
 
-def test_embedded_info_plist_that_is_not_xml_signs_and_verifies(fx, tmp_path):
-    """Fuzz-found: ad hoc signing a tool whose __TEXT,__info_plist is not well-formed (ExpatError
-    while choosing its identifier, then while verifying what was signed)."""
+@pytest.mark.parametrize("damage", ["not well-formed", "key without a dictionary"])
+def test_embedded_info_plist_that_is_not_a_plist_signs_and_verifies(fx, tmp_path, damage):
+    """Fuzz-found: ad hoc signing a tool whose __TEXT,__info_plist is not well-formed (ExpatError) or
+    is a key outside any dictionary (IndexError), while choosing its identifier and then while
+    verifying what was signed: the tool is named after its file, and its Info.plist still bound."""
     data = bytearray(fx.read("exe_plist.arm64"))
     section = parse_file(bytes(data)).slices[0].section("__TEXT", "__info_plist")
-    data[section.offset + 40] = ord("<")  # inside the XML declaration
+    if damage == "not well-formed":
+        data[section.offset + 40] = ord("<")  # inside the XML declaration
+    else:
+        plist = b'<plist version="1.0"><key>a</key></plist>'
+        data[section.offset : section.offset + section.size] = plist.ljust(section.size)
     path = tmp_path / "tool"
     path.write_bytes(data)
     engine.sign_code(path, None, engine.CodesignOptions(force=True))

@@ -335,7 +335,7 @@ def bundle_identifier(info_plist: bytes | None) -> str | None:
         return None
     try:
         info = plistlib.loads(info_plist)
-    except (plistlib.InvalidFileException, ValueError, TypeError, ExpatError):
+    except (plistlib.InvalidFileException, ValueError, TypeError, LookupError, AttributeError, ExpatError):
         return None
     value = info.get("CFBundleIdentifier") if isinstance(info, dict) else None
     return value if isinstance(value, str) and value else None

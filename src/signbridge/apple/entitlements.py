@@ -45,7 +45,7 @@ def load_entitlements(data: bytes) -> dict[str, Any]:
     """Parse an entitlements file (XML or binary plist) whose root must be a dictionary."""
     try:
         value = plistlib.loads(data)
-    except (plistlib.InvalidFileException, ValueError, TypeError, LookupError, ExpatError) as error:
+    except (plistlib.InvalidFileException, ValueError, TypeError, LookupError, AttributeError, ExpatError) as error:
         raise EntitlementsError(f"the entitlements are not a valid property list: {error}") from None
     if not isinstance(value, dict):
         raise EntitlementsError(f"the entitlements must be a dictionary, not a {type(value).__name__}")

@@ -1035,7 +1035,7 @@ def plist_dict(data: bytes | None) -> dict[str, Any] | None:
         return None
     try:
         value = plistlib.loads(data)
-    except (plistlib.InvalidFileException, ValueError, TypeError, ExpatError):
+    except (plistlib.InvalidFileException, ValueError, TypeError, LookupError, AttributeError, ExpatError):
         return None
     return value if isinstance(value, dict) else None
 
