@@ -56,6 +56,14 @@ from tokenkit import apple_pki
 
 pytestmark = pytest.mark.fuzz
 
+ENTITLEMENTS = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0"><dict>'
+    b"<key>com.apple.security.cs.allow-jit</key><true/>"
+    b"<key>com.apple.security.application-groups</key><array><string>T.group</string></array>"
+    b"</dict></plist>\n"
+)
+MACHO_MAGICS = {FAT_MAGIC.to_bytes(4, "big"), MH_MAGIC.to_bytes(4, "little"), MH_MAGIC_64.to_bytes(4, "little")}
+
 
 def _signed_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The corpus's signed Mach-O files (bare and inside bundles) and a fixture signed here."""
@@ -67,17 +75,6 @@ def _signed_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     identity, _ = local_identity(apple_pki())
     engine.sign_code(signed, identity, engine.CodesignOptions(flags=0x10000, entitlements=ENTITLEMENTS))
     return [*files, signed]
-
-
-ENTITLEMENTS = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0"><dict>'
-    b"<key>com.apple.security.cs.allow-jit</key><true/>"
-    b"<key>com.apple.security.application-groups</key><array><string>T.group</string></array>"
-    b"</dict></plist>\n"
-)
-
-
-MACHO_MAGICS = {FAT_MAGIC.to_bytes(4, "big"), MH_MAGIC.to_bytes(4, "little"), MH_MAGIC_64.to_bytes(4, "little")}
 
 
 @pytest.fixture(scope="module")
