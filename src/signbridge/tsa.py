@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from .der import ASN1_ERRORS, read_certificates
 from .errors import SignatureError, TimestampError
 from .hashes import HashAlgorithm
 from .signatures import (
@@ -43,9 +44,6 @@ _LEGACY_REPLY_CONTENT_TYPE = "application/timestamp-response"
 ID_CT_TST_INFO = "1.2.840.113549.1.9.16.1.4"
 
 _MAX_CHAIN_LENGTH = 8
-
-# What asn1crypto raises, lazily, on malformed input (the list comes from fuzzing it).
-ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
 
 
 class PKIStatus(enum.Enum):
@@ -316,13 +314,10 @@ def parse_token(der: bytes) -> TimestampToken:
         content = bytes(signed_data["encap_content_info"]["content"])
         tst_info = tsp.TSTInfo.load(content, strict=True)
         tst_info.native  # noqa: B018  (parses every field now, so malformed input fails here)
-        certificates = tuple(
-            x509.load_der_x509_certificate(choice.chosen.dump())
-            for choice in signed_data["certificates"]
-            if choice.name == "certificate"
-        )
-    except (*ASN1_ERRORS, x509.InvalidVersion) as exc:
+        ders = [choice.chosen.dump() for choice in signed_data["certificates"] if choice.name == "certificate"]
+    except ASN1_ERRORS as exc:
         raise TimestampError(f"the timestamp token is malformed ({exc})") from None
+    certificates = read_certificates(ders, "the timestamp token", TimestampError)
 
     if tst_info["version"].native != "v1":
         raise TimestampError(f"unsupported TSTInfo version {tst_info['version'].native}")

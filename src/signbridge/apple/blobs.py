@@ -59,6 +59,9 @@ class Slot(enum.IntEnum):
 
 
 ALTERNATE_CODE_DIRECTORY_MAX = 5
+# Apple's signatures hold a dozen blobs at most (CodeDirectories, requirements, entitlements, launch
+# constraints, the CMS, a ticket); a detached signature one per architecture.
+MAX_SUPERBLOB_ENTRIES = 64
 
 
 def magic_name(magic: int) -> str:
@@ -158,8 +161,12 @@ def decode_superblob(data: bytes | memoryview, expected_magic: int | None = None
         raise CodeSignatureFormatError(
             f"the {magic_name(magic)} SuperBlob lists {count} blobs, more than its {length} bytes can index"
         )
+    if count > MAX_SUPERBLOB_ENTRIES:
+        raise CodeSignatureFormatError(
+            f"the {magic_name(magic)} SuperBlob lists {count} blobs; signatures hold at most {MAX_SUPERBLOB_ENTRIES}"
+        )
     view = memoryview(data)[:length]
-    entries = []
+    located = []
     for number in range(count):
         position = SUPERBLOB_HEADER_SIZE + SUPERBLOB_INDEX_ENTRY_SIZE * number
         slot, offset = struct.unpack_from(">II", view, position)
@@ -168,5 +175,12 @@ def decode_superblob(data: bytes | memoryview, expected_magic: int | None = None
                 f"blob {number} ({slot_name(slot)}) of the SuperBlob starts at {offset}, inside the index"
             )
         _, blob_length = blob_header(view, offset)
-        entries.append((slot, bytes(view[offset : offset + blob_length])))
-    return SuperBlob(magic, tuple(entries))
+        located.append((offset, offset + blob_length, number, slot))
+    # Each byte belongs to one blob: an index that points twice into the same bytes is not a signature
+    # any tool writes (and would make one blob count, and be copied, many times).
+    ordered = sorted(located)
+    for (_, end, first, _), (start, _, second, _) in zip(ordered, ordered[1:], strict=False):
+        if start < end:
+            raise CodeSignatureFormatError(f"blobs {first} and {second} of the SuperBlob overlap")
+    entries = tuple((slot, bytes(view[start:end])) for start, end, _, slot in located)
+    return SuperBlob(magic, entries)

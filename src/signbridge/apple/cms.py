@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from ..der import read_certificates
 from ..errors import SignatureError, TimestampError
 from ..hashes import HashAlgorithm
 from ..signatures import (
@@ -596,17 +597,10 @@ def _attribute_values(signed_attrs: cms.CMSAttributes) -> _AttributeValues:
 
 
 def _certificates(signed_data: cms.SignedData) -> tuple[x509.Certificate, ...]:
-    certificates = []
     if isinstance(signed_data["certificates"], core.Void):
         return ()
-    for choice in signed_data["certificates"]:
-        if choice.name != "certificate":
-            continue
-        try:
-            certificates.append(x509.load_der_x509_certificate(choice.chosen.dump()))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise CmsFormatError(f"a certificate in the CMS signature cannot be read ({exc})") from None
-    return tuple(certificates)
+    ders = [choice.chosen.dump() for choice in signed_data["certificates"] if choice.name == "certificate"]
+    return read_certificates(ders, "the CMS signature", CmsFormatError)
 
 
 def _hash_algorithm(oid: str, what: str) -> HashAlgorithm:

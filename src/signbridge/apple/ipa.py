@@ -29,6 +29,18 @@ MAX_TOTAL_SIZE = 8 << 30  # declared uncompressed bytes an archive may unpack to
 MAX_RATIO = 1000  # declared size / compressed size of one entry, above RATIO_FLOOR
 RATIO_FLOOR = 16 << 20
 _COPY_CHUNK = 1 << 20
+def zip_errors() -> tuple[type[BaseException], ...]:
+    """What zipfile raises on a damaged archive, when it opens it or reads an entry: a bad structure
+    or an impossible offset (OSError from seek), a truncated or corrupt compressed stream, an
+    unsupported compression method, an encrypted entry (RuntimeError), a UTF-8 name that is not UTF-8."""
+    import lzma
+    import zipfile
+    import zlib
+
+    return (
+        zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError,
+        zlib.error, lzma.LZMAError, UnicodeDecodeError,
+    )  # fmt: skip
 
 
 class IpaError(SignbridgeError):
@@ -89,7 +101,7 @@ def extract(archive: Path, destination: Path) -> Path:
 
     try:
         zipped = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except zip_errors() as exc:
         raise IpaError(f"cannot read the .ipa as a zip archive: {exc}") from None
     with zipped:
         infos = zipped.infolist()
@@ -123,7 +135,7 @@ def _unpack(
         if info.is_dir():
             target.mkdir(parents=True, exist_ok=True)
         elif _is_symlink(info):
-            link = zipped.read(info).decode("utf-8", errors="replace")
+            link = _read_link(zipped, info)
             _check_link(info.filename, parts, link)
             links.append((info, target, link))
         else:
@@ -133,6 +145,15 @@ def _unpack(
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(link, target)
     return [(info.filename, target) for info, target, _ in links]
+
+
+def _read_link(zipped: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    if info.file_size > 4096:
+        raise UnsafeIpaError(f"the symbolic link {info.filename!r} claims a {info.file_size}-byte target")
+    try:
+        return zipped.read(info).decode("utf-8", errors="replace")
+    except zip_errors() as exc:
+        raise IpaError(f"the archive entry {info.filename!r} cannot be read: {exc}") from None
 
 
 def _check_link(name: str, parts: tuple[str, ...], link: str) -> None:
@@ -146,8 +167,6 @@ def _check_link(name: str, parts: tuple[str, ...], link: str) -> None:
 
 
 def _extract_file(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
-    import zipfile
-
     mode = (info.external_attr >> 16) & 0o777 if info.create_system == 3 else 0
     written = 0
     try:
@@ -157,7 +176,7 @@ def _extract_file(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) 
                 if written > info.file_size:
                     raise UnsafeIpaError(f"the archive entry {info.filename!r} is larger than it declares")
                 output.write(chunk)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+    except zip_errors() as exc:
         raise IpaError(f"the archive entry {info.filename!r} cannot be read: {exc}") from None
     os.chmod(target, mode or 0o644)
 

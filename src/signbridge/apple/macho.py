@@ -2,7 +2,8 @@
 
 Parsing validates what signing relies on and raises a specific :class:`MachOError` subclass
 otherwise: truncated files, wrong magic numbers, absurd load-command counts or sizes, overlapping
-universal slices, and a code signature that is not the last thing in ``__LINKEDIT``.
+universal slices, content inside the header and load commands, and a code signature that is not
+the last thing in ``__LINKEDIT`` (:func:`check_layout`, the one layout check for readers and signers).
 Messages do not name the file; the command line prefixes the path.
 """
 
@@ -28,6 +29,11 @@ FAT_ARCH_SIZE = 20
 FAT_ARCH_64_SIZE = 32
 # A universal file with more slices than this is something else (Java class files share 0xcafebabe).
 MAX_FAT_ARCHES = 32
+# Bounds on the work one slice can ask for. Linkers write tens of load commands (a few hundred for
+# a program that links very many libraries); a symbol's section number is one byte, so no image
+# addresses more than 255 sections.
+MAX_LOAD_COMMANDS = 4096
+MAX_SECTIONS = 255
 
 CPU_ARCH_ABI64 = 0x01000000
 CPU_ARCH_ABI64_32 = 0x02000000
@@ -333,18 +339,24 @@ class MachO:
             return None
         return self.data[section.offset : section.offset + section.size]
 
+    def contents(self) -> Iterator[tuple[str, int]]:
+        """(what, file offset) of every section, and section-less segment, with bytes in the file. A
+        section-less segment at offset 0 maps the header itself (``__TEXT``) and is left out."""
+        for segment in self.segments:
+            if not segment.filesize:
+                continue  # not in the file (__PAGEZERO, a dSYM's __TEXT): neither are its sections
+            if not segment.sections:
+                if segment.fileoff:
+                    yield f"segment {segment.name}", segment.fileoff
+                continue
+            for section in segment.sections:
+                if section.size and not section.is_zerofill:
+                    yield f"section {section.segment_name},{section.name}", section.offset
+
     @property
     def first_content_offset(self) -> int:
-        """Where the first section (or section-less segment) content starts: load commands must end before."""
-        low = len(self.data)
-        for segment in self.segments:
-            if segment.sections:
-                for section in segment.sections:
-                    if section.size and not section.is_zerofill:
-                        low = min(low, section.offset)
-            elif segment.filesize:
-                low = min(low, segment.fileoff)
-        return low
+        """Where the first section (or section-less segment) content starts: load commands end before."""
+        return min((offset for _, offset in self.contents()), default=len(self.data))
 
     @property
     def header_padding(self) -> int:
@@ -505,6 +517,10 @@ def parse_macho(data: bytes) -> MachO:
             f"the load commands claim {sizeofcmds} bytes, but the file ends {len(data) - header_size} bytes "
             "after the header"
         )
+    if ncmds > MAX_LOAD_COMMANDS:
+        raise LoadCommandError(
+            f"the header claims {ncmds} load commands; signbridge reads at most {MAX_LOAD_COMMANDS}"
+        )
     if ncmds * 8 > sizeofcmds:
         raise LoadCommandError(
             f"the header claims {ncmds} load commands, which cannot fit in {sizeofcmds} bytes of "
@@ -528,8 +544,7 @@ def parse_macho(data: bytes) -> MachO:
         code_signature=parser.code_signature,
         build_version=parser.build_version,
     )
-    if macho.code_signature is not None:
-        check_signature_is_last(macho)
+    check_layout(macho)
     return macho
 
 
@@ -551,6 +566,7 @@ class _LoadCommandParser:
         self.linkedit_data: list[LinkeditData] = []
         self.code_signature: LinkeditData | None = None
         self.build_version: BuildVersion | None = None
+        self.sections = 0  # in all segments so far
 
     def unpack(self, code: str, offset: int) -> tuple:
         return struct.unpack_from(self.byteorder + code, self.data, offset)
@@ -639,6 +655,9 @@ class _LoadCommandParser:
             header_code, offset + 8
         )
         name = _text(raw_name)
+        self.sections += nsects
+        if self.sections > MAX_SECTIONS:
+            raise LoadCommandError(f"the segments claim more than {MAX_SECTIONS} sections in all")
         if cmdsize != header_size + nsects * section_size:
             raise LoadCommandError(
                 f"segment {name} claims {nsects} sections, which do not fit its {cmdsize}-byte load command"
@@ -694,6 +713,27 @@ def linkedit_ranges(macho: MachO) -> Iterator[tuple[str, int, int]]:
                 start, size = fields[2 * position], fields[2 * position + 1]
                 if size:
                     yield f"the dyld {what} info", start, start + size
+
+
+def check_layout(macho: MachO) -> None:
+    """The one check of a slice's file layout, for readers and signers alike: no section or
+    segment content and no code signature overlaps the header and load commands (the signer
+    rewrites that region), and a code signature is the last data of ``__LINKEDIT``, which ends the
+    slice's segments. Raises a :class:`MachOError` subclass naming what is wrong."""
+    end = macho.load_commands_end
+    for what, offset in macho.contents():
+        if offset < end:
+            raise LoadCommandError(
+                f"{what} starts at offset {offset}, inside the header and load commands (which end at {end})"
+            )
+    signature = macho.code_signature
+    if signature is not None:
+        if signature.dataoff < end:
+            raise SignatureLayoutError(
+                f"the code signature starts at offset {signature.dataoff}, inside the header and load "
+                f"commands (which end at {end})"
+            )
+        check_signature_is_last(macho)
 
 
 def check_signature_is_last(macho: MachO) -> None:

@@ -36,9 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from ..der import CertificateFormatError, read_certificates
 from ..errors import SignatureError
 from ..hashes import HashAlgorithm
 from . import cms
@@ -46,9 +47,6 @@ from .certificates import unique_certificates
 from .ticket import TicketError, parse_ticket
 from .trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
 from .xar import ChecksumMismatchError, SignatureSlot, XarArchive, XarError, signature_data
-
-# What reading a damaged certificate raises: cryptography parses fields lazily, on first use.
-_CERTIFICATE_ERRORS = (ValueError, TypeError, x509.InvalidVersion, x509.DuplicateExtension, UnsupportedAlgorithm)
 
 
 class PackageStatus(enum.Enum):
@@ -214,23 +212,10 @@ def _check_signatures(archive: XarArchive) -> _Signed:
 
 
 def _key_info(slot: SignatureSlot) -> tuple[x509.Certificate, ...]:
-    certificates = []
-    for number, der in enumerate(slot.certificates, 1):
-        try:
-            certificates.append(_readable(x509.load_der_x509_certificate(der)))
-        except _CERTIFICATE_ERRORS:
-            raise _Invalid(
-                PackageStatus.INVALID_SIGNATURE,
-                f"certificate {number} of the <{slot.element}> is not a readable X.509 certificate",
-            ) from None
-    return tuple(certificates)
-
-
-def _readable(certificate: x509.Certificate) -> x509.Certificate:
-    """The certificate, once every field a chain check reads has parsed (cryptography parses lazily)."""
-    certificate.subject, certificate.issuer, certificate.extensions  # noqa: B018
-    certificate.not_valid_before_utc, certificate.not_valid_after_utc, certificate.public_key()  # noqa: B018
-    return certificate
+    try:
+        return read_certificates(slot.certificates, f"the <{slot.element}>")
+    except CertificateFormatError as exc:
+        raise _Invalid(PackageStatus.INVALID_SIGNATURE, str(exc)) from None
 
 
 def _check_cms(
@@ -261,8 +246,6 @@ def _check_cms(
         cms.check_unsigned_fields(parsed)
     except SignatureError as exc:
         raise _Invalid(PackageStatus.INVALID_SIGNATURE, f"the CMS signature: {exc}") from None
-    except UnsupportedAlgorithm:
-        raise _Invalid(PackageStatus.INVALID_SIGNATURE, "the CMS signer's key is of an unsupported kind") from None
     if parsed.timestamp is not None:
         try:
             cms.check_timestamp(parsed)
@@ -280,10 +263,7 @@ def _check_rsa(
 ) -> str:
     if slot.style != "RSA":
         raise _Invalid(PackageStatus.INVALID_SIGNATURE, f"the <signature> style {slot.style!r} is not RSA")
-    try:
-        public_key = signer.public_key()
-    except UnsupportedAlgorithm:
-        public_key = None
+    public_key = signer.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise _Invalid(PackageStatus.INVALID_SIGNATURE, "the RSA signature's certificate has no RSA key")
     try:
@@ -342,13 +322,9 @@ def _trusted_timestamp(
         when = cms.check_timestamp(parsed, anchors)
     except SignatureError as exc:
         return None, [f"the timestamp is not trusted: {exc}"]
-    try:
-        carried = [_readable(certificate) for certificate in token.certificates]
-    except _CERTIFICATE_ERRORS:
-        raise _Invalid(PackageStatus.INVALID_SIGNATURE, "the timestamp carries an unreadable certificate") from None
     signer = token.signer_certificate
     path = evaluate_chain(signer, token.certificates, anchors, at=when).chain if signer is not None else ()
-    stray = [certificate for certificate in carried if certificate not in (*path, *anchors)]
+    stray = [certificate for certificate in token.certificates if certificate not in (*path, *anchors)]
     if stray:
         raise _Invalid(
             PackageStatus.INVALID_SIGNATURE,

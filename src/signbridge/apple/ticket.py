@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from ..der import ASN1_ERRORS, CertificateFormatError, read_certificates
 from ..errors import SignbridgeError
 
 TICKET_MAGIC = b"s8ch"
@@ -118,9 +119,9 @@ def parse_ticket(data: bytes, name: str) -> Ticket:
 
 def _certificates(der: bytes, fail: _Fail) -> tuple[x509.Certificate, ...]:
     try:
-        parsed = _Certificates.load(der, strict=True)
-        certificates = tuple(x509.load_der_x509_certificate(item.dump()) for item in parsed)
-    except ValueError:
+        items = [item.dump() for item in _Certificates.load(der, strict=True)]
+        certificates = read_certificates(items, "the ticket")
+    except (CertificateFormatError, *ASN1_ERRORS):
         raise fail("holds certificates that cannot be read") from None
     if not certificates:
         raise fail("holds no signing certificate")

@@ -32,10 +32,12 @@ from typing import BinaryIO
 import libarchive
 import libarchive.exception
 
+from ..ipa import zip_errors
 from .errors import PayloadError
 
 APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"
 _CHUNK = 1024 * 1024
+_BLOCK = 64 * 1024  # what libarchive asks for at a time
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
@@ -71,7 +73,8 @@ class _Decompressed(io.RawIOBase):
     def __init__(self, source: BinaryIO, budget: _Budget) -> None:
         self.source = source
         self.budget = budget
-        self.pending = b""
+        self.pending = memoryview(b"")
+        self.position = 0  # of the next byte of ``pending`` to hand out
         self.failure: PayloadError | None = None  # libarchive calls readinto from C: errors are kept here
         start = source.read(6)
         if start[:2] == b"\x1f\x8b":
@@ -85,7 +88,7 @@ class _Decompressed(io.RawIOBase):
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self.pending:
+        while self.position == len(self.pending):
             if self.failure is not None:
                 return 0
             try:
@@ -96,10 +99,13 @@ class _Decompressed(io.RawIOBase):
             except PayloadError as exc:
                 self.failure = exc
                 return 0
-            self.pending = chunk
-        count = min(len(buffer), len(self.pending))
-        buffer[:count] = self.pending[:count]
-        self.pending = self.pending[count:]
+            self.pending, self.position = memoryview(chunk), 0
+        # libarchive reads a few kilobytes at a time: hand out the chunk from a moving position (each
+        # read copies only what it returns, never the rest of the chunk)
+        target = memoryview(buffer).cast("B")  # libarchive-c passes a ctypes array: copy through its buffer
+        count = min(len(target), len(self.pending) - self.position)
+        target[:count] = self.pending[self.position : self.position + count]
+        self.position += count
         return count
 
     def _plain(self, start: bytes) -> Iterator[bytes]:
@@ -153,6 +159,14 @@ class _Decompressed(io.RawIOBase):
                 raise PayloadError(f"{self.budget.name}: a pbzx chunk is not valid xz data ({exc})") from None
 
 
+def _text(name: str | bytes | None) -> str:
+    """A name from libarchive, which gives the bytes when they are not UTF-8: the same bytes as a
+    file-system name (``surrogateescape``, as Python spells the names ``os.listdir`` returns)."""
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "surrogateescape")
+    return name or ""
+
+
 def _safe_target(destination: Path, name: str, archive_name: str) -> Path | None:
     """Where ``name`` goes under ``destination``; None for the root itself; refuses escapes."""
     pure = PurePosixPath(name)
@@ -197,17 +211,17 @@ def extract_cpio(source: BinaryIO, destination: Path, limits: Limits, name: str)
     stream = _Decompressed(source, budget)
     written = 0
     try:
-        with libarchive.stream_reader(stream, format_name="cpio", filter_name="none") as archive:
+        with libarchive.stream_reader(stream, format_name="cpio", filter_name="none", block_size=_BLOCK) as archive:
             for entry in archive:
                 budget.entry()
-                target = _safe_target(destination, entry.pathname, name)
+                target = _safe_target(destination, _text(entry.pathname), name)
                 if target is None:
                     continue
                 if entry.isdir:
                     _check_parent(destination, target, name)
                     target.mkdir(parents=True, exist_ok=True)
                 elif entry.issym:
-                    _symlink(destination, target, entry.linkpath, name)
+                    _symlink(destination, target, _text(entry.linkpath), name)
                 elif entry.isreg and not entry.islnk:
                     _check_parent(destination, target, name)
                     blocks = entry.get_blocks()
@@ -222,6 +236,8 @@ def extract_cpio(source: BinaryIO, destination: Path, limits: Limits, name: str)
         if stream.failure is not None:
             raise stream.failure from None
         raise PayloadError(f"{name} is not a readable cpio archive: {exc}") from None
+    except OSError as exc:  # an entry names a path twice, or as a file and a folder
+        raise PayloadError(f"{name}: an entry cannot be extracted ({exc.strerror or exc}: {exc.filename})") from None
     if stream.failure is not None:
         raise stream.failure
     return written
@@ -252,7 +268,7 @@ def extract_zip(path: Path, destination: Path, limits: Limits, name: str) -> int
                 with archive.open(info) as member:
                     _write_entry(target, _counted(member, budget), (info.external_attr >> 16) or 0o644)
                 written += 1
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+    except zip_errors() as exc:
         raise PayloadError(f"{name} is not a readable zip archive: {exc}") from None
     return written
 

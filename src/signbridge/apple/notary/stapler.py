@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
+from ...signatures import CertificateSignatureError, verify_certificate_signature
 from ..blobs import CodeSignatureFormatError, Magic, Slot, decode_superblob, encode_blob, encode_superblob
 from ..bundle import Bundle, BundleError, atomic_write
 from ..codesign import StagedFile
@@ -282,8 +282,8 @@ def check_chain(ticket: Ticket, anchors: tuple[x509.Certificate, ...] = ()) -> b
 
 def _check_issued_by(ticket: Ticket, child: x509.Certificate, parent: x509.Certificate) -> None:
     try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
+        verify_certificate_signature(child, parent)
+    except CertificateSignatureError:
         raise TicketError(
             f"{ticket.name}: the ticket's certificate {child.subject.rfc4514_string()} is not issued by "
             f"{parent.subject.rfc4514_string()}"

@@ -14,8 +14,9 @@ data. Opening an archive reads the header and TOC only (a bounded amount of memo
 the package); file data is read on demand and streamed.
 
 Everything read is checked: lengths against the file, numbers against overflow, the TOC's
-inflated size against a limit, its XML against DTDs/entities, every heap range against the heap,
-and (unless asked not to) the stored TOC checksum against a fresh hash of the compressed TOC.
+inflated size against the size its header declares and a limit, its XML against DTDs/entities,
+every heap range against the heap, and (unless asked not to) the stored TOC checksum against a
+fresh hash of the compressed TOC.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ from .filedata import copy_file_data
 from .header import HEADER_SIZE, XarHeader, declared_header_size, parse_header
 from .toc import HeapRange, Toc, XarFile, parse_toc
 
-TOC_SIZE_LIMIT = 64 * 1024 * 1024
+# A package's TOC lists its top-level parts (Bom, Payload, Scripts, Distribution, resources): a
+# few kilobytes. Parsing is linear in the TOC's size, about a second for 4 MiB of XML; a TOC
+# compresses a thousandfold, so this bound, not the file's size, is what bounds the work.
+TOC_SIZE_LIMIT = 4 * 1024 * 1024
 _CHUNK = 1024 * 1024
 
 TICKET_MAGIC = b"t8lr"
@@ -125,7 +129,7 @@ class XarArchive:
                     f"{heap_offset})"
                 )
             toc_compressed = _read_exactly(f, header.toc_length_compressed, name)
-            toc_xml = _inflate_toc(toc_compressed, toc_size_limit, name)
+            toc_xml = _inflate_toc(toc_compressed, min(toc_size_limit, header.toc_length_uncompressed), name)
             toc = parse_toc(toc_xml, name)
             ticket = _find_stapled_ticket(f, heap_offset, identity.size, name)
             if ticket is None:
@@ -258,6 +262,7 @@ def _read_exactly(f: BinaryIO, length: int, name: str) -> bytes:
 
 
 def _inflate_toc(compressed: bytes, limit: int, name: str) -> bytes:
+    """The TOC's XML, inflating no more than ``limit`` bytes (the size the header declares)."""
     inflater = zlib.decompressobj()
     parts: list[bytes] = []
     total = 0
@@ -268,7 +273,8 @@ def _inflate_toc(compressed: bytes, limit: int, name: str) -> bytes:
             total += len(part)
             if total > limit:
                 raise TocTooLargeError(
-                    f"{name}: the table of contents inflates to more than {limit} bytes; refusing to read it"
+                    f"{name}: the table of contents inflates to more than {limit} bytes (the size its header "
+                    "declares, within signbridge's limit); refusing to read it"
                 )
             parts.append(part)
             data = inflater.unconsumed_tail
