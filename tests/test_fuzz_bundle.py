@@ -325,10 +325,6 @@ def build_tiny_app(directory: Path, fx) -> Path:
     return app
 
 
-# A case costs about 30 ms (a deep verification, a display, often an ad hoc signature and a second
-# verification), so the whole-bundle harnesses run a quarter of the cases of the format harnesses,
-# which drive the same readers at 150-200 cases a second.
-WHOLE_BUNDLE_CASES = max(FUZZ_CASES // 4, 1)
 
 
 @contextlib.contextmanager
@@ -404,7 +400,7 @@ def test_fuzz_whole_app(fx, tmp_path: Path) -> None:
     seeds = seeds_for(app, APP_TARGETS)
     with scratch() as directory:
         target = bundle_target(app, APP_TARGETS, directory)
-        assert fuzz("whole-app", seeds, target, WHOLE_BUNDLE_CASES) == WHOLE_BUNDLE_CASES
+        assert fuzz("whole-app", seeds, target) == FUZZ_CASES
 
 
 def test_fuzz_whole_detached_bundle(tmp_path: Path) -> None:
@@ -414,5 +410,5 @@ def test_fuzz_whole_detached_bundle(tmp_path: Path) -> None:
     seeds = seeds_for(bundle, DETACHED_TARGETS)
     with scratch() as directory:
         target = bundle_target(bundle, DETACHED_TARGETS, directory)
-        assert fuzz("whole-detached", seeds, target, WHOLE_BUNDLE_CASES) == WHOLE_BUNDLE_CASES
+        assert fuzz("whole-detached", seeds, target) == FUZZ_CASES
 

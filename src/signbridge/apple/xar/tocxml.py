@@ -10,12 +10,27 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from xml.sax.saxutils import escape, quoteattr
 
 import defusedxml
 import defusedxml.ElementTree as DET
 
 from .errors import MalformedTocError, UnsafeTocError
+
+
+def escape(text: str) -> str:
+    """``xml.sax.saxutils.escape``'s output (that module imports urllib and http, a tenth of start-up)."""
+    return text.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
+
+
+def quoteattr(value: str) -> str:
+    """``xml.sax.saxutils.quoteattr``'s output: escaped, newlines and tabs as references, quoted."""
+    value = escape(value).replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
+    if '"' not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    return '"{}"'.format(value.replace('"', "&quot;"))
+
 
 XMLDSIG_NS = "http://www.w3.org/2000/09/xmldsig#"
 _XML_NS = "http://www.w3.org/XML/1998/namespace"
