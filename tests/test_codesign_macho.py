@@ -41,8 +41,8 @@ from codesignkit import (
     snapshot,
 )
 from machofixtures import MachOFixtures
+from signbridge.apple import cms, display, signed_code
 from signbridge.apple import codesign as cs
-from signbridge.apple import display, signed_code
 from signbridge.apple import macho as mo
 from signbridge.apple import verify as vf
 from signbridge.apple.codedirectory import HashType
@@ -441,12 +441,12 @@ def test_option_parsing():
         with pytest.raises(UsageError):
             cs.parse_flags(bad)
     assert cs.parse_digest_algorithms("sha256,sha1") == (HashType.SHA1, HashType.SHA256)
-    assert cs.resolve_timestamp_url(None, "http://x/ts") is None
-    assert cs.resolve_timestamp_url("none", "http://x/ts") is None
-    assert cs.resolve_timestamp_url("", "http://x/ts") == "http://x/ts"
-    assert cs.resolve_timestamp_url("", None, environ={"SIGNBRIDGE_TIMESTAMP_URL": "http://y"}) == "http://y"
-    assert cs.resolve_timestamp_url("", None, environ={}) == "http://timestamp.apple.com/ts01"
-    assert cs.resolve_timestamp_url("http://z/tsa", "http://x/ts") == "http://z/tsa"
+    assert cms.resolve_timestamp_url(None, "http://x/ts") is None
+    assert cms.resolve_timestamp_url("none", "http://x/ts") is None
+    assert cms.resolve_timestamp_url("", "http://x/ts") == "http://x/ts"
+    assert cms.resolve_timestamp_url("", None, environ={"SIGNBRIDGE_TIMESTAMP_URL": "http://y"}) == "http://y"
+    assert cms.resolve_timestamp_url("", None, environ={}) == "http://timestamp.apple.com/ts01"
+    assert cms.resolve_timestamp_url("http://z/tsa", "http://x/ts") == "http://z/tsa"
     assert signed_code.flag_names(0x10002) == "0x10002(adhoc,runtime)"
     assert signed_code.flag_names(0) == "0x0(none)"
 

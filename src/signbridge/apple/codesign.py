@@ -58,7 +58,6 @@ from .certificates import (
     WWDR_INTERMEDIATE,
     extension_oids,
 )
-from .cms import APPLE_TIMESTAMP_URL, TIMESTAMP_URL_ENVIRONMENT_VARIABLE, resolve_timestamp_url  # noqa: F401 - re-exported
 from .codedirectory import (
     CodeDirectory,
     CodeDirectoryFlags,

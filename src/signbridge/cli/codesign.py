@@ -338,6 +338,7 @@ def run(argv: Sequence[str]) -> int:
 
 def _sign_options(arguments: Arguments) -> CodesignOptions:
     from ..apple import codesign as engine
+    from ..apple.cms import resolve_timestamp_url
     from ..config import load_settings
 
     settings = load_settings(cli={})
@@ -363,7 +364,7 @@ def _sign_options(arguments: Arguments) -> CodesignOptions:
         runtime_version=_runtime_version(arguments.runtime_version) if arguments.runtime_version else None,
         entitlements=entitlements,
         hash_types=digests,
-        timestamp_url=engine.resolve_timestamp_url(arguments.timestamp, settings.timestamp_url),
+        timestamp_url=resolve_timestamp_url(arguments.timestamp, settings.timestamp_url),
         deep=arguments.deep,
     )
 
