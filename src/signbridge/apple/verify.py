@@ -41,6 +41,7 @@ from .blobs import CodeSignatureFormatError, Slot, decode_blob
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType, hash_code, page_count
 from .embedded_signature import EmbeddedSignature, read_signature
 from .entitlements import EntitlementsError, load_entitlements, parse_der_entitlements_blob
+from .ipa import is_ipa
 from .macho import MachO, MachOError, MachOFile, parse_file
 from .plist import plist_dict
 from .requirements import (
@@ -1171,14 +1172,18 @@ def verify_code(
     unsigned code), an :class:`~signbridge.apple.ipa.IpaError` or ``FileNotFoundError``.
     """
     target = Path(path)
-    if target.is_file() and target.suffix.lower() != ".ipa":  # a Mach-O file: no bundle readers needed
-        if executor is not None:
-            return verify_macho_path(target, options, executor=executor)
+    if not target.exists() and not target.is_symlink():
+        raise FileNotFoundError(2, "No such file or directory", str(target))
+    if executor is None:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            return verify_macho_path(target, options, executor=pool)
-    # Bundles and archives are checked in verify_bundle.py, which builds on this module.
-    from .verify_bundle import verify_path
+            return verify_code(target, options, executor=pool)
+    if target.is_dir() or is_ipa(target):
+        # Bundles and archives are checked in verify_bundle.py, which builds on this module (a
+        # Mach-O file needs none of the bundle readers it imports).
+        from .verify_bundle import verify_bundle, verify_ipa
 
-    return verify_path(path, options, executor=executor)
+        verify = verify_bundle if target.is_dir() else verify_ipa
+        return verify(target, options, executor=executor)
+    return verify_macho_path(target, options, executor=executor)

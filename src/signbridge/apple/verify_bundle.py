@@ -12,9 +12,8 @@ temporary directory and its app verified; messages name the archive, not the tem
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 
 from .blobs import CodeSignatureFormatError
@@ -27,7 +26,7 @@ from .bundle import (
     check_nesting,
 )
 from .detached import read_detached_signature
-from .ipa import extracted_app, is_ipa
+from .ipa import extracted_app
 from .resources import ResourceError, verify_code_resources
 from .signed_code import preferred_directory
 from .verify import (
@@ -56,36 +55,6 @@ from .verify import (
     requirement_context,
     verify_macho_path,
 )
-
-
-def verify_path(
-    path: str | os.PathLike[str],
-    options: VerifyOptions | None = None,
-    *,
-    executor: Executor | None = None,
-) -> Verdict:
-    """Verify the Mach-O file, bundle or ``.ipa`` at ``path``.
-
-    Returns the :class:`Verdict` for valid code (whose designated and ``-R`` requirements may
-    still be unsatisfied); raises :class:`CodeVerificationError` (:class:`NotSignedError` for
-    unsigned code), an :class:`~signbridge.apple.ipa.IpaError` for an unreadable archive, or
-    ``FileNotFoundError``.
-    """
-    target = Path(path)
-    options = options or VerifyOptions()
-    if not target.exists() and not target.is_symlink():
-        raise FileNotFoundError(2, "No such file or directory", str(target))
-    own = executor is None
-    pool = executor or ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    try:
-        if target.is_dir():
-            return verify_bundle(target, options, executor=pool)
-        if is_ipa(target):
-            return verify_ipa(target, options, executor=pool)
-        return verify_macho_path(target, options, executor=pool)
-    finally:
-        if own:
-            pool.shutdown(wait=True)
 
 
 def verify_ipa(path: Path, options: VerifyOptions, *, executor: Executor) -> Verdict:
