@@ -31,10 +31,10 @@ from pkikit import resign
 from signbridge.apple import cms
 from signbridge.apple.pkgverify import PackageStatus, verify_package
 from signbridge.apple.productsign import sign_package
-from signbridge.apple.xar import XarArchive, XarError, finish, prepare_signed
+from signbridge.apple.xar import XarArchive, XarError, prepare_signed
 from signbridge.identity import Identity
 from tokenkit import apple_pki, developer_id_installer
-from xarfixtures import notarize
+from xarfixtures import finish, notarize
 
 NOW = dt.datetime.now(dt.UTC)
 

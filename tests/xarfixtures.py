@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import require_tool, run
 from pkikit import certificate, name, new_key
+from signbridge.apple.xar import PreparedPackage, write_signed
 
 MAGIC = b"xar!"
 APPLE_CHECKSUM_NUMBERS = {"none": 0, "sha1": 1, "md5": 2, "sha256": 3, "sha512": 4}
@@ -433,3 +434,10 @@ def check_file_checksums(path: Path) -> int:
             assert hashlib.new(extracted.get("style"), data).hexdigest() == extracted.text.strip(), element.tag
         checked += 1
     return checked
+
+
+def finish(
+    prepared: PreparedPackage, rsa: bytes | None, cms: bytes | None, out: Path, *, check_files: bool = True
+) -> Path:
+    """Write ``prepared`` signed with signatures made beforehand (by openssl, or deliberately wrong)."""
+    return write_signed(prepared, out, lambda _: (rsa, cms), check_files=check_files)

@@ -3,7 +3,7 @@
 - :class:`XarArchive` reads and checks a package (header, TOC, heap ranges, TOC checksum) and
   streams file data out with its checksums verified.
 - :func:`write_package` builds an unsigned package from files.
-- :func:`prepare_signed` / :func:`write_signed` (or :func:`finish`) replace a package's signatures,
+- :func:`prepare_signed` / :func:`write_signed` replace a package's signatures,
   checking every file's archived checksum as its data is copied; :func:`signature_data` reads them back.
 
 Signing a package::
@@ -45,7 +45,6 @@ from .signing import (
     PreparedPackage,
     SignatureData,
     Signatures,
-    finish,
     prepare_signed,
     signature_data,
     write_signed,
@@ -85,7 +84,6 @@ __all__ = [
     "XarFile",
     "XarFormatError",
     "XarHeader",
-    "finish",
     "prepare_signed",
     "signature_data",
     "write_package",

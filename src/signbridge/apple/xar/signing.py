@@ -17,7 +17,7 @@ the signatures' offsets, sizes and certificates) is final, hence two steps:
 2. :func:`write_signed` copies the input's file data to a temporary file beside the output,
    checking every file's archived checksum as it passes (one read of each byte), then has the
    signatures made, writes header, TOC, checksum and signatures before the data and renames the
-   file over the output. :func:`finish` does the same with signatures made beforehand.
+   file over the output.
 
 Re-signing drops the old signatures (and an old signature area of another size) and any stapled
 notarization ticket, which no longer matches once the TOC changes; ``PreparedPackage`` says so.
@@ -56,7 +56,7 @@ MAX_CMS_SIZE = 4 * 1024 * 1024
 
 @dataclass(frozen=True)
 class PreparedPackage:
-    """A package's new TOC, ready to be signed: sign ``toc_checksum``, then call :func:`finish`."""
+    """A package's new TOC, ready to be signed: sign ``toc_checksum`` in :func:`write_signed`."""
 
     source: XarArchive
     checksum_algorithm: HashAlgorithm
@@ -149,19 +149,6 @@ def prepare_signed(
 
 
 Signatures = tuple[bytes | None, bytes | None]  # the RSA signature and the CMS, either possibly absent
-
-
-def finish(
-    prepared: PreparedPackage,
-    rsa_signature: bytes | None,
-    cms: bytes | None,
-    out_path: str | os.PathLike[str],
-    *,
-    check_files: bool = True,
-) -> Path:
-    """Write the signed package to ``out_path`` with signatures already made (see :func:`write_signed`)."""
-    _check_signature_sizes(prepared, rsa_signature, cms)
-    return write_signed(prepared, out_path, lambda _: (rsa_signature, cms), check_files=check_files)
 
 
 def write_signed(
