@@ -46,13 +46,13 @@ from cryptography.x509.oid import NameOID
 
 from signbridge.api.client import ServiceClient
 from signbridge.config import load_settings
-from signbridge.hashes import HashAlgorithm
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import Scheme, SignatureRequest
 from signbridge.pkcs11 import CKM, CKO, Pkcs11Client
 from signbridge.server import directory
 from signbridge.server.datadir import open_data_dir
 from signbridge.server.keystores import KeySpec
 from signbridge.server.process import ServiceProcess
-from signbridge.signatures import Scheme, SignatureRequest
 from signbridge.token import daemon
 
 SIZES = (1, 100, 1000)

@@ -45,11 +45,11 @@ from signbridge.apple.cms import (
     timestamper,
     verify_detached,
 )
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
+from signbridge.crypto.timestamps import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE, build_request, parse_response
 from signbridge.errors import SignatureError
-from signbridge.hashes import HashAlgorithm
-from signbridge.server.tsa import TimestampAuthority
-from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
-from signbridge.tsa import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE, build_request, parse_response
+from signbridge.server.timestamp_authority import TimestampAuthority
 
 SHA1, SHA256 = HashAlgorithm.SHA1, HashAlgorithm.SHA256
 # Stand-ins for CodeDirectory blobs: the CMS signs the primary one, the cdhashes name all of them.

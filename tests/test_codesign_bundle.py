@@ -24,8 +24,8 @@ from signbridge.apple import bundle as bd
 from signbridge.apple import codesign as cs
 from signbridge.apple import display
 from signbridge.apple import verify as vf
+from signbridge.crypto.identity import Identity
 from signbridge.errors import SignatureError
-from signbridge.identity import Identity
 from tokenkit import apple_pki
 
 

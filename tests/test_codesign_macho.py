@@ -48,8 +48,8 @@ from signbridge.apple import verify as vf
 from signbridge.apple.codedirectory import HashType
 from signbridge.apple.macho_writer import HeaderPaddingError
 from signbridge.apple.requirements import encode_requirement_set, render
+from signbridge.crypto.identity import Identity
 from signbridge.errors import UsageError
-from signbridge.identity import Identity
 from tokenkit import apple_name, apple_pki, issue
 
 
@@ -621,8 +621,8 @@ def apple_style_ber(der: bytes) -> bytes:
 def reordered_signer(identity: Identity):
     """A CMS signer that stores the signed attributes out of DER order (as some Apple signatures do)."""
     from signbridge.apple import cms
-    from signbridge.hashes import HashAlgorithm
-    from signbridge.signatures import Scheme, SignatureRequest
+    from signbridge.crypto.hashes import HashAlgorithm
+    from signbridge.crypto.signatures import Scheme, SignatureRequest
 
     def sign(directories):
         primary = directories[0]

@@ -48,10 +48,10 @@ from signbridge.apple.verify import (
     entitlements_of,
     evaluate,
 )
-from signbridge.der import read_certificate
+from signbridge.crypto.der import read_certificate
+from signbridge.crypto.signatures import verify_certificate_signature
+from signbridge.crypto.timestamps import check_timestamping_certificate
 from signbridge.errors import SignbridgeError
-from signbridge.signatures import verify_certificate_signature
-from signbridge.tsa import check_timestamping_certificate
 from tokenkit import apple_pki
 
 pytestmark = pytest.mark.fuzz

@@ -49,7 +49,7 @@ from signbridge.apple.verify import (
     verify_code,
 )
 from signbridge.apple.xar import TocTooLargeError, XarArchive
-from signbridge.der import CertificateFormatError, read_certificate
+from signbridge.crypto.der import CertificateFormatError, read_certificate
 from xarfixtures import notarization_ticket, sample_files, write_tree
 
 DER = serialization.Encoding.DER

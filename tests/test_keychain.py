@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from conftest import require_tool, run
 from signbridge import keychain
 from signbridge.apple.certificates import Usage
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import Scheme, SignatureRequest
 from signbridge.errors import NotFoundError, SignatureError
-from signbridge.hashes import HashAlgorithm
 from signbridge.keychain import (
     AmbiguousIdentityError,
     NoIdentityError,
@@ -28,7 +29,6 @@ from signbridge.keychain import (
     UnsuitableIdentityError,
 )
 from signbridge.pkcs11 import authority_object, objects_for_identity
-from signbridge.signatures import Scheme, SignatureRequest
 from tokenkit import (
     LocalSigner,
     apple_name,

@@ -45,6 +45,7 @@ from signbridge.apple.certificates import (
     DEVELOPER_ID_INTERMEDIATE,
     EKU_DEVELOPER_ID_INSTALLER,
 )
+from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, pss_padding
 from signbridge.pkcs11 import (
     CKO,
     CallerInfo,
@@ -55,7 +56,6 @@ from signbridge.pkcs11 import (
     objects_for_identity,
     serve,
 )
-from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, pss_padding
 from signbridge.token import registry
 
 TEAM = "TEAM123456"

@@ -29,18 +29,18 @@ from cryptography.hazmat.primitives import serialization
 from . import jarsigning
 from .api import ServiceClient
 from .apple.component import build_component_package
-from .errors import SignbridgeError
-from .hashes import HashAlgorithm
-from .server.process import ServiceProcess
-from .signatures import (
+from .crypto.hashes import HashAlgorithm
+from .crypto.signatures import (
     EcdsaFormat,
     Scheme,
     SignatureRequest,
     verify_certificate_signature,
     verify_digest_signature,
 )
+from .crypto.timestamps import request_timestamp
+from .errors import SignbridgeError
+from .server.process import ServiceProcess
 from .token.registration import client_module_path
-from .tsa import request_timestamp
 
 Echo = Callable[[str], None]
 TOKEN_NAME = "signbridge-demo"

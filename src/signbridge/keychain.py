@@ -4,7 +4,7 @@ This is what Apple's tools find in the keychain when a CryptoTokenKit token is i
 running token (see :mod:`signbridge.token.registry`) is asked over its socket, with the pure-Python
 PKCS#11 client, for its certificates and private keys. A certificate with a private key of the same
 CKA_ID is an identity; its chain is built from the token's other certificates (the authority
-objects), and its :attr:`~signbridge.identity.Identity.sign` sends one digest to the token with
+objects), and its :attr:`~signbridge.crypto.identity.Identity.sign` sends one digest to the token with
 C_Sign and checks the answer against the certificate before returning it.
 
     identity = select_identity("Developer ID Application", usage=Usage.CODE)
@@ -46,11 +46,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .apple.certificates import Usage
-from .errors import NotFoundError, SignatureError, SignbridgeError
-from .identity import Identity
-from .pkcs11 import CKA, CKO, Pkcs11Client, Pkcs11Error, Pkcs11Object, pss_params
-from .pkcs11.constants import CATEGORY_AUTHORITY, CKM, CKR
-from .signatures import (
+from .crypto.identity import Identity
+from .crypto.signatures import (
     CertificateSignatureError,
     EcdsaFormat,
     Scheme,
@@ -59,6 +56,9 @@ from .signatures import (
     verify_certificate_signature,
     verify_digest_signature,
 )
+from .errors import NotFoundError, SignatureError, SignbridgeError
+from .pkcs11 import CKA, CKO, Pkcs11Client, Pkcs11Error, Pkcs11Object, pss_params
+from .pkcs11.constants import CATEGORY_AUTHORITY, CKM, CKR
 from .token import registry
 from .token.registry import TokenRecord
 

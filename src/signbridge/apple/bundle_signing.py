@@ -14,7 +14,7 @@ import contextlib
 from concurrent.futures import Executor
 from pathlib import Path
 
-from ..identity import Identity
+from ..crypto.identity import Identity
 from .blobs import CodeSignatureFormatError
 from .bundle import Bundle, atomic_write, bundle_format, sign_bundle_plan, staged_bundle
 from .codedirectory import HashType

@@ -29,10 +29,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from ..der import read_certificates
-from ..errors import SignatureError, TimestampError
-from ..hashes import HashAlgorithm
-from ..signatures import (
+from ..crypto.der import read_certificates
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import (
     EcdsaFormat,
     Scheme,
     SignatureRequest,
@@ -40,7 +39,14 @@ from ..signatures import (
     ecdsa_ieee_to_der,
     verify_digest_signature,
 )
-from ..tsa import ASN1_ERRORS, TimestampToken, find_signer_certificate, parse_token, request_timestamp
+from ..crypto.timestamps import (
+    ASN1_ERRORS,
+    TimestampToken,
+    find_signer_certificate,
+    parse_token,
+    request_timestamp,
+)
+from ..errors import SignatureError, TimestampError
 from .certificates import unique_certificates
 from .plist import load_plist
 

@@ -1,6 +1,6 @@
 """Signing code as Apple's ``codesign -s`` does: Mach-O files (thin or universal) and bundles.
 
-:func:`sign_code` signs a path with an :class:`~signbridge.identity.Identity` (or ad hoc when the
+:func:`sign_code` signs a path with an :class:`~signbridge.crypto.identity.Identity` (or ad hoc when the
 identity is None) and replaces it atomically: the signed file is written beside the input and
 swapped in (:class:`StagedFile`), and a bundle is signed in a staged copy that replaces it only
 when every nested piece is signed, so on any failure the input is unchanged.
@@ -41,10 +41,10 @@ from typing import Protocol
 
 from cryptography import x509
 
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.identity import Identity
+from ..crypto.signatures import EcdsaFormat
 from ..errors import SignbridgeError, UsageError
-from ..hashes import HashAlgorithm
-from ..identity import Identity
-from ..signatures import EcdsaFormat
 from . import cms
 from .blobs import (
     CodeSignatureFormatError,

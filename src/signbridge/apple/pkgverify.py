@@ -39,9 +39,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from ..der import CertificateFormatError, read_certificates
+from ..crypto.der import CertificateFormatError, read_certificates
+from ..crypto.hashes import HashAlgorithm
 from ..errors import SignatureError
-from ..hashes import HashAlgorithm
 from . import cms
 from .certificates import unique_certificates
 from .ticket import TicketError, parse_ticket

@@ -34,10 +34,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.identity import Identity
+from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from ..errors import SignatureError
-from ..hashes import HashAlgorithm
-from ..identity import Identity
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from . import cms
 from .certificates import Usage, unique_certificates
 from .xar import PreparedPackage, Signatures, XarArchive, prepare_signed, write_signed

@@ -20,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtensionOID
 
-from ..certificate_files import read_certificates
+from ..crypto.certificate_files import read_certificates
+from ..crypto.signatures import CertificateSignatureError, verify_certificate_signature
 from ..errors import ConfigError
-from ..signatures import CertificateSignatureError, verify_certificate_signature
 from .certificates import (
     APPLE_DISTRIBUTION,
     DEVELOPER_ID_APPLICATION,

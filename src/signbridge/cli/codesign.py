@@ -27,7 +27,7 @@ from . import echo
 if TYPE_CHECKING:
     from ..apple import display
     from ..apple.codesign import CodesignOptions
-    from ..identity import Identity
+    from ..crypto.identity import Identity
 
 DEPRECATED_COLON = "Warning: Specifying ':' in the path is deprecated and will not work in a future release"
 EXIT_SUCCESS = 0

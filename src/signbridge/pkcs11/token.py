@@ -16,8 +16,8 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ..crypto.signatures import SignatureRequest
 from ..errors import ConfigError
-from ..signatures import SignatureRequest
 from .constants import CKA, CKO
 from .peer import CallerInfo
 from .signing import MechanismInfo, mechanisms_for

@@ -14,8 +14,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..crypto.signatures import CertificateSignatureError, verify_certificate_signature
 from ..errors import AlreadyExistsError, NotFoundError, UsageError
-from ..signatures import CertificateSignatureError, verify_certificate_signature
 from . import pki, tokens
 from .keystores import KeyRef, KeySpec, Keystore
 from .models import (

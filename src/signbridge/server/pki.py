@@ -21,15 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from ..errors import SignatureError
-from ..hashes import HashAlgorithm
-from ..signatures import (
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import (
     EcdsaFormat,
     Scheme,
     SignatureRequest,
     verify_certificate_signature,
     verify_digest_signature,
 )
+from ..errors import SignatureError
 
 DigestSigner = Callable[[SignatureRequest], bytes]
 """Signs a digest with the issuer's key; ECDSA signatures come back DER-encoded."""

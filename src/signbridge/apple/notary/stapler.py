@@ -27,7 +27,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from ...signatures import CertificateSignatureError, verify_certificate_signature
+from ...crypto.signatures import CertificateSignatureError, verify_certificate_signature
 from ..blobs import CodeSignatureFormatError, Magic, Slot, decode_superblob, encode_blob, encode_superblob
 from ..bundle import Bundle, BundleError, atomic_write
 from ..codesign import StagedFile

@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ...crypto.signatures import Scheme, SignatureRequest, pss_padding
 from ...errors import KeystoreError, SignatureError
-from ...signatures import Scheme, SignatureRequest, pss_padding
 from . import KeyRef, KeySpec
 
 MASTER_KEY_NAME = "master.key"

@@ -22,10 +22,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
+from ..crypto.timestamps import (
+    ASN1_ERRORS,
+    ID_CT_TST_INFO,
+    FailureInfo,
+    TimeStampResp,
+    check_timestamping_certificate,
+)
 from ..errors import SignbridgeError, TimestampError
-from ..hashes import HashAlgorithm
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
-from ..tsa import ASN1_ERRORS, ID_CT_TST_INFO, FailureInfo, TimeStampResp, check_timestamping_certificate
 from .directory import load_chain, load_x509
 from .keystores import KeyRef, Keystore
 from .models import Certificate

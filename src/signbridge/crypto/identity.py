@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from .apple.certificates import Usage, common_name, team_identifier, usage
+from ..apple.certificates import Usage, common_name, team_identifier, usage
 from .signatures import SignatureRequest
 
 DigestSigner = Callable[[SignatureRequest], bytes]

@@ -21,8 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from ..errors import SignatureError, TimestampError
 from .der import ASN1_ERRORS, read_certificates
-from .errors import SignatureError, TimestampError
 from .hashes import HashAlgorithm
 from .signatures import (
     CertificateSignatureError,
@@ -159,7 +159,7 @@ def request_timestamp(
     against the certificate it carries; whether that certificate is trusted is for
     :meth:`TimestampToken.verify` to say.
     """
-    from ._httpx import httpx  # only timestamping needs an HTTP client
+    from .._httpx import httpx  # only timestamping needs an HTTP client
 
     nonce = secrets.randbits(63) | 1 << 62  # a full-width positive 64-bit INTEGER
     query = build_request(digest, hash_algorithm, nonce=nonce, cert_req=True)
