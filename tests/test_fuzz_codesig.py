@@ -28,7 +28,7 @@ from machofixtures import get_fixtures
 from signbridge.apple import cms, display
 from signbridge.apple import codesign as engine
 from signbridge.apple.blobs import Magic, decode_superblob
-from signbridge.apple.certificates import common_name, extended_key_usages, team_identifier, usage
+from signbridge.apple.certificates import common_name, team_identifier, usage
 from signbridge.apple.codedirectory import CodeDirectory
 from signbridge.apple.embedded_signature import read_signature, signature_of
 from signbridge.apple.macho import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64, parse_file
@@ -48,6 +48,7 @@ from signbridge.apple.verify import (
     entitlements_of,
     evaluate,
 )
+from signbridge.crypto.chains import extended_key_usages
 from signbridge.crypto.der import read_certificate
 from signbridge.crypto.signatures import verify_certificate_signature
 from signbridge.crypto.timestamps import check_timestamping_certificate
@@ -151,7 +152,7 @@ def test_certificates(signatures, anchors):
         chain = (certificate, *anchors)
         _each(
             lambda: (classify_certificate(certificate), usage(certificate), extended_key_usages(certificate)),
-            lambda: (common_name(certificate), team_identifier(certificate)),
+            lambda: (common_name(certificate), team_identifier(certificate, (certificate,))),
             lambda: evaluate_chain(certificate, [], anchors, purpose=Purpose.CODE),
             lambda: evaluate_chain(certificate, [], [certificate], purpose=Purpose.INSTALLER),
             lambda: verify_certificate_signature(certificate, certificate),

@@ -42,18 +42,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .apple.certificates import Usage
+from .crypto.chains import build_chain, self_signed
 from .crypto.identity import Identity
 from .crypto.signatures import (
-    CertificateSignatureError,
     EcdsaFormat,
     Scheme,
     SignatureRequest,
     ecdsa_ieee_to_der,
-    verify_certificate_signature,
     verify_digest_signature,
 )
 from .errors import NotFoundError, SignatureError, SignbridgeError
@@ -71,11 +69,9 @@ as macOS prints ``com.apple.pivtoken:<card id>``. It never changes."""
 DEFAULT_PIN = "CONFIG"  # the provider then uses the credentials it was started with
 LIST_TIMEOUT = 30.0  # seconds for one answer while listing
 SIGN_TIMEOUT = 900.0  # a sign may wait for the service's own retries (ServiceUnavailableTimeout 600 s)
-MAX_CHAIN = 8
 
 _SHA1 = re.compile(r"[0-9A-Fa-f]{40}")
 _SHA256 = re.compile(r"[0-9A-Fa-f]{64}")
-_FINGERPRINT = hashes.SHA256()
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -231,45 +227,6 @@ def _slot_identities(
 # --- chains and validity ------------------------------------------------------------------------
 
 
-def build_chain(leaf: x509.Certificate, pool: Iterable[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    """The issuers of ``leaf`` found in ``pool``, nearest first, up to a self-signed root.
-
-    An issuer is taken only when its subject is the certificate's issuer and its key verifies the
-    certificate's signature. The chain stops where no issuer is found.
-    """
-    candidates = list(pool)
-    chain: list[x509.Certificate] = []
-    seen = {leaf.fingerprint(_FINGERPRINT)}
-    current = leaf
-    while len(chain) < MAX_CHAIN and not _self_signed(current):
-        issuer = next(
-            (
-                candidate
-                for candidate in candidates
-                if candidate.fingerprint(_FINGERPRINT) not in seen and _issued_by(current, candidate)
-            ),
-            None,
-        )
-        if issuer is None:
-            break
-        chain.append(issuer)
-        seen.add(issuer.fingerprint(_FINGERPRINT))
-        current = issuer
-    return tuple(chain)
-
-
-def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        verify_certificate_signature(certificate, issuer)
-    except CertificateSignatureError:
-        return False
-    return True
-
-
-def _self_signed(certificate: x509.Certificate) -> bool:
-    return certificate.subject == certificate.issuer and _issued_by(certificate, certificate)
-
-
 def validity_problem(identity: Identity, *, now: datetime | None = None) -> str | None:
     """Why ``security find-identity -v`` would leave the identity out, in Apple's words, or None.
 
@@ -282,7 +239,7 @@ def validity_problem(identity: Identity, *, now: datetime | None = None) -> str 
         problem = _time_problem(certificate, when)
         if problem:
             return problem
-    if not identity.chain or not _self_signed(identity.chain[-1]):
+    if not identity.chain or not self_signed(identity.chain[-1]):
         return "CSSMERR_TP_NOT_TRUSTED"  # a self-signed leaf is not trusted either, as on macOS
     return None
 

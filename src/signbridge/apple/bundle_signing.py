@@ -35,8 +35,6 @@ from .codesign import (
     replacing_note,
     requirements_and_signer,
     sign_macho_file,
-    signing_chain,
-    team_identifier,
     widest_default_hash_types,
 )
 from .detached import has_detached_signature, read_detached_signature
@@ -201,10 +199,10 @@ def _sign_detached(
         hash_types=options.hash_types or (HashType.SHA256,),
         requirements=requirements,
         flags=options.flags,
-        team_id=team_identifier(identity),
+        team_id=identity.team_id if identity is not None else None,
     )
     directory = preferred_directory(sign_detached_bundle(bundle, seal, settings, signer))
-    requirement = designated_requirement(identifier, signing_chain(identity)) if identity is not None else None
+    requirement = designated_requirement(identifier, identity.certificates) if identity is not None else None
     text = render(requirement if requirement is not None else cdhash_requirement(directory.cdhash()))
     return SignedCode(bundle.root, identifier, bundle_format(bundle, None), directory.cdhash(), text)
 

@@ -29,9 +29,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from ..crypto.chains import unique_certificates
 from ..crypto.der import read_certificates
 from ..crypto.hashes import HashAlgorithm
 from ..crypto.signatures import (
+    DigestSigner,
     EcdsaFormat,
     Scheme,
     SignatureRequest,
@@ -47,7 +49,6 @@ from ..crypto.timestamps import (
     request_timestamp,
 )
 from ..errors import SignatureError, TimestampError
-from .certificates import unique_certificates
 from .plist import load_plist
 
 if TYPE_CHECKING:
@@ -94,7 +95,6 @@ class TimestampMismatch(CmsVerificationError):
 # Building
 
 
-Signer = Callable[[SignatureRequest], bytes]
 Timestamper = Callable[[bytes], TimestampToken]
 
 
@@ -206,7 +206,7 @@ def assemble_signed_data(
 
 def sign_detached(
     content_digest: bytes,
-    signer: Signer,
+    signer: DigestSigner,
     certificate: x509.Certificate,
     chain: Sequence[x509.Certificate] = (),
     *,

@@ -39,8 +39,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from cryptography import x509
-
 from ..crypto.hashes import HashAlgorithm
 from ..crypto.identity import Identity
 from ..crypto.signatures import EcdsaFormat
@@ -53,11 +51,6 @@ from .blobs import (
     decode_superblob,
 )
 from .bundle import exchange_paths
-from .certificates import (
-    DEVELOPER_ID_INTERMEDIATE,
-    WWDR_INTERMEDIATE,
-    extension_oids,
-)
 from .codedirectory import (
     CodeDirectory,
     CodeDirectoryFlags,
@@ -256,27 +249,6 @@ class SignedCode:
     nested: tuple[SignedCode, ...] = field(default=(), repr=False)
 
 
-def signing_chain(identity: Identity) -> tuple[x509.Certificate, ...]:
-    """The identity's certificate followed by its issuers (as the CMS carries them)."""
-    chain = [identity.certificate]
-    for certificate in identity.chain:
-        if certificate not in chain:
-            chain.append(certificate)
-    return tuple(chain)
-
-
-def team_identifier(identity: Identity | None) -> str | None:
-    """The team id codesign records: the leaf's OU, only under Apple's developer intermediates."""
-    if identity is None:
-        return None
-    markers: set[str] = set()
-    for certificate in identity.chain:
-        markers |= extension_oids(certificate)
-    if markers & {DEVELOPER_ID_INTERMEDIATE, WWDR_INTERMEDIATE}:
-        return identity.team_id
-    return None
-
-
 # --- identifiers ----------------------------------------------------------------------------------
 
 
@@ -368,7 +340,7 @@ def cms_signer(
     """The ``cms_signer`` for :func:`~signbridge.apple.macho_signing.sign_file`: a detached CMS over
     the primary CodeDirectory with Apple's CDHashes attributes, the whole chain, and a timestamp
     when asked. ``identity.sign`` sees one SHA-256 digest of the signed attributes."""
-    chain = signing_chain(identity)[1:]
+    chain = identity.certificates[1:]
 
     def sign(directories: Sequence[CodeDirectory]) -> bytes:
         primary = directories[0]
@@ -393,7 +365,7 @@ def cms_signer(
 def cms_reserve(identity: Identity, hash_types: Sequence[HashType], with_timestamp: bool) -> int:
     """Room for the CMS: an upper bound for this chain, CodeDirectory count and timestamp."""
     return cms.estimate_size(
-        signing_chain(identity),
+        identity.certificates,
         with_timestamp=with_timestamp,
         code_directories=[_CODE_DIRECTORY_ALGORITHMS[t] for t in hash_types],
         hash_algorithm=CMS_DIGEST,
@@ -431,7 +403,7 @@ def requirements_and_signer(
     if identity is None:
         return EMPTY_REQUIREMENT_SET, None
     requirements = EMPTY_REQUIREMENT_SET
-    requirement = designated_requirement(identifier, signing_chain(identity))
+    requirement = designated_requirement(identifier, identity.certificates)
     if requirement is not None:
         requirements = encode_requirement_set({RequirementType.DESIGNATED: requirement})
     return requirements, cms_signer(identity, timestamp=timestamper(options), signing_time=options.signing_time)
@@ -463,7 +435,7 @@ def slice_plan(
         reserve = cms_reserve(identity, options.hash_types or widest_default_hash_types(parsed), with_timestamp)
     signing = SigningOptions(
         identifier=identifier,
-        team_id=team_identifier(identity),
+        team_id=identity.team_id if identity is not None else None,
         hash_types=options.hash_types,
         flags=options.flags,
         runtime_version=options.runtime_version,

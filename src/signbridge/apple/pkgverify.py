@@ -39,11 +39,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from ..crypto.chains import unique_certificates
 from ..crypto.der import CertificateFormatError, read_certificates
 from ..crypto.hashes import HashAlgorithm
 from ..errors import SignatureError
 from . import cms
-from .certificates import unique_certificates
 from .ticket import TicketError, parse_ticket
 from .trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
 from .xar import ChecksumMismatchError, SignatureSlot, XarArchive, XarError, signature_data

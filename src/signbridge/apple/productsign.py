@@ -34,12 +34,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ..crypto.chains import unique_certificates
 from ..crypto.hashes import HashAlgorithm
 from ..crypto.identity import Identity
 from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from ..errors import SignatureError
 from . import cms
-from .certificates import Usage, unique_certificates
+from .certificates import Usage
 from .xar import PreparedPackage, Signatures, XarArchive, prepare_signed, write_signed
 from .xar.header import HEADER_SIZE
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -36,6 +37,12 @@ class SignatureRequest:
 
     def __post_init__(self) -> None:
         self.hash_algorithm.check_digest(self.digest)
+
+
+DigestSigner = Callable[[SignatureRequest], bytes]
+"""Signs ``request.digest`` with a key that may live anywhere (a token, a keystore, a test's key).
+
+RSA: PKCS#1 v1.5 or PSS per ``request.scheme``. ECDSA: in ``request.ecdsa_format``."""
 
 
 def curve_size(curve: ec.EllipticCurve) -> int:

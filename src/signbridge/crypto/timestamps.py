@@ -22,14 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ..errors import SignatureError, TimestampError
+from .chains import Purpose, describe, validate_path
 from .der import ASN1_ERRORS, read_certificates
 from .hashes import HashAlgorithm
 from .signatures import (
-    CertificateSignatureError,
     EcdsaFormat,
     Scheme,
     SignatureRequest,
-    verify_certificate_signature,
     verify_digest_signature,
 )
 
@@ -42,8 +41,6 @@ REPLY_CONTENT_TYPE = "application/timestamp-reply"
 _LEGACY_REPLY_CONTENT_TYPE = "application/timestamp-response"
 
 ID_CT_TST_INFO = "1.2.840.113549.1.9.16.1.4"
-
-_MAX_CHAIN_LENGTH = 8
 
 
 class PKIStatus(enum.Enum):
@@ -304,7 +301,20 @@ class TimestampToken:
         extra = tuple(intermediates)
         signer = self.verify_signature(extra)
         when = self.gen_time if at is None else at if at.tzinfo else at.replace(tzinfo=UTC)
-        _check_chain(signer, (*self.certificates, *extra), tuple(anchors), when)
+        path = validate_path(signer, (*self.certificates, *extra), anchors, purpose=TIMESTAMPING, at=when)
+        if path.ok:
+            return
+        if path.not_valid:
+            certificate = path.not_valid[0]
+            start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+            raise TimestampError(
+                f"the certificate {describe(certificate)} was not valid at {when:%Y-%m-%d %H:%M:%S} UTC "
+                f"(valid {start:%Y-%m-%d} to {end:%Y-%m-%d})"
+            )
+        raise TimestampError(
+            f"the timestamp authority's certificate {describe(signer)} does not chain to a trusted root "
+            f"({path.problems[0]})"
+        )
 
 
 def parse_token(der: bytes) -> TimestampToken:
@@ -372,6 +382,17 @@ def _signed_data(der: bytes) -> cms.SignedData:
 
 # ---------------------------------------------------------------------------------------------
 # Checking a token
+
+
+def _timestamping_problems(certificate: x509.Certificate) -> list[str]:
+    try:
+        check_timestamping_certificate(certificate)
+    except TimestampError as exc:
+        return [str(exc)]
+    return []
+
+
+TIMESTAMPING = Purpose("timestamping", _timestamping_problems)
 
 
 def check_timestamping_certificate(certificate: x509.Certificate) -> None:
@@ -576,87 +597,3 @@ def _check_named_hash(algorithm: algos.SignedDigestAlgorithm, digest_algorithm: 
             f"the timestamp token's signature algorithm uses {named} but its digest algorithm is "
             f"{digest_algorithm.hashlib_name}"
         )
-
-
-def _describe(certificate: x509.Certificate) -> str:
-    return f'"{certificate.subject.rfc4514_string() or "(no subject)"}"'
-
-
-def _check_validity(certificate: x509.Certificate, when: datetime) -> None:
-    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
-    if not start <= when <= end:
-        raise TimestampError(
-            f"the certificate {_describe(certificate)} was not valid at {when:%Y-%m-%d %H:%M:%S} UTC "
-            f"(valid {start:%Y-%m-%d} to {end:%Y-%m-%d})"
-        )
-
-
-def _check_chain(
-    leaf: x509.Certificate,
-    pool: Sequence[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-    when: datetime,
-) -> None:
-    """A path leaf → intermediates from ``pool`` → one of ``anchors``, each link signed by the next
-    certificate, every issuer a CA allowed to sign certificates, every certificate valid at ``when``."""
-    _check_validity(leaf, when)
-    if leaf in anchors:
-        return
-    failures: list[str] = []
-    if _extend_path(leaf, pool, anchors, when, [leaf], failures):
-        return
-    detail = f" ({failures[0]})" if failures else ""
-    raise TimestampError(
-        f"the timestamp authority's certificate {_describe(leaf)} does not chain to a trusted root{detail}"
-    )
-
-
-def _extend_path(
-    current: x509.Certificate,
-    pool: Sequence[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-    when: datetime,
-    path: list[x509.Certificate],
-    failures: list[str],
-) -> bool:
-    if len(path) > _MAX_CHAIN_LENGTH:
-        failures.append(f"the chain is longer than {_MAX_CHAIN_LENGTH} certificates")
-        return False
-    candidates = [(anchor, True) for anchor in anchors] + [
-        (certificate, False) for certificate in pool if certificate not in anchors
-    ]
-    for issuer, trusted in candidates:
-        if issuer.subject != current.issuer or issuer in path:
-            continue
-        try:
-            verify_certificate_signature(current, issuer)
-            _check_issuer(issuer, intermediates_below=len(path) - 1)
-            _check_validity(issuer, when)
-        except CertificateSignatureError as exc:
-            failures.append(f"{_describe(issuer)} is not a valid issuer of {_describe(current)}: {exc.reason}")
-            continue
-        except TimestampError as exc:
-            failures.append(f"{_describe(issuer)} is not a valid issuer of {_describe(current)}: {exc}")
-            continue
-        if trusted or _extend_path(issuer, pool, anchors, when, [*path, issuer], failures):
-            return True
-    if not failures:
-        failures.append(f"no issuer certificate found for {_describe(current)}")
-    return False
-
-
-def _check_issuer(issuer: x509.Certificate, intermediates_below: int) -> None:
-    try:
-        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        raise TimestampError("it is not a CA certificate (no basic constraints)") from None
-    if not constraints.ca:
-        raise TimestampError("it is not a CA certificate")
-    if constraints.path_length is not None and intermediates_below > constraints.path_length:
-        raise TimestampError(f"its path length constraint {constraints.path_length} is exceeded")
-    try:
-        key_usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return
-    if not key_usage.key_cert_sign:
-        raise TimestampError("its key usage does not allow signing certificates")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from asn1crypto import algos, core, csr, keys
@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from ..crypto.hashes import HashAlgorithm
 from ..crypto.signatures import (
+    DigestSigner,
     EcdsaFormat,
     Scheme,
     SignatureRequest,
@@ -31,7 +32,6 @@ from ..crypto.signatures import (
 )
 from ..errors import SignatureError
 
-DigestSigner = Callable[[SignatureRequest], bytes]
 """Signs a digest with the issuer's key; ECDSA signatures come back DER-encoded."""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from asn1crypto import algos, cms, core, tsp
@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..crypto.hashes import HashAlgorithm
-from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
+from ..crypto.signatures import DigestSigner, EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from ..crypto.timestamps import (
     ASN1_ERRORS,
     ID_CT_TST_INFO,
@@ -80,7 +80,7 @@ class TimestampAuthority:
         self,
         certificate: x509.Certificate,
         chain: Sequence[x509.Certificate],
-        sign: Callable[[SignatureRequest], bytes],
+        sign: DigestSigner,
         *,
         policy: str = DEFAULT_POLICY_OID,
         hash_algorithms: Iterable[HashAlgorithm] = DEFAULT_HASH_ALGORITHMS,

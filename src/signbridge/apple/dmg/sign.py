@@ -30,8 +30,6 @@ from ..codesign import (
     cms_signer,
     designated_requirement,
     replacing_note,
-    signing_chain,
-    team_identifier,
     timestamper,
 )
 from ..requirements import EMPTY_REQUIREMENT_SET, RequirementType, encode_requirement_set, render
@@ -122,7 +120,7 @@ def _sign(
     requirements = EMPTY_REQUIREMENT_SET
     signer = designated = None
     if identity is not None:
-        designated = designated_requirement(identifier, signing_chain(identity))
+        designated = designated_requirement(identifier, identity.certificates)
         if designated is not None:
             requirements = encode_requirement_set({RequirementType.DESIGNATED: designated})
         signer = cms_signer(identity, timestamp=timestamper(options), signing_time=options.signing_time)
@@ -151,7 +149,7 @@ def _sign(
                 identifier=identifier,
                 hash_type=hash_type,
                 flags=int(flags),
-                team_id=team_identifier(identity),
+                team_id=identity.team_id if identity is not None else None,
                 special_slot_data=special,
                 page_size=0,
             )
