@@ -30,19 +30,21 @@ from pkikit import EKU_CODE, Pki, certificate, make_pki, name, new_key, write_pe
 from signbridge.apple.cms import (
     ATTR_APPLE_CDHASHES,
     ATTR_APPLE_CDHASHES2,
-    CmsFormatError,
-    ContentDigestMismatch,
-    SignatureMismatch,
     TimestampMismatch,
-    assemble_signed_data,
     build_cdhashes_plist,
     build_signed_attributes,
     check_timestamp,
     estimate_size,
     parse_signed_data,
     sign_detached,
-    signed_attributes_digest,
     timestamper,
+)
+from signbridge.crypto.cms import (
+    CmsFormatError,
+    ContentDigestMismatch,
+    SignatureMismatch,
+    assemble_signed_data,
+    signed_attributes_digest,
     verify_detached,
 )
 from signbridge.crypto.hashes import HashAlgorithm

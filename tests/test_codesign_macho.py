@@ -621,6 +621,7 @@ def apple_style_ber(der: bytes) -> bytes:
 def reordered_signer(identity: Identity):
     """A CMS signer that stores the signed attributes out of DER order (as some Apple signatures do)."""
     from signbridge.apple import cms
+    from signbridge.crypto.cms import assemble_signed_data
     from signbridge.crypto.hashes import HashAlgorithm
     from signbridge.crypto.signatures import Scheme, SignatureRequest
 
@@ -638,7 +639,7 @@ def reordered_signer(identity: Identity):
         reordered = attrs[: len(attrs) - len(content)] + content
         digest = hashlib.sha256(reordered).digest()
         signature = identity.sign(SignatureRequest(digest, HashAlgorithm.SHA256, Scheme.RSA_PKCS1))
-        return cms.assemble_signed_data(
+        return assemble_signed_data(
             signed_attrs_der=reordered,
             signature=signature,
             signer_certificate=identity.certificate,

@@ -52,7 +52,6 @@ from .crypto.signatures import (
     Scheme,
     SignatureRequest,
     ecdsa_ieee_to_der,
-    verify_digest_signature,
 )
 from .errors import NotFoundError, SignatureError, SignbridgeError
 from .pkcs11 import CKA, CKO, Pkcs11Client, Pkcs11Error, Pkcs11Object, pss_params
@@ -364,10 +363,10 @@ def _and(items: Sequence[str]) -> str:
 class TokenKey:
     """Signs digests with one private key of a running token: the ``sign`` of an :class:`Identity`.
 
-    Each call connects, logs in, finds the key by CKA_ID on the token with this label, signs with
-    C_Sign and verifies the result against the certificate. RSA PKCS#1 v1.5 sends the DigestInfo
-    (CKM_RSA_PKCS), PSS the digest with MGF1 and a hash-sized salt (CKM_RSA_PKCS_PSS), ECDSA the
-    digest (CKM_ECDSA); ECDSA signatures are returned as DER.
+    Each call connects, logs in, finds the key by CKA_ID on the token with this label and signs with
+    C_Sign. RSA PKCS#1 v1.5 sends the DigestInfo (CKM_RSA_PKCS), PSS the digest with MGF1 and a
+    hash-sized salt (CKM_RSA_PKCS_PSS), ECDSA the digest (CKM_ECDSA); ECDSA signatures are returned
+    in the request's format. Whoever uses a signature verifies it against the certificate, once.
     """
 
     token_name: str
@@ -381,21 +380,11 @@ class TokenKey:
         public_key = self.certificate.public_key()
         mechanism, data, params = _mechanism(public_key, request)
         try:
-            raw = self._sign(mechanism, data, params)
+            signature = self._sign(mechanism, data, params)
         except (Pkcs11Error, TokenAccessError) as exc:
             raise SignatureError(f"the token {self.token_name} could not sign: {exc}") from None
-        signature = raw
-        answered = request
-        if isinstance(public_key, ec.EllipticCurvePublicKey):
-            signature = ecdsa_ieee_to_der(raw, public_key.curve)
-            answered = dataclasses.replace(request, ecdsa_format=EcdsaFormat.ASN1)
-        try:
-            verify_digest_signature(public_key, answered, signature)
-        except SignatureError as exc:
-            raise SignatureError(
-                f"the token {self.token_name} returned a signature that does not verify "
-                f"against the certificate: {exc}"
-            ) from None
+        if isinstance(public_key, ec.EllipticCurvePublicKey) and request.ecdsa_format is EcdsaFormat.ASN1:
+            return ecdsa_ieee_to_der(signature, public_key.curve)
         return signature
 
     def _sign(self, mechanism: int, data: bytes, params: object) -> bytes:

@@ -357,6 +357,7 @@ def cms_signer(
             cdhashes_plist=cms.build_cdhashes_plist(cdhashes),
             cdhashes2=agile,
             ecdsa_format=EcdsaFormat.ASN1,
+            signer_name=identity.source,
         )
 
     return sign

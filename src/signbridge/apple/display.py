@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
+from ..crypto.cms import CmsFormatError
 from . import cms
 from .blobs import CodeSignatureFormatError, decode_blob
 from .certificates import common_name
@@ -110,7 +111,7 @@ def _parsed_cms(signature: EmbeddedSignature) -> cms.ParsedSignature | None:
         return None
     try:
         return cms.parse_signed_data(signature.cms)
-    except cms.CmsFormatError:
+    except CmsFormatError:
         return None
 
 

@@ -146,7 +146,8 @@ def sign_package(
             hash_algorithm=CMS_DIGEST,
             timestamp=timestamp,
             signing_time=signed_at,
-            ecdsa_format=EcdsaFormat.ASN1,  # Identity.sign returns ECDSA signatures in DER
+            ecdsa_format=EcdsaFormat.ASN1,  # as the CMS stores it
+            signer_name=identity.source,
         )
         token = cms.parse_signed_data(cms_der).timestamp
         stamped.append(token.gen_time if token is not None else None)

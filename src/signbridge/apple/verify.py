@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from ..crypto.cms import verify_detached
 from ..errors import SignbridgeError, UsageError
 from . import cms
 from .blobs import CodeSignatureFormatError, Slot, decode_blob
@@ -989,7 +990,7 @@ def check_cms(der: bytes, directories: Sequence[CodeDirectory]) -> cms.ParsedSig
     primary = directories[0]
     try:
         parsed = cms.parse_signed_data(der)
-        cms.verify_detached(parsed, content=primary.blob, content_name="the CodeDirectory")
+        verify_detached(parsed, content=primary.blob, content_name="the CodeDirectory")
     except SignbridgeError as exc:
         raise CodeVerificationError(MODIFIED, f"the CMS signature does not check out: {exc}") from None
     if parsed.cdhashes is not None:

@@ -19,18 +19,18 @@ from asn1crypto import algos, cms, core, tsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ..errors import SignatureError, TimestampError
 from .chains import Purpose, describe, validate_path
+from .cms import (
+    ContentDigestMismatch,
+    SignatureMismatch,
+    find_signer_certificate,
+    read_signed_data,
+    verify_detached,
+)
 from .der import ASN1_ERRORS, read_certificates
 from .hashes import HashAlgorithm
-from .signatures import (
-    EcdsaFormat,
-    Scheme,
-    SignatureRequest,
-    verify_digest_signature,
-)
 
 if TYPE_CHECKING:
     import httpx
@@ -257,19 +257,28 @@ class TimestampToken:
         """Check the token's CMS signature, its signed attributes and the signer's certificate
         (ESS binding, EKU timeStamping), without judging trust. Returns the signer's certificate,
         found among the token's own certificates and ``certificates``."""
-        signed_data = _signed_data(self.der)
         try:
-            signer_info = _single_signer(signed_data)
+            signer_info = _single_signer(_signed_data(self.der))
             signer = find_signer_certificate(signer_info["sid"], (*self.certificates, *certificates))
             if signer is None:
                 raise TimestampError(
                     "the token does not carry the timestamp authority's certificate, and none was supplied"
                 )
-            content = bytes(signed_data["encap_content_info"]["content"])
-            _check_signed_attributes(signer_info, content, signer)
-            _check_signature(signer_info, signer)
+            if isinstance(signer_info["signed_attrs"], core.Void):
+                raise TimestampError("the timestamp token's signer has no signed attributes")
+            _check_ess_binding(signer_info, signer)
         except ASN1_ERRORS as exc:
             raise TimestampError(f"the timestamp token's signer information is malformed ({exc})") from None
+        try:
+            verify_detached(read_signed_data(self.der, certificates=(signer,)), content_name="its TSTInfo")
+        except SignatureMismatch:
+            raise TimestampError("the timestamp token's signature does not verify: it was altered or forged") from None
+        except ContentDigestMismatch:
+            raise TimestampError(
+                "the timestamp token's TSTInfo does not match its messageDigest: it was altered"
+            ) from None
+        except SignatureError as exc:
+            raise TimestampError(f"the timestamp token's signature cannot be checked ({exc})") from None
         check_timestamping_certificate(signer)
         return signer
 
@@ -444,41 +453,6 @@ def _single_signer(signed_data: cms.SignedData) -> cms.SignerInfo:
     return signer_infos[0]
 
 
-def find_signer_certificate(sid: cms.SignerIdentifier, pool: Iterable[x509.Certificate]) -> x509.Certificate | None:
-    """The certificate a CMS SignerIdentifier names (issuer and serial number, or subject key identifier)."""
-    for certificate in pool:
-        if sid.name == "issuer_and_serial_number":
-            wanted = sid.chosen
-            if certificate.serial_number != wanted["serial_number"].native:
-                continue
-            # The same bytes first: comparing as RFC 5280 does (string preparation) is much slower.
-            if certificate.issuer.public_bytes() == wanted["issuer"].dump():
-                return certificate
-            if _asn1_name(certificate.issuer) == wanted["issuer"]:
-                return certificate
-        else:
-            try:
-                ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            except x509.ExtensionNotFound:
-                continue
-            if ski.digest == sid.chosen.native:
-                return certificate
-    return None
-
-
-def _asn1_name(name: x509.Name) -> asn1_x509.Name:
-    return asn1_x509.Name.load(name.public_bytes())
-
-
-def _signed_attributes_der(signer_info: cms.SignerInfo) -> bytes:
-    """The signed attributes as they were signed: the stored bytes, re-tagged [0] → SET OF."""
-    attributes = signer_info["signed_attrs"]
-    if isinstance(attributes, core.Void):
-        raise TimestampError("the timestamp token's signer has no signed attributes")
-    stored = attributes.dump()
-    return b"\x31" + stored[1:]
-
-
 def _attribute_values(signer_info: cms.SignerInfo, name: str) -> list[core.Asn1Value] | None:
     found = [attribute for attribute in signer_info["signed_attrs"] if attribute["type"].native == name]
     if not found:
@@ -489,22 +463,6 @@ def _attribute_values(signer_info: cms.SignerInfo, name: str) -> list[core.Asn1V
     if len(values) != 1:
         raise TimestampError(f"the timestamp token's signed attribute {name} must hold exactly one value")
     return values
-
-
-def _check_signed_attributes(signer_info: cms.SignerInfo, content: bytes, signer: x509.Certificate) -> None:
-    _signed_attributes_der(signer_info)
-    content_type = _attribute_values(signer_info, "content_type")
-    if content_type is None or content_type[0].dotted != ID_CT_TST_INFO:
-        raise TimestampError("the timestamp token's contentType attribute is missing or not id-ct-TSTInfo")
-
-    digest_algorithm = _hash_from_oid(signer_info["digest_algorithm"]["algorithm"].dotted, "signer digest")
-    message_digest = _attribute_values(signer_info, "message_digest")
-    if message_digest is None:
-        raise TimestampError("the timestamp token has no messageDigest attribute")
-    if message_digest[0].native != digest_algorithm.digest(content):
-        raise TimestampError("the timestamp token's TSTInfo does not match its messageDigest: it was altered")
-
-    _check_ess_binding(signer_info, signer)
 
 
 def _check_ess_binding(signer_info: cms.SignerInfo, signer: x509.Certificate) -> None:
@@ -531,7 +489,7 @@ def _check_ess_binding(signer_info: cms.SignerInfo, signer: x509.Certificate) ->
         raise TimestampError(
             "the timestamp token's signing-certificate serial number does not match its signer"
         )
-    issuer = _asn1_name(signer.issuer)
+    issuer = asn1_x509.Name.load(signer.issuer.public_bytes())
     names = [name.chosen for name in issuer_serial["issuer"] if name.name == "directory_name"]
     if issuer not in names:
         raise TimestampError("the timestamp token's signing-certificate issuer does not match its signer")
@@ -542,58 +500,3 @@ def _hash_from_oid(oid: str, what: str) -> HashAlgorithm:
         return HashAlgorithm.from_oid(oid)
     except SignatureError:
         raise TimestampError(f"the timestamp token's {what} algorithm {oid} is not supported") from None
-
-
-def _check_signature(signer_info: cms.SignerInfo, signer: x509.Certificate) -> None:
-    signed = _signed_attributes_der(signer_info)
-    signature = signer_info["signature"].native
-    algorithm = signer_info["signature_algorithm"]
-    digest_algorithm = _hash_from_oid(signer_info["digest_algorithm"]["algorithm"].dotted, "signer digest")
-    try:
-        kind = algorithm.signature_algo
-    except ValueError:
-        raise TimestampError(
-            f"the timestamp token's signature algorithm {algorithm['algorithm'].dotted} is not supported"
-        ) from None
-    public_key = signer.public_key()
-    pss = None
-    try:
-        if kind == "rsassa_pkcs1v15" and isinstance(public_key, rsa.RSAPublicKey):
-            _check_named_hash(algorithm, digest_algorithm)
-            scheme = Scheme.RSA_PKCS1
-        elif kind == "rsassa_pss" and isinstance(public_key, rsa.RSAPublicKey):
-            params = algorithm["parameters"]
-            digest_algorithm = HashAlgorithm.from_name(params["hash_algorithm"]["algorithm"].native)
-            mgf_hash = HashAlgorithm.from_name(params["mask_gen_algorithm"]["parameters"]["algorithm"].native)
-            pss = padding.PSS(mgf=padding.MGF1(mgf_hash.cryptography_hash()), salt_length=params["salt_length"].native)
-            scheme = Scheme.RSA_PSS
-        elif kind == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):
-            _check_named_hash(algorithm, digest_algorithm)
-            scheme = Scheme.ECDSA
-        else:
-            raise TimestampError(
-                f"the timestamp token's signature algorithm {algorithm['algorithm'].native} does not fit "
-                f"the key of its signing certificate"
-            )
-        request = SignatureRequest(digest_algorithm.digest(signed), digest_algorithm, scheme, EcdsaFormat.ASN1)
-    except (ValueError, SignatureError) as exc:
-        raise TimestampError(f"the timestamp token's signature cannot be checked ({exc})") from None
-    try:
-        verify_digest_signature(public_key, request, signature, pss=pss)
-    except SignatureError:
-        raise TimestampError(
-            "the timestamp token's signature does not verify: it was altered or forged"
-        ) from None
-
-
-def _check_named_hash(algorithm: algos.SignedDigestAlgorithm, digest_algorithm: HashAlgorithm) -> None:
-    """A signature algorithm such as sha256WithRSAEncryption must agree with the signer's digest."""
-    try:
-        named = algorithm.hash_algo
-    except ValueError:
-        return
-    if named != digest_algorithm.hashlib_name:
-        raise TimestampError(
-            f"the timestamp token's signature algorithm uses {named} but its digest algorithm is "
-            f"{digest_algorithm.hashlib_name}"
-        )

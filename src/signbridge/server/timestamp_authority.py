@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..crypto.der import ASN1_ERRORS
 from ..crypto.hashes import HashAlgorithm
 from ..crypto.signatures import DigestSigner, EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from ..crypto.timestamps import (
-    ASN1_ERRORS,
     ID_CT_TST_INFO,
     FailureInfo,
     TimeStampResp,
