@@ -7,6 +7,8 @@ lengths definite without changing contents or order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import SignatureError
 
 MAX_NESTING = 64
@@ -16,7 +18,10 @@ class BerError(SignatureError):
     """The bytes are not well-formed BER."""
 
 
+@dataclass(frozen=True)
 class Tlv:
+    """One value as stored: where its identifier, contents and end are in the data."""
+
     identifier: bytes
     start: int
     content_start: int

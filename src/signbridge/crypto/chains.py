@@ -52,7 +52,7 @@ def describe(certificate: x509.Certificate) -> str:
     return f'"{names[0].value if names else certificate.subject.rfc4514_string() or "(no subject)"}"'
 
 
-def issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     """Whether ``issuer`` signed ``certificate`` (and is named as its issuer)."""
     try:
         verify_certificate_signature(certificate, issuer)
@@ -62,7 +62,7 @@ def issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def self_signed(certificate: x509.Certificate) -> bool:
-    return certificate.subject == certificate.issuer and issued_by(certificate, certificate)
+    return certificate.subject == certificate.issuer and _issued_by(certificate, certificate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def build_chain(leaf: x509.Certificate, pool: Iterable[x509.Certificate]) -> tup
     chain: list[x509.Certificate] = []
     current = leaf
     while len(chain) < MAX_CHAIN_LENGTH and not self_signed(current):
-        issuer = next((c for c in candidates if c not in chain and issued_by(current, c)), None)
+        issuer = next((c for c in candidates if c not in chain and _issued_by(current, c)), None)
         if issuer is None:
             break
         chain.append(issuer)
@@ -139,7 +139,8 @@ class PathResult:
     ``problems`` are sentences for the user, empty when ``ok``. ``timestamp_used`` says the path was
     accepted only because it was valid at the timestamp's time; ``expired`` lists the certificates
     accepted although they had expired (only when the caller allowed that); ``not_valid`` those that
-    were valid at neither time.
+    were valid at neither time; ``purpose_problems`` those of ``problems`` that say why the leaf may
+    not sign for the purpose.
     """
 
     chain: tuple[x509.Certificate, ...]
@@ -148,6 +149,7 @@ class PathResult:
     timestamp_used: bool = False
     expired: tuple[x509.Certificate, ...] = ()
     not_valid: tuple[x509.Certificate, ...] = ()
+    purpose_problems: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -179,6 +181,7 @@ def validate_path(
     anchors = unique_certificates(anchors)
     pool = [certificate for certificate in unique_certificates(intermediates) if certificate != leaf]
 
+    leaf_problems = purpose.leaf_problems(leaf)
     failures: list[str] = []
     longest: list[x509.Certificate] = [leaf]
     first: PathResult | None = None
@@ -188,16 +191,17 @@ def validate_path(
             problems += _issuer_problems(issuer, path[index - 1], intermediates_below=index - 1)
         for certificate in path:
             problems += _critical_extension_problems(certificate, ignore_critical)
-        problems += purpose.leaf_problems(leaf)
+        problems += leaf_problems
         validity, timestamp_used, expired, not_valid = _validity_problems(path, at, timestamp_time, allow_expired)
-        result = PathResult(tuple(path), path[-1], tuple(problems + validity), timestamp_used, expired, not_valid)
+        problems += validity
+        result = PathResult(tuple(path), path[-1], tuple(problems), timestamp_used, expired, not_valid, tuple(leaf_problems))
         if result.ok:
             return result
         first = first or result
     if first is not None:
         return first
     problems = list(dict.fromkeys(failures)) or [f"no path from {describe(leaf)} to a trusted anchor was found"]
-    return PathResult(tuple(longest), None, tuple(problems + purpose.leaf_problems(leaf)))
+    return PathResult(tuple(longest), None, tuple(problems + leaf_problems), purpose_problems=tuple(leaf_problems))
 
 
 def _paths(

@@ -257,6 +257,12 @@ class TimestampToken:
         """Check the token's CMS signature, its signed attributes and the signer's certificate
         (ESS binding, EKU timeStamping), without judging trust. Returns the signer's certificate,
         found among the token's own certificates and ``certificates``."""
+        signer = self._verified_signer(certificates)
+        check_timestamping_certificate(signer)
+        return signer
+
+    def _verified_signer(self, certificates: Iterable[x509.Certificate]) -> x509.Certificate:
+        """The signer's certificate, once the token's signature, signed attributes and ESS binding check out."""
         try:
             signer_info = _single_signer(_signed_data(self.der))
             signer = find_signer_certificate(signer_info["sid"], (*self.certificates, *certificates))
@@ -279,7 +285,6 @@ class TimestampToken:
             ) from None
         except SignatureError as exc:
             raise TimestampError(f"the timestamp token's signature cannot be checked ({exc})") from None
-        check_timestamping_certificate(signer)
         return signer
 
     def verify(
@@ -308,11 +313,13 @@ class TimestampToken:
         if not anchors:
             raise TimestampError("no trusted root certificates were given to check the timestamp against")
         extra = tuple(intermediates)
-        signer = self.verify_signature(extra)
+        signer = self._verified_signer(extra)
         when = self.gen_time if at is None else at if at.tzinfo else at.replace(tzinfo=UTC)
         path = validate_path(signer, (*self.certificates, *extra), anchors, purpose=TIMESTAMPING, at=when)
         if path.ok:
             return
+        if path.purpose_problems:
+            raise TimestampError(path.purpose_problems[0])
         if path.not_valid:
             certificate = path.not_valid[0]
             start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
