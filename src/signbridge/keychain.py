@@ -48,7 +48,6 @@ from .apple.certificates import Usage
 from .crypto.chains import build_chain, self_signed
 from .crypto.identity import Identity
 from .crypto.signatures import (
-    EcdsaFormat,
     Scheme,
     SignatureRequest,
     ecdsa_ieee_to_der,
@@ -366,7 +365,7 @@ class TokenKey:
     Each call connects, logs in, finds the key by CKA_ID on the token with this label and signs with
     C_Sign. RSA PKCS#1 v1.5 sends the DigestInfo (CKM_RSA_PKCS), PSS the digest with MGF1 and a
     hash-sized salt (CKM_RSA_PKCS_PSS), ECDSA the digest (CKM_ECDSA); ECDSA signatures are returned
-    in the request's format. Whoever uses a signature verifies it against the certificate, once.
+    as DER. Whoever uses a signature verifies it against the certificate, once.
     """
 
     token_name: str
@@ -383,8 +382,8 @@ class TokenKey:
             signature = self._sign(mechanism, data, params)
         except (Pkcs11Error, TokenAccessError) as exc:
             raise SignatureError(f"the token {self.token_name} could not sign: {exc}") from None
-        if isinstance(public_key, ec.EllipticCurvePublicKey) and request.ecdsa_format is EcdsaFormat.ASN1:
-            return ecdsa_ieee_to_der(signature, public_key.curve)
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            return ecdsa_ieee_to_der(signature, public_key.curve)  # a token's r || s, as DER
         return signature
 
     def _sign(self, mechanism: int, data: bytes, params: object) -> bytes:

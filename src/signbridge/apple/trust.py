@@ -9,6 +9,7 @@ anchors is recognised by its fingerprint, so the verdict can be worded as Apple'
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from ..crypto.certificate_files import read_certificates
 from ..crypto.chains import (
     ANY_SIGNATURE,
     CODE_SIGNING,
+    PathResult,
     describe,
     extended_key_usages,
     signing_key_usage_problems,
@@ -189,22 +191,11 @@ def anchors_from_environment(
 
 
 @dataclass(frozen=True)
-class TrustResult:
-    """The verdict on a signing certificate.
+class TrustResult(PathResult):
+    """The verdict on a signing certificate: its path (see :class:`~signbridge.crypto.chains.PathResult`)
+    and whether the anchor is one of Apple's roots."""
 
-    ``chain`` runs from the leaf to the anchor when a path was found (else as far as it got);
-    ``problems`` are sentences for the user, empty when ``ok``. ``timestamp_used`` says the chain
-    was accepted only because it was valid at the timestamp's time; ``expired`` lists the
-    certificates accepted although they had expired (only when the caller allowed that).
-    """
-
-    ok: bool
-    chain: tuple[x509.Certificate, ...]
-    anchor: x509.Certificate | None
-    problems: tuple[str, ...]
-    apple_anchor: bool
-    timestamp_used: bool = False
-    expired: tuple[x509.Certificate, ...] = ()
+    apple_anchor: bool = False
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -263,18 +254,11 @@ def evaluate_chain(
         allow_expired=allow_expired,
         ignore_critical=_apple_marker,
     )
-    problems = result.problems
+    path = {field.name: getattr(result, field.name) for field in dataclasses.fields(PathResult)}
     if result.anchor is None and not anchors:
-        problems = ("no trust anchors are configured (set SIGNBRIDGE_ANCHORS or TrustAnchors)", *problems)
-    return TrustResult(
-        ok=not problems,
-        chain=result.chain,
-        anchor=result.anchor,
-        problems=problems,
-        apple_anchor=result.anchor is not None and _fingerprint(result.anchor) in apple_roots,
-        timestamp_used=result.timestamp_used,
-        expired=result.expired,
-    )
+        path["problems"] = ("no trust anchors are configured (set SIGNBRIDGE_ANCHORS or TrustAnchors)", *result.problems)
+    apple_anchor = result.anchor is not None and _fingerprint(result.anchor) in apple_roots
+    return TrustResult(**path, apple_anchor=apple_anchor)
 
 
 def _apple_marker(oid: str) -> bool:

@@ -20,7 +20,7 @@ from .signatures import DigestSigner
 class Identity:
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]  # the leaf's issuer first
-    sign: DigestSigner = field(compare=False, repr=False)
+    sign: DigestSigner = field(compare=False, repr=False)  # ECDSA signatures in DER, whatever the request says
     source: str = ""  # where it lives, for messages: the token's name
 
     @property
