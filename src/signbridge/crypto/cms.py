@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
@@ -41,6 +42,8 @@ ATTR_CONTENT_TYPE = "1.2.840.113549.1.9.3"
 ATTR_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 ATTR_SIGNING_TIME = "1.2.840.113549.1.9.5"
 ATTR_TIMESTAMP_TOKEN = "1.2.840.113549.1.9.16.2.14"
+
+T = TypeVar("T")
 
 _BAD_NEW_SIGNATURE = "the signature the signer returned does not verify against the signing certificate's key"
 
@@ -172,6 +175,8 @@ def _der_set_of(encodings: list[bytes]) -> bytes:
 
 
 def scheme_for(certificate: x509.Certificate, requested: Scheme | None) -> Scheme:
+    """The signature scheme of the certificate's key in a CMS (RSA PKCS#1 v1.5 or ECDSA), which must
+    be ``requested`` when one is."""
     public_key = certificate.public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
         scheme = Scheme.RSA_PKCS1
@@ -206,7 +211,11 @@ def encode_signed_data(
     hash_algorithm: HashAlgorithm,
     scheme: Scheme,
     timestamp_token: bytes | None,
+    content_type: str = ID_DATA,
+    content: bytes | None = None,
 ) -> bytes:
+    """The DER ContentInfo(SignedData) of one signer named by issuer and serial number: detached
+    unless ``content`` (of ``content_type``) is given, and without certificates when none are."""
     # Apple writes the digest algorithms with explicit NULL parameters.
     digest_algorithm = algos.DigestAlgorithm(
         {"algorithm": hash_algorithm.hashlib_name, "parameters": core.Null()}
@@ -227,16 +236,18 @@ def encode_signed_data(
         signer_info["unsigned_attrs"] = cms.CMSAttributes(
             [{"type": "signature_time_stamp_token", "values": [cms.ContentInfo.load(timestamp_token)]}]
         )
-    signed_data = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [digest_algorithm],
-            "encap_content_info": {"content_type": "data"},
-            "certificates": [_asn1_certificate(certificate) for certificate in certificates],
-            "signer_infos": [cms.SignerInfo(signer_info)],
-        }
-    )
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+    encapsulated: dict[str, object] = {"content_type": content_type}
+    if content is not None:
+        encapsulated["content"] = core.ParsableOctetString(content)
+    fields: dict[str, object] = {
+        "version": "v1" if content_type == ID_DATA else "v3",  # RFC 5652 §5.1
+        "digest_algorithms": [digest_algorithm],
+        "encap_content_info": encapsulated,
+        "signer_infos": [cms.SignerInfo(signer_info)],
+    }
+    if certificates:
+        fields["certificates"] = [_asn1_certificate(certificate) for certificate in certificates]
+    return cms.ContentInfo({"content_type": "signed_data", "content": cms.SignedData(fields)}).dump()
 
 
 def _asn1_certificate(certificate: x509.Certificate) -> asn1_x509.Certificate:
@@ -400,6 +411,7 @@ def _certificates(signed_data: cms.SignedData) -> tuple[x509.Certificate, ...]:
 
 
 def hash_algorithm_from_oid(oid: str, what: str) -> HashAlgorithm:
+    """The hash algorithm ``oid`` names in a CMS signature; ``what`` names its role in the message."""
     try:
         return HashAlgorithm.from_oid(oid)
     except SignatureError:
@@ -438,7 +450,11 @@ def _attributes(signed_attrs: cms.CMSAttributes) -> dict[str, list[core.Asn1Valu
     return attributes
 
 
-def single_attribute(attributes: dict[str, list[core.Asn1Value]], oid: str, name: str, read: Callable):
+def single_attribute(
+    attributes: dict[str, list[core.Asn1Value]], oid: str, name: str, read: Callable[[core.Asn1Value], T]
+) -> T | None:
+    """The value of the signed attribute ``oid`` (called ``name`` in messages) as ``read`` reads it,
+    None when absent; an attribute holds exactly one value."""
     values = attributes.get(oid)
     if values is None:
         return None
