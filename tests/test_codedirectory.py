@@ -300,15 +300,15 @@ def test_empty_requirement_set() -> None:
 
 
 def test_developer_id_requirement_text_and_binary() -> None:
-    expr = rq.developer_id_requirement("com.example.app", "ABCDE12345")
+    expr = rq.parse_requirement_text(DEVELOPER_ID_TEXT)
     assert rq.render(expr) == DEVELOPER_ID_TEXT
     blob = rq.encode_requirement(expr)
     # the Developer ID CA marker is stored as raw DER OID content: 2A 86 48 86 F7 63 64 06 02 06
     assert bytes.fromhex("0000000a 2a864886f763640602060000") in blob
     assert rq.parse_requirement(blob) == expr
     requirement_set = rq.encode_requirement_set({rq.RequirementType.DESIGNATED: expr})
-    assert rq.render_requirement_set(requirement_set) == "designated => " + DEVELOPER_ID_TEXT
     assert rq.parse_requirement_set(requirement_set) == {3: expr}
+    assert rq.requirement_set_lines(rq.parse_requirement_set(requirement_set)) == ["designated => " + DEVELOPER_ID_TEXT]
 
 
 def test_requirement_binary_form_by_hand() -> None:

@@ -34,7 +34,7 @@ from codesignkit import (
 from conftest import require_tool
 from corpuskit import apple_anchor_env, copy_item, corpus_item
 from servicekit import demo_service
-from signbridge.apple import verify as vf
+from signbridge.apple import verification as vf
 from signbridge.apple.bundle import Bundle
 from signbridge.apple.codedirectory import HashType
 from signbridge.apple.resources import build_code_resources, verify_code_resources

@@ -34,6 +34,7 @@ from .requirements import (
     anchor_apple_generic,
     certificate_field,
     certificate_generic,
+    certificate_sha1,
     parse_requirement_set,
 )
 from .requirements import identifier as identifier_expr
@@ -111,10 +112,6 @@ def macho_format(parsed: MachOFile) -> str:
 
 
 # --- designated requirement -----------------------------------------------------------------------
-
-
-def certificate_sha1(certificate: x509.Certificate) -> bytes:
-    return certificate.fingerprint(hashes.SHA1())  # noqa: S303 - Apple's requirement language names it
 
 
 def designated_requirement(

@@ -27,9 +27,10 @@ from .bundle import (
 )
 from .detached import read_detached_signature
 from .ipa import extracted_app
+from .requirements import evaluate
 from .resources import ResourceError, verify_code_resources
 from .signed_code import preferred_directory
-from .verify import (
+from .verification import (
     BAD_BUNDLE,
     BAD_RESOURCE,
     INFO_PLIST_FAILED,
@@ -43,16 +44,17 @@ from .verify import (
     SliceVerdict,
     Verdict,
     VerifyOptions,
+    designated_of,
+    read_code_file,
+    requirement_context,
+)
+from .verify import (
     check_pages,
     check_signer,
     check_special_slots,
     check_timestamp,
     check_trust,
     check_unsealed_blobs,
-    designated_of,
-    evaluate,
-    read_code_file,
-    requirement_context,
     verify_macho_path,
 )
 
@@ -214,7 +216,7 @@ def verify_detached(
         trust = check_trust(parsed_cms, options, timestamp)
     slice_verdict = SliceVerdict(None, signature, parsed_cms, trust, timestamp)
     context = requirement_context(slice_verdict, options, info_plist=bound.info_plist)
-    designated = designated_of(slice_verdict, options)
+    designated = designated_of(signature, preferred_directory(directories), trust, options)
     explicit = evaluate(options.requirement, context) if options.requirement is not None else None
     return Verdict(
         path=bundle.root,
