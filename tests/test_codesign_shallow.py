@@ -51,7 +51,7 @@ from signbridge.apple import codesign as cs
 from signbridge.apple import verification as vf
 from signbridge.apple.codedirectory import HashType
 from signbridge.apple.ipa import IpaError, UnsafeIpaError
-from signbridge.apple.resources import SHALLOW_RULES, SHALLOW_RULES2
+from signbridge.apple.resources.rules import SHALLOW_RULES, SHALLOW_RULES2
 from signbridge.apple.verify_code import verify_code
 from tokenkit import apple_pki
 

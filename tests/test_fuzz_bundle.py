@@ -59,7 +59,8 @@ from signbridge.apple.requirements import (
     parse_requirement_text,
     render,
 )
-from signbridge.apple.resources import RuleSet, read_code_resources, seal_exclusions
+from signbridge.apple.resources.rules import RuleSet, seal_exclusions
+from signbridge.apple.resources.seal import read_code_resources
 from signbridge.apple.verification import VerifyOptions
 from signbridge.apple.verify_code import verify_code
 from signbridge.errors import SignbridgeError

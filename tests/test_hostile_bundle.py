@@ -33,7 +33,8 @@ from signbridge.apple.requirements import (
     parse_requirement,
     parse_requirement_text,
 )
-from signbridge.apple.resources import MAX_RULES, ResourceSealError, RuleSet, read_code_resources
+from signbridge.apple.resources.rules import MAX_RULES, ResourceSealError, RuleSet
+from signbridge.apple.resources.seal import read_code_resources
 from signbridge.apple.verification import (
     BAD_BUNDLE,
     RESOURCE_DIRECTORY_FAILED,

@@ -143,10 +143,10 @@ def macho_information(
 
 def resource_seal(code_resources: bytes | None) -> ResourceSeal | None:
     """Count the rules and files of a CodeResources plist (version 2 when it has files2);
-    :class:`~signbridge.apple.resources.ResourceSealError` when it is not a valid seal."""
+    :class:`~signbridge.apple.resources.rules.ResourceSealError` when it is not a valid seal."""
     if code_resources is None:
         return None
-    from .resources import read_code_resources  # bundles only: a Mach-O file has no seal to read
+    from .resources.seal import read_code_resources  # bundles only: a Mach-O file has no seal to read
 
     seal = read_code_resources(code_resources)
     return ResourceSeal(seal.version, len(seal.rules), len(seal.files), seal.nested if seal.version == 2 else ())

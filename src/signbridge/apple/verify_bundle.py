@@ -28,7 +28,8 @@ from .bundle import (
 from .detached import read_detached_signature
 from .ipa import extracted_app
 from .requirements import evaluate
-from .resources import ResourceError, verify_code_resources
+from .resources.checking import SealProblem, SealProblemKind, verify_code_resources
+from .resources.rules import ResourceError
 from .signed_code import preferred_directory
 from .verification import (
     BAD_BUNDLE,
@@ -230,20 +231,22 @@ def verify_detached(
     )
 
 
-def _resource_failure(bundle: Bundle, problems: Sequence[str]) -> CodeVerificationError:
-    added, modified, missing, other = [], [], [], []
+def _resource_failure(bundle: Bundle, problems: Sequence[SealProblem]) -> CodeVerificationError:
+    """Added, modified and missing files as Apple lists them (full paths), the rest in the detail."""
+    added: list[str] = []
+    modified: list[str] = []
+    missing: list[str] = []
+    other: list[str] = []
+    listed = {
+        SealProblemKind.ADDED: added,
+        SealProblemKind.MODIFIED: modified,
+        SealProblemKind.NESTED_MODIFIED: modified,
+        SealProblemKind.MISSING: missing,
+    }
     for problem in problems:
-        kind, _, rest = problem.partition(": ")
-        where = str(bundle.root / rest.split(": ", 1)[0])
-        if kind == "file added":
-            added.append(where)
-        elif kind in ("file modified", "nested code modified"):
-            modified.append(where)
-        elif kind == "file missing":
-            missing.append(where)
+        paths = listed.get(problem.kind)
+        if paths is None:
+            other.append(str(problem))
         else:
-            other.append(problem)
-    return CodeVerificationError(
-        BAD_RESOURCE, "; ".join(other), added=added, modified=modified, missing=missing
-    )
-
+            paths.append(str(bundle.root / problem.path))
+    return CodeVerificationError(BAD_RESOURCE, "; ".join(other), added=added, modified=modified, missing=missing)
