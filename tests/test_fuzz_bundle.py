@@ -51,14 +51,13 @@ from signbridge.apple.plist import load_plist_dict
 from signbridge.apple.requirements import (
     RequirementContext,
     RequirementType,
-    encode_requirement,
     encode_requirement_set,
     evaluate,
-    parse_requirement,
     parse_requirement_set,
-    parse_requirement_text,
     render,
 )
+from signbridge.apple.requirements.binary import encode_requirement, parse_requirement
+from signbridge.apple.requirements.text import parse_requirement_text
 from signbridge.apple.resources.rules import RuleSet, seal_exclusions
 from signbridge.apple.resources.seal import read_code_resources
 from signbridge.apple.verification import VerifyOptions

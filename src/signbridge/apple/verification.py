@@ -116,7 +116,17 @@ class NotSignedError(CodeVerificationError):
         super().__init__(UNSIGNED, detail, **location)
 
 
-# --- options and verdicts --------------------------------------------------------------------------
+def read_code_file(path: Path) -> bytes:
+    """The file's bytes; a file that exists but cannot be read fails verification."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CodeVerificationError(MODIFIED, f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+# --- options and verdicts -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -230,12 +240,3 @@ def designated_of(
     chain = trust.chain if trust is not None else ()
     derived = designated_requirement(directory.identifier, chain, apple_roots=options.apple_roots)
     return derived if derived is not None else Expr(Op.CDHASH, (directory.cdhash(),))
-
-
-def read_code_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CodeVerificationError(MODIFIED, f"{path} cannot be read: {exc.strerror or exc}") from None
