@@ -26,8 +26,8 @@ from .embedded_signature import EmbeddedSignature
 from .entitlements import signature_entitlements
 from .macho import MachO
 from .plist import plist_dict
-from .requirements import Expr, Op, RequirementContext, RequirementType, parse_requirement_set, render
-from .signed_code import designated_requirement, preferred_directory
+from .requirements import Expr, RequirementContext, render
+from .signed_code import derived_designated_requirement, explicit_designated_requirement, preferred_directory
 from .trust import APPLE_ROOT_FINGERPRINTS, TrustResult
 
 # Apple's sentences (Security framework error strings), as codesign prints them after the path.
@@ -228,15 +228,11 @@ def designated_of(
 ) -> Expr:
     """The designated requirement: explicit in the requirement set, else the one Apple derives from
     the trusted chain (``cdhash H"..."`` for ad-hoc code)."""
-    if signature.requirements:
-        try:
-            explicit = parse_requirement_set(signature.requirements).get(RequirementType.DESIGNATED)
-        except CodeSignatureFormatError as exc:
-            raise CodeVerificationError(
-                BAD_REQUIREMENT, f"the internal requirements cannot be read: {exc}"
-            ) from None
-        if explicit is not None:
-            return explicit
+    try:
+        explicit = explicit_designated_requirement(signature)
+    except CodeSignatureFormatError as exc:
+        raise CodeVerificationError(BAD_REQUIREMENT, f"the internal requirements cannot be read: {exc}") from None
+    if explicit is not None:
+        return explicit
     chain = trust.chain if trust is not None else ()
-    derived = designated_requirement(directory.identifier, chain, apple_roots=options.apple_roots)
-    return derived if derived is not None else Expr(Op.CDHASH, (directory.cdhash(),))
+    return derived_designated_requirement(directory, chain, apple_roots=options.apple_roots)

@@ -94,7 +94,7 @@ def _relocated(error: CodeVerificationError, old: str, new: str) -> CodeVerifica
     )
 
 
-def open_bundle_for_verification(path: Path) -> Bundle:
+def _open_bundle(path: Path) -> Bundle:
     try:
         return Bundle.open(path)
     except BundleSymlinkError as exc:
@@ -113,7 +113,7 @@ def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor, dep
         check_nesting(depth, path)
     except BundleError as exc:
         raise CodeVerificationError(BAD_BUNDLE, str(exc)) from None
-    bundle = open_bundle_for_verification(path)
+    bundle = _open_bundle(path)
     code_resources = None
     if bundle.code_resources_path.is_file():
         code_resources = read_code_file(bundle.code_resources_path)
