@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from servicekit import DemoService
-from signbridge.token import registration, registry
+from signbridge.provider import registration, registry
 
 PROXY_MODULE = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
 CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"

@@ -21,8 +21,8 @@ import pytest
 from conftest import require_tool, run
 from providerkit import PROXY_MODULE, Provider
 from servicekit import DemoService, demo_service
+from signbridge.provider import registration
 from signbridge.server.process import free_port
-from signbridge.token import registration
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -141,7 +141,7 @@ def test_the_api_token_is_never_in_argv_environment_or_files(provider: Provider,
     assert secret not in Path(f"/proc/{record.pid}/cmdline").read_bytes()
     assert secret not in Path(f"/proc/{record.pid}/environ").read_bytes()
     ps = run(["ps", "-ww", "-o", "args=", "-p", str(record.pid)]).stdout
-    assert b"signbridge.token" in ps and secret not in ps
+    assert b"signbridge.provider" in ps and secret not in ps
     for path in [*provider.runtime.rglob("*"), *provider.our_module_files()]:
         if path.is_file():
             assert secret not in path.read_bytes(), path

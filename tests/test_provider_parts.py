@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from signbridge.api.client import SigningPolicyInfo
-from signbridge.config import load_settings
 from signbridge.errors import UsageError
-from signbridge.token import registration
-from signbridge.token.daemon import settings_from_wire, settings_to_wire
-from signbridge.token.loader import AmbiguousReference, check_unambiguous
-from signbridge.token.naming import check_name, token_name
+from signbridge.provider import registration
+from signbridge.provider.daemon import settings_from_wire, settings_to_wire
+from signbridge.provider.loader import AmbiguousReference, check_unambiguous
+from signbridge.provider.naming import check_name, token_name
+from signbridge.provider.settings import load_settings
 
 ORG = "0a1b2c3d-0000-4000-8000-00000000abcd"
 OTHER_ORG = "0a1b2c3d-1111-4000-8000-00000000abcd"

@@ -55,8 +55,8 @@ from signbridge.pkcs11 import (
     objects_for_identity,
     serve,
 )
+from signbridge.provider import registry
 from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, pss_padding
-from signbridge.token import registry
 
 TEAM = "TEAM123456"
 ORGANIZATION = "Test Corp"

@@ -1,7 +1,7 @@
 """The keychain: signing identities found in the running signbridge tokens, and how to pick one.
 
 This is what Apple's tools find in the keychain when a CryptoTokenKit token is inserted. Each
-running token (see :mod:`signbridge.token.registry`) is asked over its socket, with the pure-Python
+running token (see :mod:`signbridge.provider.registry`) is asked over its socket, with the pure-Python
 PKCS#11 client, for its certificates and private keys. A certificate with a private key of the same
 CKA_ID is an identity; its chain is built from the token's other certificates (the authority
 objects), and its :attr:`~signbridge.identity.Identity.sign` sends one digest to the token with
@@ -50,6 +50,8 @@ from .errors import NotFoundError, SignatureError, SignbridgeError
 from .identity import Identity
 from .pkcs11 import CKA, CKO, Pkcs11Client, Pkcs11Error, Pkcs11Object, pss_params
 from .pkcs11.constants import CATEGORY_AUTHORITY, CKM, CKR
+from .provider import registry
+from .provider.registry import TokenRecord
 from .signatures import (
     CertificateSignatureError,
     EcdsaFormat,
@@ -59,8 +61,6 @@ from .signatures import (
     verify_certificate_signature,
     verify_digest_signature,
 )
-from .token import registry
-from .token.registry import TokenRecord
 
 log = logging.getLogger("signbridge.keychain")
 

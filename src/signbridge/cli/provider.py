@@ -7,10 +7,10 @@ from typing import Any
 
 import click
 
-from ..config import load_settings, require_connection_settings
 from ..errors import NotFoundError, SignbridgeError, UsageError
-from ..token import daemon, registration, registry
-from ..token.naming import check_name, token_name
+from ..provider import daemon, registration, registry
+from ..provider.naming import check_name, token_name
+from ..provider.settings import load_settings, require_connection_settings
 from .common import print_json
 
 _SHOWN_IDENTITIES = 10

@@ -15,7 +15,7 @@ import click
 from .. import keychain
 from ..apple.certificates import Usage
 from ..identity import Identity
-from ..token import registry
+from ..provider import registry
 
 NO_SMARTCARDS_EXIT = 44  # Apple's `security` exits with errSecItemNotFound (-25300) as a byte
 CTK_PROTOCOL = "com.apple.ctk-tokens"
