@@ -21,6 +21,7 @@ import pytest
 from conftest import require_tool, run
 from providerkit import PROXY_MODULE, Provider
 from servicekit import DemoService, demo_service
+from signbridge import p11kit
 from signbridge.provider import registration
 from signbridge.server.process import free_port
 
@@ -89,7 +90,7 @@ def test_start_is_ready_when_it_returns_then_status_and_stop(provider: Provider,
     assert stat.S_ISSOCK(socket_path.stat().st_mode)
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
-    fields = registration.read_module(module_file)
+    fields = p11kit.read_fields(module_file)
     assert fields["remote"] == f"unix:path={record.socket}"
     assert stat.S_IMODE(module_file.stat().st_mode) == 0o644
     require_tool("p11-kit")
@@ -368,7 +369,7 @@ def test_kill_9_leaves_a_stale_registration_that_is_ignored_and_cleaned(provider
     fresh = provider.record()
     assert fresh.pid != record.pid
     assert Path(fresh.module_file or "").exists()
-    assert registration.read_module(Path(fresh.module_file or ""))["x-signbridge-pid"] == str(fresh.pid)
+    assert p11kit.read_fields(Path(fresh.module_file or ""))["x-signbridge-pid"] == str(fresh.pid)
     assert provider.status()["stale"] == []
 
 

@@ -31,7 +31,7 @@ from .api import ServiceClient
 from .apple.component import build_component_package
 from .errors import SignbridgeError
 from .hashes import HashAlgorithm
-from .provider.registration import client_module_path
+from .p11kit import client_module_path
 from .server.process import ServiceProcess
 from .signatures import (
     EcdsaFormat,

@@ -372,11 +372,12 @@ def _identity(arguments: Arguments) -> Identity | None:
     name = arguments.identity or ""
     if name == "-":
         return None
-    from .. import keychain
     from ..apple.certificates import Usage
+    from ..keychain.selection import select_identity
+    from ..keychain.tokens import find_tokens
 
-    tokens = keychain.find_tokens([arguments.token]) if arguments.token else None
-    return keychain.select_identity(name, usage=Usage.CODE, tokens=tokens)
+    tokens = find_tokens([arguments.token]) if arguments.token else None
+    return select_identity(name, usage=Usage.CODE, tokens=tokens)
 
 
 def _sign(arguments: Arguments, terminal: Terminal) -> int:

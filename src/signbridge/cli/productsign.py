@@ -116,7 +116,7 @@ def _productsign(
     input_path: Path,
     output_path: Path,
 ) -> None:
-    from .. import keychain
+    from ..keychain.tokens import DRIVER_ID
 
     settings = load_tool_settings()
     identity = _select_identity(identity_name, tokens)
@@ -129,7 +129,7 @@ def _productsign(
         click.echo("productsign: using timestamp authority for signature")
     click.echo(
         f'productsign: signing product with identity "{identity.common_name}" from keychain '
-        f"{keychain.DRIVER_ID}:{identity.source}"
+        f"{DRIVER_ID}:{identity.source}"
     )
     for certificate in [*identity.chain, *extra]:
         if certificate != identity.certificate:
@@ -153,15 +153,16 @@ def _productsign(
 
 
 def _select_identity(name: str, tokens: Sequence[str]) -> Identity:
-    from .. import keychain
+    from ..keychain.selection import NoIdentityError, UnsuitableIdentityError, select_identity
+    from ..keychain.tokens import find_tokens
 
-    records = keychain.find_tokens(tokens) if tokens else None
+    records = find_tokens(tokens) if tokens else None
     try:
-        return keychain.select_identity(name, usage=Usage.INSTALLER, tokens=records)
-    except keychain.NoIdentityError as exc:
+        return select_identity(name, usage=Usage.INSTALLER, tokens=records)
+    except NoIdentityError as exc:
         where = f" in keychain at “{', '.join(tokens)}”" if tokens else ""
         message = f"Could not find appropriate signing identity for “{name}”{where}."
-        if isinstance(exc, keychain.UnsuitableIdentityError):
+        if isinstance(exc, UnsuitableIdentityError):
             message += f"\n{INSTALLER_IDENTITY_REQUIRED}"
         else:  # the keychain's reasons, e.g. "(... expired on ...)"
             detail = str(exc).removeprefix(f"{name}: no identity found").strip()

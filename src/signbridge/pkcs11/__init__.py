@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .client import Pkcs11Client, Pkcs11Object, TokenInfo
     from .constants import CKA, CKC, CKF, CKG, CKK, CKM, CKO, CKR, CKS, CKU
-    from .errors import Pkcs11Error, ProtocolError, SocketPathError
+    from .errors import ConnectionLostError, Pkcs11Error, ProtocolError, SocketPathError
     from .identity import authority_object, objects_for_identity
     from .peer import CallerInfo
     from .server import Pkcs11Server, serve
@@ -28,7 +28,7 @@ _MODULES = {
     "Pkcs11Client": "client", "Pkcs11Object": "client", "TokenInfo": "client",
     "CKA": "constants", "CKC": "constants", "CKF": "constants", "CKG": "constants", "CKK": "constants",
     "CKM": "constants", "CKO": "constants", "CKR": "constants", "CKS": "constants", "CKU": "constants",
-    "Pkcs11Error": "errors", "ProtocolError": "errors", "SocketPathError": "errors",
+    "ConnectionLostError": "errors", "Pkcs11Error": "errors", "ProtocolError": "errors", "SocketPathError": "errors",
     "authority_object": "identity", "objects_for_identity": "identity",
     "CallerInfo": "peer",
     "Pkcs11Server": "server", "serve": "server",
@@ -59,6 +59,7 @@ __all__ = [
     "CKS",
     "CKU",
     "CallerInfo",
+    "ConnectionLostError",
     "Mechanism",
     "Pkcs11Client",
     "Pkcs11Error",

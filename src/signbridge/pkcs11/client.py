@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..hashes import HashAlgorithm
 from .calls import HANDSHAKE, PROTOCOL_VERSION_MAX, Call
 from .constants import CKA, CKF, CKM, CKO, CKR, CKU, name
-from .errors import Pkcs11Error, ProtocolError
+from .errors import ConnectionLostError, Pkcs11Error, ProtocolError
 from .signing import MechanismInfo, pss_params
 from .wire import (
     FRAME_HEADER,
@@ -268,7 +268,7 @@ class Pkcs11Client:
             self._stream.recv_exact(options_length)
             body = self._stream.recv_exact(body_length)
         except (EOFError, OSError) as exc:
-            raise Pkcs11Error(CKR.DEVICE_ERROR, f"{call.name}: lost the token connection ({exc})") from None
+            raise ConnectionLostError(f"{call.name}: lost the token connection ({exc})") from None
         try:
             return Reader.response(body, call)
         except ProtocolError:
