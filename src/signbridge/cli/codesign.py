@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SignbridgeError, UsageError
-from . import echo
+from .output import echo
 
 if TYPE_CHECKING:
     from ..apple import display

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
     from .constants import CKA, CKC, CKF, CKG, CKK, CKM, CKO, CKR, CKS, CKU
     from .errors import ConnectionLostError, Pkcs11Error, ProtocolError, SocketPathError
     from .identity import authority_object, objects_for_identity
+    from .objects import TokenObject
     from .peer import CallerInfo
     from .server import Pkcs11Server, serve
     from .signing import pss_params
-    from .token import Signer, Token, TokenObject
+    from .token import Signer, Token
     from .wire import Mechanism, PssParams
 
 # Name -> its module, imported on first use: the token process serves without the client, and a
@@ -33,7 +34,8 @@ _MODULES = {
     "CallerInfo": "peer",
     "Pkcs11Server": "server", "serve": "server",
     "pss_params": "signing",
-    "Signer": "token", "Token": "token", "TokenObject": "token",
+    "TokenObject": "objects",
+    "Signer": "token", "Token": "token",
     "Mechanism": "wire", "PssParams": "wire",
 }  # fmt: skip
 
