@@ -1,4 +1,4 @@
-"""A token's objects: attributes with values of each attribute's kind, and a key's public key.
+"""Token objects: attributes with values of each attribute's kind, and a key's public key.
 
 What the token (:mod:`signbridge.pkcs11.token`) holds and what signing (:mod:`signbridge.pkcs11.signing`)
 reads of a key; both build on this.
@@ -18,7 +18,23 @@ from .wire import AttributeValue, Kind, attribute_kind
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
-class TokenObject:
+class AttributeView:
+    """The label and id of an object, read from its ``attributes`` (absent ones are empty)."""
+
+    __slots__ = ()
+    attributes: Mapping[int, AttributeValue]
+
+    @property
+    def label(self) -> str:
+        label = self.attributes.get(CKA.LABEL, b"")
+        return bytes(label).decode("utf-8", errors="replace")  # type: ignore[arg-type]
+
+    @property
+    def id(self) -> bytes:
+        return bytes(self.attributes.get(CKA.ID, b""))  # type: ignore[arg-type]
+
+
+class TokenObject(AttributeView):
     """One PKCS#11 object: its attributes, and for keys the public key they belong to.
 
     Attribute values are Python values of the attribute's kind: ``bool`` for CK_BBOOL attributes,
@@ -47,15 +63,6 @@ class TokenObject:
     @property
     def object_class(self) -> int:
         return int(self.attributes[CKA.CLASS])  # type: ignore[arg-type]
-
-    @property
-    def label(self) -> str:
-        label = self.attributes.get(CKA.LABEL, b"")
-        return bytes(label).decode("utf-8", errors="replace")  # type: ignore[arg-type]
-
-    @property
-    def id(self) -> bytes:
-        return bytes(self.attributes.get(CKA.ID, b""))  # type: ignore[arg-type]
 
     @property
     def private(self) -> bool:
