@@ -238,13 +238,10 @@ def test_exact_name_wins_over_substring_matches(runtime, pki):
     longer = developer_id_application(pki.intermediate, "Test Corp", "TEAM123456 Renewed", key_id="p/renewed")
     assert pki.application.common_name.removesuffix(")") in longer.common_name
     with serve_token("alpha", [pki.application, longer], pki.authorities):
-        identities = list(discover().identities)
-        exact = select_identity(pki.application.common_name, usage=Usage.CODE, identities=identities)
+        exact = select_identity(pki.application.common_name, usage=Usage.CODE)
         assert exact.certificate == pki.application.certificate
         with pytest.raises(AmbiguousIdentityError):
-            select_identity(
-                "Developer ID Application: Test Corp", usage=Usage.CODE, identities=identities
-            )
+            select_identity("Developer ID Application: Test Corp", usage=Usage.CODE)
 
 
 def test_team_id_selects_by_usage(alpha, pki):

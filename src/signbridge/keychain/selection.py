@@ -64,23 +64,20 @@ def select_identity(
     name: str,
     *,
     usage: Usage | None,
-    identities: Sequence[Identity] | None = None,
     tokens: Sequence[TokenRecord] | None = None,
     now: datetime | None = None,
 ) -> Identity:
     """The one identity ``name`` designates (see the module documentation for the rules).
 
-    ``identities`` defaults to those of ``tokens`` (default: every running token). ``usage`` is
+    The candidates are the identities of ``tokens`` (default: every running token). ``usage`` is
     what the caller will sign: :attr:`Usage.CODE` for codesign, :attr:`Usage.INSTALLER` for
     productsign, None for anything.
 
     Raises :class:`NoTokenError`, :class:`NoIdentityError` (:class:`UnsuitableIdentityError`
     when the name matches only identities of another kind) or :class:`AmbiguousIdentityError`.
     """
-    problems: tuple[str, ...] = ()
-    if identities is None:
-        found = discover(tokens=tokens)
-        identities, problems = found.identities, found.problems
+    found = discover(tokens=tokens)
+    identities, problems = found.identities, found.problems
     suitable = [identity for identity in identities if usage is None or identity.usage is usage]
     matched = _matching(name, suitable)
     if not matched:
