@@ -6,6 +6,7 @@ in for the signing service; each test has its own runtime directory (SIGNBRIDGE_
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import subprocess
@@ -27,7 +28,7 @@ from signbridge.keychain.selection import (
     select_identity,
 )
 from signbridge.keychain.tokens import NoTokenError, find_tokens
-from signbridge.pkcs11 import authority_object, objects_for_identity
+from signbridge.pkcs11 import Pkcs11Client, authority_object, objects_for_identity
 from signbridge.signatures import Scheme, SignatureRequest
 from tokenkit import (
     LocalSigner,
@@ -481,3 +482,25 @@ def test_identity_survives_a_token_restart_and_fails_clearly_when_stopped(runtim
     with serve_token("alpha", pki.identities, pki.authorities) as restarted:
         assert len(identity.sign(request)) == 256
         assert len(restarted.signer.requests) == 1
+
+
+def test_one_session_serves_every_signature_and_a_reload_reconnects_once(alpha, monkeypatch):
+    identity = select_identity("TEAM123456", usage=Usage.CODE)
+    connects: list[str] = []
+    connect = Pkcs11Client.connect.__func__
+
+    def counting(cls, path, *args, **kwargs):
+        connects.append(str(path))
+        return connect(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(Pkcs11Client, "connect", classmethod(counting))
+    request = SignatureRequest(hashlib.sha256(b"one of many").digest(), HashAlgorithm.SHA256, Scheme.RSA_PKCS1)
+    for _ in range(5):
+        identity.sign(request)
+    assert connects == [alpha.socket]
+    # `signbridge restart` swaps the token: the old session is gone, the next signature connects again
+    alpha.server.set_tokens(dataclasses.replace(alpha.server.tokens[1]))
+    identity.sign(request)
+    identity.sign(request)
+    assert connects == [alpha.socket, alpha.socket]
+    assert len(alpha.signer.requests) == 7  # nothing was signed twice
