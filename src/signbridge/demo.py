@@ -31,6 +31,7 @@ from .api import ServiceClient
 from .apple.component import build_component_package
 from .errors import SignbridgeError
 from .hashes import HashAlgorithm
+from .p11kit import client_module_path
 from .server.process import ServiceProcess
 from .signatures import (
     EcdsaFormat,
@@ -39,7 +40,6 @@ from .signatures import (
     verify_certificate_signature,
     verify_digest_signature,
 )
-from .token.registration import client_module_path
 from .tsa import request_timestamp
 
 Echo = Callable[[str], None]
