@@ -26,7 +26,7 @@ from signbridge.apple.macho import CPU_TYPE_ARM64, parse_file
 from signbridge.apple.macho_signing import SigningOptions, sign_path
 from signbridge.apple.requirements import cdhash as cdhash_requirement
 from signbridge.apple.requirements import render
-from signbridge.apple.resources import NestedCode, build_code_resources
+from signbridge.apple.resources.writing import NestedCode, build_code_resources
 
 APP_ID = "com.example.MyApp"
 FRAMEWORK_ID = "com.example.Demo"

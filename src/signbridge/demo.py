@@ -39,8 +39,8 @@ from .crypto.signatures import (
 )
 from .crypto.timestamps import request_timestamp
 from .errors import SignbridgeError
+from .p11kit import client_module_path
 from .server.process import ServiceProcess
-from .token.registration import client_module_path
 
 Echo = Callable[[str], None]
 TOKEN_NAME = "signbridge-demo"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SignatureError, SignbridgeError
-from .token.registration import client_module_path
+from .p11kit import client_module_path
 
 TOKEN_PIN = "CONFIG"
 

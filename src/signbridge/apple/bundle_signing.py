@@ -44,7 +44,8 @@ from .ipa import extracted_app, write_ipa
 from .macho import MachOError, parse_file
 from .requirements import cdhash as cdhash_requirement
 from .requirements import render
-from .resources import DigestCache, NestedCode, build_code_resources, start_sealing
+from .resources.hashing import DigestCache
+from .resources.writing import NestedCode, build_code_resources, start_sealing
 from .signed_code import (
     designated_requirement,
     preferred_directory,

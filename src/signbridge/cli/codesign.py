@@ -14,7 +14,6 @@ the exit codes are Apple's: 0 success, 1 failure, 2 usage, 3 a requirement not s
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SignbridgeError, UsageError
-from . import echo
+from .output import echo
 
 if TYPE_CHECKING:
     from ..apple import display
@@ -339,9 +338,9 @@ def run(argv: Sequence[str]) -> int:
 def _sign_options(arguments: Arguments) -> CodesignOptions:
     from ..apple import codesign as engine
     from ..apple.cms import resolve_timestamp_url
-    from ..config import load_settings
+    from ..tool_settings import load_tool_settings
 
-    settings = load_settings(cli={})
+    settings = load_tool_settings()
     entitlements = None
     if arguments.entitlements is not None:
         try:
@@ -373,11 +372,12 @@ def _identity(arguments: Arguments) -> Identity | None:
     name = arguments.identity or ""
     if name == "-":
         return None
-    from .. import keychain
     from ..apple.certificates import Usage
+    from ..keychain.selection import select_identity
+    from ..keychain.tokens import find_tokens
 
-    tokens = keychain.find_tokens([arguments.token]) if arguments.token else None
-    return keychain.select_identity(name, usage=Usage.CODE, tokens=tokens)
+    tokens = find_tokens([arguments.token]) if arguments.token else None
+    return select_identity(name, usage=Usage.CODE, tokens=tokens)
 
 
 def _sign(arguments: Arguments, terminal: Terminal) -> int:
@@ -426,23 +426,17 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
 
 def anchors_for_verification():  # noqa: ANN201
     from ..apple.trust import anchors_from_environment
-    from ..config import load_settings
+    from ..tool_settings import load_tool_settings
 
-    settings = load_settings(cli={})
-    configured = os.pathsep.join(str(path) for path in settings.trust_anchors) or None
-    return tuple(anchors_from_environment(configured))
+    return tuple(anchors_from_environment(load_tool_settings().anchors_value))
 
 
 def _verify(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple.dmg.udif import looks_like_disk_image
     from ..apple.macho import MachOError
-    from ..apple.verify import (
-        REQUIREMENT_FAILED,
-        CodeVerificationError,
-        VerifyOptions,
-        load_requirement,
-        verify_code,
-    )
+    from ..apple.requirements import load_requirement
+    from ..apple.verification import REQUIREMENT_FAILED, CodeVerificationError, VerifyOptions
+    from ..apple.verify_code import verify_code
 
     try:
         requirement = load_requirement(arguments.test_requirement) if arguments.test_requirement else None
@@ -504,7 +498,7 @@ def _display(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple import display
     from ..apple.dmg.udif import looks_like_disk_image
     from ..apple.macho import MachOError
-    from ..apple.verify import NotSignedError
+    from ..apple.verification import NotSignedError
 
     status = EXIT_SUCCESS
     for path in arguments.paths:
@@ -546,9 +540,10 @@ def _write_requirements(info: display.SigningInformation, destination: str) -> N
 
 def _write_entitlements(info: display.SigningInformation, arguments: Arguments, terminal: Terminal) -> None:
     from ..apple import display
+    from ..apple.entitlements import entitlements_xml, signature_entitlements
 
     destination = arguments.entitlements or "-"
-    value, xml, der = display.entitlements_of(info.signature)
+    value, xml, der = signature_entitlements(info.signature)
     if destination.startswith(":"):
         terminal.error(DEPRECATED_COLON)
         if xml is not None:
@@ -559,7 +554,7 @@ def _write_entitlements(info: display.SigningInformation, arguments: Arguments, 
     if arguments.der:
         data = der if der is not None else b""
     elif arguments.xml:
-        data = xml if xml is not None else display.xml_entitlements(value)
+        data = xml if xml is not None else entitlements_xml(value)
     else:
         data = display.entitlements_text(value).encode()
     _write_output(destination, data)
