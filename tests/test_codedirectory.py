@@ -17,7 +17,7 @@ import pytest
 
 import machofixtures
 from conftest import require_tool, run
-from machofixtures import LINKER_SIGNED, MachOFixtures
+from machofixtures import LINKER_SIGNED, MachOFixtures, sign_file
 from signbridge.apple import macho as mo
 from signbridge.apple import requirements as rq
 from signbridge.apple.blobs import (
@@ -52,7 +52,7 @@ from signbridge.apple.entitlements import (
     exec_segment_flags,
     load_entitlements,
 )
-from signbridge.apple.macho_signing import SigningOptions, sign_file
+from signbridge.apple.macho_signing import SigningOptions
 
 
 @pytest.fixture(scope="session")

@@ -18,22 +18,25 @@ import pytest
 
 import machofixtures
 from conftest import require_tool, run
-from machofixtures import LINKER_SIGNED, THIN, UNIVERSAL, MachOFixtures
+from machofixtures import (
+    LINKER_SIGNED,
+    THIN,
+    UNIVERSAL,
+    MachOFixtures,
+    build_universal,
+    embed_signature,
+    prepare_signature_layout,
+    sign_file,
+    sign_path,
+    strip_signature,
+)
 from signbridge.apple import macho as mo
 from signbridge.apple.blobs import Magic, Slot
 from signbridge.apple.codedirectory import CodeDirectoryFlags, ExecSegmentFlags, HashType, hash_code
 from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.entitlements import parse_der_entitlements_blob
-from signbridge.apple.macho_signing import SigningOptions, sign_file, sign_path
-from signbridge.apple.macho_writer import (
-    HeaderPaddingError,
-    SignatureSpaceError,
-    build_universal,
-    embed_signature,
-    prepare_signature_layout,
-    signature_offset,
-    strip_signature,
-)
+from signbridge.apple.macho_signing import SigningOptions
+from signbridge.apple.macho_writer import HeaderPaddingError, SignatureSpaceError, signature_offset
 from signbridge.apple.requirements import EMPTY_REQUIREMENT_SET
 from signbridge.errors import SignbridgeError
 
