@@ -22,7 +22,8 @@ from pathlib import Path
 from machofixtures import MachOFixtures, sign_path
 from signbridge.apple.bundle import Bundle, sign_bundle_plan
 from signbridge.apple.embedded_signature import read_signature
-from signbridge.apple.macho import CPU_TYPE_ARM64, parse_file
+from signbridge.apple.macho import parse_file
+from signbridge.apple.macho_constants import CPU_TYPE_ARM64
 from signbridge.apple.macho_signing import SigningOptions
 from signbridge.apple.requirements import cdhash as cdhash_requirement
 from signbridge.apple.requirements import render

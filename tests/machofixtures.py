@@ -21,7 +21,8 @@ from conftest import require_file, run
 from signbridge.apple.cms_signer import CmsSigner
 from signbridge.apple.code_files import mapped, staged_code
 from signbridge.apple.codedirectory import CodeDirectory
-from signbridge.apple.macho import LINKEDIT_DATA_COMMAND_SIZE, FatArch, MachO, parse_file, parse_macho
+from signbridge.apple.macho import FatArch, MachO, parse_file, parse_macho
+from signbridge.apple.macho_constants import LINKEDIT_DATA_COMMAND_SIZE
 from signbridge.apple.macho_signing import SigningOptions, sign_into
 from signbridge.apple.macho_writer import (
     SIGNATURE_ALIGNMENT,

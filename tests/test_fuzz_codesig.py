@@ -32,7 +32,8 @@ from signbridge.apple.certificates import common_name, extended_key_usages, team
 from signbridge.apple.codedirectory import CodeDirectory
 from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.embedded_signature import read_signature, signature_of
-from signbridge.apple.macho import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64, parse_file
+from signbridge.apple.macho import parse_file
+from signbridge.apple.macho_constants import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64
 from signbridge.apple.requirements import parse_requirement_set, render
 from signbridge.apple.signed_code import (
     designated_requirement,

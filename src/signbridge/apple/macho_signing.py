@@ -64,7 +64,8 @@ from .codesign_options import (
 )
 from .embedded_signature import EmbeddedSignature, embedded_signature
 from .entitlements import der_entitlements_blob, entitlements_blob, exec_segment_flags, load_entitlements
-from .macho import MH_EXECUTE, MachO, MachOFile, parse_file
+from .macho import MachO, MachOFile, parse_file
+from .macho_constants import MH_EXECUTE
 from .macho_writer import (
     SIGNATURE_ALIGNMENT,
     SignatureSpaceError,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from .macho import (
+from .macho import FatArch, MachO, MachOError, SignatureLayoutError
+from .macho_constants import (
     FAT_ARCH_64_SIZE,
     FAT_ARCH_SIZE,
     FAT_HEADER_SIZE,
@@ -19,10 +20,6 @@ from .macho import (
     FAT_MAGIC_64,
     LC_CODE_SIGNATURE,
     LINKEDIT_DATA_COMMAND_SIZE,
-    FatArch,
-    MachO,
-    MachOError,
-    SignatureLayoutError,
     segment_alignment,
 )
 

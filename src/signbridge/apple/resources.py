@@ -51,7 +51,15 @@ import re2
 
 from ..errors import SignbridgeError
 from .codedirectory import HashType
-from .macho import FAT_MAGIC, FAT_MAGIC_64, MAX_FAT_ARCHES, MH_CIGAM, MH_CIGAM_64, MH_MAGIC, MH_MAGIC_64
+from .macho_constants import (
+    FAT_MAGIC,
+    FAT_MAGIC_64,
+    MAX_FAT_ARCHES,
+    MH_CIGAM,
+    MH_CIGAM_64,
+    MH_MAGIC,
+    MH_MAGIC_64,
+)
 from .plist import load_plist_dict, optional_key, require
 
 if TYPE_CHECKING:
