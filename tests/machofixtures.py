@@ -18,21 +18,13 @@ from pathlib import Path
 import pytest
 
 from conftest import require_file, run
+from signbridge.apple import macho_writer
 from signbridge.apple.cms_signer import CmsSigner
 from signbridge.apple.code_files import mapped, staged_code
 from signbridge.apple.codedirectory import CodeDirectory
 from signbridge.apple.macho import FatArch, MachO, parse_file, parse_macho
 from signbridge.apple.macho_constants import LINKEDIT_DATA_COMMAND_SIZE
 from signbridge.apple.macho_signing import SigningOptions, sign_into
-from signbridge.apple.macho_writer import (
-    SIGNATURE_ALIGNMENT,
-    SignatureSpaceError,
-    linkedit_data_end,
-    round_up,
-    signature_header,
-    signature_offset,
-    universal_layout,
-)
 
 LLVM = Path("/usr/lib/llvm-14/bin")
 
@@ -283,14 +275,14 @@ class PreparedSlice:
 def prepare_signature_layout(macho: MachO, reserve: int) -> PreparedSlice:
     """Lay out ``macho`` for a signature of up to ``reserve`` bytes (rounded up to 16), as a copy.
 
-    Replaces an existing signature, or inserts LC_CODE_SIGNATURE (see :func:`signature_header`).
+    Replaces an existing signature, or inserts LC_CODE_SIGNATURE (see :func:`macho_writer.signature_header`).
     """
     if reserve <= 0:
         raise ValueError("the signature reserve must be positive")
-    reserve = round_up(reserve, SIGNATURE_ALIGNMENT)
-    offset = signature_offset(macho)
-    data_end = linkedit_data_end(macho)
-    header = signature_header(macho, reserve)
+    reserve = macho_writer.round_up(reserve, macho_writer.SIGNATURE_ALIGNMENT)
+    offset = macho_writer.signature_offset(macho)
+    data_end = macho_writer.linkedit_data_end(macho)
+    header = macho_writer.signature_header(macho, reserve)
     body = memoryview(macho.data)[len(header) : data_end]
     data = b"".join((header, body, bytes(offset - data_end + reserve)))
     return PreparedSlice(macho=parse_macho(data), code_limit=offset, reserve=reserve, data=data)
@@ -299,7 +291,7 @@ def prepare_signature_layout(macho: MachO, reserve: int) -> PreparedSlice:
 def embed_signature(prepared: PreparedSlice, signature: bytes) -> bytes:
     """The signed slice: the prepared code, then ``signature`` zero-padded to the reserved size."""
     if len(signature) > prepared.reserve:
-        raise SignatureSpaceError(
+        raise macho_writer.SignatureSpaceError(
             f"the signature is {len(signature)} bytes but only {prepared.reserve} were reserved for it"
         )
     code = memoryview(prepared.data)[: prepared.code_limit]
@@ -332,8 +324,8 @@ def strip_signature(macho: MachO) -> bytes:
 
 
 def build_universal(arches: Sequence[FatArch], slices: Sequence[bytes], *, fat64: bool = False) -> bytes:
-    """A universal file holding ``slices`` in order, laid out by :func:`universal_layout`."""
-    header, offsets = universal_layout(arches, [len(data) for data in slices], fat64=fat64)
+    """A universal file holding ``slices`` in order, laid out by :func:`macho_writer.universal_layout`."""
+    header, offsets = macho_writer.universal_layout(arches, [len(data) for data in slices], fat64=fat64)
     parts = [header]
     position = len(header)
     for offset, data in zip(offsets, slices, strict=True):
