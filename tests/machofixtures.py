@@ -3,6 +3,10 @@
 Built once per test session into a temporary directory. arm64 macOS outputs carry the linker's
 ad-hoc signature, an independent reference for CodeDirectory code. The fat64 file is assembled
 here with struct (llvm-lipo 14 cannot write fat64); tests check it with llvm-objdump.
+
+Signed fixtures are made by the engine's writer (``sign_into``), into memory (:func:`sign_file`) or
+through the staged file the engine uses (:func:`sign_path`); the slice rewrites only tests need
+(prepare, embed, strip a signature, join slices into a universal file) are at the end.
 """
 
 from __future__ import annotations
