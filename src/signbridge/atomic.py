@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 import sys
 import tempfile
@@ -150,7 +149,7 @@ def atomic_path(path: StrPath, mode: int | None = None, *, suffix: str = ".tmp")
     """A name beside ``path``, not yet taken, for a tool to create the file under; it becomes
     ``path`` when the block ends without error (given ``mode`` unless None) and is removed otherwise."""
     target = Path(path)
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}{suffix}")
+    temporary = target.with_name(f".{target.name}.{os.urandom(8).hex()}{suffix}")
     try:
         yield temporary
         if mode is not None:
