@@ -27,7 +27,7 @@ from signbridge.apple.macho_constants import CPU_TYPE_ARM64
 from signbridge.apple.macho_signing import SigningOptions
 from signbridge.apple.requirements import cdhash as cdhash_requirement
 from signbridge.apple.requirements import render
-from signbridge.apple.resources import NestedCode, build_code_resources
+from signbridge.apple.resources.writing import NestedCode, build_code_resources
 from signbridge.atomic import write_atomically
 
 APP_ID = "com.example.MyApp"

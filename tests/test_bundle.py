@@ -43,16 +43,14 @@ from signbridge.apple.codedirectory import HashType, hash_code
 from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.macho import parse_file
 from signbridge.apple.macho_signing import SigningOptions
-from signbridge.apple.resources import (
-    DigestCache,
+from signbridge.apple.resources.checking import SealProblemKind, verify_code_resources
+from signbridge.apple.resources.hashing import DigestCache, hash_file, hash_files
+from signbridge.apple.resources.rules import ResourceSealError
+from signbridge.apple.resources.writing import (
     NestedCode,
     NestedCodeNotSignedError,
-    ResourceSealError,
     build_code_resources,
-    hash_file,
-    hash_files,
     serialize_code_resources,
-    verify_code_resources,
 )
 from signbridge.atomic import write_atomically
 from signbridge.errors import SignatureError
@@ -103,6 +101,11 @@ def app(tmp_path: Path, fx: MachOFixtures) -> Path:
 def signed_app(app: Path) -> Path:
     adhoc_sign_bundle(app)
     return app
+
+
+def seal_problems(bundle: Bundle, stored: bytes, nested_check) -> list[str]:
+    """The seal checker's problems as verification prints them."""
+    return [str(problem) for problem in verify_code_resources(bundle, stored, nested_check)]
 
 
 # --- independent views ------------------------------------------------------------------------------
@@ -359,9 +362,9 @@ def test_sha256_only_seal_writes_hash2_alone(signed_app: Path) -> None:
     data_txt = signed_app / "Contents" / "Resources" / "data.txt"
     assert seal["files2"]["Resources/data.txt"] == {"hash2": openssl_digest(data_txt, "sha256")}
     assert seal["files"]["Resources/data.txt"] == openssl_digest(data_txt, "sha1")
-    assert verify_code_resources(bundle, data, nested_check) == []
+    assert seal_problems(bundle, data, nested_check) == []
     data_txt.write_text("changed\n")
-    assert verify_code_resources(bundle, data, nested_check) == ["file modified: Contents/Resources/data.txt"]
+    assert seal_problems(bundle, data, nested_check) == ["file modified: Contents/Resources/data.txt"]
 
 
 def test_parallel_hashing_of_2000_files_reports_progress(app: Path) -> None:
@@ -398,10 +401,10 @@ def test_parallel_hashing_of_2000_files_reports_progress(app: Path) -> None:
 def test_intact_bundle_verifies(signed_app: Path) -> None:
     bundle = Bundle.open(signed_app)
     stored = bundle.code_resources_path.read_bytes()
-    assert verify_code_resources(bundle, stored, nested_check) == []
+    assert seal_problems(bundle, stored, nested_check) == []
     # optional (localized) resources may go missing
     (signed_app / "Contents" / "Resources" / "en.lproj" / "Localizable.strings").unlink()
-    assert verify_code_resources(bundle, stored, nested_check) == []
+    assert seal_problems(bundle, stored, nested_check) == []
 
 
 def test_verification_names_each_changed_resource(signed_app: Path) -> None:
@@ -416,7 +419,7 @@ def test_verification_names_each_changed_resource(signed_app: Path) -> None:
     os.symlink("Base.lproj/Main.strings", resources / "current.txt")
     (resources / "en.lproj" / "locversion.plist").write_text("omitted: changes do not matter\n")
     (resources / ".DS_Store").write_bytes(b"omitted from rules2 too")
-    assert verify_code_resources(bundle, stored, nested_check) == [
+    assert seal_problems(bundle, stored, nested_check) == [
         "file missing: Contents/Resources/AppIcon.icns",
         "file added: Contents/Resources/added.txt",
         "file modified: Contents/Resources/current.txt",
@@ -434,7 +437,7 @@ def test_verification_detects_a_resigned_nested_framework(signed_app: Path) -> N
         code_resources=framework.code_resources_path.read_bytes(),
     )
     sign_path(framework.executable_path, options)
-    assert verify_code_resources(app, stored, nested_check) == [
+    assert seal_problems(app, stored, nested_check) == [
         "nested code modified: Contents/Frameworks/Demo.framework"
     ]
 
@@ -452,17 +455,18 @@ def test_verification_detects_a_changed_byte_in_nested_code(signed_app: Path) ->
     executable.write_bytes(bytes(data))
     problems = verify_code_resources(app, stored, nested_check)
     assert len(problems) == 1
-    assert problems[0].startswith("nested code invalid: Contents/Frameworks/Demo.framework: ")
-    assert "page hashes" in problems[0]
+    assert (problems[0].kind, problems[0].path) == (SealProblemKind.NESTED_INVALID, "Contents/Frameworks/Demo.framework")
+    assert str(problems[0]).startswith("nested code invalid: Contents/Frameworks/Demo.framework: ")
+    assert "page hashes" in problems[0].detail
 
 
 def test_verification_of_a_version_1_seal(signed_app: Path) -> None:
     bundle = Bundle.open(signed_app)
     seal = plistlib.loads(bundle.code_resources_path.read_bytes())
     v1 = serialize_code_resources({"files": seal["files"], "rules": seal["rules"]})
-    assert verify_code_resources(bundle, v1, nested_check) == []
+    assert seal_problems(bundle, v1, nested_check) == []
     (signed_app / "Contents" / "Resources" / "data.txt").write_text("changed\n")
-    assert verify_code_resources(bundle, v1, nested_check) == ["file modified: Contents/Resources/data.txt"]
+    assert seal_problems(bundle, v1, nested_check) == ["file modified: Contents/Resources/data.txt"]
 
 
 def test_corrupt_seal_is_a_specific_error(signed_app: Path) -> None:
@@ -498,7 +502,9 @@ UNREADABLE_SCRIPT = """
 import sys
 from pathlib import Path
 from signbridge.apple.bundle import Bundle
-from signbridge.apple.resources import DEFAULT_HASH_TYPES, UnreadableFileError, hash_file
+from signbridge.apple.resources.hashing import hash_file
+from signbridge.apple.resources.rules import UnreadableFileError
+from signbridge.apple.resources.writing import DEFAULT_HASH_TYPES
 app, victim = Path(sys.argv[1]), Path(sys.argv[2])
 try:
     Bundle.open(app)
@@ -671,7 +677,7 @@ def test_staged_signing_end_to_end(app: Path) -> None:
     with staged_bundle(app) as work:
         adhoc_sign_bundle(work)
     bundle = Bundle.open(app)
-    assert verify_code_resources(bundle, bundle.code_resources_path.read_bytes(), nested_check) == []
+    assert seal_problems(bundle, bundle.code_resources_path.read_bytes(), nested_check) == []
     objdump = require_file(str(machofixtures.LLVM / "llvm-objdump"), "llvm-14")
     headers = run([objdump, "--macho", "--private-headers", "--arch=arm64", str(bundle.executable_path)]).stdout
     assert b"LC_CODE_SIGNATURE" in headers

@@ -54,6 +54,13 @@ from signbridge.apple.entitlements import (
     load_entitlements,
 )
 from signbridge.apple.macho_signing import SigningOptions
+from signbridge.apple.requirements.binary import (
+    encode_requirement,
+    oid_from_der,
+    oid_to_der,
+    parse_requirement,
+)
+from signbridge.apple.requirements.text import parse_requirement_text
 
 
 @pytest.fixture(scope="session")
@@ -301,20 +308,20 @@ def test_empty_requirement_set() -> None:
 
 
 def test_developer_id_requirement_text_and_binary() -> None:
-    expr = rq.developer_id_requirement("com.example.app", "ABCDE12345")
+    expr = parse_requirement_text(DEVELOPER_ID_TEXT)
     assert rq.render(expr) == DEVELOPER_ID_TEXT
-    blob = rq.encode_requirement(expr)
+    blob = encode_requirement(expr)
     # the Developer ID CA marker is stored as raw DER OID content: 2A 86 48 86 F7 63 64 06 02 06
     assert bytes.fromhex("0000000a 2a864886f763640602060000") in blob
-    assert rq.parse_requirement(blob) == expr
+    assert parse_requirement(blob) == expr
     requirement_set = rq.encode_requirement_set({rq.RequirementType.DESIGNATED: expr})
-    assert rq.render_requirement_set(requirement_set) == "designated => " + DEVELOPER_ID_TEXT
     assert rq.parse_requirement_set(requirement_set) == {3: expr}
+    assert rq.requirement_set_lines(rq.parse_requirement_set(requirement_set)) == ["designated => " + DEVELOPER_ID_TEXT]
 
 
 def test_requirement_binary_form_by_hand() -> None:
     expr = rq.Expr(rq.Op.AND, (rq.identifier("com.x"), rq.Expr(rq.Op.APPLE_ANCHOR)))
-    assert rq.encode_requirement(expr) == bytes.fromhex(
+    assert encode_requirement(expr) == bytes.fromhex(
         "fade0c00 00000024 00000001 00000006 00000002 00000005 636f6d2e78000000 00000003"
     )
     assert rq.render(expr) == 'identifier "com.x" and anchor apple'
@@ -336,7 +343,7 @@ def test_requirement_rendering_rules() -> None:
     assert rq.render(anchor) == 'certificate root = H"abcd"'
     assert rq.render(rq.Expr(rq.Op.IDENT, (b"\x01\x02",))) == "identifier 0x0102"
     for sample in (both, info, anchor):
-        assert rq.parse_requirement(rq.encode_requirement(sample)) == sample
+        assert parse_requirement(encode_requirement(sample)) == sample
 
 
 @pytest.mark.parametrize(
@@ -351,13 +358,13 @@ def test_requirement_rendering_rules() -> None:
 )
 def test_requirement_parse_errors(payload: str, message: str) -> None:
     with pytest.raises(CodeSignatureFormatError, match=message):
-        rq.parse_requirement(encode_blob(Magic.REQUIREMENT, bytes.fromhex(payload)))
+        parse_requirement(encode_blob(Magic.REQUIREMENT, bytes.fromhex(payload)))
 
 
 def test_oid_round_trip() -> None:
     for oid in ("1.2.840.113635.100.6.2.6", "1.2.840.113635.100.6.1.13", "2.5.4.11", "2.999.3"):
-        assert rq.oid_from_der(rq.oid_to_der(oid)) == oid
-    assert rq.oid_to_der("1.2.840.113635.100.6.1.13").hex() == "2a864886f763640601" "0d"
+        assert oid_from_der(oid_to_der(oid)) == oid
+    assert oid_to_der("1.2.840.113635.100.6.1.13").hex() == "2a864886f763640601" "0d"
 
 
 # --- entitlements ------------------------------------------------------------------------------------

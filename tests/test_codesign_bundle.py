@@ -23,7 +23,7 @@ from codesignkit import cd_fields, cdhash, local_identity, openssl_accepts, raw_
 from signbridge.apple import bundle as bd
 from signbridge.apple import codesign as cs
 from signbridge.apple import display
-from signbridge.apple import verify as vf
+from signbridge.apple import verification as vf
 from signbridge.apple.codesign_options import (
     AlreadySignedError,
     CodesignOptions,
@@ -31,6 +31,7 @@ from signbridge.apple.codesign_options import (
     UnsignedNestedCodeError,
     parse_flags,
 )
+from signbridge.apple.verify_code import verify_code
 from signbridge.errors import SignatureError
 from signbridge.identity import Identity
 from tokenkit import apple_pki
@@ -97,7 +98,7 @@ def test_signed_bundle_binds_info_plist_and_seal(app, pki, tmp_path):
     assert files2["MacOS/launch.sh"] == {"hash2": hashlib.sha256(b"#!/bin/sh\nexec ./MyApp\n").digest()}
     assert "PlugIns/Widget.bundle" in files2
 
-    verdict = vf.verify_code(app, options(pki))
+    verdict = verify_code(app, options(pki))
     assert verdict.identifier == APP_ID
     assert verdict.format == "app bundle with Mach-O universal (x86_64 arm64)"
     assert verdict.satisfies_designated
@@ -176,10 +177,10 @@ TAMPERING = {
 @pytest.mark.parametrize("case", list(TAMPERING))
 def test_tampering_is_named(app, pki, case):
     change, status, (attribute, shown) = TAMPERING[case]
-    vf.verify_code(app, options(pki))
+    verify_code(app, options(pki))
     change(app / "Contents")
     with pytest.raises(vf.CodeVerificationError) as failed:
-        vf.verify_code(app, options(pki))
+        verify_code(app, options(pki))
     error = failed.value
     assert error.status == status
     if attribute in ("detail", "subcomponent"):
@@ -202,7 +203,7 @@ def _flip_cms(executable: Path) -> None:
 
 def test_stapled_ticket_is_accepted(app, pki):
     (app / "Contents" / "CodeResources").write_bytes(b"s8lt" + os.urandom(600))  # a notarization ticket
-    assert vf.verify_code(app, options(pki)).satisfies_designated
+    assert verify_code(app, options(pki)).satisfies_designated
 
 
 def test_signed_bundle_needs_force(app, pki):
@@ -213,7 +214,7 @@ def test_signed_bundle_needs_force(app, pki):
     reporter = QuietReporter()
     cs.sign_code(app, None, CodesignOptions(deep=True, force=True), reporter)
     assert reporter.notes == [(app, "replacing existing signature")]
-    assert vf.verify_code(app, vf.VerifyOptions()).designated_text.startswith('cdhash H"')
+    assert verify_code(app, vf.VerifyOptions()).designated_text.startswith('cdhash H"')
 
 
 def test_without_deep_nested_code_must_be_signed(fx, tmp_path, pki):
@@ -228,7 +229,7 @@ def test_without_deep_nested_code_must_be_signed(fx, tmp_path, pki):
     framework = app / "Contents/Frameworks/Demo.framework"
     cs.sign_code(framework, local_identity(pki)[0], CodesignOptions())
     cs.sign_code(app, local_identity(pki)[0], CodesignOptions())
-    verdict = vf.verify_code(app, options(pki))
+    verdict = verify_code(app, options(pki))
     assert [Path(nested.path).name for nested in verdict.nested] == ["Demo.framework"]
 
 
@@ -240,7 +241,7 @@ def test_bad_bundles_are_refused_untouched(fx, tmp_path, pki):
         cs.sign_code(app, local_identity(pki)[0], CodesignOptions(deep=True))
     assert snapshot(app) == before
     with pytest.raises(vf.CodeVerificationError) as failed:
-        vf.verify_code(app, options(pki))
+        verify_code(app, options(pki))
     assert failed.value.status == vf.INVALID_SYMLINK
     (app / "Contents/Resources/escape").unlink()
     (app / "stray.txt").write_text("outside Contents\n")

@@ -44,7 +44,7 @@ from machofixtures import MachOFixtures, sign_file
 from signbridge.apple import cms, display, signed_code
 from signbridge.apple import codesign as cs
 from signbridge.apple import macho as mo
-from signbridge.apple import verify as vf
+from signbridge.apple import verification as vf
 from signbridge.apple.cms_signer import CmsSigner
 from signbridge.apple.codedirectory import HashType
 from signbridge.apple.codesign_options import (
@@ -55,10 +55,12 @@ from signbridge.apple.codesign_options import (
     parse_digest_algorithms,
     parse_flags,
 )
+from signbridge.apple.entitlements import signature_entitlements
 from signbridge.apple.macho_signing import slice_plan
 from signbridge.apple.macho_writer import HeaderPaddingError
 from signbridge.apple.requirements import encode_requirement_set, render
 from signbridge.apple.signed_code import designated_requirement
+from signbridge.apple.verify_code import verify_code
 from signbridge.errors import UsageError
 from signbridge.identity import Identity
 from tokenkit import apple_name, apple_pki, issue
@@ -133,7 +135,7 @@ def test_universal_slices_are_each_signed(fx, tmp_path, identity, pki, name):
             assert binary.has_code_signature
             content = bytes(binary.code_signature.content)
             assert content == raw.image[raw.dataoff : raw.dataoff + len(content)]
-    assert vf.verify_code(path, anchors(pki)).satisfies_designated
+    assert verify_code(path, anchors(pki)).satisfies_designated
 
 
 def _command_offset(image: bytes) -> int:
@@ -261,7 +263,7 @@ def test_ecdsa_identity(fx, tmp_path, pki):
     raw = raw_signature(path.read_bytes())
     assert openssl_accepts(tmp_path, raw, pki.root.certificate)
     assert signer.requests[0].scheme.value == "Ecdsa"
-    assert vf.verify_code(path, anchors(pki)).satisfies_designated
+    assert verify_code(path, anchors(pki)).satisfies_designated
 
 
 def test_old_deployment_target_gets_sha1_primary_and_sha256_alternate(fx, tmp_path, identity, pki):
@@ -283,7 +285,7 @@ def test_old_deployment_target_gets_sha1_primary_and_sha256_alternate(fx, tmp_pa
             (SHA256_OID, hashlib.sha256(raw.code_directories[1]).digest()),
         ]
     )
-    verdict = vf.verify_code(path, anchors(pki))
+    verdict = verify_code(path, anchors(pki))
     assert verdict.cdhash == cdhash(raw.code_directories[1])  # the SHA-256 one stands for the code
     lines = dict(line.split("=", 1) for _, line in display.display_lines(display.signing_information(path), 3)
                  if "=" in line and not line.startswith("CodeDirectory"))  # fmt: skip
@@ -312,11 +314,11 @@ def test_timestamp_from_a_local_authority(fx, tmp_path, identity, pki):
     checked = openssl_ts_verify(tmp_path, token, digest, tsa.root)
     assert checked.returncode == 0 and "Verification: OK" in checked.stdout
     assert openssl_ts_verify(tmp_path, token, hashlib.sha256(b"other").digest(), tsa.root).returncode != 0
-    verdict = vf.verify_code(path, anchors(pki, tsa.root))
+    verdict = verify_code(path, anchors(pki, tsa.root))
     assert verdict.slices[0].timestamp is not None
     # without the TSA's root the timestamp is not trusted
     with pytest.raises(vf.CodeVerificationError) as failed:
-        vf.verify_code(path, anchors(pki))
+        verify_code(path, anchors(pki))
     assert failed.value.status == vf.NOT_TRUSTED and "timestamp" in failed.value.detail
     shown = [line for _, line in display.display_lines(display.signing_information(path), 1)]
     assert any(line.startswith("Timestamp=") for line in shown)
@@ -332,14 +334,14 @@ def test_timestamp_keeps_an_expired_certificate_valid(fx, tmp_path, identity, pk
         strict = vf.VerifyOptions(anchors=(pki.root.certificate, tsa.root), at=later, check_expiry=True)
         # the intermediate and root expire then too; the timestamp vouches for all of them
         for options in (trusted, strict):
-            verdict = vf.verify_code(stamped, options)
+            verdict = verify_code(stamped, options)
             assert verdict.slices[0].trust.timestamp_used and not verdict.slices[0].trust.expired
     (tmp_path / "plain").mkdir()
     plain = sign_copy(fx, "exe.arm64", tmp_path / "plain", identity[0])
-    verdict = vf.verify_code(plain, trusted)
+    verdict = verify_code(plain, trusted)
     assert len(verdict.slices[0].trust.expired) == 3
     with pytest.raises(vf.CodeVerificationError) as failed:
-        vf.verify_code(plain, strict)
+        verify_code(plain, strict)
     assert failed.value.status == vf.CERT_EXPIRED
     assert "only with a timestamp" in failed.value.detail
 
@@ -364,10 +366,8 @@ def test_runtime_entitlements_and_team(fx, tmp_path, identity, pki):
     assert cd["special"][7] == hashlib.sha256(raw.blobs[7]).digest()
     exec_flags = struct.unpack_from(">Q", raw.code_directories[0], 80)[0]
     assert exec_flags == 0x11  # main binary + get-task-allow
-    assert vf.verify_code(path, anchors(pki)).satisfies_designated
-    value, _, _ = display.entitlements_of(
-        display.signing_information(path).signature
-    )
+    assert verify_code(path, anchors(pki)).satisfies_designated
+    value, _, _ = signature_entitlements(display.signing_information(path).signature)
     assert display.entitlements_text(value) == (
         "[Dict]\n\t[Key] com.apple.security.cs.allow-jit\n\t[Value]\n\t\t[Bool] true\n"
         "\t[Key] get-task-allow\n\t[Value]\n\t\t[Bool] true\n"
@@ -381,7 +381,7 @@ def test_designated_requirement_is_embedded(fx, tmp_path, identity, pki):
     leaf_sha1 = pki.application.certificate.fingerprint(hashes.SHA1()).hex()  # noqa: S303
     expected = f'identifier "com.example.hello" and certificate leaf = H"{leaf_sha1}"'
     assert display.requirement_lines(info, None) == [f"designated => {expected}"]
-    assert vf.verify_code(path, anchors(pki)).designated_text == expected
+    assert verify_code(path, anchors(pki)).designated_text == expected
     adhoc = sign_copy(fx, "exe.x86_64", tmp_path, None)
     adhoc_info = display.signing_information(adhoc)
     assert display.requirement_lines(adhoc_info, display.implicit_designated(adhoc_info)) == [
@@ -510,7 +510,7 @@ TAMPER_CASES = {
 @pytest.mark.parametrize("case", list(TAMPER_CASES))
 def test_one_changed_byte_is_rejected(fx, tmp_path, identity, pki, case):
     path, data, parts = _universal(fx, tmp_path, identity, pki)
-    vf.verify_code(path, anchors(pki))  # intact
+    verify_code(path, anchors(pki))  # intact
     arch, where, status, detail = TAMPER_CASES[case]
     index = {"x86_64": 0, "arm64": 1, None: 1}[arch]
     (offset, size), raw = parts[index]
@@ -537,7 +537,7 @@ def test_one_changed_byte_is_rejected(fx, tmp_path, identity, pki, case):
     tampered[position] ^= 0x01
     path.write_bytes(bytes(tampered))
     with pytest.raises(vf.CodeVerificationError) as failed:
-        vf.verify_code(path, anchors(pki))
+        verify_code(path, anchors(pki))
     assert failed.value.status == status
     assert detail in failed.value.detail
     if arch is not None:
@@ -547,7 +547,7 @@ def test_one_changed_byte_is_rejected(fx, tmp_path, identity, pki, case):
 def test_untrusted_expired_and_unsigned(fx, tmp_path, pki):
     path = sign_copy(fx, "exe.arm64", tmp_path, local_identity(pki)[0])
     with pytest.raises(vf.CodeVerificationError) as untrusted:
-        vf.verify_code(path, vf.VerifyOptions())
+        verify_code(path, vf.VerifyOptions())
     assert untrusted.value.status == vf.NOT_TRUSTED
     expired_leaf = issue(
         apple_name("Developer ID Application: Test Corp (TEAM123456)", "Test Corp", "TEAM123456"),
@@ -560,12 +560,12 @@ def test_untrusted_expired_and_unsigned(fx, tmp_path, pki):
     expired = tmp_path / "expired"
     expired.mkdir()
     old = sign_copy(fx, "exe.arm64", expired, local_identity(pki, expired_leaf)[0])
-    assert vf.verify_code(old, anchors(pki)).slices[0].trust.expired == (expired_leaf.certificate,)
+    assert verify_code(old, anchors(pki)).slices[0].trust.expired == (expired_leaf.certificate,)
     with pytest.raises(vf.CodeVerificationError) as failed:
-        vf.verify_code(old, vf.VerifyOptions(anchors=(pki.root.certificate,), check_expiry=True))
+        verify_code(old, vf.VerifyOptions(anchors=(pki.root.certificate,), check_expiry=True))
     assert failed.value.status == vf.CERT_EXPIRED
     with pytest.raises(vf.NotSignedError):
-        vf.verify_code(fx.path("exe.x86_64"), anchors(pki))
+        verify_code(fx.path("exe.x86_64"), anchors(pki))
 
 
 # --- verification accepts what Apple writes --------------------------------------------------------
@@ -683,13 +683,13 @@ def test_apple_encodings_verify(fx, tmp_path, pki):
         der = raw.cms if name == "ber-indefinite" else raw.cms[: header + length]
         verified = openssl_cms_verify(tmp_path, der, raw.code_directories[0], pki.root.certificate)
         assert verified.returncode == 0
-        verdict = vf.verify_code(path, anchors(pki))
+        verdict = verify_code(path, anchors(pki))
         assert verdict.identifier == "exe", name
         tampered = bytearray(signed)
         tampered[raw.dataoff + raw.image[raw.dataoff:].index(raw.cms) + len(raw.cms) // 2] ^= 1
         path.write_bytes(bytes(tampered))
         with pytest.raises(vf.CodeVerificationError):
-            vf.verify_code(path, anchors(pki))
+            verify_code(path, anchors(pki))
 
 
 # --- bad input ---------------------------------------------------------------------------------------

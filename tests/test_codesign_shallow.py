@@ -48,11 +48,12 @@ from codesignkit import (
 from conftest import require_tool
 from corpuskit import corpus_item
 from signbridge.apple import codesign as cs
-from signbridge.apple import verify as vf
+from signbridge.apple import verification as vf
 from signbridge.apple.codedirectory import HashType
 from signbridge.apple.codesign_options import CodesignError, CodesignOptions, parse_flags
 from signbridge.apple.ipa import IpaError, UnsafeIpaError
-from signbridge.apple.resources import SHALLOW_RULES, SHALLOW_RULES2
+from signbridge.apple.resources.rules import SHALLOW_RULES, SHALLOW_RULES2
+from signbridge.apple.verify_code import verify_code
 from tokenkit import apple_pki
 
 DEXT_IN_CORPUS = (
@@ -137,10 +138,10 @@ def test_system_extensions_signed_deep_with_an_identity(fx, pki, tmp_path):
     helper_cd = raw_signatures((helper / "Helper").read_bytes())[0].code_directories[0]
     assert host_seal["files2"]["XPCServices/Helper.xpc"]["cdhash"] == hashlib.sha256(helper_cd).digest()[:20]
     assert host_seal["files2"]["XPCServices/Helper.xpc"]["requirement"].startswith(f'identifier "{HELPER_ID}"')
-    verdict = vf.verify_code(app, trusted(pki))
+    verdict = verify_code(app, trusted(pki))
     assert verdict.satisfies_designated
     assert {nested.identifier for nested in verdict.nested} == {DRIVER_ID, FILTER_ID, HELPER_ID}
-    alone = vf.verify_code(extensions / f"{DRIVER_ID}.dext", trusted(pki))
+    alone = verify_code(extensions / f"{DRIVER_ID}.dext", trusted(pki))
     assert alone.format == "bundle with Mach-O thin (arm64)" and alone.identifier == DRIVER_ID
 
 
@@ -167,7 +168,7 @@ def test_ios_app_with_a_plugin_signed_ad_hoc(fx, tmp_path):
     assert "Frameworks/libswiftDemo.dylib" in files2
     assert {"Info.plist", "PkgInfo"} <= set(seal["files"])
     assert_executable_binds(app / "Pocket", app / "Info.plist", app / "_CodeSignature/CodeResources", IOS_ID)
-    verdict = vf.verify_code(app, vf.VerifyOptions(deep=True, strict=True))
+    verdict = verify_code(app, vf.VerifyOptions(deep=True, strict=True))
     assert verdict.designated_text.startswith('cdhash H"')
     assert [nested.identifier for nested in verdict.nested] == ["libswiftDemo", SHARE_ID]
 
@@ -195,13 +196,13 @@ def test_executable_less_bundle_ad_hoc(tmp_path):
         assert cd["special"][2] == digest((folder / "CodeRequirements").read_bytes()).digest()
         assert cd["special"][3] == digest((folder / "CodeResources").read_bytes()).digest()
     assert_seal_matches_disk(bundle, bundle / "Contents")
-    assert vf.verify_code(bundle, vf.VerifyOptions(strict=True)).format == "bundle"
+    assert verify_code(bundle, vf.VerifyOptions(strict=True)).format == "bundle"
 
     # Re-signing with SHA-256 alone leaves no stale alternate behind.
     cs.sign_code(bundle, None, CodesignOptions(force=True))
     assert not (folder / "CodeRequirements-1").exists()
     assert cd_fields((folder / "CodeDirectory").read_bytes())["hash_type"] == 2
-    vf.verify_code(bundle, vf.VerifyOptions(strict=True))
+    verify_code(bundle, vf.VerifyOptions(strict=True))
 
 
 def test_executable_less_bundle_refuses_entitlements(tmp_path):
@@ -222,7 +223,7 @@ def test_executable_less_bundle_with_an_identity(pki, tmp_path):
     checked = openssl_cms_verify(tmp_path, cms, (folder / "CodeDirectory").read_bytes(), pki.root.certificate)
     assert checked.returncode == 0, checked.stderr
     assert cd_fields((folder / "CodeDirectory").read_bytes())["team"] == identity.team_id
-    verdict = vf.verify_code(bundle, trusted(pki))
+    verdict = verify_code(bundle, trusted(pki))
     assert verdict.satisfies_designated and verdict.designated_text.startswith(f'identifier "{RESOURCE_ID}"')
     shown = codesign("-dvvv", bundle)
     assert shown.returncode == 0, shown.stderr
@@ -239,7 +240,7 @@ def test_executable_less_bundle_nested_in_an_app(fx, tmp_path):
     seal = plistlib.loads((app / "Contents/_CodeSignature/CodeResources").read_bytes())
     entry = seal["files2"]["PlugIns/Resources.bundle"]
     assert entry["cdhash"] == hashlib.sha256((plugin / "Contents/_CodeSignature/CodeDirectory").read_bytes()).digest()[:20]
-    vf.verify_code(app, vf.VerifyOptions(deep=True, strict=True))
+    verify_code(app, vf.VerifyOptions(deep=True, strict=True))
 
 
 # --- tampering -----------------------------------------------------------------------------------------
@@ -286,10 +287,10 @@ def test_tampering_is_named(signed_set, pki, tmp_path, case):
     bundle_name, relative, status, named = TAMPERING[case]
     bundle = tmp_path / bundle_name
     shutil.copytree(signed_set / bundle_name, bundle, symlinks=True)
-    vf.verify_code(bundle, trusted(pki))
+    verify_code(bundle, trusted(pki))
     _flip(bundle / relative, -2)
     with pytest.raises(vf.CodeVerificationError) as failure:
-        vf.verify_code(bundle, trusted(pki))
+        verify_code(bundle, trusted(pki))
     assert failure.value.status == status
     assert named in " ".join(failure.value.lines())
     result = codesign("--verify", "--strict", "--deep", bundle, env={"SIGNBRIDGE_ANCHORS": str(_anchor(tmp_path, pki))})
@@ -344,7 +345,7 @@ def test_ipa_signed_verified_and_displayed(fx, pki, tmp_path):
     app = unpacked / "Payload" / "Pocket.app"
     assert os.access(app / "Pocket", os.X_OK)
     assert_seal_matches_disk(app, app)
-    assert vf.verify_code(app, vf.VerifyOptions(deep=True)).identifier == IOS_ID
+    assert verify_code(app, vf.VerifyOptions(deep=True)).identifier == IOS_ID
 
     resigned = codesign("-s", "-", archive)
     assert resigned.returncode == 1 and resigned.stderr == f"{archive}: is already signed\n"
@@ -405,7 +406,7 @@ def test_bad_ipa_is_refused_and_left_alone(tmp_path, case):
     with pytest.raises(error, match=message):
         cs.sign_code(archive, None, CodesignOptions())
     with pytest.raises(error, match=message):
-        vf.verify_code(archive)
+        verify_code(archive)
     assert snapshot(tmp_path) == before
     result = codesign("-s", "-", archive)
     assert result.returncode == 1 and message in result.stderr

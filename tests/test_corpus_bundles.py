@@ -34,10 +34,11 @@ from codesignkit import (
 from conftest import require_tool
 from corpuskit import apple_anchor_env, copy_item, corpus_item
 from servicekit import demo_service
-from signbridge.apple import verify as vf
+from signbridge.apple import verification as vf
 from signbridge.apple.bundle import Bundle
 from signbridge.apple.codedirectory import HashType
-from signbridge.apple.resources import build_code_resources, verify_code_resources
+from signbridge.apple.resources.checking import verify_code_resources
+from signbridge.apple.resources.writing import build_code_resources
 from tokenkit import apple_pki, serve_token, use_runtime_dir
 
 SIMULATOR = "bundles/fastlane_fastlane__simulator-app.app"
@@ -114,7 +115,7 @@ def test_our_seal_is_apples(item, tmp_path):
 def test_sparkle_invalid_also_has_an_unsealed_resource():
     bundle = Bundle.open(corpus_item(SPARKLE_INVALID))
     problems = verify_code_resources(bundle, bundle.code_resources_path.read_bytes(), lambda path: b"")
-    assert problems == ["file added: Contents/Resources/test-pubkey.pem"]
+    assert [str(problem) for problem in problems] == ["file added: Contents/Resources/test-pubkey.pem"]
 
 
 # --- re-signing real bundles through a token -----------------------------------------------------------

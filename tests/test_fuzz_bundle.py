@@ -45,26 +45,24 @@ from signbridge.apple.entitlements import (
     entitlements_xml,
     exec_segment_flags,
     load_entitlements,
+    signature_entitlements,
 )
 from signbridge.apple.macho import parse_file
 from signbridge.apple.plist import load_plist_dict
 from signbridge.apple.requirements import (
+    RequirementContext,
     RequirementType,
-    developer_id_requirement,
-    encode_requirement,
     encode_requirement_set,
-    parse_requirement,
+    evaluate,
     parse_requirement_set,
     render,
 )
-from signbridge.apple.resources import RuleSet, read_code_resources, seal_exclusions
-from signbridge.apple.verify import (
-    RequirementContext,
-    VerifyOptions,
-    evaluate,
-    parse_requirement_text,
-    verify_code,
-)
+from signbridge.apple.requirements.binary import encode_requirement, parse_requirement
+from signbridge.apple.requirements.text import parse_requirement_text
+from signbridge.apple.resources.rules import RuleSet, seal_exclusions
+from signbridge.apple.resources.seal import read_code_resources
+from signbridge.apple.verification import VerifyOptions
+from signbridge.apple.verify_code import verify_code
 from signbridge.errors import SignbridgeError
 
 pytestmark = pytest.mark.fuzz
@@ -242,6 +240,11 @@ def requirement_context(signatures: list[EmbeddedSignature]) -> RequirementConte
     )
 
 
+DEVELOPER_ID_TEXT = (
+    'identifier "com.example.MyApp" and anchor apple generic and '
+    "certificate 1[field.1.2.840.113635.100.6.2.6] /* exists */ and "
+    "certificate leaf[field.1.2.840.113635.100.6.1.13] /* exists */ and certificate leaf[subject.OU] = G43BCU2T37"
+)
 TEXT_SEEDS = [
     'identifier "com.example.MyApp" and anchor apple generic and certificate leaf[subject.OU] = "G43BCU2T37"',
     'designated => anchor apple generic and certificate 1[field.1.2.840.113635.100.6.2.6] /* exists */ and '
@@ -254,7 +257,7 @@ TEXT_SEEDS = [
 
 def test_fuzz_requirement_blob(signatures: list[EmbeddedSignature]) -> None:
     seeds = list(dict.fromkeys(signature.requirements for signature in signatures if signature.requirements))
-    seeds.append(encode_requirement_set({RequirementType.DESIGNATED: developer_id_requirement("com.example.MyApp", "G43BCU2T37")}))
+    seeds.append(encode_requirement_set({RequirementType.DESIGNATED: parse_requirement_text(DEVELOPER_ID_TEXT)}))
     seeds += [encode_requirement(parse_requirement_text(text)) for text in TEXT_SEEDS]
     context = requirement_context(signatures)
 
@@ -384,7 +387,7 @@ def _display(path: Path) -> None:
     info = display.signing_information(path)
     display.display_lines(info, 3)
     display.requirement_lines(info, display.implicit_designated(info))
-    display.entitlements_of(info.signature)
+    signature_entitlements(info.signature)
 
 
 def _sign(path: Path) -> None:

@@ -32,9 +32,10 @@ from signbridge.apple.certificates import common_name, extended_key_usages, team
 from signbridge.apple.codedirectory import CodeDirectory
 from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.embedded_signature import read_signature, signature_of
+from signbridge.apple.entitlements import signature_entitlements
 from signbridge.apple.macho import parse_file
 from signbridge.apple.macho_constants import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64
-from signbridge.apple.requirements import parse_requirement_set, render
+from signbridge.apple.requirements import RequirementContext, evaluate, parse_requirement_set, render
 from signbridge.apple.signed_code import (
     designated_requirement,
     flag_names,
@@ -42,14 +43,8 @@ from signbridge.apple.signed_code import (
     stored_designated_requirement,
 )
 from signbridge.apple.trust import Purpose, classify_certificate, evaluate_chain, load_anchors
-from signbridge.apple.verify import (
-    RequirementContext,
-    VerifyOptions,
-    check_timestamp,
-    check_trust,
-    entitlements_of,
-    evaluate,
-)
+from signbridge.apple.verification import VerifyOptions
+from signbridge.apple.verify import check_timestamp, check_trust
 from signbridge.der import read_certificate
 from signbridge.errors import SignbridgeError
 from signbridge.signatures import verify_certificate_signature
@@ -122,7 +117,7 @@ def test_cms(signatures, anchors):
             lambda: cms.check_unsigned_fields(parsed),
             lambda: check_timestamp(parsed, options),
             lambda: check_trust(parsed, options, None),
-            lambda: [common_name(certificate) for certificate in display.authority_chain(parsed)],
+            lambda: [common_name(certificate) for certificate in issuer_chain(parsed)],
             lambda: render(designated_requirement("com.example.fuzz", issuer_chain(parsed))),
             lambda: [display.format_date(when) for when in (parsed.signing_time, parsed.timestamp and parsed.timestamp.gen_time) if when],
         )
@@ -186,13 +181,13 @@ def test_superblob(signatures, anchors):
             certificates=chain,
             trusted=True,
             anchors=anchors,
-            entitlements=entitlements_of(signature),
+            entitlements=signature_entitlements(signature)[0],
             cdhashes=frozenset(d.cdhash() for d in signature.code_directories),
         )
         _each(
             lambda: [evaluate(expr, context) for expr in parse_requirement_set(signature.requirements or b"").values()],
             lambda: render(stored_designated_requirement(signature, directory)),
-            lambda: display.entitlements_of(signature),
+            lambda: signature_entitlements(signature),
         )
 
     assert fuzz("superblob", seeds, target) >= FUZZ_CASES

@@ -23,7 +23,7 @@ from signbridge.apple.codesign_options import CodesignOptions, QuietReporter
 from signbridge.apple.dmg.sign import sign_disk_image
 from signbridge.apple.dmg.verify import disk_image_information, verify_disk_image
 from signbridge.apple.trust import load_anchors
-from signbridge.apple.verify import VerifyOptions
+from signbridge.apple.verification import VerifyOptions
 from tokenkit import apple_pki
 
 pytestmark = pytest.mark.fuzz

@@ -19,8 +19,10 @@ from machofixtures import THIN, UNIVERSAL, get_fixtures
 from signbridge.apple import codesign as engine
 from signbridge.apple import display
 from signbridge.apple.codesign_options import CodesignOptions
+from signbridge.apple.entitlements import signature_entitlements
 from signbridge.apple.trust import load_anchors
-from signbridge.apple.verify import VerifyOptions, verify_code
+from signbridge.apple.verification import VerifyOptions
+from signbridge.apple.verify_code import verify_code
 
 pytestmark = pytest.mark.fuzz
 
@@ -66,7 +68,7 @@ def test_display(seeds, write):
         info = display.signing_information(write(data))
         display.display_lines(info, 6, nested=True)
         display.requirement_lines(info, display.implicit_designated(info))
-        value, _, _ = display.entitlements_of(info.signature)
+        value, _, _ = signature_entitlements(info.signature)
         if value is not None:
             display.entitlements_text(value)
 

@@ -26,20 +26,19 @@ from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.entitlements import EntitlementsError, decode_der, entitlements_xml, load_entitlements
 from signbridge.apple.macho_signing import SigningOptions
 from signbridge.apple.plist import MAX_DEPTH, PlistError, load_plist
-from signbridge.apple.requirements import MAX_EXPRESSION_DEPTH, encode_requirement, parse_requirement
-from signbridge.apple.resources import MAX_RULES, ResourceSealError, RuleSet, read_code_resources
-from signbridge.apple.verify import (
+from signbridge.apple.requirements import RequirementContext, evaluate
+from signbridge.apple.requirements.binary import MAX_EXPRESSION_DEPTH, encode_requirement, parse_requirement
+from signbridge.apple.requirements.text import RequirementSyntaxError, parse_requirement_text
+from signbridge.apple.resources.rules import MAX_RULES, ResourceSealError, RuleSet
+from signbridge.apple.resources.seal import read_code_resources
+from signbridge.apple.verification import (
     BAD_BUNDLE,
     RESOURCE_DIRECTORY_FAILED,
     CodeVerificationError,
     NotSignedError,
-    RequirementContext,
-    RequirementSyntaxError,
     VerifyOptions,
-    evaluate,
-    parse_requirement_text,
-    verify_code,
 )
+from signbridge.apple.verify_code import verify_code
 
 DEEP = VerifyOptions(deep=True, strict=True)
 

@@ -35,6 +35,7 @@ from signbridge.apple import codesign as engine
 from signbridge.apple.blobs import CodeSignatureFormatError, Magic, decode_blob, decode_superblob, encode_blob
 from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.embedded_signature import read_signature
+from signbridge.apple.entitlements import signature_entitlements
 from signbridge.apple.ipa import IpaError
 from signbridge.apple.ipa import extract as extract_ipa
 from signbridge.apple.macho import LoadCommandError, SignatureLayoutError, parse_file
@@ -42,13 +43,8 @@ from signbridge.apple.notary.errors import PayloadError
 from signbridge.apple.notary.payload import Limits, extract_cpio, extract_zip
 from signbridge.apple.pkgverify import PackageStatus, verify_package
 from signbridge.apple.ticket import TicketError, parse_ticket
-from signbridge.apple.verify import (
-    MODIFIED,
-    CodeVerificationError,
-    VerifyOptions,
-    entitlements_of,
-    verify_code,
-)
+from signbridge.apple.verification import MODIFIED, CodeVerificationError, VerifyOptions
+from signbridge.apple.verify_code import verify_code
 from signbridge.apple.xar import TocTooLargeError, XarArchive
 from signbridge.der import CertificateFormatError, read_certificate
 from xarfixtures import notarization_ticket, sample_files, write_tree
@@ -359,8 +355,7 @@ def test_entitlements_that_are_not_a_property_list():
     assert b'encoding="UTF-8"' in xml
     for broken in (xml.replace(b'encoding="UTF-8"', b'encoding="UTB-8"'), xml.replace(b"<plist", b"<<plist", 1)):
         damaged = replace(signature, entitlements=encode_blob(Magic.EMBEDDED_ENTITLEMENTS, broken))
-        assert entitlements_of(damaged) is None
-        display.entitlements_of(damaged)  # (dictionary, XML, DER), whatever of them can be read
+        assert signature_entitlements(damaged)[0] is None  # (dictionary, XML, DER), whatever can be read
 
 
 def test_zip_entry_whose_utf8_name_is_not_utf8(tmp_path):

@@ -35,7 +35,7 @@ from signbridge.apple import macho_constants as mc
 from signbridge.apple.blobs import Magic, Slot
 from signbridge.apple.codedirectory import CodeDirectoryFlags, ExecSegmentFlags, HashType, hash_code
 from signbridge.apple.embedded_signature import read_signature
-from signbridge.apple.entitlements import parse_der_entitlements_blob
+from signbridge.apple.entitlements import decode_der
 from signbridge.apple.macho_signing import SigningOptions
 from signbridge.apple.macho_writer import HeaderPaddingError, SignatureSpaceError, signature_offset
 from signbridge.apple.requirements import EMPTY_REQUIREMENT_SET
@@ -498,7 +498,8 @@ def test_adhoc_sign_with_entitlements_and_runtime(fx: MachOFixtures, tmp_path: P
     assert signature.entitlements[8:] == entitlements
     assert cd.special_slots[5] == hashlib.sha256(signature.entitlements).digest()
     assert cd.special_slots[7] == hashlib.sha256(signature.der_entitlements).digest()
-    assert parse_der_entitlements_blob(signature.der_entitlements) == plistlib.loads(entitlements)
+    assert signature.der_entitlements[:4] == struct.pack(">I", Magic.EMBEDDED_DER_ENTITLEMENTS)
+    assert decode_der(signature.der_entitlements[8:]) == plistlib.loads(entitlements)
     assert signature.superblob.get(Slot.ENTITLEMENTS)[:4] == struct.pack(">I", Magic.EMBEDDED_ENTITLEMENTS)
     binary = lief.MachO.parse(str(output)).at(0)
     assert bytes(binary.code_signature.content) == macho.signature_data

@@ -48,7 +48,7 @@ from pathlib import Path
 from ..atomic import replace_directory
 from ..errors import SignbridgeError
 from .plist import load_plist_dict
-from .resources import (
+from .resources.rules import (
     EntryKind,
     RuleSet,
     UnreadableFileError,
@@ -165,6 +165,10 @@ class Bundle:
     @property
     def is_versioned(self) -> bool:
         return self.content_root.parent.name == "Versions"
+
+    def display_path(self, sealed_path: str) -> str:
+        """A sealed path as messages show it: relative to the bundle root (``Contents/Resources/x``)."""
+        return (self.content_root / sealed_path).relative_to(self.root).as_posix()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Bundle:

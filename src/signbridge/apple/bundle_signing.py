@@ -45,7 +45,8 @@ from .macho_signing import (
 )
 from .requirements import cdhash as cdhash_requirement
 from .requirements import render
-from .resources import DigestCache, NestedCode, build_code_resources, start_sealing
+from .resources.hashing import DigestCache
+from .resources.writing import NestedCode, build_code_resources, start_sealing
 from .signed_code import (
     preferred_directory,
     preferred_slice,

@@ -33,19 +33,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-
 from . import cms
-from .blobs import CodeSignatureFormatError, decode_blob
+from .blobs import CodeSignatureFormatError
 from .certificates import common_name
 from .codedirectory import CodeDirectory, HashType
 from .detached import read_detached_signature
 from .embedded_signature import EmbeddedSignature, read_signature
-from .entitlements import EntitlementsError, decode_der, entitlements_xml, load_entitlements
 from .ipa import extracted_app, is_ipa
 from .macho import MachO, MachOFile, parse_file
 from .plist import plist_dict
-from .requirements import RequirementType, parse_requirement_set, render
+from .requirements import Expr, RequirementType, parse_requirement_set, render, requirement_set_lines
 from .signed_code import (
     flag_names,
     issuer_chain,
@@ -55,7 +52,7 @@ from .signed_code import (
     stored_designated_requirement,
 )
 from .stapled import read_stapled_ticket
-from .verify import NotSignedError
+from .verification import NotSignedError
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -146,10 +143,10 @@ def macho_information(
 
 def resource_seal(code_resources: bytes | None) -> ResourceSeal | None:
     """Count the rules and files of a CodeResources plist (version 2 when it has files2);
-    :class:`~signbridge.apple.resources.ResourceSealError` when it is not a valid seal."""
+    :class:`~signbridge.apple.resources.rules.ResourceSealError` when it is not a valid seal."""
     if code_resources is None:
         return None
-    from .resources import read_code_resources  # bundles only: a Mach-O file has no seal to read
+    from .resources.seal import read_code_resources  # bundles only: a Mach-O file has no seal to read
 
     seal = read_code_resources(code_resources)
     return ResourceSeal(seal.version, len(seal.rules), len(seal.files), seal.nested if seal.version == 2 else ())
@@ -297,7 +294,7 @@ def display_lines(info: SigningInformation, verbose: int, *, nested: bool = Fals
         parsed = info.cms
         note(1, f"Signature size={len(info.signature.cms)}")
         if parsed is not None:
-            for certificate in authority_chain(parsed):
+            for certificate in issuer_chain(parsed):
                 note(2, f"Authority={common_name(certificate)}")
             if parsed.timestamp is not None:
                 note(1, f"Timestamp={format_date(parsed.timestamp.gen_time)}")
@@ -333,27 +330,16 @@ def display_lines(info: SigningInformation, verbose: int, *, nested: bool = Fals
     return lines
 
 
-def authority_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:
-    """The CMS certificates from the signer up its issuers (the ``Authority=`` lines)."""
-    return issuer_chain(parsed)
-
-
 def requirement_lines(info: SigningInformation, designated: str | None) -> list[str]:
     """What ``-r-`` prints on standard output: each internal requirement as ``type => text``, and
     ``# designated => ...`` for an implicit designated requirement (``designated``)."""
-    lines = []
-    explicit: dict[int, Any] = {}
+    explicit: dict[int, Expr] = {}
     if info.signature.requirements:
         try:
             explicit = parse_requirement_set(info.signature.requirements)
         except CodeSignatureFormatError:
             explicit = {}
-    for kind, expr in explicit.items():
-        try:
-            name = RequirementType(kind).name.lower()
-        except ValueError:
-            name = f"type {kind}"
-        lines.append(f"{name} => {render(expr)}")
+    lines = requirement_set_lines(explicit)
     if RequirementType.DESIGNATED not in explicit and designated is not None:
         lines.append(f"# designated => {designated}")
     return lines
@@ -366,27 +352,6 @@ def implicit_designated(info: SigningInformation) -> str:
 
 
 # --- entitlements ---------------------------------------------------------------------------------
-
-
-def entitlements_of(signature: EmbeddedSignature) -> tuple[dict[str, Any] | None, bytes | None, bytes | None]:
-    """(dictionary, XML plist bytes, DER bytes) of the signature's entitlements."""
-    xml = der = None
-    value = None
-    try:
-        if signature.entitlements is not None:
-            xml = decode_blob(signature.entitlements)[1]
-            value = load_entitlements(xml)
-        if signature.der_entitlements is not None:
-            der = decode_blob(signature.der_entitlements)[1]
-            if value is None:
-                value = decode_der(der)
-    except (EntitlementsError, CodeSignatureFormatError):
-        pass
-    return value, xml, der
-
-
-def xml_entitlements(entitlements: dict[str, Any]) -> bytes:
-    return entitlements_xml(entitlements)
 
 
 def entitlements_text(entitlements: dict[str, Any]) -> str:

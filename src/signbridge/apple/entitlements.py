@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import plistlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SignbridgeError
-from .blobs import Magic, decode_blob, encode_blob
+from .blobs import CodeSignatureFormatError, Magic, decode_blob, encode_blob
 from .codedirectory import ExecSegmentFlags
 from .plist import MAX_DEPTH, MAX_ELEMENTS, load_plist
+
+if TYPE_CHECKING:
+    from .embedded_signature import EmbeddedSignature
 
 _TAG_BOOLEAN = 0x01
 _TAG_INTEGER = 0x02
@@ -72,14 +75,24 @@ def der_entitlements_blob(entitlements: Mapping[str, Any]) -> bytes:
     return encode_blob(Magic.EMBEDDED_DER_ENTITLEMENTS, encode_der(entitlements))
 
 
-def parse_entitlements_blob(blob: bytes) -> dict[str, Any]:
-    _, payload = decode_blob(blob, Magic.EMBEDDED_ENTITLEMENTS)
-    return load_entitlements(payload)
-
-
-def parse_der_entitlements_blob(blob: bytes) -> dict[str, Any]:
-    _, payload = decode_blob(blob, Magic.EMBEDDED_DER_ENTITLEMENTS)
-    return decode_der(payload)
+def signature_entitlements(
+    signature: EmbeddedSignature,
+) -> tuple[dict[str, Any] | None, bytes | None, bytes | None]:
+    """(dictionary, XML plist bytes, DER bytes) of a signature's entitlements, as far as they can be
+    read: the dictionary from the XML blob, else from the DER one; blobs are found by slot."""
+    xml = der = None
+    value = None
+    try:
+        if signature.entitlements is not None:
+            xml = decode_blob(signature.entitlements)[1]
+            value = load_entitlements(xml)
+        if signature.der_entitlements is not None:
+            der = decode_blob(signature.der_entitlements)[1]
+            if value is None:
+                value = decode_der(der)
+    except (EntitlementsError, CodeSignatureFormatError):
+        pass
+    return value, xml, der
 
 
 def exec_segment_flags(entitlements: Mapping[str, Any]) -> ExecSegmentFlags:

@@ -34,6 +34,7 @@ from .requirements import (
     anchor_apple_generic,
     certificate_field,
     certificate_generic,
+    certificate_sha1,
     parse_requirement_set,
 )
 from .requirements import identifier as identifier_expr
@@ -113,10 +114,6 @@ def macho_format(parsed: MachOFile) -> str:
 # --- designated requirement -----------------------------------------------------------------------
 
 
-def certificate_sha1(certificate: x509.Certificate) -> bytes:
-    return certificate.fingerprint(hashes.SHA1())  # noqa: S303 - Apple's requirement language names it
-
-
 def designated_requirement(
     identifier: str,
     certificates: Sequence[x509.Certificate],
@@ -194,23 +191,39 @@ def _subject_value(certificate: x509.Certificate, oid: x509.ObjectIdentifier) ->
 def stored_designated_requirement(signature: EmbeddedSignature, directory: CodeDirectory) -> Expr:
     """The designated requirement of signed code, without judging trust: the explicit one, else
     the one derived from the CMS certificates, else (ad hoc) its cdhash."""
-    if signature.requirements:
-        try:
-            explicit = parse_requirement_set(signature.requirements).get(RequirementType.DESIGNATED)
-        except CodeSignatureFormatError:
-            explicit = None
-        if explicit is not None:
-            return explicit
+    try:
+        explicit = explicit_designated_requirement(signature)
+    except CodeSignatureFormatError:
+        explicit = None
+    if explicit is not None:
+        return explicit
+    certificates: Sequence[x509.Certificate] = ()
     if signature.cms:
         try:
-            parsed = cms.parse_signed_data(signature.cms)
+            certificates = issuer_chain(cms.parse_signed_data(signature.cms))
         except SignbridgeError:
-            parsed = None
-        if parsed is not None:
-            derived = designated_requirement(directory.identifier, issuer_chain(parsed))
-            if derived is not None:
-                return derived
-    return Expr(Op.CDHASH, (directory.cdhash(),))
+            certificates = ()
+    return derived_designated_requirement(directory, certificates)
+
+
+def explicit_designated_requirement(signature: EmbeddedSignature) -> Expr | None:
+    """The designated requirement the signature's requirement set states, if any;
+    :class:`CodeSignatureFormatError` when the set cannot be read."""
+    if not signature.requirements:
+        return None
+    return parse_requirement_set(signature.requirements).get(RequirementType.DESIGNATED)
+
+
+def derived_designated_requirement(
+    directory: CodeDirectory,
+    certificates: Sequence[x509.Certificate],
+    *,
+    apple_roots: frozenset[bytes] = APPLE_ROOT_FINGERPRINTS,
+) -> Expr:
+    """The designated requirement Apple derives for code signed by ``certificates`` (leaf first),
+    ``cdhash H"..."`` for ad-hoc code."""
+    derived = designated_requirement(directory.identifier, certificates, apple_roots=apple_roots)
+    return derived if derived is not None else Expr(Op.CDHASH, (directory.cdhash(),))
 
 
 def issuer_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:

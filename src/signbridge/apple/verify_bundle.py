@@ -27,9 +27,11 @@ from .bundle import (
 )
 from .detached import read_detached_signature
 from .ipa import extracted_app
-from .resources import ResourceError, verify_code_resources
+from .requirements import evaluate
+from .resources.checking import SealProblem, SealProblemKind, verify_code_resources
+from .resources.rules import ResourceError
 from .signed_code import preferred_directory
-from .verify import (
+from .verification import (
     BAD_BUNDLE,
     BAD_RESOURCE,
     INFO_PLIST_FAILED,
@@ -43,16 +45,17 @@ from .verify import (
     SliceVerdict,
     Verdict,
     VerifyOptions,
+    designated_of,
+    read_code_file,
+    requirement_context,
+)
+from .verify import (
     check_pages,
     check_signer,
     check_special_slots,
     check_timestamp,
     check_trust,
     check_unsealed_blobs,
-    designated_of,
-    evaluate,
-    read_code_file,
-    requirement_context,
     verify_macho_path,
 )
 
@@ -91,7 +94,7 @@ def _relocated(error: CodeVerificationError, old: str, new: str) -> CodeVerifica
     )
 
 
-def open_bundle_for_verification(path: Path) -> Bundle:
+def _open_bundle(path: Path) -> Bundle:
     try:
         return Bundle.open(path)
     except BundleSymlinkError as exc:
@@ -110,7 +113,7 @@ def verify_bundle(path: Path, options: VerifyOptions, *, executor: Executor, dep
         check_nesting(depth, path)
     except BundleError as exc:
         raise CodeVerificationError(BAD_BUNDLE, str(exc)) from None
-    bundle = open_bundle_for_verification(path)
+    bundle = _open_bundle(path)
     code_resources = None
     if bundle.code_resources_path.is_file():
         code_resources = read_code_file(bundle.code_resources_path)
@@ -214,7 +217,7 @@ def verify_detached(
         trust = check_trust(parsed_cms, options, timestamp)
     slice_verdict = SliceVerdict(None, signature, parsed_cms, trust, timestamp)
     context = requirement_context(slice_verdict, options, info_plist=bound.info_plist)
-    designated = designated_of(slice_verdict, options)
+    designated = designated_of(signature, preferred_directory(directories), trust, options)
     explicit = evaluate(options.requirement, context) if options.requirement is not None else None
     return Verdict(
         path=bundle.root,
@@ -228,20 +231,22 @@ def verify_detached(
     )
 
 
-def _resource_failure(bundle: Bundle, problems: Sequence[str]) -> CodeVerificationError:
-    added, modified, missing, other = [], [], [], []
+def _resource_failure(bundle: Bundle, problems: Sequence[SealProblem]) -> CodeVerificationError:
+    """Added, modified and missing files as Apple lists them (full paths), the rest in the detail."""
+    added: list[str] = []
+    modified: list[str] = []
+    missing: list[str] = []
+    other: list[str] = []
+    listed = {
+        SealProblemKind.ADDED: added,
+        SealProblemKind.MODIFIED: modified,
+        SealProblemKind.NESTED_MODIFIED: modified,
+        SealProblemKind.MISSING: missing,
+    }
     for problem in problems:
-        kind, _, rest = problem.partition(": ")
-        where = str(bundle.root / rest.split(": ", 1)[0])
-        if kind == "file added":
-            added.append(where)
-        elif kind in ("file modified", "nested code modified"):
-            modified.append(where)
-        elif kind == "file missing":
-            missing.append(where)
+        paths = listed.get(problem.kind)
+        if paths is None:
+            other.append(str(problem))
         else:
-            other.append(problem)
-    return CodeVerificationError(
-        BAD_RESOURCE, "; ".join(other), added=added, modified=modified, missing=missing
-    )
-
+            paths.append(str(bundle.root / problem.path))
+    return CodeVerificationError(BAD_RESOURCE, "; ".join(other), added=added, modified=modified, missing=missing)

@@ -437,13 +437,9 @@ def anchors_for_verification():  # noqa: ANN201
 def _verify(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple.dmg.udif import looks_like_disk_image
     from ..apple.macho import MachOError
-    from ..apple.verify import (
-        REQUIREMENT_FAILED,
-        CodeVerificationError,
-        VerifyOptions,
-        load_requirement,
-        verify_code,
-    )
+    from ..apple.requirements import load_requirement
+    from ..apple.verification import REQUIREMENT_FAILED, CodeVerificationError, VerifyOptions
+    from ..apple.verify_code import verify_code
 
     try:
         requirement = load_requirement(arguments.test_requirement) if arguments.test_requirement else None
@@ -505,7 +501,7 @@ def _display(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple import display
     from ..apple.dmg.udif import looks_like_disk_image
     from ..apple.macho import MachOError
-    from ..apple.verify import NotSignedError
+    from ..apple.verification import NotSignedError
 
     status = EXIT_SUCCESS
     for path in arguments.paths:
@@ -547,9 +543,10 @@ def _write_requirements(info: display.SigningInformation, destination: str) -> N
 
 def _write_entitlements(info: display.SigningInformation, arguments: Arguments, terminal: Terminal) -> None:
     from ..apple import display
+    from ..apple.entitlements import entitlements_xml, signature_entitlements
 
     destination = arguments.entitlements or "-"
-    value, xml, der = display.entitlements_of(info.signature)
+    value, xml, der = signature_entitlements(info.signature)
     if destination.startswith(":"):
         terminal.error(DEPRECATED_COLON)
         if xml is not None:
@@ -560,7 +557,7 @@ def _write_entitlements(info: display.SigningInformation, arguments: Arguments, 
     if arguments.der:
         data = der if der is not None else b""
     elif arguments.xml:
-        data = xml if xml is not None else display.xml_entitlements(value)
+        data = xml if xml is not None else entitlements_xml(value)
     else:
         data = display.entitlements_text(value).encode()
     _write_output(destination, data)

@@ -4,7 +4,7 @@
 SuperBlob, a stapled notarization ticket (its own signature, and that it lists this code), the CMS
 over the CodeDirectory, the CodeDirectory's fields, its special slots (the requirements and the
 trailer in slot 6), the timestamp and the chain, and last the one hash over the image's data. A
-failure raises :class:`~signbridge.apple.verify.CodeVerificationError` with Apple's sentence and a
+failure raises :class:`~signbridge.apple.verification.CodeVerificationError` with Apple's sentence and a
 detail naming what did not match. An image whose signature holds no CodeDirectory (only a ticket,
 as stapler leaves an unsigned image) is "not signed at all".
 """
@@ -21,24 +21,23 @@ from ..blobs import CodeSignatureFormatError, Slot
 from ..codedirectory import CodeDirectory, page_count
 from ..display import SigningInformation
 from ..embedded_signature import EmbeddedSignature
-from ..requirements import Expr, Op, RequirementType, parse_requirement_set
-from ..signed_code import designated_requirement, preferred_directory
+from ..requirements import RequirementContext, evaluate
+from ..signed_code import preferred_directory
 from ..ticket import Ticket, TicketError, parse_ticket
-from ..trust import TrustResult
-from ..verify import (
-    _EMBEDDED_SLOTS,
-    BAD_REQUIREMENT,
+from ..verification import (
     MODIFIED,
     CodeVerificationError,
     NotSignedError,
-    RequirementContext,
     Verdict,
     VerifyOptions,
+    designated_of,
+)
+from ..verify import (
+    EMBEDDED_SLOTS,
     check_signer,
     check_timestamp,
     check_trust,
     check_unsealed_blobs,
-    evaluate,
 )
 from .udif import (
     FORMAT,
@@ -120,22 +119,6 @@ def verify_disk_image(path: str | os.PathLike[str], options: VerifyOptions | Non
     )
 
 
-def designated_of(
-    signature: EmbeddedSignature, directory: CodeDirectory, trust: TrustResult | None, options: VerifyOptions
-) -> Expr:
-    """The explicit designated requirement, else the one Apple derives from the chain (ad hoc: the cdhash)."""
-    if signature.requirements:
-        try:
-            explicit = parse_requirement_set(signature.requirements).get(RequirementType.DESIGNATED)
-        except CodeSignatureFormatError as exc:
-            raise CodeVerificationError(BAD_REQUIREMENT, f"the internal requirements cannot be read: {exc}") from None
-        if explicit is not None:
-            return explicit
-    chain = trust.chain if trust is not None else ()
-    derived = designated_requirement(directory.identifier, chain, apple_roots=options.apple_roots)
-    return derived if derived is not None else Expr(Op.CDHASH, (directory.cdhash(),))
-
-
 def _check_signature_space(read: DiskImageSignature) -> None:
     if any(read.raw[read.superblob_length :]):
         raise CodeVerificationError(
@@ -189,7 +172,7 @@ def _check_special_slots(directory: CodeDirectory, signature: EmbeddedSignature,
         raise CodeVerificationError(
             MODIFIED, f"the UDIF trailer does not match its hash in the {name} CodeDirectory (slot 6)"
         )
-    for slot in _EMBEDDED_SLOTS:
+    for slot in EMBEDDED_SLOTS:
         wanted = slots.get(slot)
         if wanted is None:
             continue

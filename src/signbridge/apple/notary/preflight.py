@@ -32,21 +32,21 @@ from ..dmg.udif import DiskImageError, looks_like_disk_image, read_layout
 from ..dmg.udif import read_signature as read_disk_image_signature
 from ..dmg.verify import verify_disk_image
 from ..embedded_signature import EmbeddedSignature, read_signature
+from ..entitlements import signature_entitlements
 from ..macho import MachO, MachOError, parse_file
 from ..macho_constants import MH_EXECUTE, MH_KEXT_BUNDLE
 from ..pkgverify import PackageStatus, verify_package
 from ..plist import plist_dict
 from ..trust import CertificateKind, classify_certificate
-from ..verify import (
+from ..verification import (
     CERT_EXPIRED,
     CERT_NOT_VALID_YET,
     NOT_TRUSTED,
     CodeVerificationError,
     NotSignedError,
     VerifyOptions,
-    entitlements_of,
-    verify_code,
 )
+from ..verify_code import verify_code
 from ..xar import XarArchive, XarError
 from .errors import PayloadError
 from .payload import Limits, extract_cpio, extract_disk_image, extract_zip
@@ -380,7 +380,7 @@ def _signature_rules(signature: EmbeddedSignature | None, macho: MachO | None) -
         found.append(NOT_DEVELOPER_ID)
     if not timestamped:
         found.append(NO_TIMESTAMP)
-    if _truthy((entitlements_of(signature) or {}).get("com.apple.security.get-task-allow")):
+    if _truthy((signature_entitlements(signature)[0] or {}).get("com.apple.security.get-task-allow")):
         found.append(GET_TASK_ALLOW)
     if all(directory.hash_type == HashType.SHA1 for directory in directories):
         found.append(WEAK_ALGORITHM)

@@ -1,11 +1,8 @@
-"""Code requirements: the binary expression language, its text form, and the requirement-set blob.
+"""Code requirements in binary form: the expression tree, and requirement and requirement-set blobs.
 
 A requirement blob is {0xfade0c00, length, kind = 1 (expression form), expression}; the expression
 is a prefix code of big-endian u32 opcodes with length-prefixed, 4-byte-padded data. A requirement
 set is a SuperBlob (0xfade0c01) indexed by requirement type (3 = designated).
-
-Text rendering follows Apple's ``codesign -d -r-`` output: ``and`` binds tighter than ``or``,
-strings print bare when they are simple words, quoted otherwise, and as hex when binary.
 """
 
 from __future__ import annotations
@@ -15,8 +12,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .blobs import CodeSignatureFormatError, Magic, decode_blob, decode_superblob, encode_blob
-from .blobs import encode_superblob as _encode_superblob
+from ..blobs import CodeSignatureFormatError, Magic, decode_blob, decode_superblob, encode_blob
+from ..blobs import encode_superblob as _encode_superblob
 
 EXPRESSION_FORM = 1
 LEAF_CERT = 0
@@ -98,7 +95,7 @@ _NO_ARGUMENT_OPS = frozenset(
         Op.LEGACY_DEVELOPER_ID,
     }
 )
-_DATE_MATCHES = {MatchOp.ON, MatchOp.BEFORE, MatchOp.AFTER, MatchOp.ON_OR_BEFORE, MatchOp.ON_OR_AFTER}
+DATE_MATCHES = {MatchOp.ON, MatchOp.BEFORE, MatchOp.AFTER, MatchOp.ON_OR_BEFORE, MatchOp.ON_OR_AFTER}
 
 
 @dataclass(frozen=True)
@@ -177,25 +174,6 @@ def cdhash(digest: bytes) -> Expr:
     return Expr(Op.CDHASH, (digest,))
 
 
-def all_of(*terms: Expr) -> Expr:
-    """``a and b and c`` as Apple nests it: left-associative."""
-    result = terms[0]
-    for term in terms[1:]:
-        result = Expr(Op.AND, (result, term))
-    return result
-
-
-def developer_id_requirement(code_identifier: str, team_id: str) -> Expr:
-    """The designated requirement Apple derives for Developer ID signed code."""
-    return all_of(
-        identifier(code_identifier),
-        anchor_apple_generic(),
-        certificate_generic(1, OID_DEVELOPER_ID_CA, Match(MatchOp.EXISTS)),
-        certificate_generic(LEAF_CERT, OID_DEVELOPER_ID_LEAF, Match(MatchOp.EXISTS)),
-        certificate_field(LEAF_CERT, "subject.OU", Match(MatchOp.EQUAL, team_id.encode())),
-    )
-
-
 # --- binary form ------------------------------------------------------------------------------------
 
 
@@ -207,12 +185,12 @@ def _match_bytes(match: Match) -> bytes:
     out = struct.pack(">I", match.op)
     if match.op in (MatchOp.EXISTS, MatchOp.ABSENT):
         return out
-    if match.op in _DATE_MATCHES:
+    if match.op in DATE_MATCHES:
         return out + struct.pack(">q", int(match.value or 0))
     return out + _data(bytes(match.value or b""))
 
 
-def expression_bytes(expr: Expr) -> bytes:
+def _expression_bytes(expr: Expr) -> bytes:
     op, args = expr.op, expr.args
     out = struct.pack(">I", op)
     if op in (Op.IDENT, Op.NAMED_ANCHOR, Op.NAMED_CODE, Op.CDHASH):
@@ -222,9 +200,9 @@ def expression_bytes(expr: Expr) -> bytes:
     if op == Op.INFO_KEY_VALUE:
         return out + _data(args[0]) + _data(args[1])
     if op in (Op.AND, Op.OR):
-        return out + expression_bytes(args[0]) + expression_bytes(args[1])
+        return out + _expression_bytes(args[0]) + _expression_bytes(args[1])
     if op == Op.NOT:
-        return out + expression_bytes(args[0])
+        return out + _expression_bytes(args[0])
     if op in (Op.INFO_KEY_FIELD, Op.ENTITLEMENT_FIELD):
         return out + _data(args[0]) + _match_bytes(args[1])
     if op in (Op.CERT_FIELD, Op.CERT_GENERIC, Op.CERT_POLICY, Op.CERT_FIELD_DATE):
@@ -242,7 +220,7 @@ def expression_bytes(expr: Expr) -> bytes:
 
 def encode_requirement(expr: Expr) -> bytes:
     """A requirement blob (0xfade0c00) holding ``expr``."""
-    return encode_blob(Magic.REQUIREMENT, struct.pack(">I", EXPRESSION_FORM) + expression_bytes(expr))
+    return encode_blob(Magic.REQUIREMENT, struct.pack(">I", EXPRESSION_FORM) + _expression_bytes(expr))
 
 
 def encode_requirement_set(requirements: Mapping[int, Expr | bytes]) -> bytes:
@@ -293,7 +271,7 @@ class _Reader:
             raise CodeSignatureFormatError(f"unknown requirement match operation {raw}") from None
         if op in (MatchOp.EXISTS, MatchOp.ABSENT):
             return Match(op)
-        if op in _DATE_MATCHES:
+        if op in DATE_MATCHES:
             return Match(op, self.i64())
         return Match(op, self.data())
 
@@ -348,132 +326,3 @@ def parse_requirement_set(blob: bytes) -> dict[int, Expr]:
     """Requirement type -> expression for a requirement set (0xfade0c01)."""
     superblob = decode_superblob(blob, Magic.REQUIREMENT_SET)
     return {kind: parse_requirement(requirement) for kind, requirement in superblob.entries}
-
-
-# --- text form --------------------------------------------------------------------------------------
-
-_PRIMARY, _AND, _OR, _TOP = range(4)
-
-
-def _is_graph(byte: int) -> bool:
-    return 0x21 <= byte <= 0x7E
-
-
-def _render_data(value: bytes, *, dot_okay: bool = False) -> str:
-    simple = bool(value)
-    for position, byte in enumerate(value):
-        char = chr(byte)
-        if char.isascii() and (char.isalnum() or (char == "." and dot_okay)):
-            if position == 0 and char.isdigit():
-                simple = False
-        elif _is_graph(byte) or char in " \t\n\r\f\v":
-            simple = False
-        else:
-            return "0x" + value.hex()
-    text = value.decode("ascii")
-    if simple:
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _render_slot(slot: int) -> str:
-    if slot == ANCHOR_CERT:
-        return "root"
-    if slot == LEAF_CERT:
-        return "leaf"
-    return str(slot)
-
-
-def _render_match(match: Match) -> str:
-    op, value = match.op, match.value
-    if op == MatchOp.EXISTS:
-        return " /* exists */"
-    if op == MatchOp.ABSENT:
-        return " absent "
-    if op in _DATE_MATCHES:
-        symbol = {MatchOp.ON: "=", MatchOp.BEFORE: "<", MatchOp.AFTER: ">", MatchOp.ON_OR_BEFORE: "<=",
-                  MatchOp.ON_OR_AFTER: ">="}[op]
-        return f" {symbol} timestamp {value}"
-    text = _render_data(bytes(value or b""))
-    return {
-        MatchOp.EQUAL: f" = {text}",
-        MatchOp.CONTAINS: f" ~ {text}",
-        MatchOp.BEGINS_WITH: f" = {text}*",
-        MatchOp.ENDS_WITH: f" = *{text}",
-        MatchOp.LESS_THAN: f" < {text}",
-        MatchOp.GREATER_THAN: f" > {text}",
-        MatchOp.LESS_EQUAL: f" <= {text}",
-        MatchOp.GREATER_EQUAL: f" >= {text}",
-    }[op]
-
-
-def render(expr: Expr, level: int = _TOP) -> str:
-    """The requirement in Apple's text syntax."""
-    op, args = expr.op, expr.args
-    if op == Op.AND or op == Op.OR:
-        own = _AND if op == Op.AND else _OR
-        word = " and " if op == Op.AND else " or "
-        text = render(args[0], own) + word + render(args[1], own)
-        return f"({text})" if level < own else text
-    if op == Op.NOT:
-        return "! " + render(args[0], _PRIMARY)
-    if op == Op.FALSE:
-        return "never"
-    if op == Op.TRUE:
-        return "always"
-    if op == Op.IDENT:
-        return "identifier " + _render_data(args[0])
-    if op == Op.APPLE_ANCHOR:
-        return "anchor apple"
-    if op == Op.APPLE_GENERIC_ANCHOR:
-        return "anchor apple generic"
-    if op == Op.ANCHOR_HASH:
-        return f'certificate {_render_slot(args[0])} = H"{args[1].hex()}"'
-    if op == Op.INFO_KEY_VALUE:
-        return f"info[{_render_data(args[0], dot_okay=True)}] = {_render_data(args[1])}"
-    if op == Op.CDHASH:
-        return f'cdhash H"{args[0].hex()}"'
-    if op == Op.INFO_KEY_FIELD:
-        return f"info[{_render_data(args[0], dot_okay=True)}]" + _render_match(args[1])
-    if op == Op.ENTITLEMENT_FIELD:
-        return f"entitlement[{_render_data(args[0], dot_okay=True)}]" + _render_match(args[1])
-    if op == Op.CERT_FIELD:
-        return f"certificate {_render_slot(args[0])}[{_render_data(args[1], dot_okay=True)}]" + _render_match(
-            args[2]
-        )
-    if op in (Op.CERT_GENERIC, Op.CERT_POLICY, Op.CERT_FIELD_DATE):
-        prefix = {Op.CERT_GENERIC: "field", Op.CERT_POLICY: "policy", Op.CERT_FIELD_DATE: "timestamp"}[op]
-        field_name = f"{prefix}.{oid_from_der(args[1])}"
-        return f"certificate {_render_slot(args[0])}[{field_name}]" + _render_match(args[2])
-    if op == Op.TRUSTED_CERT:
-        return f"certificate {_render_slot(args[0])} trusted"
-    if op == Op.TRUSTED_CERTS:
-        return "anchor trusted"
-    if op == Op.NAMED_ANCHOR:
-        return "anchor apple " + _render_data(args[0])
-    if op == Op.NAMED_CODE:
-        return "(" + _render_data(args[0]) + ")"
-    if op == Op.PLATFORM:
-        return f"platform = {args[0]}"
-    if op == Op.NOTARIZED:
-        return "notarized"
-    if op == Op.LEGACY_DEVELOPER_ID:
-        return "legacy"
-    if op & OPCODE_FLAG_DEFAULT_FALSE:
-        return f"false /* opcode {op & ~OPCODE_FLAG_MASK} */"
-    if op & OPCODE_FLAG_SKIP:
-        return f"/* opcode {op & ~OPCODE_FLAG_MASK} */"
-    raise CodeSignatureFormatError(f"cannot render requirement opcode {op}")
-
-
-def render_requirement_set(blob: bytes) -> str:
-    """``designated => ...`` lines, as ``codesign -d -r-`` prints a requirement set."""
-    lines = []
-    for kind, expr in parse_requirement_set(blob).items():
-        try:
-            name = RequirementType(kind).name.lower()
-        except ValueError:
-            name = f"type {kind}"
-        lines.append(f"{name} => {render(expr)}")
-    return "\n".join(lines)
-
