@@ -45,15 +45,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from signbridge.api.client import ServiceClient
-from signbridge.config import load_settings
 from signbridge.hashes import HashAlgorithm
 from signbridge.pkcs11 import CKM, CKO, Pkcs11Client
+from signbridge.provider import daemon
+from signbridge.provider.settings import load_settings
 from signbridge.server import directory
 from signbridge.server.datadir import open_data_dir
 from signbridge.server.keystores import KeySpec
 from signbridge.server.process import ServiceProcess
 from signbridge.signatures import Scheme, SignatureRequest
-from signbridge.token import daemon
 
 SIZES = (1, 100, 1000)
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")

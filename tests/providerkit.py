@@ -24,7 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from servicekit import DemoService
-from signbridge.token import registration, registry
+from signbridge import p11kit
+from signbridge.provider import registration, registry
 
 PROXY_MODULE = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
 CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
@@ -114,7 +115,7 @@ class Provider:
         """Module files (anywhere p11-kit looks) whose socket is inside this provider's runtime dir."""
         found = []
         for path in registration.our_module_files(registration.module_dir()):
-            socket_path = registration.socket_of(registration.read_module(path)) or ""
+            socket_path = p11kit.socket_of(p11kit.read_fields(path)) or ""
             if socket_path.startswith(str(self.runtime)):
                 found.append(path)
         return found

@@ -356,18 +356,18 @@ def test_unreadable_input(fx, env, alpha):
 
 def test_token_stopping_while_signing(fx, tmp_path, env, pki):
     """The identity was found, then its token went away: the signer's error, the input untouched."""
-    from signbridge import keychain
     from signbridge.apple import codesign as engine
     from signbridge.apple.certificates import Usage
     from signbridge.apple.codesign_options import CodesignOptions
     from signbridge.errors import SignatureError
+    from signbridge.keychain.selection import select_identity
 
     work = tmp_path / "work"
     work.mkdir()
     exe = copy(fx, "exe.universal", work)
     before = snapshot(work)
     token = serve_token("alpha", pki.identities, pki.authorities)
-    identity = keychain.select_identity("Developer ID Application", usage=Usage.CODE)
+    identity = select_identity("Developer ID Application", usage=Usage.CODE)
     token.stop()
     with pytest.raises(SignatureError, match="the token alpha could not sign"):
         engine.sign_code(exe, identity, CodesignOptions())

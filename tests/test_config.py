@@ -12,17 +12,15 @@ import platformdirs
 import pytest
 from platformdirs.macos import MacOS
 
-from signbridge.config import (
-    DEFAULT_API_URL,
+from signbridge.config import DEFAULT_API_URL, default_program_dir, setting_names
+from signbridge.errors import ConfigError
+from signbridge.provider.settings import (
     ProviderSettings,
     default_log_directory,
-    default_program_dir,
     load_settings,
     parse_pin,
     require_connection_settings,
-    setting_names,
 )
-from signbridge.errors import ConfigError
 
 ORG = "0a1b2c3d-0000-4000-8000-00000000abcd"
 OTHER_ORG = "11111111-2222-4333-8444-555555555555"

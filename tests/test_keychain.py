@@ -6,6 +6,7 @@ in for the signing service; each test has its own runtime directory (SIGNBRIDGE_
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import subprocess
@@ -16,18 +17,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from conftest import require_tool, run
-from signbridge import keychain
 from signbridge.apple.certificates import Usage
 from signbridge.errors import NotFoundError, SignatureError
 from signbridge.hashes import HashAlgorithm
-from signbridge.keychain import (
+from signbridge.keychain.discovery import discover, validity_problem
+from signbridge.keychain.selection import (
     AmbiguousIdentityError,
     NoIdentityError,
-    NoTokenError,
-    TokenAccessError,
     UnsuitableIdentityError,
+    select_identity,
 )
-from signbridge.pkcs11 import authority_object, objects_for_identity
+from signbridge.keychain.tokens import NoTokenError, find_tokens
+from signbridge.pkcs11 import Pkcs11Client, authority_object, objects_for_identity
 from signbridge.signatures import Scheme, SignatureRequest
 from tokenkit import (
     LocalSigner,
@@ -80,7 +81,7 @@ def _by_name(identities):
 
 
 def test_lists_the_identities_of_a_token_with_their_chains(alpha, pki, tmp_path):
-    identities = keychain.list_identities()
+    identities = list(discover().identities)
     found = _by_name(identities)
     assert sorted(found) == sorted(identity.common_name for identity in pki.identities)
     assert {identity.source for identity in identities} == {"alpha"}
@@ -90,7 +91,7 @@ def test_lists_the_identities_of_a_token_with_their_chains(alpha, pki, tmp_path)
     assert found[pki.application.common_name].team_id == "TEAM123456"
     for identity in identities:
         assert identity.chain == (pki.intermediate.certificate, pki.root.certificate)
-        assert keychain.validity_problem(identity) is None
+        assert validity_problem(identity) is None
 
     # openssl builds the same path from the chain the keychain found
     identity = found[pki.application.common_name]
@@ -116,23 +117,23 @@ def test_chain_is_built_by_signature_not_by_name(runtime, pki):
         authority_object(pki.root.certificate),
     ]
     with serve_objects("gamma", objects, LocalSigner.of([pki.application])):
-        (identity,) = keychain.list_identities()
+        (identity,) = list(discover().identities)
     assert identity.chain == (pki.intermediate.certificate, pki.root.certificate)
 
 
 def test_missing_intermediate_leaves_the_chain_short_and_untrusted(runtime, pki):
     with serve_token("short", [pki.application], [pki.root.certificate]):
-        (identity,) = keychain.list_identities()
+        (identity,) = list(discover().identities)
     assert identity.chain == ()
-    assert keychain.validity_problem(identity) == "CSSMERR_TP_NOT_TRUSTED"
+    assert validity_problem(identity) == "CSSMERR_TP_NOT_TRUSTED"
 
 
 def test_a_self_signed_identity_is_listed_but_not_trusted(runtime, pki):
     self_signed = issue(apple_name("Local Code Signing"), rsa_key(), None, key_id="local/self")
     with serve_token("local", [self_signed], pki.authorities):
-        (identity,) = keychain.list_identities()
+        (identity,) = list(discover().identities)
     assert identity.chain == ()
-    assert keychain.validity_problem(identity) == "CSSMERR_TP_NOT_TRUSTED"
+    assert validity_problem(identity) == "CSSMERR_TP_NOT_TRUSTED"
 
 
 def test_a_certificate_without_a_private_key_is_not_an_identity(runtime, pki):
@@ -142,55 +143,56 @@ def test_a_certificate_without_a_private_key_is_not_an_identity(runtime, pki):
         authority_object(pki.intermediate.certificate),
     ]
     with serve_objects("gamma", objects, LocalSigner.of([pki.application])):
-        identities = keychain.list_identities()
+        identities = list(discover().identities)
     assert [identity.common_name for identity in identities] == [pki.application.common_name]
 
 
 def test_two_tokens_side_by_side(alpha, beta, pki, other_pki):
-    identities = keychain.list_identities()
+    identities = list(discover().identities)
     expected = [("alpha", i.common_name) for i in pki.identities]
     expected += [("beta", i.common_name) for i in other_pki.identities]
     assert sorted((i.source, i.common_name) for i in identities) == sorted(expected)
-    only_beta = keychain.list_identities(tokens=keychain.find_tokens(["beta"]))
+    only_beta = list(discover(tokens=find_tokens(["beta"])).identities)
     assert {identity.source for identity in only_beta} == {"beta"}
-    assert keychain.find_tokens(["io.signbridge.token:alpha"])[0].name == "alpha"
+    assert find_tokens(["io.signbridge.token:alpha"])[0].name == "alpha"
 
 
 def test_no_token_running(runtime):
     with pytest.raises(NoTokenError) as caught:
-        keychain.list_identities()
+        list(discover().identities)
     assert str(caught.value) == "no signbridge token is running; start one with `signbridge start`"
     with pytest.raises(NoTokenError):
-        keychain.select_identity("TEAM123456", usage=Usage.CODE)
+        select_identity("TEAM123456", usage=Usage.CODE)
     assert issubclass(NoTokenError, NotFoundError)
 
 
 def test_unknown_token_name_lists_the_running_ones(alpha, beta):
     with pytest.raises(NoTokenError) as caught:
-        keychain.find_tokens(["gamma"])
+        find_tokens(["gamma"])
     assert str(caught.value) == 'no signbridge token named "gamma" is running (running: alpha, beta)'
 
 
 def test_stale_records_are_ignored(runtime, pki):
     write_stale_record("ghost")  # its process is gone
     with pytest.raises(NoTokenError):
-        keychain.list_identities()
+        list(discover().identities)
     stopped = serve_token("stopped", [pki.application], pki.authorities)
     stopped.stop(keep_record=True)  # our pid lives on, but nothing listens on its socket
     with serve_token("alpha", [pki.installer], pki.authorities):
-        identities = keychain.list_identities()
+        identities = list(discover().identities)
         assert [(identity.source, identity.common_name) for identity in identities] == [
             ("alpha", pki.installer.common_name)
         ]
-        assert [token.name for token in keychain.find_tokens()] == ["alpha"]
+        assert [token.name for token in find_tokens()] == ["alpha"]
 
 
 def test_a_wrong_pin_is_reported_without_the_pin(alpha):
-    with pytest.raises(TokenAccessError) as caught:
-        keychain.list_identities(pin="s3cret-guess")
-    assert "did not accept the PIN" in str(caught.value)
-    assert "alpha" in str(caught.value)
-    assert "s3cret-guess" not in str(caught.value)
+    found = discover(pin="s3cret-guess")
+    assert found.identities == ()
+    (problem,) = found.problems
+    assert "did not accept the PIN" in problem
+    assert "alpha" in problem
+    assert "s3cret-guess" not in problem
 
 
 def test_an_unreadable_token_does_not_hide_the_others(runtime, pki, other_pki):
@@ -198,11 +200,11 @@ def test_an_unreadable_token_does_not_hide_the_others(runtime, pki, other_pki):
         serve_token("alpha", pki.identities, pki.authorities, pin="other-pin"),
         serve_token("beta", other_pki.identities, other_pki.authorities),
     ):
-        found = keychain.discover()
+        found = discover()
         assert {identity.source for identity in found.identities} == {"beta"}
         assert found.problems == ("token alpha could not be read: the token alpha did not accept the PIN",)
         with pytest.raises(NoIdentityError) as caught:
-            keychain.select_identity("Test Corp", usage=Usage.CODE)
+            select_identity("Test Corp", usage=Usage.CODE)
         assert str(caught.value) == (
             "Test Corp: no identity found "
             "(token alpha could not be read: the token alpha did not accept the PIN)"
@@ -215,44 +217,41 @@ def test_an_unreadable_token_does_not_hide_the_others(runtime, pki, other_pki):
 def test_select_by_sha1_sha256_exact_name_and_substring(alpha, pki):
     application = pki.application
     for name in (application.sha1, application.sha1.lower(), application.sha256, application.sha256.lower()):
-        assert keychain.select_identity(name, usage=None).certificate == application.certificate
-    by_name = keychain.select_identity(application.common_name, usage=None)
+        assert select_identity(name, usage=None).certificate == application.certificate
+    by_name = select_identity(application.common_name, usage=None)
     assert by_name.certificate == application.certificate
-    assert keychain.select_identity("Application: Test", usage=None).certificate == application.certificate
-    assert keychain.select_identity("Document Signing", usage=None).certificate == pki.document.certificate
+    assert select_identity("Application: Test", usage=None).certificate == application.certificate
+    assert select_identity("Document Signing", usage=None).certificate == pki.document.certificate
 
 
 def test_a_hash_selects_by_fingerprint_only(alpha, pki):
     # 40 hex digits that are not a fingerprint match nothing, even if they were in a name
     with pytest.raises(NoIdentityError, match=r"^0{40}: no identity found$"):
-        keychain.select_identity("0" * 40, usage=None)
+        select_identity("0" * 40, usage=None)
 
 
 def test_names_are_case_sensitive(alpha):
     with pytest.raises(NoIdentityError, match=r"^developer id application: no identity found$"):
-        keychain.select_identity("developer id application", usage=None)
+        select_identity("developer id application", usage=None)
 
 
 def test_exact_name_wins_over_substring_matches(runtime, pki):
     longer = developer_id_application(pki.intermediate, "Test Corp", "TEAM123456 Renewed", key_id="p/renewed")
     assert pki.application.common_name.removesuffix(")") in longer.common_name
     with serve_token("alpha", [pki.application, longer], pki.authorities):
-        identities = keychain.list_identities()
-        exact = keychain.select_identity(pki.application.common_name, usage=Usage.CODE, identities=identities)
+        exact = select_identity(pki.application.common_name, usage=Usage.CODE)
         assert exact.certificate == pki.application.certificate
         with pytest.raises(AmbiguousIdentityError):
-            keychain.select_identity(
-                "Developer ID Application: Test Corp", usage=Usage.CODE, identities=identities
-            )
+            select_identity("Developer ID Application: Test Corp", usage=Usage.CODE)
 
 
 def test_team_id_selects_by_usage(alpha, pki):
-    code = keychain.select_identity("TEAM123456", usage=Usage.CODE)
-    installer = keychain.select_identity("TEAM123456", usage=Usage.INSTALLER)
+    code = select_identity("TEAM123456", usage=Usage.CODE)
+    installer = select_identity("TEAM123456", usage=Usage.INSTALLER)
     assert code.certificate == pki.application.certificate
     assert installer.certificate == pki.installer.certificate
     with pytest.raises(AmbiguousIdentityError) as caught:
-        keychain.select_identity("TEAM123456", usage=None)
+        select_identity("TEAM123456", usage=None)
     assert str(caught.value) == (
         'TEAM123456: ambiguous (matches "Developer ID Application: Test Corp (TEAM123456)", '
         '"Developer ID Installer: Test Corp (TEAM123456)" and '
@@ -263,14 +262,14 @@ def test_team_id_selects_by_usage(alpha, pki):
 
 def test_ambiguous_across_two_tokens(alpha, beta, pki):
     with pytest.raises(AmbiguousIdentityError) as caught:
-        keychain.select_identity("Developer ID Application", usage=Usage.CODE)
+        select_identity("Developer ID Application", usage=Usage.CODE)
     assert str(caught.value) == (
         "Developer ID Application: ambiguous ("
         'matches "Developer ID Application: Test Corp (TEAM123456)" in alpha '
         'and "Developer ID Application: Other Corp (OTHER12345)" in beta)'
     )
-    chosen = keychain.select_identity(
-        "Developer ID Application", usage=Usage.CODE, tokens=keychain.find_tokens(["beta"])
+    chosen = select_identity(
+        "Developer ID Application", usage=Usage.CODE, tokens=find_tokens(["beta"])
     )
     assert (chosen.source, chosen.team_id) == ("beta", "OTHER12345")
 
@@ -281,7 +280,7 @@ def test_the_same_certificate_on_two_tokens_is_ambiguous(runtime, pki):
         serve_token("beta", [pki.application], pki.authorities),
     ):
         with pytest.raises(AmbiguousIdentityError) as caught:
-            keychain.select_identity(pki.application.sha1, usage=Usage.CODE)
+            select_identity(pki.application.sha1, usage=Usage.CODE)
         name = pki.application.common_name
         expected = f'{pki.application.sha1}: ambiguous (matches "{name}" in alpha and "{name}" in beta)'
         assert str(caught.value) == expected
@@ -289,20 +288,20 @@ def test_the_same_certificate_on_two_tokens_is_ambiguous(runtime, pki):
 
 def test_codesign_names_an_installer_identity(alpha):
     with pytest.raises(UnsuitableIdentityError) as caught:
-        keychain.select_identity("Developer ID Installer", usage=Usage.CODE)
+        select_identity("Developer ID Installer", usage=Usage.CODE)
     assert str(caught.value) == (
         "Developer ID Installer: this identity cannot be used for signing code (it is an installer identity; "
         "a code signing identity such as Developer ID Application is needed)"
     )
     assert isinstance(caught.value, NoIdentityError)
     with pytest.raises(UnsuitableIdentityError) as caught:
-        keychain.select_identity("Document Signing", usage=Usage.CODE)
+        select_identity("Document Signing", usage=Usage.CODE)
     assert "(its certificate is not for code signing;" in str(caught.value)
 
 
 def test_productsign_names_an_application_identity(alpha):
     with pytest.raises(UnsuitableIdentityError) as caught:
-        keychain.select_identity("Developer ID Application", usage=Usage.INSTALLER)
+        select_identity("Developer ID Application", usage=Usage.INSTALLER)
     assert str(caught.value) == (
         '"Developer ID Application" matches only application signing identities. '
         "An installer signing identity (not an application signing identity) "
@@ -312,11 +311,11 @@ def test_productsign_names_an_application_identity(alpha):
 
 def test_no_identity_found(alpha):
     with pytest.raises(NoIdentityError) as caught:
-        keychain.select_identity("Apple Distribution", usage=Usage.CODE)
+        select_identity("Apple Distribution", usage=Usage.CODE)
     assert str(caught.value) == "Apple Distribution: no identity found"
     assert not isinstance(caught.value, UnsuitableIdentityError)
     with pytest.raises(NoIdentityError):
-        keychain.select_identity("", usage=None)
+        select_identity("", usage=None)
 
 
 def test_expired_certificates_are_passed_over(runtime, pki):
@@ -325,18 +324,18 @@ def test_expired_certificates_are_passed_over(runtime, pki):
     )
     assert expired.common_name == pki.application.common_name
     with serve_token("alpha", [expired], pki.authorities):
-        (identity,) = keychain.list_identities()
-        assert keychain.validity_problem(identity) == "CSSMERR_TP_CERT_EXPIRED"
+        (identity,) = list(discover().identities)
+        assert validity_problem(identity) == "CSSMERR_TP_CERT_EXPIRED"
         with pytest.raises(NoIdentityError) as caught:
-            keychain.select_identity("TEAM123456", usage=Usage.CODE)
+            select_identity("TEAM123456", usage=Usage.CODE)
         expiry = (PAST + datetime.timedelta(days=30)).strftime("%Y-%m-%d %H:%M:%S UTC")
         reason = f'"{expired.common_name}" in alpha expired on {expiry}'
         assert str(caught.value) == f"TEAM123456: no identity found ({reason})"
     with serve_token("alpha", [expired, pki.application], pki.authorities):
-        chosen = keychain.select_identity(pki.application.common_name, usage=Usage.CODE)
+        chosen = select_identity(pki.application.common_name, usage=Usage.CODE)
         assert chosen.certificate == pki.application.certificate
         then = PAST + datetime.timedelta(days=10)  # when only the old one was valid
-        old = keychain.select_identity(pki.application.common_name, usage=Usage.CODE, now=then)
+        old = select_identity(pki.application.common_name, usage=Usage.CODE, now=then)
         assert old.certificate == expired.certificate
 
 
@@ -344,8 +343,8 @@ def test_not_yet_valid_is_reported(runtime, pki):
     future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=10)
     early = developer_id_application(pki.intermediate, key_id="p/early", not_before=future)
     with serve_token("alpha", [early], pki.authorities):
-        (identity,) = keychain.list_identities()
-    assert keychain.validity_problem(identity) == "CSSMERR_TP_CERT_NOT_VALID_YET"
+        (identity,) = list(discover().identities)
+    assert validity_problem(identity) == "CSSMERR_TP_CERT_NOT_VALID_YET"
 
 
 # --- signing through the token ------------------------------------------------------------------
@@ -394,7 +393,7 @@ def test_signatures_through_the_token_verify_with_openssl(
     alpha, pki, tmp_path, who, scheme, algorithm, options
 ):
     expected = getattr(pki, who)
-    identity = keychain.select_identity(expected.sha1, usage=None)
+    identity = select_identity(expected.sha1, usage=None)
     digest = algorithm.digest(b"the signed attributes of a CMS")
     signature = identity.sign(SignatureRequest(digest, algorithm, scheme))
 
@@ -416,11 +415,11 @@ def test_signatures_through_the_token_verify_with_openssl(
 
 
 def test_a_scheme_the_key_cannot_make_is_refused_before_the_token(alpha, pki):
-    identity = keychain.select_identity(pki.application.sha1, usage=None)
+    identity = select_identity(pki.application.sha1, usage=None)
     digest = hashlib.sha256(b"x").digest()
     with pytest.raises(SignatureError, match="an RSA key cannot make Ecdsa signatures"):
         identity.sign(SignatureRequest(digest, HashAlgorithm.SHA256, Scheme.ECDSA))
-    ec_identity = keychain.select_identity(pki.document.sha1, usage=None)
+    ec_identity = select_identity(pki.document.sha1, usage=None)
     with pytest.raises(SignatureError, match="an ECDSA key cannot make RsaPkcs1 signatures"):
         ec_identity.sign(SignatureRequest(digest, HashAlgorithm.SHA256, Scheme.RSA_PKCS1))
     assert alpha.signer.requests == []
@@ -433,7 +432,7 @@ def test_a_signature_that_does_not_match_the_certificate_is_refused(runtime, pki
     _, public_key, private_key = objects_for_identity(pki.installer.certificate, b"mixed", "mixed")
     signer = LocalSigner({b"mixed": pki.installer.key})
     with serve_objects("mixed", [certificate_object, public_key, private_key], signer):
-        (identity,) = keychain.list_identities()
+        (identity,) = list(discover().identities)
         digest = hashlib.sha256(b"payload").digest()
         with pytest.raises(SignatureError) as caught:
             identity.sign(SignatureRequest(digest, HashAlgorithm.SHA256, Scheme.RSA_PKCS1))
@@ -444,7 +443,7 @@ def test_a_signature_that_does_not_match_the_certificate_is_refused(runtime, pki
 
 
 def test_signing_from_many_threads(alpha, pki):
-    identity = keychain.select_identity("TEAM123456", usage=Usage.CODE)
+    identity = select_identity("TEAM123456", usage=Usage.CODE)
     public_key = pki.application.certificate.public_key()
     results: dict[int, bytes] = {}
     errors: list[BaseException] = []
@@ -474,7 +473,7 @@ def test_identity_survives_a_token_restart_and_fails_clearly_when_stopped(runtim
     digest = hashlib.sha256(b"restart").digest()
     request = SignatureRequest(digest, HashAlgorithm.SHA256, Scheme.RSA_PKCS1)
     token = serve_token("alpha", pki.identities, pki.authorities)
-    identity = keychain.select_identity("TEAM123456", usage=Usage.CODE)
+    identity = select_identity("TEAM123456", usage=Usage.CODE)
     identity.sign(request)
     token.stop()
     with pytest.raises(SignatureError) as caught:
@@ -483,3 +482,25 @@ def test_identity_survives_a_token_restart_and_fails_clearly_when_stopped(runtim
     with serve_token("alpha", pki.identities, pki.authorities) as restarted:
         assert len(identity.sign(request)) == 256
         assert len(restarted.signer.requests) == 1
+
+
+def test_one_session_serves_every_signature_and_a_reload_reconnects_once(alpha, monkeypatch):
+    identity = select_identity("TEAM123456", usage=Usage.CODE)
+    connects: list[str] = []
+    connect = Pkcs11Client.connect.__func__
+
+    def counting(cls, path, *args, **kwargs):
+        connects.append(str(path))
+        return connect(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(Pkcs11Client, "connect", classmethod(counting))
+    request = SignatureRequest(hashlib.sha256(b"one of many").digest(), HashAlgorithm.SHA256, Scheme.RSA_PKCS1)
+    for _ in range(5):
+        identity.sign(request)
+    assert connects == [alpha.socket]
+    # `signbridge restart` swaps the token: the old session is gone, the next signature connects again
+    alpha.server.set_tokens(dataclasses.replace(alpha.server.tokens[1]))
+    identity.sign(request)
+    identity.sign(request)
+    assert connects == [alpha.socket, alpha.socket]
+    assert len(alpha.signer.requests) == 7  # nothing was signed twice

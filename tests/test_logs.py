@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from signbridge.config import ProviderSettings, load_settings
 from signbridge.errors import ConfigError
-from signbridge.logs import (
+from signbridge.provider.logs import (
     LOG_FILE_NAME,
     VERBOSE,
     RedactingFilter,
@@ -25,6 +24,7 @@ from signbridge.logs import (
     register_secret,
     rotating_file_handler,
 )
+from signbridge.provider.settings import ProviderSettings, load_settings
 
 ORG = "0a1b2c3d-0000-4000-8000-00000000abcd"
 TOKEN = "Zk9/t0ken+With/Slashes+AndPlus0000000000000="

@@ -34,7 +34,7 @@ from providerkit import (
     policy_certificates,
 )
 from servicekit import DemoService, demo_service
-from signbridge.token import registry
+from signbridge.provider import registry
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -21,8 +21,9 @@ import pytest
 from conftest import require_tool, run
 from providerkit import PROXY_MODULE, Provider
 from servicekit import DemoService, demo_service
+from signbridge import p11kit
+from signbridge.provider import registration
 from signbridge.server.process import free_port
-from signbridge.token import registration
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -89,7 +90,7 @@ def test_start_is_ready_when_it_returns_then_status_and_stop(provider: Provider,
     assert stat.S_ISSOCK(socket_path.stat().st_mode)
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
-    fields = registration.read_module(module_file)
+    fields = p11kit.read_fields(module_file)
     assert fields["remote"] == f"unix:path={record.socket}"
     assert stat.S_IMODE(module_file.stat().st_mode) == 0o644
     require_tool("p11-kit")
@@ -141,7 +142,7 @@ def test_the_api_token_is_never_in_argv_environment_or_files(provider: Provider,
     assert secret not in Path(f"/proc/{record.pid}/cmdline").read_bytes()
     assert secret not in Path(f"/proc/{record.pid}/environ").read_bytes()
     ps = run(["ps", "-ww", "-o", "args=", "-p", str(record.pid)]).stdout
-    assert b"signbridge.token" in ps and secret not in ps
+    assert b"signbridge.provider" in ps and secret not in ps
     for path in [*provider.runtime.rglob("*"), *provider.our_module_files()]:
         if path.is_file():
             assert secret not in path.read_bytes(), path
@@ -368,7 +369,7 @@ def test_kill_9_leaves_a_stale_registration_that_is_ignored_and_cleaned(provider
     fresh = provider.record()
     assert fresh.pid != record.pid
     assert Path(fresh.module_file or "").exists()
-    assert registration.read_module(Path(fresh.module_file or ""))["x-signbridge-pid"] == str(fresh.pid)
+    assert p11kit.read_fields(Path(fresh.module_file or ""))["x-signbridge-pid"] == str(fresh.pid)
     assert provider.status()["stale"] == []
 
 

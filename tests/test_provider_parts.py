@@ -15,13 +15,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from signbridge import p11kit
 from signbridge.api.client import SigningPolicyInfo
-from signbridge.config import load_settings
 from signbridge.errors import UsageError
-from signbridge.token import registration
-from signbridge.token.daemon import settings_from_wire, settings_to_wire
-from signbridge.token.loader import AmbiguousReference, check_unambiguous
-from signbridge.token.naming import check_name, token_name
+from signbridge.provider import registration
+from signbridge.provider.daemon import settings_from_wire, settings_to_wire
+from signbridge.provider.loader import AmbiguousReference, check_unambiguous
+from signbridge.provider.naming import check_name, token_name
+from signbridge.provider.settings import load_settings
 
 ORG = "0a1b2c3d-0000-4000-8000-00000000abcd"
 OTHER_ORG = "0a1b2c3d-1111-4000-8000-00000000abcd"
@@ -85,9 +86,9 @@ def test_reasons_p11_kit_would_skip_the_user_directory(tmp_path: Path) -> None:
 
 
 def test_remote_address_is_percent_encoded() -> None:
-    assert registration.remote_address("/run/user/1000/a b%/p.sock") == "unix:path=/run/user/1000/a%20b%25/p.sock"
-    fields = {"remote": registration.remote_address("/tmp/a b/p.sock")}
-    assert registration.socket_of(fields) == "/tmp/a b/p.sock"
+    assert p11kit.remote_address("/run/user/1000/a b%/p.sock") == "unix:path=/run/user/1000/a%20b%25/p.sock"
+    fields = {"remote": p11kit.remote_address("/tmp/a b/p.sock")}
+    assert p11kit.socket_of(fields) == "/tmp/a b/p.sock"
 
 
 def test_module_files_are_readable_by_everyone_whatever_the_umask(tmp_path: Path) -> None:
@@ -101,7 +102,7 @@ def test_module_files_are_readable_by_everyone_whatever_the_umask(tmp_path: Path
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     for created in (directory, directory.parent, directory.parent.parent):
         assert stat.S_IMODE(created.stat().st_mode) == 0o755
-    fields = registration.read_module(path)
+    fields = p11kit.read_fields(path)
     assert fields == {
         "remote": "unix:path=/tmp/nowhere/p.sock", "critical": "no",
         "x-signbridge-token": "signbridge-unit", "x-signbridge-pid": "4242",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_tool
-from signbridge import keychain
+from signbridge.p11kit import p11kit_modules
 from tokenkit import apple_pki, developer_id_application, serve_token, use_runtime_dir, write_stale_record
 
 TESTS = Path(__file__).resolve().parent
@@ -239,7 +239,7 @@ def test_p11kit_listing_is_parsed_from_real_output():
     listing = subprocess.run(
         [require_tool("p11-kit"), "list-modules"], capture_output=True, text=True, timeout=60
     ).stdout
-    modules = keychain.p11kit_modules(listing)
+    modules = p11kit_modules(listing)
     assert "System Trust" in modules["p11-kit-trust"]  # Debian's p11-kit-modules
     assert all(not name.startswith(" ") for name in modules)
     # token lines are only the four-space "token:" lines, not attributes of a token
@@ -281,7 +281,7 @@ def test_pluginkit_sees_a_token_registered_with_p11kit():
             f"p11-kit list-modules fails for this user ({listing.stderr.strip()!r}); "
             "is /etc/pkcs11 readable by everyone?"
         )
-        assert keychain.p11kit_modules(listing.stdout)["signbridge-demo"] == ["demo"]
+        assert p11kit_modules(listing.stdout)["signbridge-demo"] == ["demo"]
 
         verbose = signbridge("pluginkit", "-m", "-v", "-p", "com.apple.ctk-tokens", env=env, prefix=prefix)
         assert verbose.returncode == 0, verbose.stderr

@@ -19,7 +19,7 @@ HEAVY = ("sqlalchemy", "httpx", "rich", "cryptography.x509", "asn1crypto", "sign
 # tokens and the PKCS#11 client (only signing finds an identity), bundles, disk images and archives.
 NOT_FOR_CODESIGN_CHECKS = (
     "click", "httpx", "httpcore", "rich", "pygments", "sqlalchemy", "uvicorn", "signbridge.server",
-    "signbridge.api", "signbridge.keychain", "signbridge.pkcs11", "signbridge.token", "signbridge.config",
+    "signbridge.api", "signbridge.keychain", "signbridge.pkcs11", "signbridge.provider", "signbridge.config",
     "signbridge.apple.codesign", "signbridge.apple.macho_signing", "signbridge.apple.bundle",
     "signbridge.apple.resources", "signbridge.apple.dmg.verify", "signbridge.apple.dmg.sign", "zipfile",
 )  # fmt: skip
@@ -114,7 +114,7 @@ def test_start_front_end_imports_no_token_internals(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     heavy = ("httpx", "rich", "asn1crypto", "cryptography.x509", "signbridge.api", "signbridge.pkcs11", "signbridge.apple")
     assert not _matching(modules, heavy), _matching(modules, heavy)
-    assert "signbridge.token.daemon" in modules
+    assert "signbridge.provider.daemon" in modules
 
 
 def test_token_process_imports_what_serving_needs() -> None:
@@ -122,8 +122,8 @@ def test_token_process_imports_what_serving_needs() -> None:
     # What TokenProcess.start imports when the token starts, then the module list.
     probe = (
         "import sys\n"
-        "import signbridge.token.daemon, signbridge.api.client, signbridge.pkcs11.server, signbridge.pkcs11.token\n"
-        "import signbridge.token.loader, signbridge.token.signer\n"
+        "import signbridge.provider.daemon, signbridge.api.client, signbridge.pkcs11.server, signbridge.pkcs11.token\n"
+        "import signbridge.provider.loader, signbridge.provider.signer\n"
         "print('\\n'.join(sorted(sys.modules)))\n"
     )
     modules = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split())
@@ -138,7 +138,7 @@ def test_pkgutil_check_signature_imports_no_signing(tmp_path: Path) -> None:
     modules, proc = _imported_by_main(tmp_path, "pkgutil", "--check-signature", str(package), env=apple_anchor_env())
     assert proc.returncode == 0, proc.stderr
     assert "Status: signed by a developer certificate issued by Apple" in proc.stdout
-    signing = ("httpx", "rich", "signbridge.keychain", "signbridge.pkcs11", "signbridge.token", "signbridge.apple.codesign")
+    signing = ("httpx", "rich", "signbridge.keychain", "signbridge.pkcs11", "signbridge.provider", "signbridge.apple.codesign")
     assert not _matching(modules, signing), _matching(modules, signing)
 
 

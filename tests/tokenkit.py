@@ -5,7 +5,7 @@ leaves them.
     runtime = use_runtime_dir(tmp_path, monkeypatch)     # SIGNBRIDGE_RUNTIME_DIR for this test
     pki = apple_pki()
     with serve_token("alpha", pki.identities, pki.authorities) as token:
-        identity = keychain.select_identity("TEAM123456", usage=Usage.CODE)
+        identity = select_identity("TEAM123456", usage=Usage.CODE)
 
 The PKI: a self-signed RSA root, a Developer ID-style intermediate (marker 1.2.840.113635.100.6.2.6)
 and three leaves: "Developer ID Application: <org> (<team>)" (codeSigning), "Developer ID
@@ -55,8 +55,8 @@ from signbridge.pkcs11 import (
     objects_for_identity,
     serve,
 )
+from signbridge.provider import registry
 from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, pss_padding
-from signbridge.token import registry
 
 TEAM = "TEAM123456"
 ORGANIZATION = "Test Corp"

@@ -1,9 +1,12 @@
-"""Settings of the crypto provider (``signbridge start``), read the way SignPath's providers read them.
+"""SignPath's settings sources, shared by the crypto provider and the Apple tools.
 
 Each setting can come from the command line, the environment or a JSON config file; the command
 line wins over the environment, which wins over the file. The file is
 ``--config``, else ``$SIGNPATH_CONFIG_FILE``, else ``config.json`` beside the installed
-``signbridge`` program; only that last one may be absent.
+``signbridge`` program; only that last one may be absent. This module holds where the file is,
+the table of keys with their environment variables, how each value is parsed, and
+:func:`read_settings`, which reads the chosen ones; the provider's settings are
+:mod:`signbridge.provider.settings`, the Apple tools' :mod:`signbridge.tool_settings`.
 
 The file uses SignPath's keys, nested (``{"Log": {"Console": {"Level": "info"}}}``) or dotted
 (``{"Log.Console.Level": "info"}``), so a SignPath config file works unchanged. Rules:
@@ -13,7 +16,7 @@ The file uses SignPath's keys, nested (``{"Log": {"Console": {"Level": "info"}}}
 - ``CIUserToken`` / ``SIGNPATH_CI_USER_TOKEN`` (renamed in Crypto Providers 4.2.0) and
   ``Timeouts.HttpRequest`` (renamed in 6.0.2) are still read when the new name is not given.
   Settings signbridge cannot use (Windows-only ``TlsClientCertificate``, the retry settings removed
-  in 6.0.2) are accepted and reported in :attr:`ProviderSettings.warnings`.
+  in 6.0.2) are accepted and reported as warnings.
 - ``HttpProxy`` comes from the file or ``http_proxy`` (``HTTP_PROXY``), the variable SignPath reads,
   and applies to the service's HTTPS traffic as in SignPath. ``HTTPS_PROXY``/``NO_PROXY`` are not
   settings: when no ``HttpProxy`` is set, httpx itself honours them.
@@ -22,11 +25,11 @@ The file uses SignPath's keys, nested (``{"Log": {"Console": {"Level": "info"}}}
   TSA that ``--timestamp`` without a URL uses) and ``CaBundle`` (``SIGNBRIDGE_CA_BUNDLE``; extra CA
   certificates for TLS to the service).
 
-The command line is given as a mapping of :class:`ProviderSettings` field names (``api_url``,
-``organization_id``, ``api_token``, ...) plus ``config``; messages call them ``--api-url`` and so on.
-The API token never appears in a message, a ``repr`` or :meth:`ProviderSettings.redacted`.
+The command line is given as a mapping of field names (``api_url``, ``organization_id``,
+``api_token``, ...) plus ``config``; messages call them ``--api-url`` and so on. Only the values
+of the fields a reader asks for are parsed, so a bad value of another setting never stops it; the
+file itself (its JSON, its keys) is always checked.
 """
-
 from __future__ import annotations
 
 import difflib
@@ -37,8 +40,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -50,23 +53,8 @@ CONFIG_FILE_NAME = "config.json"
 LOG_LEVELS = ("none", "fatal", "error", "warning", "info", "debug", "verbose")
 OUTPUT_STREAMS = ("stdout", "stderr")
 
-_GUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
-_ORGANIZATION_AND_TOKEN = re.compile(rf"({_GUID.pattern}):(.+)", re.DOTALL)
+GUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
-
-def default_log_directory(environ: Mapping[str, str] = os.environ, platform: str = sys.platform) -> Path:
-    """Where the provider's log file goes by default.
-
-    macOS: ``~/Library/Logs/SignBridge`` (beside SignPath's ``~/Library/Logs/SignPathCryptoTokenKit``).
-    Elsewhere: ``$XDG_STATE_HOME/signbridge/log``, i.e. ``~/.local/state/signbridge/log``, which is
-    what ``platformdirs.user_log_dir("signbridge")`` gives on Linux.
-    """
-    if platform == "darwin":
-        return Path.home() / "Library" / "Logs" / "SignBridge"
-    state = environ.get("XDG_STATE_HOME", "")
-    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
-    return base / "signbridge" / "log"
 
 
 def default_program_dir() -> Path | None:
@@ -77,75 +65,6 @@ def default_program_dir() -> Path | None:
     found = shutil.which("signbridge")
     return Path(found).resolve().parent if found else None
 
-
-@dataclass(frozen=True)
-class ProviderSettings:
-    """Everything ``signbridge start`` needs to know; see the module docstring for where each comes from."""
-
-    api_url: str = DEFAULT_API_URL
-    organization_id: str | None = None
-    api_token: str | None = None
-    project_slug: str | None = None
-    signing_policy_slug: str | None = None
-    http_request_timeout: float = 30.0
-    service_unavailable_timeout: float = 600.0
-    http_proxy: str | None = None
-    log_console_level: str = "none"
-    log_console_output_stream: str = "stderr"
-    log_file_level: str = "info"
-    log_file_directory: Path = field(default_factory=default_log_directory)
-    cryptoki_do_not_fail_on_read_write_sessions: bool = False
-    include_dummy_x509_certificate_for_gpg_keys: bool = False
-    trust_anchors: tuple[Path, ...] = ()
-    timestamp_url: str | None = None
-    ca_bundle: Path | None = None
-    config_file: Path | None = None
-    #: Field name -> where its value came from ("environment variable SIGNPATH_API_URL", ...).
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
-    #: Things worth logging once logging is configured (ignored keys, an unencrypted ApiUrl, ...).
-    warnings: tuple[str, ...] = field(default=(), compare=False)
-
-    def redacted(self) -> dict[str, Any]:
-        """The settings as plain data, safe to print or log: no token, no passwords in URLs."""
-        return {
-            "api_url": _mask_url_password(self.api_url),
-            "organization_id": self.organization_id,
-            "api_token": "***" if self.api_token else None,
-            "project_slug": self.project_slug,
-            "signing_policy_slug": self.signing_policy_slug,
-            "http_request_timeout": self.http_request_timeout,
-            "service_unavailable_timeout": self.service_unavailable_timeout,
-            "http_proxy": _mask_url_password(self.http_proxy),
-            "log_console_level": self.log_console_level,
-            "log_console_output_stream": self.log_console_output_stream,
-            "log_file_level": self.log_file_level,
-            "log_file_directory": str(self.log_file_directory),
-            "cryptoki_do_not_fail_on_read_write_sessions": self.cryptoki_do_not_fail_on_read_write_sessions,
-            "include_dummy_x509_certificate_for_gpg_keys": self.include_dummy_x509_certificate_for_gpg_keys,
-            "trust_anchors": [str(path) for path in self.trust_anchors],
-            "timestamp_url": _mask_url_password(self.timestamp_url),
-            "ca_bundle": str(self.ca_bundle) if self.ca_bundle else None,
-            "config_file": str(self.config_file) if self.config_file else None,
-        }
-
-    def secrets(self) -> tuple[str, ...]:
-        """Every value that must never be written anywhere: the token, its PIN form, URL passwords."""
-        found = []
-        if self.api_token:
-            found.append(self.api_token)
-            if self.organization_id:
-                found.append(f"{self.organization_id}:{self.api_token}")
-        for url in (self.api_url, self.http_proxy, self.timestamp_url):
-            password = urlsplit(url).password if url else None
-            if password:
-                found.append(password)
-        return tuple(found)
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
-        return f"ProviderSettings({shown})"
-
-    __str__ = __repr__
 
 
 # ---- parsing single values ---------------------------------------------------------------------
@@ -161,7 +80,7 @@ class _Ignored:
 
 
 @dataclass(frozen=True)
-class _Origin:
+class Origin:
     kind: str  # "file", "env" or "cli"
     name: str  # JSON key, variable or flag
     file: Path | None = None
@@ -185,7 +104,7 @@ class _Origin:
         return Path(os.path.normpath(path))
 
 
-Parser = Callable[[Any, _Origin], Any]
+Parser = Callable[[Any, Origin], Any]
 
 
 def _show(value: Any) -> str:
@@ -193,7 +112,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _text(value: Any, origin: _Origin) -> str | None:
+def _text(value: Any, origin: Origin) -> str | None:
     if value is None:
         return None
     if isinstance(value, Path) and origin.kind == "cli":
@@ -204,7 +123,7 @@ def _text(value: Any, origin: _Origin) -> str | None:
 
 
 def _url(what: str) -> Parser:
-    def parse(value: Any, origin: _Origin) -> str | None:
+    def parse(value: Any, origin: Origin) -> str | None:
         text = _text(value, origin)
         if text is None:
             return None
@@ -216,17 +135,17 @@ def _url(what: str) -> Parser:
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise _Invalid(f"must be {what} starting with https:// or http://, not {_show(text)}")
         if parts.query or parts.fragment:
-            raise _Invalid(f"must be {what} without a query or fragment, not {_show(_mask_url_password(text))}")
+            raise _Invalid(f"must be {what} without a query or fragment, not {_show(mask_url_password(text))}")
         return text.rstrip("/")
 
     return parse
 
 
-def _guid(value: Any, origin: _Origin) -> str | None:
+def _guid(value: Any, origin: Origin) -> str | None:
     text = _text(value, origin)
     if text is None:
         return None
-    if not _GUID.fullmatch(text):
+    if not GUID.fullmatch(text):
         raise _Invalid(
             f"must be a GUID like 0a1b2c3d-0000-4000-8000-00000000abcd (the first id in your SignPath URL), "
             f"not {_show(text)}"
@@ -234,7 +153,7 @@ def _guid(value: Any, origin: _Origin) -> str | None:
     return text.lower()
 
 
-def _token(value: Any, origin: _Origin) -> str | None:
+def parse_api_token(value: Any, origin: Origin) -> str | None:
     # Messages here never include the value.
     if value is None:
         return None
@@ -254,7 +173,7 @@ def _token(value: Any, origin: _Origin) -> str | None:
     return text
 
 
-def _slug(value: Any, origin: _Origin) -> str | None:
+def _slug(value: Any, origin: Origin) -> str | None:
     text = _text(value, origin)
     if text is not None and "/" in text:
         raise _Invalid(f"must be a single slug without '/', not {_show(text)}; give the project and policy separately")
@@ -262,7 +181,7 @@ def _slug(value: Any, origin: _Origin) -> str | None:
 
 
 def _seconds(*, allow_zero: bool) -> Parser:
-    def parse(value: Any, origin: _Origin) -> float | None:
+    def parse(value: Any, origin: Origin) -> float | None:
         if value is None or (origin.from_text and isinstance(value, str) and not value.strip()):
             return None
         number: float | None = None
@@ -296,7 +215,7 @@ def _is_number(text: str) -> bool:
 
 
 def _choice(choices: Sequence[str]) -> Parser:
-    def parse(value: Any, origin: _Origin) -> str | None:
+    def parse(value: Any, origin: Origin) -> str | None:
         text = _text(value, origin)
         if text is None:
             return None
@@ -307,7 +226,7 @@ def _choice(choices: Sequence[str]) -> Parser:
     return parse
 
 
-def _bool(value: Any, origin: _Origin) -> bool | None:
+def _bool(value: Any, origin: Origin) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str) and origin.from_text:
@@ -318,12 +237,12 @@ def _bool(value: Any, origin: _Origin) -> bool | None:
     raise _Invalid(f"must be true or false, not {_show(value)}")
 
 
-def _directory(value: Any, origin: _Origin) -> Path | None:
+def _directory(value: Any, origin: Origin) -> Path | None:
     text = _text(value, origin)
     return origin.path(text) if text is not None else None
 
 
-def _existing_file(value: Any, origin: _Origin) -> Path | None:
+def _existing_file(value: Any, origin: Origin) -> Path | None:
     text = _text(value, origin)
     if text is None:
         return None
@@ -333,7 +252,7 @@ def _existing_file(value: Any, origin: _Origin) -> Path | None:
     return path
 
 
-def _anchors(value: Any, origin: _Origin) -> tuple[Path, ...] | None:
+def _anchors(value: Any, origin: Origin) -> tuple[Path, ...] | None:
     if value is None:
         return None
     if origin.from_text and isinstance(value, str):
@@ -356,7 +275,7 @@ def _anchors(value: Any, origin: _Origin) -> tuple[Path, ...] | None:
     return tuple(paths) or None
 
 
-def _proxy(value: Any, origin: _Origin) -> str | None:
+def _proxy(value: Any, origin: Origin) -> str | None:
     text = _text(value, origin)
     if text is None:
         return None
@@ -367,12 +286,12 @@ def _proxy(value: Any, origin: _Origin) -> str | None:
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-        raise _Invalid(f"must be host:port or http://host:port, not {_show(_mask_url_password(text))}")
+        raise _Invalid(f"must be host:port or http://host:port, not {_show(mask_url_password(text))}")
     return url.rstrip("/")
 
 
 def _ignored(reason: str) -> Parser:
-    def parse(value: Any, origin: _Origin) -> _Ignored:
+    def parse(value: Any, origin: Origin) -> _Ignored:
         return _Ignored(reason)
 
     return parse
@@ -383,7 +302,7 @@ def _ignored(reason: str) -> Parser:
 
 @dataclass(frozen=True)
 class _Key:
-    field: str  # ProviderSettings field; "" for keys that are accepted and ignored
+    field: str  # the settings field (ProviderSettings, ToolSettings); "" for keys that are accepted and ignored
     json: str  # dotted JSON key
     env: tuple[str, ...]
     parse: Parser
@@ -397,7 +316,7 @@ class _Key:
 _KEYS = (
     _Key("api_url", "ApiUrl", ("SIGNPATH_API_URL",), _url("the service's API URL")),
     _Key("organization_id", "OrganizationId", ("SIGNPATH_ORGANIZATION_ID",), _guid),
-    _Key("api_token", "ApiToken", ("SIGNPATH_API_TOKEN", "SIGNPATH_CI_USER_TOKEN"), _token, ("CIUserToken",)),
+    _Key("api_token", "ApiToken", ("SIGNPATH_API_TOKEN", "SIGNPATH_CI_USER_TOKEN"), parse_api_token, ("CIUserToken",)),
     _Key("project_slug", "ProjectSlug", ("SIGNPATH_PROJECT_SLUG",), _slug),
     _Key("signing_policy_slug", "SigningPolicySlug", ("SIGNPATH_SIGNING_POLICY_SLUG",), _slug),
     _Key(
@@ -455,7 +374,7 @@ _SECTIONS = {".".join(name.split(".")[:i]) for name in _LEAVES for i in range(1,
 
 # ---- reading the sources -----------------------------------------------------------------------
 
-_Values = dict[str, tuple[Any, _Origin]]
+_Values = dict[str, tuple[Any, Origin]]
 
 
 class _DuplicateKey(Exception):
@@ -523,21 +442,27 @@ def _suggestion(name: str) -> str:
     return f" (known keys: {', '.join(top)})"
 
 
-def _parse(parser: Parser, value: Any, origin: _Origin) -> Any:
+def parse_value(parser: Parser, value: Any, origin: Origin) -> Any:
+    """``parser``'s value; a value it rejects is a :class:`ConfigError` naming where it came from."""
     try:
         return parser(value, origin)
     except _Invalid as exc:
         raise ConfigError(f"{origin.describe()} {exc}") from None
 
 
-def _file_values(path: Path, warnings: list[str]) -> _Values:
+def _file_values(path: Path, keys: Sequence[_Key], warnings: list[str]) -> _Values:
     flat = _read_file(path)
-    parsed = {name: _parse(_LEAVES[name], value, _Origin("file", name, path)) for name, value in flat.items()}
+    wanted = {*_IGNORED_KEYS, *(name for key in keys for name in (key.json, *key.legacy_json))}
+    parsed = {
+        name: parse_value(_LEAVES[name], value, Origin("file", name, path))
+        for name, value in flat.items()
+        if name in wanted
+    }
     for name, value in parsed.items():
         if isinstance(value, _Ignored):
             warnings.append(f"{path}: {name} is ignored: {value.reason}")
     values: _Values = {}
-    for key in _KEYS:
+    for key in keys:
         for name in (key.json, *key.legacy_json):
             if parsed.get(name) is None:
                 continue
@@ -545,19 +470,19 @@ def _file_values(path: Path, warnings: list[str]) -> _Values:
                 if values[key.field][0] != parsed[name]:
                     warnings.append(f"{path}: {name} is ignored because {key.json} is set")
             else:
-                values[key.field] = (parsed[name], _Origin("file", name, path))
+                values[key.field] = (parsed[name], Origin("file", name, path))
     return values
 
 
-def _env_values(environ: Mapping[str, str], warnings: list[str]) -> _Values:
+def _env_values(environ: Mapping[str, str], keys: Sequence[_Key], warnings: list[str]) -> _Values:
     values: _Values = {}
-    for key in _KEYS:
+    for key in keys:
         for variable in key.env:
             raw = environ.get(variable)
             if raw is None or not raw.strip():
                 continue
-            origin = _Origin("env", variable)
-            value = _parse(key.parse, raw, origin)
+            origin = Origin("env", variable)
+            value = parse_value(key.parse, raw, origin)
             if value is None:
                 continue
             if key.field in values:
@@ -568,14 +493,14 @@ def _env_values(environ: Mapping[str, str], warnings: list[str]) -> _Values:
     return values
 
 
-def _cli_values(cli: Mapping[str, Any]) -> _Values:
+def _cli_values(cli: Mapping[str, Any], keys: Sequence[_Key]) -> _Values:
     values: _Values = {}
-    for key in _KEYS:
+    for key in keys:
         raw = cli.get(key.field)
         if raw is None or raw == ():
             continue
-        origin = _Origin("cli", key.flag)
-        value = _parse(key.parse, raw, origin)
+        origin = Origin("cli", key.flag)
+        value = parse_value(key.parse, raw, origin)
         if value is not None:
             values[key.field] = (value, origin)
     return values
@@ -584,13 +509,13 @@ def _cli_values(cli: Mapping[str, Any]) -> _Values:
 def _config_file(cli: Mapping[str, Any], environ: Mapping[str, str], program_dir: Path | None) -> Path | None:
     given = cli.get("config")
     if given is not None and str(given).strip():
-        path = _Origin("cli", "--config").path(str(given).strip())
+        path = Origin("cli", "--config").path(str(given).strip())
         if not path.exists():
             raise ConfigError(f"--config: the config file {path} does not exist")
         return path
     named = environ.get("SIGNPATH_CONFIG_FILE", "").strip()
     if named:
-        path = _Origin("env", "SIGNPATH_CONFIG_FILE").path(named)
+        path = Origin("env", "SIGNPATH_CONFIG_FILE").path(named)
         if not path.exists():
             raise ConfigError(f"environment variable SIGNPATH_CONFIG_FILE names {path}, which does not exist")
         return path
@@ -601,90 +526,50 @@ def _config_file(cli: Mapping[str, Any], environ: Mapping[str, str], program_dir
     return path if path.exists() else None
 
 
-def load_settings(
-    *, cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ, program_dir: Path | None = None
-) -> ProviderSettings:
-    """The provider's settings: command line > environment > config file > defaults.
+@dataclass(frozen=True)
+class Reading:
+    """The values :func:`read_settings` chose, each with where it came from."""
 
-    ``cli`` maps :class:`ProviderSettings` field names (and ``config``) to values; ``None`` means
-    "not given", so click's ``ctx.params`` can be passed as it is. ``program_dir`` is where the
-    default ``config.json`` is looked for (default: :func:`default_program_dir`).
+    values: dict[str, Any]
+    origins: dict[str, Origin]
+    config_file: Path | None
+    warnings: tuple[str, ...]
+
+
+def read_settings(
+    fields: Collection[str],
+    *,
+    cli: Mapping[str, Any],
+    environ: Mapping[str, str] = os.environ,
+    program_dir: Path | None = None,
+) -> Reading:
+    """The values of ``fields``: command line > environment > config file; a field given nowhere is absent.
+
+    ``cli`` maps field names (and ``config``) to values; ``None`` means "not given", so click's
+    ``ctx.params`` can be passed as it is. ``program_dir`` is where the default ``config.json`` is
+    looked for (default: :func:`default_program_dir`).
     """
+    keys = [key for key in _KEYS if key.field in fields]
     warnings: list[str] = []
     config_file = _config_file(cli, environ, program_dir)
-    file_values = _file_values(config_file, warnings) if config_file is not None else {}
-    env_values = _env_values(environ, warnings)
-    cli_values = _cli_values(cli)
-
-    chosen: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    origins: dict[str, _Origin] = {}
-    for key in _KEYS:
-        for values in (cli_values, env_values, file_values):
-            if key.field in values:
-                value, origin = values[key.field]
-                chosen[key.field] = value
-                origins[key.field] = origin
-                sources[key.field] = origin.describe()
+    file_values = _file_values(config_file, keys, warnings) if config_file is not None else {}
+    env_values = _env_values(environ, keys, warnings)
+    cli_values = _cli_values(cli, keys)
+    values: dict[str, Any] = {}
+    origins: dict[str, Origin] = {}
+    for key in keys:
+        for source in (cli_values, env_values, file_values):
+            if key.field in source:
+                values[key.field], origins[key.field] = source[key.field]
                 break
-    if "log_file_directory" not in chosen:
-        chosen["log_file_directory"] = default_log_directory(environ)
-
-    _split_organization_from_token(chosen, origins, sources)
-    api_url = chosen.get("api_url", DEFAULT_API_URL)
-    if urlsplit(api_url).scheme == "http" and not is_loopback_host(urlsplit(api_url).hostname or ""):
-        warnings.append(f"ApiUrl {_mask_url_password(api_url)} is not HTTPS: the API token travels unencrypted")
-    return ProviderSettings(**chosen, config_file=config_file, sources=sources, warnings=tuple(warnings))
-
-
-def _split_organization_from_token(chosen: dict[str, Any], origins: dict[str, _Origin], sources: dict[str, str]) -> None:
-    """Accept the Cryptoki PIN form ``$OrganizationId:$ApiToken`` as a token value."""
-    token = chosen.get("api_token")
-    match = _ORGANIZATION_AND_TOKEN.fullmatch(token) if token else None
-    if match is None:
-        return
-    organization, chosen["api_token"] = match.group(1).lower(), match.group(2)
-    given = chosen.get("organization_id")
-    if given is None:
-        chosen["organization_id"] = organization
-        sources["organization_id"] = sources["api_token"]
-    elif given != organization:
-        raise ConfigError(
-            f"{origins['api_token'].describe()} has the form $OrganizationId:$ApiToken with organization "
-            f"{organization}, but {origins['organization_id'].describe()} is {given}"
-        )
-
-
-def require_connection_settings(settings: ProviderSettings) -> None:
-    """Raise a :class:`ConfigError` that lists every setting the provider cannot connect without."""
-    where = str(settings.config_file) if settings.config_file else "a config file (--config or SIGNPATH_CONFIG_FILE)"
-    missing = []
-    for name in ("organization_id", "api_token"):
-        if getattr(settings, name):
-            continue
-        key = _KEY_BY_FIELD[name]
-        missing.append(f'  {key.json}: pass {key.flag}, set {key.env[0]}, or put "{key.json}" in {where}')
-    if missing:
-        raise ConfigError("the provider cannot connect without these settings:\n" + "\n".join(missing))
-
-
-def parse_pin(pin: str) -> tuple[str, str] | None:
-    """A Cryptoki PIN: ``CONFIG`` (use the settings; returns None) or ``$OrganizationId:$ApiToken``."""
-    if pin.strip() == "CONFIG":
-        return None
-    organization, colon, rest = pin.strip().partition(":")
-    if not colon or not _GUID.fullmatch(organization):
-        raise ConfigError("the PIN must be CONFIG or $OrganizationId:$ApiToken (organization id, colon, API token)")
-    token = _parse(_token, rest, _Origin("cli", "the API token in the PIN"))
-    if token is None:
-        raise ConfigError("the PIN has an organization id but no API token after the colon")
-    return organization.lower(), token
+    return Reading(values, origins, config_file, tuple(warnings))
 
 
 def setting_names(field_name: str) -> dict[str, str]:
     """Where a setting can be given: ``{"flag": "--api-url", "env": "SIGNPATH_API_URL", "json": "ApiUrl"}``."""
     key = _KEY_BY_FIELD[field_name]
     return {"flag": key.flag, "env": key.env[0], "json": key.json}
+
 
 
 def is_loopback_host(host: str) -> bool:
@@ -697,7 +582,7 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _mask_url_password(url: str | None) -> str | None:
+def mask_url_password(url: str | None) -> str | None:
     if not url:
         return url
     parts = urlsplit(url)
@@ -707,17 +592,3 @@ def _mask_url_password(url: str | None) -> str | None:
     netloc = f"{parts.username}:***@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
 
-
-__all__ = [
-    "CONFIG_FILE_NAME",
-    "DEFAULT_API_URL",
-    "LOG_LEVELS",
-    "OUTPUT_STREAMS",
-    "ProviderSettings",
-    "default_log_directory",
-    "default_program_dir",
-    "load_settings",
-    "parse_pin",
-    "require_connection_settings",
-    "setting_names",
-]

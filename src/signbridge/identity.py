@@ -1,6 +1,6 @@
 """A signing identity: a certificate, its issuer chain, and a way to sign digests with its key.
 
-Identities come from running tokens (see :mod:`signbridge.keychain`); tests may build them from
+Identities come from running tokens (see :mod:`signbridge.keychain.discovery`); tests may build them from
 local keys. The Apple tools only ever see this interface.
 """
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .atomic import atomic_path, write_atomically
 from .errors import SignatureError, SignbridgeError
-from .token.registration import client_module_path
+from .p11kit import client_module_path
 
 TOKEN_PIN = "CONFIG"
 

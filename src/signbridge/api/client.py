@@ -34,7 +34,7 @@ from ..errors import ConfigError, SignbridgeError
 from ..signatures import Scheme, SignatureRequest
 
 if TYPE_CHECKING:
-    from ..config import ProviderSettings
+    from ..provider.settings import ProviderSettings
 
 USER_AGENT = (
     f"signbridge/{__version__} (crypto provider; {platform.system() or sys.platform}; "

@@ -14,7 +14,6 @@ the exit codes are Apple's: 0 success, 1 failure, 2 usage, 3 a requirement not s
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SignbridgeError, UsageError
-from . import echo
+from .output import echo
 
 if TYPE_CHECKING:
     from ..apple import display
@@ -339,9 +338,9 @@ def run(argv: Sequence[str]) -> int:
 def _sign_options(arguments: Arguments) -> CodesignOptions:
     from ..apple.cms import resolve_timestamp_url
     from ..apple.codesign_options import CodesignOptions, parse_digest_algorithms, parse_flags
-    from ..config import load_settings
+    from ..tool_settings import load_tool_settings
 
-    settings = load_settings(cli={})
+    settings = load_tool_settings()
     entitlements = None
     if arguments.entitlements is not None:
         try:
@@ -373,11 +372,12 @@ def _identity(arguments: Arguments) -> Identity | None:
     name = arguments.identity or ""
     if name == "-":
         return None
-    from .. import keychain
     from ..apple.certificates import Usage
+    from ..keychain.selection import select_identity
+    from ..keychain.tokens import find_tokens
 
-    tokens = keychain.find_tokens([arguments.token]) if arguments.token else None
-    return keychain.select_identity(name, usage=Usage.CODE, tokens=tokens)
+    tokens = find_tokens([arguments.token]) if arguments.token else None
+    return select_identity(name, usage=Usage.CODE, tokens=tokens)
 
 
 def _sign(arguments: Arguments, terminal: Terminal) -> int:
@@ -427,11 +427,9 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
 
 def anchors_for_verification():  # noqa: ANN201
     from ..apple.trust import anchors_from_environment
-    from ..config import load_settings
+    from ..tool_settings import load_tool_settings
 
-    settings = load_settings(cli={})
-    configured = os.pathsep.join(str(path) for path in settings.trust_anchors) or None
-    return tuple(anchors_from_environment(configured))
+    return tuple(anchors_from_environment(load_tool_settings().anchors_value))
 
 
 def _verify(arguments: Arguments, terminal: Terminal) -> int:

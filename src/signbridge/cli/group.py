@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import click
 
 from .. import __version__
-from . import COMMANDS, OWN_ARGUMENTS, command_target
+from .commands import COMMANDS, OWN_ARGUMENTS, command_target
 
 
 class LazyGroup(click.Group):

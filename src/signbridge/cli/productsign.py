@@ -13,7 +13,6 @@ certificate and 1 for anything else (no signature, invalid, untrusted, expired).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +26,8 @@ from ..apple import cms
 from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, common_name, extension_oids
 from ..apple.productsign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
 from ..certificate_files import read_certificates
-from ..config import load_settings
 from ..errors import SignbridgeError
+from ..tool_settings import load_tool_settings
 
 if TYPE_CHECKING:  # each command imports what only it needs when it runs (start-up time)
     from ..apple.pkgverify import PackageVerdict
@@ -117,9 +116,9 @@ def _productsign(
     input_path: Path,
     output_path: Path,
 ) -> None:
-    from .. import keychain
+    from ..keychain.tokens import DRIVER_ID
 
-    settings = load_settings(cli={})
+    settings = load_tool_settings()
     identity = _select_identity(identity_name, tokens)
     extra = [certificate for path in cert_files for certificate in read_certificates(path, error=_ProductsignFailure)]
     if timestamp is None and DEVELOPER_ID_INSTALLER in extension_oids(identity.certificate):
@@ -130,7 +129,7 @@ def _productsign(
         click.echo("productsign: using timestamp authority for signature")
     click.echo(
         f'productsign: signing product with identity "{identity.common_name}" from keychain '
-        f"{keychain.DRIVER_ID}:{identity.source}"
+        f"{DRIVER_ID}:{identity.source}"
     )
     for certificate in [*identity.chain, *extra]:
         if certificate != identity.certificate:
@@ -154,15 +153,16 @@ def _productsign(
 
 
 def _select_identity(name: str, tokens: Sequence[str]) -> Identity:
-    from .. import keychain
+    from ..keychain.selection import NoIdentityError, UnsuitableIdentityError, select_identity
+    from ..keychain.tokens import find_tokens
 
-    records = keychain.find_tokens(tokens) if tokens else None
+    records = find_tokens(tokens) if tokens else None
     try:
-        return keychain.select_identity(name, usage=Usage.INSTALLER, tokens=records)
-    except keychain.NoIdentityError as exc:
+        return select_identity(name, usage=Usage.INSTALLER, tokens=records)
+    except NoIdentityError as exc:
         where = f" in keychain at “{', '.join(tokens)}”" if tokens else ""
         message = f"Could not find appropriate signing identity for “{name}”{where}."
-        if isinstance(exc, keychain.UnsuitableIdentityError):
+        if isinstance(exc, UnsuitableIdentityError):
             message += f"\n{INSTALLER_IDENTITY_REQUIRED}"
         else:  # the keychain's reasons, e.g. "(... expired on ...)"
             detail = str(exc).removeprefix(f"{name}: no identity found").strip()
@@ -192,9 +192,7 @@ def pkgutil(context: click.Context, package: Path, as_json: bool, check_files: b
     from ..apple.trust import anchors_from_environment
 
     try:
-        settings = load_settings(cli={})
-        configured = os.pathsep.join(str(path) for path in settings.trust_anchors) or None
-        anchors = anchors_from_environment(configured)
+        anchors = anchors_from_environment(load_tool_settings().anchors_value)
         verdict = verify_package(package, anchors, check_files=check_files)
     except SignbridgeError as exc:
         click.echo(f"pkgutil: error: {exc}", err=True)

@@ -7,10 +7,11 @@ from typing import Any
 
 import click
 
-from ..config import load_settings, require_connection_settings
 from ..errors import NotFoundError, SignbridgeError, UsageError
-from ..token import daemon, registration, registry
-from ..token.naming import check_name, token_name
+from ..p11kit import client_module_path
+from ..provider import daemon, registration, registry
+from ..provider.naming import check_name, token_name
+from ..provider.settings import load_settings, require_connection_settings
 from .common import print_json
 
 _SHOWN_IDENTITIES = 10
@@ -35,7 +36,7 @@ def ready_lines(record: registry.TokenRecord, notes: tuple[str, ...] = (), *, al
             "  Tools that load p11-kit-proxy.so (OpenSSL's pkcs11 engine, p11tool) find it with no module path:",
             f"  openssl dgst -engine pkcs11 -keyform engine -sign '{uri};pin-value=CONFIG' -sha256 FILE",
         ]
-    client = registration.client_module_path() or "p11-kit-client.so (Debian package p11-kit-modules)"
+    client = client_module_path() or "p11-kit-client.so (Debian package p11-kit-modules)"
     lines += [
         "Or connect a tool to the token directly:",
         f"  export P11_KIT_SERVER_ADDRESS={record.server_address}",

@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 
 import click
 
-from .. import keychain
+from .. import p11kit
 from ..apple.certificates import Usage
 from ..identity import Identity
-from ..token import registry
+from ..keychain.discovery import discover, validity_problem
+from ..keychain.tokens import DRIVER_ID, NoTokenError, find_tokens, p11kit_registration, smartcard_id
+from ..provider import registry
 
 NO_SMARTCARDS_EXIT = 44  # Apple's `security` exits with errSecItemNotFound (-25300) as a byte
 CTK_PROTOCOL = "com.apple.ctk-tokens"
@@ -41,7 +43,7 @@ def list_smartcard(context: click.Context) -> None:
         click.echo("(no signbridge token is running; start one with `signbridge start`)", err=True)
         context.exit(NO_SMARTCARDS_EXIT)
     for token in tokens:
-        click.echo(keychain.smartcard_id(token))
+        click.echo(smartcard_id(token))
 
 
 security.add_command(list_smartcard)
@@ -67,14 +69,14 @@ def find_identity(valid_only: bool, policies: Sequence[str], token_names: Sequen
     """
     identities: Sequence[Identity] = ()
     if token_names or registry.running_tokens():
-        found = keychain.discover(tokens=keychain.find_tokens(token_names))
+        found = discover(tokens=find_tokens(token_names))
         identities = found.identities
         for problem in found.problems:
             click.echo(f"signbridge: warning: {problem}", err=True)
     else:
-        click.echo(f"signbridge: warning: {keychain.NoTokenError()}", err=True)
+        click.echo(f"signbridge: warning: {NoTokenError()}", err=True)
     now = datetime.now(UTC)
-    problems = {id(identity): keychain.validity_problem(identity, now=now) for identity in identities}
+    problems = {id(identity): validity_problem(identity, now=now) for identity in identities}
     for policy in [name for name in POLICIES if name in (policies or ("basic",))]:
         listed = [i for i in identities if policy == "basic" or i.usage is Usage.CODE]
         if not valid_only:
@@ -102,7 +104,7 @@ def _identity_line(number: int, identity: Identity, problem: str | None) -> str:
 @click.option("-D", "--duplicates", is_flag=True, help="Accepted for Apple's command line.")
 @click.option("-p", "--protocol", "protocols", multiple=True, help=f"Only this protocol ({CTK_PROTOCOL}).")
 @click.option(
-    "-i", "--identifier", "identifiers", multiple=True, help=f"Only this driver ({keychain.DRIVER_ID})."
+    "-i", "--identifier", "identifiers", multiple=True, help=f"Only this driver ({DRIVER_ID})."
 )
 def pluginkit(
     match: bool,
@@ -121,22 +123,22 @@ def pluginkit(
     """
     if protocols and CTK_PROTOCOL not in protocols:
         return  # nothing of ours matches: pluginkit prints nothing
-    if identifiers and keychain.DRIVER_ID not in identifiers:
+    if identifiers and DRIVER_ID not in identifiers:
         return
     tokens = registry.running_tokens()
     if not tokens:
-        raise keychain.NoTokenError()
-    listing = keychain.list_p11kit_modules()
-    registrations = {token.name: keychain.p11kit_registration(token, listing) for token in tokens}
+        raise NoTokenError()
+    listing = p11kit.list_p11kit_modules()
+    registrations = {token.name: p11kit_registration(token, listing) for token in tokens}
     if verbose:
         for token in tokens:
             registration = registrations[token.name]
             mark = "+" if registration.registered else " "
-            fields = [f"{keychain.DRIVER_ID}({token.version})", token.name, token.started, token.socket]
+            fields = [f"{DRIVER_ID}({token.version})", token.name, token.started, token.socket]
             click.echo(f"{mark}    " + "\t".join(fields))
             click.echo(f"     registered with p11-kit: {registration.describe()}")
         return
     for version in dict.fromkeys(token.version for token in tokens):
         same = [registrations[token.name] for token in tokens if token.version == version]
         mark = "+" if all(registration.registered for registration in same) else " "
-        click.echo(f"{mark}    {keychain.DRIVER_ID}({version})")
+        click.echo(f"{mark}    {DRIVER_ID}({version})")

@@ -15,11 +15,11 @@ from uvicorn.config import LOGGING_CONFIG
 
 from ..config import is_loopback_host
 from ..errors import UsageError
+from ..provider.registry import pid_alive
 from ..server.database import redact_url
 from ..server.datadir import init_data_dir, open_data_dir
 from ..server.demo_org import create_demo
 from ..server.keystores.factory import describe_keystore
-from ..token.registry import pid_alive
 from .common import data_dir_option, print_json
 
 # Read by prometheus_client when it is first imported: this module must not import it.

@@ -30,6 +30,7 @@ from .. import jarsigning
 from ..api import ServiceClient
 from ..errors import SignbridgeError
 from ..hashes import HashAlgorithm
+from ..p11kit import client_module_path
 from ..server.process import ServiceProcess
 from ..signatures import (
     EcdsaFormat,
@@ -38,7 +39,6 @@ from ..signatures import (
     verify_certificate_signature,
     verify_digest_signature,
 )
-from ..token.registration import client_module_path
 from ..tsa import request_timestamp
 from .component import build_component_package
 

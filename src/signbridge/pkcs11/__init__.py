@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .client import Pkcs11Client, Pkcs11Object, TokenInfo
     from .constants import CKA, CKC, CKF, CKG, CKK, CKM, CKO, CKR, CKS, CKU
-    from .errors import Pkcs11Error, ProtocolError, SocketPathError
+    from .errors import ConnectionLostError, Pkcs11Error, ProtocolError, SocketPathError
     from .identity import authority_object, objects_for_identity
+    from .objects import TokenObject
     from .peer import CallerInfo
     from .server import Pkcs11Server, serve
     from .signing import pss_params
-    from .token import Signer, Token, TokenObject
+    from .token import Signer, Token
     from .wire import Mechanism, PssParams
 
 # Name -> its module, imported on first use: the token process serves without the client, and a
@@ -28,12 +29,13 @@ _MODULES = {
     "Pkcs11Client": "client", "Pkcs11Object": "client", "TokenInfo": "client",
     "CKA": "constants", "CKC": "constants", "CKF": "constants", "CKG": "constants", "CKK": "constants",
     "CKM": "constants", "CKO": "constants", "CKR": "constants", "CKS": "constants", "CKU": "constants",
-    "Pkcs11Error": "errors", "ProtocolError": "errors", "SocketPathError": "errors",
+    "ConnectionLostError": "errors", "Pkcs11Error": "errors", "ProtocolError": "errors", "SocketPathError": "errors",
     "authority_object": "identity", "objects_for_identity": "identity",
     "CallerInfo": "peer",
     "Pkcs11Server": "server", "serve": "server",
     "pss_params": "signing",
-    "Signer": "token", "Token": "token", "TokenObject": "token",
+    "TokenObject": "objects",
+    "Signer": "token", "Token": "token",
     "Mechanism": "wire", "PssParams": "wire",
 }  # fmt: skip
 
@@ -59,6 +61,7 @@ __all__ = [
     "CKS",
     "CKU",
     "CallerInfo",
+    "ConnectionLostError",
     "Mechanism",
     "Pkcs11Client",
     "Pkcs11Error",

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from ..hashes import HashAlgorithm
 from .calls import HANDSHAKE, PROTOCOL_VERSION_MAX, Call
 from .constants import CKA, CKF, CKM, CKO, CKR, CKU, name
-from .errors import Pkcs11Error, ProtocolError
+from .errors import ConnectionLostError, Pkcs11Error, ProtocolError
+from .objects import AttributeView
 from .signing import MechanismInfo, pss_params
 from .wire import (
     FRAME_HEADER,
@@ -102,7 +103,7 @@ class TokenInfo:
 
 
 @dataclass(frozen=True)
-class Pkcs11Object:
+class Pkcs11Object(AttributeView):
     """An object found on a token, with the attributes read so far (absent ones are left out)."""
 
     slot: int
@@ -112,15 +113,6 @@ class Pkcs11Object:
     @property
     def object_class(self) -> int | None:
         return self.attributes.get(CKA.CLASS)  # type: ignore[return-value]
-
-    @property
-    def label(self) -> str:
-        label = self.attributes.get(CKA.LABEL, b"")
-        return bytes(label).decode("utf-8", errors="replace")  # type: ignore[arg-type]
-
-    @property
-    def id(self) -> bytes:
-        return bytes(self.attributes.get(CKA.ID, b""))  # type: ignore[arg-type]
 
     @property
     def key_type(self) -> int | None:
@@ -268,7 +260,7 @@ class Pkcs11Client:
             self._stream.recv_exact(options_length)
             body = self._stream.recv_exact(body_length)
         except (EOFError, OSError) as exc:
-            raise Pkcs11Error(CKR.DEVICE_ERROR, f"{call.name}: lost the token connection ({exc})") from None
+            raise ConnectionLostError(f"{call.name}: lost the token connection ({exc})") from None
         try:
             return Reader.response(body, call)
         except ProtocolError:

@@ -17,9 +17,10 @@ from .. import __version__
 from .calls import HANDSHAKE, Call
 from .constants import CK_UNAVAILABLE_INFORMATION, CKA, CKF, CKO, CKR, CKS, CKU, name
 from .errors import MechanismUnsupported, Pkcs11Error, ProtocolError
+from .objects import TokenObject
 from .peer import CallerInfo
 from .signing import SIGN_MECHANISMS, SignOperation, finish_signature
-from .token import Token, TokenObject
+from .token import Token
 from .wire import (
     AttributeRequest,
     Kind,

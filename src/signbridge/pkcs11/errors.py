@@ -29,6 +29,13 @@ class ProtocolError(Pkcs11Error):
         super().__init__(CKR.DEVICE_ERROR, message)
 
 
+class ConnectionLostError(Pkcs11Error):
+    """The connection to the token broke (the token stopped or restarted): a new one may work."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(CKR.DEVICE_ERROR, message)
+
+
 class MechanismUnsupported(Pkcs11Error):
     """A mechanism whose parameters this codec cannot carry."""
 

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..errors import ConfigError
 from .constants import CATEGORY_AUTHORITY, CATEGORY_TOKEN_USER, CKA, CKC, CKK, CKO
+from .objects import TokenObject
 from .signing import SIGN_MECHANISMS
-from .token import TokenObject
 
 _CURVE_OIDS = {
     "secp256r1": "1.2.840.10045.3.1.7",

@@ -22,7 +22,7 @@ from .errors import Pkcs11Error
 from .wire import Mechanism, PssParams
 
 if TYPE_CHECKING:
-    from .token import TokenObject
+    from .objects import TokenObject
 
 # Raw mechanisms take a digest or a DigestInfo; more than this is never legitimate input.
 MAX_RAW_INPUT = 1024

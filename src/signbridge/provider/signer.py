@@ -25,11 +25,11 @@ from typing import Any
 
 from .. import __version__
 from ..api.client import ApiError, Failure, ServiceClient, classify
-from ..config import ProviderSettings, parse_pin
 from ..errors import ConfigError
-from ..logs import redact, register_secret
 from ..pkcs11 import CKR, CallerInfo, Pkcs11Error, TokenObject
 from ..signatures import SignatureRequest
+from .logs import redact, register_secret
+from .settings import ProviderSettings, parse_pin
 
 log = logging.getLogger("signbridge.token")
 

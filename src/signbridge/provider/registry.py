@@ -27,6 +27,7 @@ from pathlib import Path
 import platformdirs
 
 from ..atomic import write_atomically
+from ..p11kit import remote_address
 
 RECORD = "token.json"
 SOCKET = "pkcs11.sock"
@@ -78,8 +79,6 @@ class TokenRecord:
     @property
     def server_address(self) -> str:
         """The value for ``P11_KIT_SERVER_ADDRESS`` (p11-kit-client.so)."""
-        from .registration import remote_address
-
         return remote_address(self.socket)
 
     def to_json(self) -> dict:

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
-from .config import ProviderSettings
-from .errors import ConfigError
+from ..errors import ConfigError
+from .settings import ProviderSettings
 
 VERBOSE = 5
 logging.addLevelName(VERBOSE, "VERBOSE")

@@ -1,6 +1,6 @@
 """The token process: load the certificates, serve them, register with p11-kit, clean up at the end.
 
-``signbridge start`` runs :func:`spawn`: a child process (``python -m signbridge.token NAME``, in
+``signbridge start`` runs :func:`spawn`: a child process (``python -m signbridge.provider NAME``, in
 its own session) receives the settings on its stdin, so the API token is never in its argv, its
 environment or a file, and reports back on its stdout, one JSON event per line::
 
@@ -14,7 +14,7 @@ SIGINT. SIGHUP reloads the certificates (``signbridge restart``). ``--foreground
 
 Whatever ends the process, the socket, the module file and the record go with it: stop, SIGTERM
 and errors remove them here; after kill -9 they are stale, ignored by the registry's readers and
-removed by the next start (:func:`signbridge.token.registry.remove_stale`, :func:`remove_orphans`).
+removed by the next start (:func:`signbridge.provider.registry.remove_stale`, :func:`remove_orphans`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..config import ProviderSettings
 from ..errors import SignbridgeError
-from ..logs import configure_logging, log_file_path
 from . import registration, registry
+from .logs import configure_logging, log_file_path
+from .settings import ProviderSettings
 
 if TYPE_CHECKING:  # imported where the token process needs them: `signbridge start` itself does not
     from ..api.client import ServiceClient
@@ -383,7 +383,7 @@ def spawn(settings: ProviderSettings, name: str, on_waiting: Callable[[str], Non
     """Start the token process and wait until it is ready (or says why it is not)."""
     environment = {key: value for key, value in os.environ.items() if key not in SECRET_VARIABLES}
     child = subprocess.Popen(
-        [sys.executable, "-m", "signbridge.token", name],
+        [sys.executable, "-m", "signbridge.provider", name],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=environment,
@@ -420,9 +420,9 @@ def spawn(settings: ProviderSettings, name: str, on_waiting: Callable[[str], Non
 
 
 def child_main(argv: list[str]) -> int:
-    """``python -m signbridge.token NAME``: the settings arrive on stdin, events leave on stdout."""
+    """``python -m signbridge.provider NAME``: the settings arrive on stdin, events leave on stdout."""
     if len(argv) != 1:
-        print("usage: python -m signbridge.token NAME  (settings as JSON on stdin)", file=sys.stderr)
+        print("usage: python -m signbridge.provider NAME  (settings as JSON on stdin)", file=sys.stderr)
         return 2
     settings = settings_from_wire(json.loads(sys.stdin.readline()))
     os.chdir("/")

@@ -1,1 +1,0 @@
-"""The crypto provider: a process that serves the service's certificates as a PKCS#11 token."""
