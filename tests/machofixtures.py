@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -247,14 +248,15 @@ def sign_path(
     path: str | os.PathLike[str], options: SigningOptions, signer: object = None, *, output: Path | None = None
 ) -> bytes:
     """Sign the file at ``path`` into ``output`` (default: in place) as the engine writes it (a
-    staged file swapped in); the signed bytes."""
+    staged file swapped in), with the input's mode; the signed bytes."""
     source = Path(path)
     target = Path(output) if output is not None else source
     with mapped(source) as (data, descriptor), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         parsed = parse_file(data)
-        with staged_code(target, mode_from=source) as staged:
+        with staged_code(target) as staged:
             _, size = sign_into(staged, parsed, descriptor, options, _signer(signer), executor=pool)
             staged.commit(size)
+    os.chmod(target, stat.S_IMODE(source.stat().st_mode))
     return target.read_bytes()
 
 

@@ -230,13 +230,12 @@ class StagedFile:
     modified in place is killed at launch (the kernel caches its signature by vnode). The new file
     is not fsynced: as for any rename-over, durability across a power loss is the file system's.
 
-    The mode is ``mode_from``'s (default: the target's; 0o755 when neither exists).
+    The mode is the target's (0o755 for a new file).
     """
 
-    def __init__(self, target: Path, *, mode_from: Path | None = None) -> None:
-        source = mode_from or target
+    def __init__(self, target: Path) -> None:
         try:
-            self.mode = stat.S_IMODE(source.stat().st_mode)
+            self.mode = stat.S_IMODE(target.stat().st_mode)
         except FileNotFoundError:
             self.mode = 0o755
         self.target = target

@@ -17,11 +17,11 @@ from .codesign_options import CodesignError, UnreadableCodeError
 
 
 @contextlib.contextmanager
-def staged_code(target: Path, *, mode_from: Path | None = None) -> Iterator[StagedFile]:
+def staged_code(target: Path) -> Iterator[StagedFile]:
     """A :class:`~signbridge.atomic.StagedFile` for ``target`` (see there why a whole new file);
     what cannot be written is an :class:`UnreadableCodeError`."""
     try:
-        staged = StagedFile(target, mode_from=mode_from)
+        staged = StagedFile(target)
     except StagingError as exc:
         raise UnreadableCodeError(
             f"cannot write beside {target.name} in {target.parent}: {exc.strerror or exc}"

@@ -489,9 +489,8 @@ def sign_macho_file(
     reporter: Reporter,
     *,
     executor: Executor,
-    output: Path | None = None,
 ) -> SignedCode:
-    """Sign one Mach-O file in place (or into ``output``), atomically.
+    """Sign one Mach-O file in place, atomically.
 
     The output is written by :func:`sign_into` without copying the code through Python, into a
     staged file swapped in at the end (:func:`~signbridge.apple.code_files.staged_code`).
@@ -518,7 +517,7 @@ def sign_macho_file(
             code_resources=job.code_resources,
             entitlements=options.entitlements if job.entitlements else None,
         )
-        with staged_code(output or job.path, mode_from=job.path) as staged:
+        with staged_code(job.path) as staged:
             with reporter.progress(f"signing {job.path.name}") as advance:
                 signed, size = sign_into(
                     staged, parsed, descriptor, plan.options, plan.signer, executor=executor, progress=advance
