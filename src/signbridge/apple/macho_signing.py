@@ -100,12 +100,10 @@ class SigningOptions:
     flags: int = 0
     runtime_version: int | None = None
     entitlements: bytes | None = None
-    der_entitlements: bool = True
     requirements: bytes = EMPTY_REQUIREMENT_SET
     info_plist: bytes | None = None
     code_resources: bytes | None = None
     cms_reserve: int = DEFAULT_CMS_RESERVE
-    page_size: int = PAGE_SIZE
 
 
 # --- laying out and signing one slice -----------------------------------------------------------
@@ -189,8 +187,7 @@ def lay_out_slice(macho: MachO, options: SigningOptions, *, with_cms: bool) -> S
     if options.entitlements is not None:
         entitlements = load_entitlements(options.entitlements)
         special[Slot.ENTITLEMENTS] = entitlements_blob(options.entitlements)
-        if options.der_entitlements:
-            special[Slot.DER_ENTITLEMENTS] = der_entitlements_blob(entitlements)
+        special[Slot.DER_ENTITLEMENTS] = der_entitlements_blob(entitlements)
 
     flags = options.flags & ~(CodeDirectoryFlags.LINKER_SIGNED | CodeDirectoryFlags.ADHOC)
     if not with_cms:
@@ -217,7 +214,7 @@ def lay_out_slice(macho: MachO, options: SigningOptions, *, with_cms: bool) -> S
             special_slot_count=max(special),
             code_limit=code_limit,
             version=version,
-            page_size=options.page_size,
+            page_size=PAGE_SIZE,
         )
         for hash_type in hash_types
     )
@@ -247,17 +244,15 @@ def lay_out_slice(macho: MachO, options: SigningOptions, *, with_cms: bool) -> S
     )
 
 
-def _code_parts(header: bytes, body: memoryview, zeros: int, page_size: int) -> list[bytes | memoryview]:
+def _code_parts(header: bytes, body: memoryview, zeros: int) -> list[bytes | memoryview]:
     """The code as pieces that each start on a page boundary: the header with the body up to the
     next page, the body's whole pages (a view, not a copy), the last partial page with the zeros."""
-    if not page_size:
-        return [b"".join((header, body, bytes(zeros)))]
-    head_end = min(round_up(len(header), page_size), len(header) + len(body) + zeros)
+    head_end = min(round_up(len(header), PAGE_SIZE), len(header) + len(body) + zeros)
     in_head = min(head_end - len(header), len(body))
     zeros_in_head = head_end - len(header) - in_head
     head = header + bytes(body[:in_head]) + bytes(zeros_in_head)
     rest = body[in_head:]
-    whole = len(rest) - len(rest) % page_size
+    whole = len(rest) - len(rest) % PAGE_SIZE
     tail = bytes(rest[whole:]) + bytes(zeros - zeros_in_head)
     return [head, rest[:whole], tail]
 
@@ -270,11 +265,11 @@ def finish_slice(
     executor: Executor | None = None,
 ) -> SignedSlice:
     """Hash the slice's code and build its signature: CodeDirectories, CMS, SuperBlob."""
-    parts = _code_parts(layout.header, layout.body, layout.zeros, options.page_size)
+    parts = _code_parts(layout.header, layout.body, layout.zeros)
     directories = []
     for hash_type in layout.hash_types:
         code_hashes = [
-            page for part in parts for page in hash_code(part, hash_type, options.page_size, executor)
+            page for part in parts for page in hash_code(part, hash_type, PAGE_SIZE, executor)
         ]
         directory = build_code_directory(
             None,
@@ -287,7 +282,7 @@ def finish_slice(
             special_slot_data=layout.special,
             exec_segment=layout.exec_segment,
             runtime=layout.runtime,
-            page_size=options.page_size,
+            page_size=PAGE_SIZE,
         )
         # Keep the encoding: the cdhash, the CMS and the SuperBlob all need the same bytes.
         directories.append(replace(directory, source=directory.encode()))
