@@ -58,6 +58,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from signbridge.apple import codesign as cs
 from signbridge.apple.codedirectory import HashType
+from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.dmg.sign import sign_disk_image
 from signbridge.apple.dmg.udif import TRAILER_SIZE, hash_code
 from signbridge.crypto.identity import Identity
@@ -304,7 +305,7 @@ def bench_file(
 
 def bench_macho(work: Path, size_mib: int, runs: int, pool: ThreadPoolExecutor, identity: Identity) -> None:
     source = build_big_macho(work, size_mib * MIB)
-    forced = cs.CodesignOptions(force=True)
+    forced = CodesignOptions(force=True)
     target = work / "big.signing"
     bench_file("Single-architecture Mach-O", source, target, runs,
                lambda signer: cs.sign_code(target, signer, forced, executor=pool), identity, 1.0)  # fmt: skip
@@ -330,7 +331,7 @@ def bench_bundle(work: Path, files: int, runs: int, pool: ThreadPoolExecutor, id
         run_all(["openssl", "dgst", "-sha256"], everything)
         run_all(["openssl", "dgst", "-sha1"], everything)
 
-    deep = cs.CodesignOptions(deep=True)
+    deep = CodesignOptions(deep=True)
     steps: dict[str, tuple[Callable[[], object], Callable[[], object] | None]] = {
         "openssl dgst -sha256 and -sha1 of every file (reference)": (openssl_all, None),
         "sha256sum of every file": (
@@ -350,7 +351,7 @@ def bench_bundle(work: Path, files: int, runs: int, pool: ThreadPoolExecutor, id
 
 def bench_dmg(work: Path, size_mib: int, runs: int, pool: ThreadPoolExecutor, identity: Identity) -> None:
     source = build_big_dmg(work, size_mib * MIB)
-    forced = cs.CodesignOptions(force=True)
+    forced = CodesignOptions(force=True)
     target = work / "big.signing.dmg"
     reference = bench_file("Disk image (UDIF)", source, target, runs,
                            lambda signer: sign_disk_image(target, signer, forced, executor=pool), identity, 1.1,

@@ -38,6 +38,7 @@ from types import ModuleType
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from signbridge.apple import codesign as cs
+from signbridge.apple.codesign_options import CodesignOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as temporary:
         work = Path(temporary)
         dylib = codesign_bench.build_dylib(work)
-        cs.sign_code(dylib, identity, cs.CodesignOptions(force=True))
+        cs.sign_code(dylib, identity, CodesignOptions(force=True))
         anchor = work / "anchor.pem"
         anchor.write_bytes(b"".join(certificate.public_bytes(Encoding.PEM) for certificate in identity.chain))
         # With bytecode caches, as an installed signbridge runs (pip compiles them on install): the

@@ -3,7 +3,7 @@
     ./dev python scripts/build_demo_binaries.py
 
 They are built with Debian's clang and ld64.lld (no macOS SDK), the same way the tests build their
-fixtures (tests/machofixtures.py), and committed under src/signbridge/demo_app/ so that the demo needs
+fixtures (tests/machofixtures.py), and committed under src/signbridge/demo/demo_app/ so that the demo needs
 no compiler: MyApp is a universal (x86_64 + arm64) executable, Demo a universal dylib.
 """
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from machofixtures import build_fixtures  # noqa: E402
 
-TARGET = ROOT / "src" / "signbridge" / "demo_app"
+TARGET = ROOT / "src" / "signbridge" / "demo" / "demo_app"
 
 
 def main() -> None:

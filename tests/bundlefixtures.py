@@ -19,14 +19,16 @@ import random
 import shutil
 from pathlib import Path
 
-from machofixtures import MachOFixtures
-from signbridge.apple.bundle import Bundle, atomic_write, sign_bundle_plan
+from machofixtures import MachOFixtures, sign_path
+from signbridge.apple.bundle import Bundle, sign_bundle_plan
 from signbridge.apple.embedded_signature import read_signature
-from signbridge.apple.macho import CPU_TYPE_ARM64, parse_file
-from signbridge.apple.macho_signing import SigningOptions, sign_path
+from signbridge.apple.macho import parse_file
+from signbridge.apple.macho_constants import CPU_TYPE_ARM64
+from signbridge.apple.macho_signing import SigningOptions
 from signbridge.apple.requirements import cdhash as cdhash_requirement
 from signbridge.apple.requirements import render
 from signbridge.apple.resources.writing import NestedCode, build_code_resources
+from signbridge.atomic import write_atomically
 
 APP_ID = "com.example.MyApp"
 FRAMEWORK_ID = "com.example.Demo"
@@ -123,7 +125,7 @@ def adhoc_sign_bundle(root: Path) -> dict[Path, NestedCode]:
             bundle = Bundle.open(item)
             nested = {path: code for path, code in done.items() if path.is_relative_to(bundle.content_root)}
             seal = build_code_resources(bundle, nested)
-            atomic_write(bundle.code_resources_path, seal)
+            write_atomically(bundle.code_resources_path, seal, fsync=True, make_parents=True)
             options = SigningOptions(
                 identifier=bundle.identifier or item.stem, info_plist=bundle.info_plist_path.read_bytes(), code_resources=seal
             )

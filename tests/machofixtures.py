@@ -3,18 +3,33 @@
 Built once per test session into a temporary directory. arm64 macOS outputs carry the linker's
 ad-hoc signature, an independent reference for CodeDirectory code. The fat64 file is assembled
 here with struct (llvm-lipo 14 cannot write fat64); tests check it with llvm-objdump.
+
+Signed fixtures are made by the engine's writer (``sign_into``), into memory (:func:`sign_file`) or
+through the staged file the engine uses (:func:`sign_path`); the slice rewrites only tests need
+(prepare, embed, strip a signature, join slices into a universal file) are at the end.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from conftest import require_file, run
+from signbridge.apple import macho_writer
+from signbridge.apple.cms_signer import CmsSigner
+from signbridge.apple.code_files import mapped, staged_code
+from signbridge.apple.codedirectory import CodeDirectory
+from signbridge.apple.macho import FatArch, MachO, parse_file, parse_macho
+from signbridge.apple.macho_constants import LINKEDIT_DATA_COMMAND_SIZE
+from signbridge.apple.macho_signing import SigningOptions, sign_into
 
 LLVM = Path("/usr/lib/llvm-14/bin")
 
@@ -176,3 +191,150 @@ def get_fixtures(tmp_path_factory: pytest.TempPathFactory) -> MachOFixtures:
     if not _BUILT:
         _BUILT.append(build_fixtures(tmp_path_factory.mktemp("macho")))
     return _BUILT[0]
+
+
+# --- signing fixtures: the production writer into memory, and what only tests rewrite -------------
+
+
+class _MemoryOutput:
+    """A :class:`~signbridge.apple.macho_signing.SignedOutput` in memory."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes | memoryview, offset: int) -> None:
+        end = offset + len(data)
+        if len(self.data) < end:
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = data
+
+    def copy(self, source: int, source_offset: int, length: int, offset: int) -> None:
+        self.write(os.pread(source, length, source_offset), offset)
+
+
+class _CallableSigner:
+    """A test's function of the CodeDirectories, as the CMS signer the engine hands down."""
+
+    def __init__(self, function: Callable[[Sequence[CodeDirectory]], bytes]) -> None:
+        self.function = function
+
+    def sign(self, directories: Sequence[CodeDirectory]) -> bytes:
+        return self.function(directories)
+
+
+def _signer(signer: object) -> CmsSigner | None:
+    if signer is None or hasattr(signer, "sign"):
+        return signer  # type: ignore[return-value]
+    return _CallableSigner(signer)  # type: ignore[arg-type,return-value]
+
+
+def sign_file(data: bytes, options: SigningOptions, signer: object = None) -> bytes:
+    """Every slice of a thin or universal Mach-O file signed by the engine's writer
+    (:func:`~signbridge.apple.macho_signing.sign_into`), into memory; ad hoc when ``signer`` is
+    None (a CMS signer, or a function of the CodeDirectories)."""
+    parsed = parse_file(data)
+    descriptor = os.memfd_create("macho")
+    try:
+        os.write(descriptor, data)
+        output = _MemoryOutput()
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            _, size = sign_into(output, parsed, descriptor, options, _signer(signer), executor=pool)
+    finally:
+        os.close(descriptor)
+    return bytes(output.data[:size]) + bytes(max(0, size - len(output.data)))
+
+
+def sign_path(
+    path: str | os.PathLike[str], options: SigningOptions, signer: object = None, *, output: Path | None = None
+) -> bytes:
+    """Sign the file at ``path`` into ``output`` (default: in place) as the engine writes it (a
+    staged file swapped in), with the input's mode; the signed bytes."""
+    source = Path(path)
+    target = Path(output) if output is not None else source
+    with mapped(source) as (data, descriptor), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        parsed = parse_file(data)
+        with staged_code(target) as staged:
+            _, size = sign_into(staged, parsed, descriptor, options, _signer(signer), executor=pool)
+            staged.commit(size)
+    os.chmod(target, stat.S_IMODE(source.stat().st_mode))
+    return target.read_bytes()
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedSlice:
+    """A slice laid out for a signature of ``reserve`` bytes at ``code_limit``; not yet signed.
+
+    ``code`` is what the CodeDirectory hashes: the final header and load commands and everything up
+    to the signature. ``macho`` parses the laid-out slice (signature space zero-filled).
+    """
+
+    macho: MachO
+    code_limit: int
+    reserve: int
+    data: bytes = field(repr=False)
+
+    @property
+    def code(self) -> memoryview:
+        return memoryview(self.data)[: self.code_limit]
+
+
+def prepare_signature_layout(macho: MachO, reserve: int) -> PreparedSlice:
+    """Lay out ``macho`` for a signature of up to ``reserve`` bytes (rounded up to 16), as a copy.
+
+    Replaces an existing signature, or inserts LC_CODE_SIGNATURE (see :func:`macho_writer.signature_header`).
+    """
+    if reserve <= 0:
+        raise ValueError("the signature reserve must be positive")
+    reserve = macho_writer.round_up(reserve, macho_writer.SIGNATURE_ALIGNMENT)
+    offset = macho_writer.signature_offset(macho)
+    data_end = macho_writer.linkedit_data_end(macho)
+    header = macho_writer.signature_header(macho, reserve)
+    body = memoryview(macho.data)[len(header) : data_end]
+    data = b"".join((header, body, bytes(offset - data_end + reserve)))
+    return PreparedSlice(macho=parse_macho(data), code_limit=offset, reserve=reserve, data=data)
+
+
+def embed_signature(prepared: PreparedSlice, signature: bytes) -> bytes:
+    """The signed slice: the prepared code, then ``signature`` zero-padded to the reserved size."""
+    if len(signature) > prepared.reserve:
+        raise macho_writer.SignatureSpaceError(
+            f"the signature is {len(signature)} bytes but only {prepared.reserve} were reserved for it"
+        )
+    code = memoryview(prepared.data)[: prepared.code_limit]
+    return b"".join((code, signature, bytes(prepared.reserve - len(signature))))
+
+
+def strip_signature(macho: MachO) -> bytes:
+    """The slice without its signature: LC_CODE_SIGNATURE removed, ``__LINKEDIT`` ends where it began."""
+    signature = macho.code_signature
+    if signature is None:
+        return macho.data
+    linkedit = macho.linkedit
+    assert linkedit is not None
+    header = bytearray(macho.data[: macho.load_commands_end])
+    start = signature.command_offset
+    del header[start : start + LINKEDIT_DATA_COMMAND_SIZE]
+    header += bytes(LINKEDIT_DATA_COMMAND_SIZE)
+    struct.pack_into(
+        macho.fmt("II"), header, 16, macho.ncmds - 1, macho.sizeofcmds - LINKEDIT_DATA_COMMAND_SIZE
+    )
+    linkedit_offset = linkedit.command_offset
+    if linkedit_offset > start:
+        linkedit_offset -= LINKEDIT_DATA_COMMAND_SIZE
+    filesize = signature.dataoff - linkedit.fileoff
+    if macho.is_64:
+        struct.pack_into(macho.fmt("Q"), header, linkedit_offset + 48, filesize)
+    else:
+        struct.pack_into(macho.fmt("I"), header, linkedit_offset + 36, filesize)
+    return b"".join((header, memoryview(macho.data)[len(header) : signature.dataoff]))
+
+
+def build_universal(arches: Sequence[FatArch], slices: Sequence[bytes], *, fat64: bool = False) -> bytes:
+    """A universal file holding ``slices`` in order, laid out by :func:`macho_writer.universal_layout`."""
+    header, offsets = macho_writer.universal_layout(arches, [len(data) for data in slices], fat64=fat64)
+    parts = [header]
+    position = len(header)
+    for offset, data in zip(offsets, slices, strict=True):
+        parts += [bytes(offset - position), data]
+        position = offset + len(data)
+    return b"".join(parts)

@@ -26,7 +26,7 @@ from defusedxml import ElementTree
 import machofixtures
 from bundlefixtures import APP_ID, FRAMEWORK_ID, adhoc_sign_bundle, build_myapp, slice_cdhash
 from conftest import ROOT, require_file, require_tool, run
-from machofixtures import MachOFixtures
+from machofixtures import MachOFixtures, sign_path
 from signbridge.apple.bundle import (
     Bundle,
     BundleError,
@@ -36,14 +36,13 @@ from signbridge.apple.bundle import (
     InfoPlistError,
     NotABundleError,
     UnsealedContentError,
-    atomic_write,
     sign_bundle_plan,
     staged_bundle,
 )
 from signbridge.apple.codedirectory import HashType, hash_code
 from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.macho import parse_file
-from signbridge.apple.macho_signing import SigningOptions, sign_path
+from signbridge.apple.macho_signing import SigningOptions
 from signbridge.apple.resources.checking import SealProblemKind, verify_code_resources
 from signbridge.apple.resources.hashing import DigestCache, hash_file, hash_files
 from signbridge.apple.resources.rules import ResourceSealError
@@ -53,6 +52,7 @@ from signbridge.apple.resources.writing import (
     build_code_resources,
     serialize_code_resources,
 )
+from signbridge.atomic import write_atomically
 from signbridge.errors import SignatureError
 
 # Apple's default rules for a bundle with a Resources directory, written out from
@@ -612,14 +612,14 @@ def test_layout_errors(tmp_path: Path, app: Path) -> None:
 # --- writing safely ---------------------------------------------------------------------------------
 
 
-def test_atomic_write(tmp_path: Path) -> None:
+def test_write_atomically(tmp_path: Path) -> None:
     target = tmp_path / "_CodeSignature" / "CodeResources"
-    atomic_write(target, b"first")
-    atomic_write(target, b"second")
+    write_atomically(target, b"first", fsync=True, make_parents=True)
+    write_atomically(target, b"second", fsync=True, make_parents=True)
     assert target.read_bytes() == b"second"
     assert target.stat().st_mode & 0o777 == 0o644
     with pytest.raises(TypeError):
-        atomic_write(target, "not bytes")  # type: ignore[arg-type]
+        write_atomically(target, "not bytes", fsync=True, make_parents=True)  # type: ignore[arg-type]
     assert target.read_bytes() == b"second"
     assert os.listdir(target.parent) == ["CodeResources"]
 
@@ -631,7 +631,7 @@ def test_staged_bundle_leaves_the_original_untouched_on_failure(app: Path) -> No
         assert work != app and snapshot(work) == before
         # Staging copies no file data: each staged file is the original's file, linked.
         assert (work / executable).stat().st_ino == (app / executable).stat().st_ino
-        atomic_write(work / executable, b"half-written", mode=0o755)
+        write_atomically(work / executable, b"half-written", mode=0o755, fsync=True, make_parents=True)
         (work / "Contents" / "Resources" / "new.txt").write_text("new\n")
         (work / "Contents" / "Info.plist").unlink()
         raise RuntimeError("signing failed")
@@ -657,7 +657,7 @@ def test_staged_bundle_swaps_atomically_on_success(app: Path) -> None:
 
     with staged_bundle(app) as work:
         staged_inode = work.stat().st_ino
-        atomic_write(work / "Contents" / "_CodeSignature" / "CodeResources", b"sealed")
+        write_atomically(work / "Contents" / "_CodeSignature" / "CodeResources", b"sealed", fsync=True, make_parents=True)
         watcher = threading.Thread(target=watch)
         watcher.start()
     stop.set()
@@ -722,7 +722,7 @@ def test_digests_hashed_ahead_are_taken_only_for_the_file_that_was_hashed(tmp_pa
     cache = DigestCache()
     cache.start(files, types)
     cache.finish(stop=False)
-    atomic_write(files[1], b"signed since", mode=0o644)  # replaced: a new inode
+    write_atomically(files[1], b"signed since", mode=0o644, fsync=True, make_parents=True)  # replaced: a new inode
     with files[2].open("ab") as stream:  # written into: new size and times
         stream.write(b"more")
     files[3].unlink()

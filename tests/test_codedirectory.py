@@ -17,8 +17,9 @@ import pytest
 
 import machofixtures
 from conftest import require_tool, run
-from machofixtures import LINKER_SIGNED, MachOFixtures
+from machofixtures import LINKER_SIGNED, MachOFixtures, sign_file
 from signbridge.apple import macho as mo
+from signbridge.apple import macho_constants as mc
 from signbridge.apple import requirements as rq
 from signbridge.apple.blobs import (
     CodeSignatureFormatError,
@@ -52,7 +53,7 @@ from signbridge.apple.entitlements import (
     exec_segment_flags,
     load_entitlements,
 )
-from signbridge.apple.macho_signing import SigningOptions, sign_file
+from signbridge.apple.macho_signing import SigningOptions
 from signbridge.apple.requirements.binary import (
     encode_requirement,
     oid_from_der,
@@ -121,7 +122,7 @@ def test_linker_signature_parity(fx: MachOFixtures, name: str) -> None:
         code,
         identifier=name,
         flags=CodeDirectoryFlags.ADHOC | CodeDirectoryFlags.LINKER_SIGNED,
-        exec_segment=ExecSegment(text.fileoff, text.filesize, 1 if macho.filetype == mo.MH_EXECUTE else 0),
+        exec_segment=ExecSegment(text.fileoff, text.filesize, 1 if macho.filetype == mc.MH_EXECUTE else 0),
     )
     assert built == linker
     # ... and byte-identical once lld's identifier padding is taken out

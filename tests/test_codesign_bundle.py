@@ -24,6 +24,13 @@ from signbridge.apple import bundle as bd
 from signbridge.apple import codesign as cs
 from signbridge.apple import display
 from signbridge.apple import verification as vf
+from signbridge.apple.codesign_options import (
+    AlreadySignedError,
+    CodesignOptions,
+    QuietReporter,
+    UnsignedNestedCodeError,
+    parse_flags,
+)
 from signbridge.apple.verify_code import verify_code
 from signbridge.crypto.identity import Identity
 from signbridge.errors import SignatureError
@@ -45,7 +52,7 @@ def signed_template(fx, pki, tmp_path_factory) -> Path:
     """MyApp.app signed --deep with the Developer ID identity and the hardened runtime."""
     directory = tmp_path_factory.mktemp("signed")
     app = build_myapp(directory, fx, extras=True)
-    cs.sign_code(app, local_identity(pki)[0], cs.CodesignOptions(deep=True, flags=cs.parse_flags("runtime")))
+    cs.sign_code(app, local_identity(pki)[0], CodesignOptions(deep=True, flags=parse_flags("runtime")))
     return app
 
 
@@ -201,11 +208,11 @@ def test_stapled_ticket_is_accepted(app, pki):
 
 def test_signed_bundle_needs_force(app, pki):
     before = snapshot(app)
-    with pytest.raises(cs.AlreadySignedError):
-        cs.sign_code(app, None, cs.CodesignOptions(deep=True))
+    with pytest.raises(AlreadySignedError):
+        cs.sign_code(app, None, CodesignOptions(deep=True))
     assert snapshot(app) == before
-    reporter = cs.QuietReporter()
-    cs.sign_code(app, None, cs.CodesignOptions(deep=True, force=True), reporter)
+    reporter = QuietReporter()
+    cs.sign_code(app, None, CodesignOptions(deep=True, force=True), reporter)
     assert reporter.notes == [(app, "replacing existing signature")]
     assert verify_code(app, vf.VerifyOptions()).designated_text.startswith('cdhash H"')
 
@@ -213,15 +220,15 @@ def test_signed_bundle_needs_force(app, pki):
 def test_without_deep_nested_code_must_be_signed(fx, tmp_path, pki):
     app = build_myapp(tmp_path, fx)
     before = snapshot(app)
-    with pytest.raises(cs.UnsignedNestedCodeError) as failed:
-        cs.sign_code(app, local_identity(pki)[0], cs.CodesignOptions())
+    with pytest.raises(UnsignedNestedCodeError) as failed:
+        cs.sign_code(app, local_identity(pki)[0], CodesignOptions())
     assert failed.value.subcomponent.endswith("Contents/Frameworks/Demo.framework")
     assert snapshot(app) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MyApp.app"]  # no staging leftovers
     # sign the framework on its own, then the app around it
     framework = app / "Contents/Frameworks/Demo.framework"
-    cs.sign_code(framework, local_identity(pki)[0], cs.CodesignOptions())
-    cs.sign_code(app, local_identity(pki)[0], cs.CodesignOptions())
+    cs.sign_code(framework, local_identity(pki)[0], CodesignOptions())
+    cs.sign_code(app, local_identity(pki)[0], CodesignOptions())
     verdict = verify_code(app, options(pki))
     assert [Path(nested.path).name for nested in verdict.nested] == ["Demo.framework"]
 
@@ -231,7 +238,7 @@ def test_bad_bundles_are_refused_untouched(fx, tmp_path, pki):
     os.symlink("../../../../etc/passwd", app / "Contents/Resources/escape")
     before = snapshot(app)
     with pytest.raises(bd.BundleSymlinkError, match="points outside the bundle"):
-        cs.sign_code(app, local_identity(pki)[0], cs.CodesignOptions(deep=True))
+        cs.sign_code(app, local_identity(pki)[0], CodesignOptions(deep=True))
     assert snapshot(app) == before
     with pytest.raises(vf.CodeVerificationError) as failed:
         verify_code(app, options(pki))
@@ -239,7 +246,7 @@ def test_bad_bundles_are_refused_untouched(fx, tmp_path, pki):
     (app / "Contents/Resources/escape").unlink()
     (app / "stray.txt").write_text("outside Contents\n")
     with pytest.raises(bd.UnsealedContentError):
-        cs.sign_code(app, None, cs.CodesignOptions(deep=True))
+        cs.sign_code(app, None, CodesignOptions(deep=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MyApp.app"]
 
 
@@ -258,7 +265,7 @@ def test_a_failure_midway_leaves_the_bundle_untouched(fx, tmp_path, pki):
     chain = (pki.intermediate.certificate, pki.root.certificate)
     identity = Identity(pki.application.certificate, chain, flaky)
     with pytest.raises(SignatureError, match="could not sign"):
-        cs.sign_code(app, identity, cs.CodesignOptions(deep=True))
+        cs.sign_code(app, identity, CodesignOptions(deep=True))
     assert len(calls) == 4
     assert snapshot(app) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MyApp.app"]

@@ -40,15 +40,26 @@ from codesignkit import (
     slices,
     snapshot,
 )
-from machofixtures import MachOFixtures
+from machofixtures import MachOFixtures, sign_file
 from signbridge.apple import cms, display, signed_code
 from signbridge.apple import codesign as cs
 from signbridge.apple import macho as mo
 from signbridge.apple import verification as vf
+from signbridge.apple.cms_signer import CmsSigner
 from signbridge.apple.codedirectory import HashType
+from signbridge.apple.codesign_options import (
+    AlreadySignedError,
+    CodesignOptions,
+    QuietReporter,
+    canonical_identifier,
+    parse_digest_algorithms,
+    parse_flags,
+)
 from signbridge.apple.entitlements import signature_entitlements
+from signbridge.apple.macho_signing import slice_plan
 from signbridge.apple.macho_writer import HeaderPaddingError
 from signbridge.apple.requirements import encode_requirement_set, render
+from signbridge.apple.signed_code import designated_requirement
 from signbridge.apple.verify_code import verify_code
 from signbridge.crypto.identity import Identity
 from signbridge.errors import UsageError
@@ -78,7 +89,7 @@ def sign_copy(fx: MachOFixtures, name: str, directory: Path, identity: Identity 
     target = directory / name
     shutil.copyfile(fx.path(name), target)
     os.chmod(target, 0o755)
-    cs.sign_code(target, identity, cs.CodesignOptions(**options))
+    cs.sign_code(target, identity, CodesignOptions(**options))
     return target
 
 
@@ -148,7 +159,7 @@ def _agile(value) -> tuple[bytes, bytes]:
     return oid, _content(digest)
 
 
-# --- codesign's file writer builds what macho_signing.sign_file builds -------------------------------
+# --- codesign's file writer builds what the writer into memory builds ----------------------------------
 
 
 @pytest.mark.parametrize("name", [*machofixtures.THIN, *machofixtures.UNIVERSAL])
@@ -156,22 +167,23 @@ def _agile(value) -> tuple[bytes, bytes]:
 def test_streaming_signer_matches_macho_signing(fx, pki, tmp_path, name, variant):
     """codesign writes signed files without copying their code through Python (kernel copy of the
     unchanged code, positioned writes of headers and signatures); the file must be exactly the bytes
-    of macho_signing.sign_file for the same inputs (RSA PKCS#1 v1.5 is deterministic)."""
-    from signbridge.apple.macho_signing import SigningOptions, sign_file
+    of the same writer into memory (machofixtures.sign_file) for the same inputs (RSA PKCS#1 v1.5 is deterministic)."""
+    from signbridge.apple.macho_signing import SigningOptions
 
     data = fx.read(name)
     identity = None if variant == "adhoc" else local_identity(pki)[0]
     entitlements = plistlib.dumps({"get-task-allow": True}) if variant == "runtime+entitlements" else None
-    options = cs.CodesignOptions(
+    options = CodesignOptions(
         identifier="com.example.x",
         force=True,
         entitlements=entitlements,
         signing_time=datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
-        flags=cs.parse_flags("runtime") if variant == "runtime+entitlements" else 0,
-        hash_types=cs.parse_digest_algorithms("sha1,sha256") if variant == "sha1+sha256" else None,
+        flags=parse_flags("runtime") if variant == "runtime+entitlements" else 0,
+        hash_types=parse_digest_algorithms("sha1,sha256") if variant == "sha1+sha256" else None,
     )
     parsed = mo.parse_file(data)
-    plan = cs.slice_plan(parsed, identity, options, identifier="com.example.x", entitlements=entitlements)
+    signer = CmsSigner.for_options(identity, options) if identity is not None else None
+    plan = slice_plan(parsed, signer, options, identifier="com.example.x", entitlements=entitlements)
     reference = SigningOptions(
         identifier="com.example.x",
         team_id=plan.options.team_id,
@@ -284,7 +296,7 @@ def test_old_deployment_target_gets_sha1_primary_and_sha256_alternate(fx, tmp_pa
 
     (tmp_path / "forced").mkdir()
     forced = sign_copy(
-        fx, "old.x86_64", tmp_path / "forced", identity[0], hash_types=cs.parse_digest_algorithms("sha256")
+        fx, "old.x86_64", tmp_path / "forced", identity[0], hash_types=parse_digest_algorithms("sha256")
     )
     assert [cd_fields(b)["hash_type"] for b in raw_signature(forced.read_bytes()).code_directories] == [2]
 
@@ -341,7 +353,7 @@ def test_runtime_entitlements_and_team(fx, tmp_path, identity, pki):
     entitlements = plistlib.dumps(
         {"com.apple.security.cs.allow-jit": True, "get-task-allow": True, "groups": ["a", "b"]}
     )
-    path = sign_copy(fx, "exe.arm64", tmp_path, identity[0], flags=cs.parse_flags("runtime,library"),
+    path = sign_copy(fx, "exe.arm64", tmp_path, identity[0], flags=parse_flags("runtime,library"),
                      entitlements=entitlements)  # fmt: skip
     raw = raw_signature(path.read_bytes())
     cd = cd_fields(raw.code_directories[0])
@@ -380,7 +392,7 @@ def test_designated_requirement_is_embedded(fx, tmp_path, identity, pki):
 def test_developer_id_requirement_under_an_apple_root(pki):
     chain = (pki.application.certificate, pki.intermediate.certificate, pki.root.certificate)
     root_fingerprint = pki.root.certificate.fingerprint(hashes.SHA256())
-    expr = cs.designated_requirement("com.example.MyApp", chain, apple_roots=frozenset({root_fingerprint}))
+    expr = designated_requirement("com.example.MyApp", chain, apple_roots=frozenset({root_fingerprint}))
     assert render(expr) == (
         'identifier "com.example.MyApp" and anchor apple generic and '
         "certificate 1[field.1.2.840.113635.100.6.2.6] /* exists */ and "
@@ -422,7 +434,7 @@ def _developer_id_terms(identifier: str, team: str):
     ],
 )
 def test_canonical_identifier(name, expected):
-    assert cs.canonical_identifier(name) == expected
+    assert canonical_identifier(name) == expected
 
 
 def test_prefix_applies_to_undotted_default_identifiers(fx, tmp_path):
@@ -434,13 +446,13 @@ def test_prefix_applies_to_undotted_default_identifiers(fx, tmp_path):
 
 
 def test_option_parsing():
-    assert cs.parse_flags("runtime") == 0x10000
-    assert cs.parse_flags("library,kill,hard") == 0x2000 | 0x200 | 0x100
-    assert cs.parse_flags("0x10000") == 0x10000
+    assert parse_flags("runtime") == 0x10000
+    assert parse_flags("library,kill,hard") == 0x2000 | 0x200 | 0x100
+    assert parse_flags("0x10000") == 0x10000
     for bad in ("nonsense", "adhoc", "", "li,"):
         with pytest.raises(UsageError):
-            cs.parse_flags(bad)
-    assert cs.parse_digest_algorithms("sha256,sha1") == (HashType.SHA1, HashType.SHA256)
+            parse_flags(bad)
+    assert parse_digest_algorithms("sha256,sha1") == (HashType.SHA1, HashType.SHA256)
     assert cms.resolve_timestamp_url(None, "http://x/ts") is None
     assert cms.resolve_timestamp_url("none", "http://x/ts") is None
     assert cms.resolve_timestamp_url("", "http://x/ts") == "http://x/ts"
@@ -457,17 +469,17 @@ def test_option_parsing():
 def test_signed_code_needs_force(fx, tmp_path, identity):
     path = sign_copy(fx, "exe.x86_64", tmp_path, None)
     before = path.read_bytes()
-    with pytest.raises(cs.AlreadySignedError, match="is already signed"):
-        cs.sign_code(path, identity[0], cs.CodesignOptions())
+    with pytest.raises(AlreadySignedError, match="is already signed"):
+        cs.sign_code(path, identity[0], CodesignOptions())
     assert path.read_bytes() == before
-    reporter = cs.QuietReporter()
-    cs.sign_code(path, identity[0], cs.CodesignOptions(force=True), reporter)
+    reporter = QuietReporter()
+    cs.sign_code(path, identity[0], CodesignOptions(force=True), reporter)
     assert reporter.notes == [(path, "replacing existing signature")]
     # a linker signature is replaced without -f and without a note
     linker = tmp_path / "linker"
     shutil.copyfile(fx.path("exe.arm64"), linker)
-    reporter = cs.QuietReporter()
-    cs.sign_code(linker, None, cs.CodesignOptions(), reporter)
+    reporter = QuietReporter()
+    cs.sign_code(linker, None, CodesignOptions(), reporter)
     assert reporter.notes == []
     assert cd_fields(raw_signature(linker.read_bytes()).code_directories[0])["flags"] == 0x2
 
@@ -651,14 +663,14 @@ def reordered_signer(identity: Identity):
 
 def test_apple_encodings_verify(fx, tmp_path, pki):
     """BER indefinite lengths, zero padding after the CMS, attributes out of DER order."""
-    from signbridge.apple.macho_signing import SigningOptions, sign_file
+    from signbridge.apple.macho_signing import SigningOptions
 
     ident = local_identity(pki)[0]
-    base = cs.cms_signer(ident)
+    base = CmsSigner(ident)
     data = fx.read("exe.arm64")
     cases = {
-        "ber-indefinite": lambda directories: apple_style_ber(base(directories)),
-        "zero-padded": lambda directories: base(directories) + bytes(64),
+        "ber-indefinite": lambda directories: apple_style_ber(base.sign(directories)),
+        "zero-padded": lambda directories: base.sign(directories) + bytes(64),
         "attributes-out-of-order": reordered_signer(ident),
     }
     for name, signer in cases.items():
@@ -727,7 +739,7 @@ def test_bad_input_is_refused_and_left_untouched(fx, tmp_path, identity, case):
     os.utime(path, (1_000_000_000, 1_000_000_000))
     before = snapshot(tmp_path)
     with pytest.raises(error, match=message):
-        cs.sign_code(path, identity[0], cs.CodesignOptions(force=True))
+        cs.sign_code(path, identity[0], CodesignOptions(force=True))
     assert snapshot(tmp_path) == before
     assert path.stat().st_mtime == 1_000_000_000
     assert identity[1].requests == []  # nothing reached the signer
@@ -744,7 +756,7 @@ def test_a_signer_failure_leaves_the_input_untouched(fx, tmp_path, pki):
     shutil.copyfile(fx.path("exe.universal"), path)
     before = snapshot(tmp_path)
     with pytest.raises(SignatureError, match="could not sign"):
-        cs.sign_code(path, ident, cs.CodesignOptions())
+        cs.sign_code(path, ident, CodesignOptions())
     assert snapshot(tmp_path) == before
 
     # a signature that does not verify against the certificate is never written
@@ -753,5 +765,5 @@ def test_a_signer_failure_leaves_the_input_untouched(fx, tmp_path, pki):
 
     liar = Identity(pki.application.certificate, (pki.intermediate.certificate,), wrong_key, "alpha")
     with pytest.raises(SignatureError, match="does not verify"):
-        cs.sign_code(path, liar, cs.CodesignOptions())
+        cs.sign_code(path, liar, CodesignOptions())
     assert snapshot(tmp_path) == before

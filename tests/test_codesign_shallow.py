@@ -50,6 +50,7 @@ from corpuskit import corpus_item
 from signbridge.apple import codesign as cs
 from signbridge.apple import verification as vf
 from signbridge.apple.codedirectory import HashType
+from signbridge.apple.codesign_options import CodesignError, CodesignOptions, parse_flags
 from signbridge.apple.ipa import IpaError, UnsafeIpaError
 from signbridge.apple.resources.rules import SHALLOW_RULES, SHALLOW_RULES2
 from signbridge.apple.verify_code import verify_code
@@ -111,7 +112,7 @@ def assert_executable_binds(executable: Path, info_plist: Path, seal: Path, iden
 def test_system_extensions_signed_deep_with_an_identity(fx, pki, tmp_path):
     app = build_sysext_host(tmp_path, fx)
     identity = local_identity(pki)[0]
-    signed = cs.sign_code(app, identity, cs.CodesignOptions(deep=True, flags=cs.parse_flags("runtime")))
+    signed = cs.sign_code(app, identity, CodesignOptions(deep=True, flags=parse_flags("runtime")))
     assert signed.identifier == HOST_ID
     assert {item.identifier for item in signed.nested} == {DRIVER_ID, FILTER_ID, HELPER_ID}
 
@@ -152,7 +153,7 @@ def test_our_shallow_rules_are_apples_for_a_dext():
 
 def test_ios_app_with_a_plugin_signed_ad_hoc(fx, tmp_path):
     app = build_ios_app(tmp_path, fx)
-    signed = cs.sign_code(app, None, cs.CodesignOptions(deep=True))
+    signed = cs.sign_code(app, None, CodesignOptions(deep=True))
     assert (signed.identifier, signed.format) == (IOS_ID, "app bundle with Mach-O thin (arm64)")
     assert [item.identifier for item in signed.nested] == ["libswiftDemo", SHARE_ID]
     dylib = raw_signatures((app / "Frameworks" / "libswiftDemo.dylib").read_bytes())[0]
@@ -177,7 +178,7 @@ def test_ios_app_with_a_plugin_signed_ad_hoc(fx, tmp_path):
 
 def test_executable_less_bundle_ad_hoc(tmp_path):
     bundle = build_resource_bundle(tmp_path)
-    signed = cs.sign_code(bundle, None, cs.CodesignOptions(hash_types=(HashType.SHA1, HashType.SHA256)))
+    signed = cs.sign_code(bundle, None, CodesignOptions(hash_types=(HashType.SHA1, HashType.SHA256)))
     assert (signed.identifier, signed.format) == (RESOURCE_ID, "bundle")
     folder = bundle / "Contents" / "_CodeSignature"
     assert sorted(os.listdir(folder)) == [
@@ -198,7 +199,7 @@ def test_executable_less_bundle_ad_hoc(tmp_path):
     assert verify_code(bundle, vf.VerifyOptions(strict=True)).format == "bundle"
 
     # Re-signing with SHA-256 alone leaves no stale alternate behind.
-    cs.sign_code(bundle, None, cs.CodesignOptions(force=True))
+    cs.sign_code(bundle, None, CodesignOptions(force=True))
     assert not (folder / "CodeRequirements-1").exists()
     assert cd_fields((folder / "CodeDirectory").read_bytes())["hash_type"] == 2
     verify_code(bundle, vf.VerifyOptions(strict=True))
@@ -207,15 +208,15 @@ def test_executable_less_bundle_ad_hoc(tmp_path):
 def test_executable_less_bundle_refuses_entitlements(tmp_path):
     bundle = build_resource_bundle(tmp_path)
     before = snapshot(bundle)
-    with pytest.raises(cs.CodesignError, match="no main executable to carry entitlements"):
-        cs.sign_code(bundle, None, cs.CodesignOptions(entitlements=plistlib.dumps({"a": True})))
+    with pytest.raises(CodesignError, match="no main executable to carry entitlements"):
+        cs.sign_code(bundle, None, CodesignOptions(entitlements=plistlib.dumps({"a": True})))
     assert snapshot(bundle) == before
 
 
 def test_executable_less_bundle_with_an_identity(pki, tmp_path):
     bundle = build_resource_bundle(tmp_path)
     identity, signer = local_identity(pki)
-    cs.sign_code(bundle, identity, cs.CodesignOptions())
+    cs.sign_code(bundle, identity, CodesignOptions())
     assert len(signer.requests) == 1 and len(signer.requests[0].digest) == 32
     folder = bundle / "Contents" / "_CodeSignature"
     cms = (folder / "CodeSignature").read_bytes()
@@ -235,7 +236,7 @@ def test_executable_less_bundle_with_an_identity(pki, tmp_path):
 def test_executable_less_bundle_nested_in_an_app(fx, tmp_path):
     app = build_sysext_host(tmp_path, fx)
     plugin = build_resource_bundle(app / "Contents" / "PlugIns")
-    cs.sign_code(app, None, cs.CodesignOptions(deep=True))
+    cs.sign_code(app, None, CodesignOptions(deep=True))
     seal = plistlib.loads((app / "Contents/_CodeSignature/CodeResources").read_bytes())
     entry = seal["files2"]["PlugIns/Resources.bundle"]
     assert entry["cdhash"] == hashlib.sha256((plugin / "Contents/_CodeSignature/CodeDirectory").read_bytes()).digest()[:20]
@@ -260,9 +261,9 @@ def signed_set(fx, pki, tmp_path_factory) -> Path:
     """A host app with system extensions, an iOS app and an executable-less bundle, all signed."""
     root = tmp_path_factory.mktemp("tamper")
     identity = local_identity(pki)[0]
-    cs.sign_code(build_sysext_host(root, fx), identity, cs.CodesignOptions(deep=True))
-    cs.sign_code(build_ios_app(root, fx), identity, cs.CodesignOptions(deep=True))
-    cs.sign_code(build_resource_bundle(root), identity, cs.CodesignOptions())
+    cs.sign_code(build_sysext_host(root, fx), identity, CodesignOptions(deep=True))
+    cs.sign_code(build_ios_app(root, fx), identity, CodesignOptions(deep=True))
+    cs.sign_code(build_resource_bundle(root), identity, CodesignOptions())
     return root
 
 
@@ -403,7 +404,7 @@ def test_bad_ipa_is_refused_and_left_alone(tmp_path, case):
     archive = _bad_archive(tmp_path / "Evil.ipa", case)
     before = snapshot(tmp_path)
     with pytest.raises(error, match=message):
-        cs.sign_code(archive, None, cs.CodesignOptions())
+        cs.sign_code(archive, None, CodesignOptions())
     with pytest.raises(error, match=message):
         verify_code(archive)
     assert snapshot(tmp_path) == before

@@ -24,6 +24,7 @@ from conftest import require_tool
 from corpuskit import apple_anchor_env, corpus_item
 from pkikit import make_sha1_chain
 from signbridge.apple import codesign as cs
+from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.crypto.identity import Identity
 from tokenkit import apple_pki, developer_id_application
 
@@ -42,7 +43,7 @@ def signed_copy(fx, directory: Path, identity: Identity) -> Path:
     target = directory / "tool"
     shutil.copyfile(fx.path("exe.arm64"), target)
     os.chmod(target, 0o755)
-    cs.sign_code(target, identity, cs.CodesignOptions())
+    cs.sign_code(target, identity, CodesignOptions())
     return target
 
 

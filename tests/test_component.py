@@ -9,8 +9,8 @@ from pathlib import Path
 from defusedxml import ElementTree
 
 from conftest import require_tool, run
-from signbridge.apple.component import build_component_package
 from signbridge.apple.xar import XarArchive
+from signbridge.demo.component import build_component_package
 
 
 def test_component_package_payload_extracts_with_bsdtar(tmp_path: Path) -> None:

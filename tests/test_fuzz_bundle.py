@@ -37,6 +37,7 @@ from fuzzkit import FUZZ_CASES, fuzz, read_seeds
 from signbridge.apple import cms, display
 from signbridge.apple import codesign as cs
 from signbridge.apple.bundle import Bundle, InfoPlistError
+from signbridge.apple.codesign_options import CodesignOptions, bundle_identifier
 from signbridge.apple.embedded_signature import EmbeddedSignature, read_signature
 from signbridge.apple.entitlements import (
     decode_der,
@@ -146,7 +147,7 @@ def test_fuzz_info_plist(tmp_path: Path) -> None:
         (bundle / "Contents" / "Info.plist").write_bytes(data)
         opened = Bundle.open(bundle)
         assert opened.info_plist == info
-        assert cs.bundle_identifier(data) == opened.identifier
+        assert bundle_identifier(data) == opened.identifier
 
     assert fuzz("info-plist", seeds, target) == FUZZ_CASES
 
@@ -390,7 +391,7 @@ def _display(path: Path) -> None:
 
 
 def _sign(path: Path) -> None:
-    cs.sign_code(path, None, cs.CodesignOptions(force=True, deep=True), executor=_POOL)
+    cs.sign_code(path, None, CodesignOptions(force=True, deep=True), executor=_POOL)
 
 
 def seeds_for(template: Path, targets: tuple[str, ...]) -> list[bytes]:
@@ -408,7 +409,7 @@ def test_fuzz_whole_app(fx, tmp_path: Path) -> None:
 
 def test_fuzz_whole_detached_bundle(tmp_path: Path) -> None:
     bundle = build_resource_bundle(tmp_path)
-    cs.sign_code(bundle, None, cs.CodesignOptions())
+    cs.sign_code(bundle, None, CodesignOptions())
     assert _attempt(_verify, bundle) is None
     seeds = seeds_for(bundle, DETACHED_TARGETS)
     with scratch() as directory:

@@ -30,9 +30,11 @@ from signbridge.apple import codesign as engine
 from signbridge.apple.blobs import Magic, decode_superblob
 from signbridge.apple.certificates import common_name, team_identifier, usage
 from signbridge.apple.codedirectory import CodeDirectory
+from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.embedded_signature import read_signature, signature_of
 from signbridge.apple.entitlements import signature_entitlements
-from signbridge.apple.macho import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64, parse_file
+from signbridge.apple.macho import parse_file
+from signbridge.apple.macho_constants import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64
 from signbridge.apple.requirements import RequirementContext, evaluate, parse_requirement_set, render
 from signbridge.apple.signed_code import (
     designated_requirement,
@@ -70,7 +72,7 @@ def _signed_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     signed = tmp_path_factory.mktemp("signed") / "exe.universal"
     signed.write_bytes(get_fixtures(tmp_path_factory).read("exe.universal"))
     identity, _ = local_identity(apple_pki())
-    engine.sign_code(signed, identity, engine.CodesignOptions(flags=0x10000, entitlements=ENTITLEMENTS))
+    engine.sign_code(signed, identity, CodesignOptions(flags=0x10000, entitlements=ENTITLEMENTS))
     return [*files, signed]
 
 

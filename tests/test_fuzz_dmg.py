@@ -19,7 +19,7 @@ from corpuskit import APPLE_ROOT, CORPUS
 from dmgkit import make_image
 from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from signbridge.apple import display
-from signbridge.apple.codesign import CodesignOptions, QuietReporter
+from signbridge.apple.codesign_options import CodesignOptions, QuietReporter
 from signbridge.apple.dmg.sign import sign_disk_image
 from signbridge.apple.dmg.verify import disk_image_information, verify_disk_image
 from signbridge.apple.trust import load_anchors

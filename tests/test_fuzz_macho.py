@@ -18,6 +18,7 @@ from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from machofixtures import THIN, UNIVERSAL, get_fixtures
 from signbridge.apple import codesign as engine
 from signbridge.apple import display
+from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.entitlements import signature_entitlements
 from signbridge.apple.trust import load_anchors
 from signbridge.apple.verification import VerifyOptions
@@ -76,7 +77,7 @@ def test_display(seeds, write):
 
 def test_adhoc_sign(seeds, executor, write):
     """Ad hoc signing into a temporary file; whatever it signs, its verifier must accept."""
-    options = engine.CodesignOptions(force=True)
+    options = CodesignOptions(force=True)
 
     def target(data: bytes) -> None:
         path = write(data)

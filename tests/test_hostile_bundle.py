@@ -17,12 +17,14 @@ import pytest
 import machofixtures
 from bundlefixtures import adhoc_sign_bundle, build_myapp
 from codesignkit import codesign
+from machofixtures import sign_path
 from signbridge.apple import codesign as cs
 from signbridge.apple import display
 from signbridge.apple.blobs import CodeSignatureFormatError
 from signbridge.apple.bundle import MAX_NESTING, Bundle, BundleLayoutError, InfoPlistError, sign_bundle_plan
+from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.entitlements import EntitlementsError, decode_der, entitlements_xml, load_entitlements
-from signbridge.apple.macho_signing import SigningOptions, sign_path
+from signbridge.apple.macho_signing import SigningOptions
 from signbridge.apple.plist import MAX_DEPTH, PlistError, load_plist
 from signbridge.apple.requirements import RequirementContext, evaluate
 from signbridge.apple.requirements.binary import MAX_EXPRESSION_DEPTH, encode_requirement, parse_requirement
@@ -187,7 +189,7 @@ def test_bad_info_plist_is_an_info_plist_error_everywhere(app: Path, data: bytes
     with pytest.raises(InfoPlistError):
         display.signing_information(app)
     with pytest.raises(InfoPlistError):
-        cs.sign_code(app, None, cs.CodesignOptions(force=True))
+        cs.sign_code(app, None, CodesignOptions(force=True))
 
 
 def test_bad_info_plist_on_the_command_line(app: Path) -> None:

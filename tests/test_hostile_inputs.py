@@ -33,6 +33,7 @@ from pkgkit import rewrite_toc, signbridge
 from signbridge.apple import cms, display
 from signbridge.apple import codesign as engine
 from signbridge.apple.blobs import CodeSignatureFormatError, Magic, decode_blob, decode_superblob, encode_blob
+from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.entitlements import signature_entitlements
 from signbridge.apple.ipa import IpaError
@@ -202,7 +203,7 @@ def test_section_inside_the_load_commands_is_refused_by_reader_and_signer(fx, tm
     unsigned = tmp_path / "exe_unsigned.arm64"
     before = unsigned.read_bytes()
     with pytest.raises(LoadCommandError, match=message):
-        engine.sign_code(unsigned, None, engine.CodesignOptions())
+        engine.sign_code(unsigned, None, CodesignOptions())
     signed = codesign("-f", "-s", "-", unsigned)
     assert signed.returncode == 1 and message in signed.stderr and "Traceback" not in signed.stderr
     assert unsigned.read_bytes() == before
@@ -224,7 +225,7 @@ def test_segment_mapping_the_header_signs_and_verifies(fx, tmp_path):
     struct.pack_into("<Q", data, pagezero.command_offset + 48, 8)
     path = tmp_path / "exe"
     path.write_bytes(data)
-    engine.sign_code(path, None, engine.CodesignOptions(force=True))
+    engine.sign_code(path, None, CodesignOptions(force=True))
     assert verify_code(path, VerifyOptions(strict=True)).identifier == "com.example.hello"
 
 
@@ -342,7 +343,7 @@ def test_embedded_info_plist_that_is_not_a_plist_signs_and_verifies(fx, tmp_path
         data[section.offset : section.offset + section.size] = plist.ljust(section.size)
     path = tmp_path / "tool"
     path.write_bytes(data)
-    engine.sign_code(path, None, engine.CodesignOptions(force=True))
+    engine.sign_code(path, None, CodesignOptions(force=True))
     assert verify_code(path, VerifyOptions(strict=True)).identifier == "tool"
 
 

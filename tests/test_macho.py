@@ -18,22 +18,26 @@ import pytest
 
 import machofixtures
 from conftest import require_tool, run
-from machofixtures import LINKER_SIGNED, THIN, UNIVERSAL, MachOFixtures
+from machofixtures import (
+    LINKER_SIGNED,
+    THIN,
+    UNIVERSAL,
+    MachOFixtures,
+    build_universal,
+    embed_signature,
+    prepare_signature_layout,
+    sign_file,
+    sign_path,
+    strip_signature,
+)
 from signbridge.apple import macho as mo
+from signbridge.apple import macho_constants as mc
 from signbridge.apple.blobs import Magic, Slot
 from signbridge.apple.codedirectory import CodeDirectoryFlags, ExecSegmentFlags, HashType, hash_code
 from signbridge.apple.embedded_signature import read_signature
 from signbridge.apple.entitlements import decode_der
-from signbridge.apple.macho_signing import SigningOptions, sign_file, sign_path
-from signbridge.apple.macho_writer import (
-    HeaderPaddingError,
-    SignatureSpaceError,
-    build_universal,
-    embed_signature,
-    prepare_signature_layout,
-    signature_offset,
-    strip_signature,
-)
+from signbridge.apple.macho_signing import SigningOptions
+from signbridge.apple.macho_writer import HeaderPaddingError, SignatureSpaceError, signature_offset
 from signbridge.apple.requirements import EMPTY_REQUIREMENT_SET
 from signbridge.errors import SignbridgeError
 
@@ -137,14 +141,14 @@ def test_thin_parse_matches_objdump(fx: MachOFixtures, name: str) -> None:
 
 def test_build_version_and_version_min(fx: MachOFixtures) -> None:
     arm = mo.parse_macho(fx.read("exe.arm64"))
-    expected = mo.BuildVersion(mo.PLATFORM_MACOS, 0x000B0000, 0x000B0000, mo.LC_BUILD_VERSION)
+    expected = mo.BuildVersion(mc.PLATFORM_MACOS, 0x000B0000, 0x000B0000, mc.LC_BUILD_VERSION)
     assert arm.build_version == expected
     assert command(objdump_headers(fx.path("exe.arm64"))[1], "LC_BUILD_VERSION")["minos"] == "11.0"
 
     old = mo.parse_macho(fx.read("old.x86_64"))
     assert old.build_version is not None
-    assert old.build_version.cmd == mo.LC_VERSION_MIN_MACOSX
-    assert (old.build_version.platform, old.build_version.minos) == (mo.PLATFORM_MACOS, 0x000A0900)
+    assert old.build_version.cmd == mc.LC_VERSION_MIN_MACOSX
+    assert (old.build_version.platform, old.build_version.minos) == (mc.PLATFORM_MACOS, 0x000A0900)
     assert command(objdump_headers(fx.path("old.x86_64"))[1], "LC_VERSION_MIN_MACOSX")["version"] == "10.9"
 
     armv7 = mo.parse_macho(fx.read("exe.armv7"))
@@ -186,12 +190,12 @@ def test_prepare_inserts_code_signature(fx: MachOFixtures, name: str) -> None:
     new = prepared.macho
     assert prepared.reserve == 1008  # rounded up to 16
     assert (new.ncmds, new.sizeofcmds) == (original.ncmds + 1, original.sizeofcmds + 16)
-    assert new.load_commands[-1].cmd == mo.LC_CODE_SIGNATURE
+    assert new.load_commands[-1].cmd == mc.LC_CODE_SIGNATURE
     assert new.code_signature.dataoff == prepared.code_limit == -(-old_end // 16) * 16
     assert new.code_signature.datasize == 1008
     assert len(prepared.data) == prepared.code_limit + 1008
     assert new.linkedit.file_end == len(prepared.data)
-    page = mo.segment_alignment(original.cputype)
+    page = mc.segment_alignment(original.cputype)
     expected_vmsize = max(linkedit.vmsize, -(-new.linkedit.filesize // page) * page)
     assert new.linkedit.vmsize == expected_vmsize
     # Only the header changes; code and data are copied as they were.
@@ -270,7 +274,7 @@ def _bad_inputs(fx: MachOFixtures) -> dict[str, tuple[bytes, type[SignbridgeErro
     universal = fx.read("exe.universal")
     fat = mo.parse_file(universal)
     x86, arm = fat.fat_arches
-    function_starts = next(c for c in macho.linkedit_data if c.cmd == mo.LC_FUNCTION_STARTS)
+    function_starts = next(c for c in macho.linkedit_data if c.cmd == mc.LC_FUNCTION_STARTS)
     return {
         "empty": (b"", mo.TruncatedMachOError, "too short"),
         "truncated-half": (exe[: len(exe) // 2], mo.TruncatedMachOError, "past the end of the file"),
@@ -394,7 +398,7 @@ def _check_signed_slice(data: bytes, identifier: str) -> mo.MachO:
     assert signature.superblob.slots()[-1] == Slot.SIGNATURE
     text = macho.text
     assert (cd.exec_segment_base, cd.exec_segment_limit) == (text.fileoff, text.filesize)
-    main = ExecSegmentFlags.MAIN_BINARY if macho.filetype == mo.MH_EXECUTE else 0
+    main = ExecSegmentFlags.MAIN_BINARY if macho.filetype == mc.MH_EXECUTE else 0
     assert cd.exec_segment_flags == main
     return macho
 

@@ -33,6 +33,7 @@ from pkikit import marker
 from signbridge.apple import cms
 from signbridge.apple import codesign as cs
 from signbridge.apple.codedirectory import HashType
+from signbridge.apple.codesign_options import CodesignOptions, parse_flags
 from signbridge.apple.notary import preflight as pf
 from signbridge.apple.notary.errors import PayloadError
 from signbridge.apple.notary.payload import Limits, extract_cpio
@@ -97,8 +98,8 @@ def development_identity(pki) -> Identity:
 
 def sign(path: Path, identity, tsa, *, runtime: bool = True, timestamp: bool = True, deep: bool = False,
          entitlements: bytes | None = None, hash_types=None) -> None:
-    options = cs.CodesignOptions(
-        force=True, deep=deep, flags=cs.parse_flags("runtime") if runtime else 0,
+    options = CodesignOptions(
+        force=True, deep=deep, flags=parse_flags("runtime") if runtime else 0,
         timestamp_url=tsa.url if timestamp else None, entitlements=entitlements, hash_types=hash_types,
     )
     cs.sign_code(path, identity, options)
@@ -425,7 +426,7 @@ def test_disk_image_with_a_zipped_app_and_a_tool(tmp_path, fx, clean_app, pki, t
     sign(tool, local_identity(pki)[0], tsa)
     image = tmp_path / "MyApp.dmg"
     pydmg.create_dmg(source_dir=folder, output_path=image, volume_label="MyApp", total_sectors=32768)
-    options = cs.CodesignOptions(timestamp_url=tsa.url if timestamped else None)
+    options = CodesignOptions(timestamp_url=tsa.url if timestamped else None)
     sign_disk_image(image, local_identity(pki)[0], options)
     expected = [] if timestamped else [("", pf.NO_TIMESTAMP)]
     assert relative(pf.preflight([image], anchors), image) == expected

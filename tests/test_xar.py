@@ -40,7 +40,6 @@ from signbridge.apple.xar import (
     XarArchive,
     XarError,
     XarFormatError,
-    output,
     prepare_signed,
     signature_data,
     write_package,
@@ -430,7 +429,7 @@ def test_new_signatures_take_the_place_of_the_old_ones(tmp_path: Path, signer: O
     assert XarArchive.open(tmp_path / "signed.pkg").read_data(XarArchive.open(tmp_path / "signed.pkg").file("a")) == b"hello"
 
 
-@pytest.mark.parametrize("unavailable", [["_copy_file_range"], ["_copy_file_range", "_sendfile"]])
+@pytest.mark.parametrize("unavailable", [["copy_file_range"], ["copy_file_range", "sendfile"]])
 def test_finish_falls_back_when_the_kernel_cannot_copy(
     tmp_path: Path, signer: OpensslSigner, monkeypatch: pytest.MonkeyPatch, unavailable: list[str]
 ) -> None:
@@ -450,7 +449,7 @@ def test_finish_falls_back_when_the_kernel_cannot_copy(
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
     for name in unavailable:
-        monkeypatch.setattr(output, name, refuse)
+        monkeypatch.setattr(os, name, refuse)
     finish(prepared, rsa, b"", tmp_path / "fallback.pkg", check_files=False)
     assert len(refused) == len(unavailable)
     assert (tmp_path / "fallback.pkg").read_bytes() == (tmp_path / "kernel.pkg").read_bytes()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_path, write_atomically
 from .errors import SignatureError, SignbridgeError
 from .p11kit import client_module_path
 
@@ -51,9 +52,7 @@ class JavaToken:
         if library is None:
             raise JavaToolError("p11-kit-client.so is not installed (Debian package p11-kit-modules)")
         config = directory / f"{name}.pkcs11.cfg"
-        temporary = config.with_name(f".{config.name}.tmp")
-        temporary.write_text(sunpkcs11_config(name, library))
-        os.replace(temporary, config)
+        write_atomically(config, sunpkcs11_config(name, library).encode(), mode=None)
         return cls(config, socket)
 
     def env(self) -> dict[str, str]:
@@ -82,12 +81,10 @@ def run_java_tool(args: Sequence[str], *, env: dict[str, str] | None = None) -> 
 
 def write_sample_jar(path: Path, files: dict[str, bytes]) -> Path:
     """A jar (a zip with a manifest first) holding ``files``."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as jar:
+    with atomic_path(path) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as jar:
         jar.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\r\nCreated-By: signbridge\r\n\r\n")
         for name, content in files.items():
             jar.writestr(name, content)
-    os.replace(temporary, path)
     return path
 
 
@@ -101,12 +98,10 @@ def sign_jar(token: JavaToken, jar: Path, signed: Path, alias: str, *, tsa_url: 
 
 def truststore(path: Path, anchors: dict[str, Path], password: str = "changeit") -> Path:
     """A PKCS12 truststore with ``anchors`` (alias -> PEM file) as trusted certificates."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.unlink(missing_ok=True)
-    for alias, pem in anchors.items():
-        run_java_tool(["keytool", "-importcert", "-noprompt", "-alias", alias, "-file", str(pem),
-                       "-keystore", str(temporary), "-storetype", "PKCS12", "-storepass", password])  # fmt: skip
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        for alias, pem in anchors.items():
+            run_java_tool(["keytool", "-importcert", "-noprompt", "-alias", alias, "-file", str(pem),
+                           "-keystore", str(temporary), "-storetype", "PKCS12", "-storepass", password])  # fmt: skip
     return path
 
 

@@ -23,7 +23,7 @@ lets the caller sign it there, and on success swaps it into place with one atomi
 ``renameat2(RENAME_EXCHANGE)`` on Linux (two renames elsewhere); on failure the staged tree is
 discarded. Signing never writes into a file: every file it changes (signed Mach-O,
 ``CodeResources``, detached signature files) is written anew and renamed over its staged name
-(:func:`atomic_write`, :class:`~signbridge.apple.codesign.StagedFile`), which replaces the staged
+(:mod:`signbridge.atomic`), which replaces the staged
 link and leaves the original's file as it was. So no file data is copied to stage a bundle, and
 removing the replaced tree afterwards frees only the files that signing replaced: for 5,000 files
 / 500 MB on the 2-core build machine, copying the files took 1.9-2.4 s and deleting the old copy up
@@ -33,20 +33,19 @@ system refuses a hard link, that file is copied.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..atomic import replace_directory
 from ..errors import SignbridgeError
 from .plist import load_plist_dict
 from .resources.rules import (
@@ -69,10 +68,8 @@ __all__ = [
     "NotABundleError",
     "UnreadableFileError",
     "UnsealedContentError",
-    "atomic_write",
     "bundle_format",
     "check_nesting",
-    "exchange_paths",
     "sign_bundle_plan",
     "staged_bundle",
 ]
@@ -434,24 +431,7 @@ def _check_readable(path: str, shown: str) -> None:
     os.close(descriptor)
 
 
-# --- writing safely ---------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+# --- replacing safely ---------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -476,7 +456,7 @@ def staged_bundle(path: Bundle | str | os.PathLike[str]) -> Iterator[Path]:
         except OSError as error:
             raise BundleError(f"cannot make a working copy of {original.name}: {error}") from error
         yield staged
-        _swap_into_place(staged, original, work / f"{original.name}.original")
+        replace_directory(staged, original, work / f"{original.name}.original")
     finally:
         _remove_quietly(work)
 
@@ -494,40 +474,6 @@ def _link_or_copy(source: str, destination: str) -> None:
         if error.errno not in _NO_LINK_ERRORS:
             raise
         shutil.copy2(source, destination, follow_symlinks=False)
-
-
-def _swap_into_place(staged: Path, original: Path, aside: Path) -> None:
-    if exchange_paths(staged, original):
-        return
-    os.rename(original, aside)
-    try:
-        os.rename(staged, original)
-    except BaseException:
-        os.rename(aside, original)
-        raise
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def exchange_paths(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> bool:
-    """Atomically swap two paths (Linux ``renameat2``); False where the system cannot or ``second``
-    does not exist (the caller then renames)."""
-    if not sys.platform.startswith("linux") or not os.path.lexists(second):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(second))
 
 
 def _remove_quietly(path: Path) -> None:

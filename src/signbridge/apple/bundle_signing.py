@@ -1,4 +1,4 @@
-"""Signing bundles and app archives as ``codesign -s`` does (Mach-O files: codesign.py).
+"""Signing bundles and app archives as ``codesign -s`` does (Mach-O files: macho_signing.py).
 
 A bundle is signed in a staged copy that replaces it only when every piece is signed: nested
 code innermost first (with ``--deep``, including bundles that the seal covers file by file, such as
@@ -14,40 +14,40 @@ import contextlib
 from concurrent.futures import Executor
 from pathlib import Path
 
-from ..crypto.identity import Identity
+from ..atomic import write_atomically
 from .blobs import CodeSignatureFormatError
-from .bundle import Bundle, atomic_write, bundle_format, sign_bundle_plan, staged_bundle
+from .bundle import Bundle, bundle_format, sign_bundle_plan, staged_bundle
+from .cms_signer import CmsSigner, requirement_set
+from .code_files import mapped, read_code
 from .codedirectory import HashType
-from .codesign import (
+from .codesign_options import (
     AlreadySignedError,
     CodesignError,
     CodesignOptions,
-    MachOJob,
     Progress,
     Reporter,
     SignedCode,
     UnreadableCodeError,
     UnsignedNestedCodeError,
     default_identifier,
-    existing_signature_state,
-    mapped,
-    read_code,
-    replacing_note,
-    requirements_and_signer,
-    sign_macho_file,
-    widest_default_hash_types,
 )
 from .detached import has_detached_signature, read_detached_signature
 from .detached_signing import DetachedSigningOptions, sign_detached_bundle
 from .embedded_signature import read_signature
 from .ipa import extracted_app, write_ipa
 from .macho import MachOError, parse_file
+from .macho_signing import (
+    MachOJob,
+    existing_signature_state,
+    replacing_note,
+    sign_macho_file,
+    widest_default_hash_types,
+)
 from .requirements import cdhash as cdhash_requirement
 from .requirements import render
 from .resources.hashing import DigestCache
 from .resources.writing import NestedCode, build_code_resources, start_sealing
 from .signed_code import (
-    designated_requirement,
     preferred_directory,
     preferred_slice,
     stored_designated_requirement,
@@ -56,13 +56,13 @@ from .stapled import remove_stapled_ticket
 
 
 def sign_ipa(
-    path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
+    path: Path, signer: CmsSigner | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
 ) -> SignedCode:
     """Sign the app inside an ``.ipa``: unpack it privately, sign it, and replace the archive with
     a new one holding the signed app (the input is untouched on any failure)."""
     with extracted_app(path) as app:
         relocated = _RelocatedReporter(reporter, app.parent.parent, path)
-        signed = sign_bundle(app, identity, options, relocated, executor=executor)
+        signed = sign_bundle(app, signer, options, relocated, executor=executor)
         try:
             write_ipa(app, path)
         except OSError as exc:
@@ -147,7 +147,7 @@ def _seal_hash_types(bundle: Bundle, options: CodesignOptions) -> tuple[HashType
 
 def _sign_one_bundle(
     bundle: Bundle,
-    identity: Identity | None,
+    signer: CmsSigner | None,
     options: CodesignOptions,
     reporter: Reporter,
     nested: dict[Path, NestedCode],
@@ -171,12 +171,12 @@ def _sign_one_bundle(
             progress=advance,
             cache=cache,
         )
-    atomic_write(bundle.code_resources_path, seal)
+    write_atomically(bundle.code_resources_path, seal, fsync=True, make_parents=True)
     identifier = (options.identifier if top else None) or bundle.identifier
     if identifier is None:
         identifier = default_identifier(bundle.root, None, options.prefix)
     if bundle.executable_path is None:
-        return _sign_detached(bundle, identity, options, seal, identifier)
+        return _sign_detached(bundle, signer, options, seal, identifier)
     job = MachOJob(
         bundle.executable_path,
         identifier=identifier,
@@ -185,25 +185,24 @@ def _sign_one_bundle(
         entitlements=top,
         nested=True,
     )
-    signed = sign_macho_file(job, identity, options, reporter, executor=executor)
+    signed = sign_macho_file(job, signer, options, reporter, executor=executor)
     executable_format = bundle_format(bundle, signed.format)
     return SignedCode(bundle.root, signed.identifier, executable_format, signed.cdhash, signed.requirement)
 
 
 def _sign_detached(
-    bundle: Bundle, identity: Identity | None, options: CodesignOptions, seal: bytes, identifier: str
+    bundle: Bundle, signer: CmsSigner | None, options: CodesignOptions, seal: bytes, identifier: str
 ) -> SignedCode:
     """Sign a bundle without a main executable: a detached signature over its Info.plist."""
-    requirements, signer = requirements_and_signer(identity, options, identifier)
     settings = DetachedSigningOptions(
         identifier=identifier,
         hash_types=options.hash_types or (HashType.SHA256,),
-        requirements=requirements,
+        requirements=requirement_set(signer, identifier),
         flags=options.flags,
-        team_id=identity.team_id if identity is not None else None,
+        team_id=signer.team_id if signer is not None else None,
     )
     directory = preferred_directory(sign_detached_bundle(bundle, seal, settings, signer))
-    requirement = designated_requirement(identifier, identity.certificates) if identity is not None else None
+    requirement = signer.designated_requirement(identifier) if signer is not None else None
     text = render(requirement if requirement is not None else cdhash_requirement(directory.cdhash()))
     return SignedCode(bundle.root, identifier, bundle_format(bundle, None), directory.cdhash(), text)
 
@@ -215,7 +214,7 @@ STALE_TICKET_WARNING = (
 
 
 def sign_bundle(
-    path: Path, identity: Identity | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
+    path: Path, signer: CmsSigner | None, options: CodesignOptions, reporter: Reporter, *, executor: Executor
 ) -> SignedCode:
     """Sign a bundle (and with ``options.deep`` all its nested code, innermost first) in a staged
     copy that replaces the original only when everything is signed."""
@@ -241,12 +240,12 @@ def sign_bundle(
                     if remove_stapled_ticket(bundle.content_root):
                         reporter.note(path / item.relative_to(root.root), STALE_TICKET_WARNING)
                     signed = _sign_one_bundle(
-                        bundle, identity, options, reporter, done, top=bundle is root, executor=executor,
+                        bundle, signer, options, reporter, done, top=bundle is root, executor=executor,
                         cache=cache if bundle is root else None,
                     )  # fmt: skip
                 else:
                     job = MachOJob(item, entitlements=False, nested=True)
-                    signed = sign_macho_file(job, identity, options, reporter, executor=executor)
+                    signed = sign_macho_file(job, signer, options, reporter, executor=executor)
                 done[item] = NestedCode(signed.cdhash, signed.requirement or "")
                 results.append(signed)
         finally:

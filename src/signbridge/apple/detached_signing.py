@@ -10,11 +10,12 @@ earlier signature that this one does not write are removed, so none is left unse
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..atomic import write_atomically
 from .blobs import Slot
-from .bundle import Bundle, atomic_write
+from .bundle import Bundle
+from .cms_signer import CmsSigner
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType, build_code_directory
 from .detached import (
     CODE_DIRECTORY_FILE,
@@ -23,8 +24,6 @@ from .detached import (
     alternate_file,
     component_files,
 )
-
-DetachedCmsSigner = Callable[[Sequence[CodeDirectory]], bytes]
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ def sign_detached_bundle(
     bundle: Bundle,
     code_resources: bytes,
     options: DetachedSigningOptions,
-    signer: DetachedCmsSigner | None,
+    signer: CmsSigner | None,
 ) -> tuple[CodeDirectory, ...]:
     """Write the detached signature files of ``bundle`` (whose seal is ``code_resources``, already
     written); returns the CodeDirectories, primary first. ``signer`` None signs ad hoc."""
@@ -61,7 +60,7 @@ def sign_detached_bundle(
         )
         for hash_type in options.hash_types
     )
-    cms = signer(directories) if signer is not None else b""
+    cms = signer.sign(directories) if signer is not None else b""
     folder = bundle.signature_dir
     written = {
         CODE_DIRECTORY_FILE: directories[0].blob,
@@ -75,5 +74,5 @@ def sign_detached_bundle(
             with contextlib.suppress(FileNotFoundError):
                 (folder / name).unlink()
     for name, data in written.items():
-        atomic_write(folder / name, data)
+        write_atomically(folder / name, data, fsync=True, make_parents=True)
     return directories

@@ -196,25 +196,20 @@ def extracted_app(archive: Path) -> Iterator[Path]:
 
 def write_ipa(app: Path, target: Path) -> None:
     """Zip ``app`` as ``Payload/<app name>`` into a new archive and rename it over ``target``."""
-    import tempfile
     import zipfile
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".sb-signing", dir=target.parent)
-    os.close(handle)
+    from ..atomic import atomic_path
+
     try:
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as output:
-            _add_directory(output, Path(PAYLOAD))
-            _add_tree(output, app, Path(PAYLOAD) / app.name)
-        try:
-            mode = stat.S_IMODE(target.stat().st_mode)
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o644
+    with (
+        atomic_path(target, mode, suffix=".sb-signing") as temporary,
+        zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as output,
+    ):
+        _add_directory(output, Path(PAYLOAD))
+        _add_tree(output, app, Path(PAYLOAD) / app.name)
 
 
 def _add_directory(output: zipfile.ZipFile, name: Path) -> None:

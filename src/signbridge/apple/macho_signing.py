@@ -4,22 +4,27 @@ The embedded signature is a SuperBlob (0xfade0cc0) of, in slot order: the primar
 (0), the requirement set (2), XML and DER entitlements (5, 7) when given, alternate
 CodeDirectories (0x1000...), and the CMS BlobWrapper (0x10000). Ad-hoc signing (no CMS signer)
 sets CS_ADHOC and stores an empty BlobWrapper, as codesign does; the requirement set is the empty
-one unless the caller gives another. The CMS itself is produced by the caller's ``cms_signer``,
-which receives the finished CodeDirectories (primary first) and returns DER ``ContentInfo`` bytes.
+one unless the caller gives another. The CMS itself is made by the
+:class:`~signbridge.apple.cms_signer.CmsSigner` handed down by the engine, from the finished
+CodeDirectories (primary first).
 
 A slice is never joined into a new buffer while it is signed: :func:`lay_out_slice` computes the
 new header and the signature's size before any hashing, :func:`finish_slice` hashes the code where
 it lies (the new header, the input's pages, a zero tail) and builds the signature, and the result
 is a list of parts: the new header, a view of the unchanged code, the signature. :func:`sign_into`
 writes them into an output file, copying the unchanged code from the input file in the kernel
-while it is hashed; :func:`sign_file` joins them in memory.
+while it is hashed.
+
+:func:`sign_macho_file` is what the engine runs for one file: it reads the file's state (already
+signed?), chooses the identifier, plans each slice's signature (:func:`slice_plan`), and writes the
+signed file into a staged output swapped in at the end, so on any failure the input is unchanged.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from collections.abc import Sequence
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -27,13 +32,15 @@ from typing import Protocol
 from .blobs import (
     SUPERBLOB_HEADER_SIZE,
     SUPERBLOB_INDEX_ENTRY_SIZE,
+    CodeSignatureFormatError,
     Magic,
     Slot,
     decode_superblob,
     encode_blob,
     encode_superblob,
 )
-from .bundle import atomic_write
+from .cms_signer import CmsSigner, requirement_set
+from .code_files import mapped, staged_code
 from .codedirectory import (
     PAGE_SIZE,
     CodeDirectory,
@@ -47,9 +54,18 @@ from .codedirectory import (
     default_hash_types,
     hash_code,
 )
+from .codesign_options import (
+    AlreadySignedError,
+    CodesignOptions,
+    Progress,
+    Reporter,
+    SignedCode,
+    default_identifier,
+)
 from .embedded_signature import EmbeddedSignature, embedded_signature
 from .entitlements import der_entitlements_blob, entitlements_blob, exec_segment_flags, load_entitlements
-from .macho import MH_EXECUTE, MachO, MachOFile, parse_file
+from .macho import MachO, MachOFile, parse_file
+from .macho_constants import MH_EXECUTE
 from .macho_writer import (
     SIGNATURE_ALIGNMENT,
     SignatureSpaceError,
@@ -59,12 +75,11 @@ from .macho_writer import (
     signature_offset,
     universal_layout,
 )
-from .requirements import EMPTY_REQUIREMENT_SET
+from .requirements import EMPTY_REQUIREMENT_SET, render
+from .signed_code import macho_format, preferred_directory, preferred_slice, stored_designated_requirement
 
 DEFAULT_CMS_RESERVE = 18000  # codesign's default room for the CMS blob
 
-CmsSigner = Callable[[Sequence[CodeDirectory]], bytes]
-Progress = Callable[[int, int], None]
 
 # Special slots whose content is itself stored in the SuperBlob (Info.plist and CodeResources live
 # outside the binary and are only hashed).
@@ -85,12 +100,10 @@ class SigningOptions:
     flags: int = 0
     runtime_version: int | None = None
     entitlements: bytes | None = None
-    der_entitlements: bool = True
     requirements: bytes = EMPTY_REQUIREMENT_SET
     info_plist: bytes | None = None
     code_resources: bytes | None = None
     cms_reserve: int = DEFAULT_CMS_RESERVE
-    page_size: int = PAGE_SIZE
 
 
 # --- laying out and signing one slice -----------------------------------------------------------
@@ -174,8 +187,7 @@ def lay_out_slice(macho: MachO, options: SigningOptions, *, with_cms: bool) -> S
     if options.entitlements is not None:
         entitlements = load_entitlements(options.entitlements)
         special[Slot.ENTITLEMENTS] = entitlements_blob(options.entitlements)
-        if options.der_entitlements:
-            special[Slot.DER_ENTITLEMENTS] = der_entitlements_blob(entitlements)
+        special[Slot.DER_ENTITLEMENTS] = der_entitlements_blob(entitlements)
 
     flags = options.flags & ~(CodeDirectoryFlags.LINKER_SIGNED | CodeDirectoryFlags.ADHOC)
     if not with_cms:
@@ -202,7 +214,7 @@ def lay_out_slice(macho: MachO, options: SigningOptions, *, with_cms: bool) -> S
             special_slot_count=max(special),
             code_limit=code_limit,
             version=version,
-            page_size=options.page_size,
+            page_size=PAGE_SIZE,
         )
         for hash_type in hash_types
     )
@@ -232,17 +244,15 @@ def lay_out_slice(macho: MachO, options: SigningOptions, *, with_cms: bool) -> S
     )
 
 
-def _code_parts(header: bytes, body: memoryview, zeros: int, page_size: int) -> list[bytes | memoryview]:
+def _code_parts(header: bytes, body: memoryview, zeros: int) -> list[bytes | memoryview]:
     """The code as pieces that each start on a page boundary: the header with the body up to the
     next page, the body's whole pages (a view, not a copy), the last partial page with the zeros."""
-    if not page_size:
-        return [b"".join((header, body, bytes(zeros)))]
-    head_end = min(round_up(len(header), page_size), len(header) + len(body) + zeros)
+    head_end = min(round_up(len(header), PAGE_SIZE), len(header) + len(body) + zeros)
     in_head = min(head_end - len(header), len(body))
     zeros_in_head = head_end - len(header) - in_head
     head = header + bytes(body[:in_head]) + bytes(zeros_in_head)
     rest = body[in_head:]
-    whole = len(rest) - len(rest) % page_size
+    whole = len(rest) - len(rest) % PAGE_SIZE
     tail = bytes(rest[whole:]) + bytes(zeros - zeros_in_head)
     return [head, rest[:whole], tail]
 
@@ -250,16 +260,16 @@ def _code_parts(header: bytes, body: memoryview, zeros: int, page_size: int) -> 
 def finish_slice(
     layout: SliceLayout,
     options: SigningOptions,
-    cms_signer: CmsSigner | None = None,
+    signer: CmsSigner | None = None,
     *,
     executor: Executor | None = None,
 ) -> SignedSlice:
     """Hash the slice's code and build its signature: CodeDirectories, CMS, SuperBlob."""
-    parts = _code_parts(layout.header, layout.body, layout.zeros, options.page_size)
+    parts = _code_parts(layout.header, layout.body, layout.zeros)
     directories = []
     for hash_type in layout.hash_types:
         code_hashes = [
-            page for part in parts for page in hash_code(part, hash_type, options.page_size, executor)
+            page for part in parts for page in hash_code(part, hash_type, PAGE_SIZE, executor)
         ]
         directory = build_code_directory(
             None,
@@ -272,11 +282,11 @@ def finish_slice(
             special_slot_data=layout.special,
             exec_segment=layout.exec_segment,
             runtime=layout.runtime,
-            page_size=options.page_size,
+            page_size=PAGE_SIZE,
         )
         # Keep the encoding: the cdhash, the CMS and the SuperBlob all need the same bytes.
         directories.append(replace(directory, source=directory.encode()))
-    cms = cms_signer(directories) if cms_signer is not None else b""
+    cms = signer.sign(directories) if signer is not None else b""
     entries = [(int(Slot.CODE_DIRECTORY), directories[0].blob)]
     entries += [(int(Slot.ALTERNATE_CODE_DIRECTORY) + n, cd.blob) for n, cd in enumerate(directories[1:])]
     entries += [(int(slot), blob) for slot, blob in layout.special.items() if slot in _EMBEDDED_SPECIAL_SLOTS]
@@ -300,18 +310,6 @@ def finish_slice(
     )
 
 
-def sign_slice(
-    macho: MachO,
-    options: SigningOptions,
-    cms_signer: CmsSigner | None = None,
-    *,
-    executor: Executor | None = None,
-) -> bytes:
-    """One signed thin slice."""
-    layout = lay_out_slice(macho, options, with_cms=cms_signer is not None)
-    return b"".join(finish_slice(layout, options, cms_signer, executor=executor).parts)
-
-
 # --- whole files ---------------------------------------------------------------------------------
 
 
@@ -320,50 +318,6 @@ def file_layout(parsed: MachOFile, sizes: Sequence[int]) -> tuple[bytes, list[in
     if parsed.fat_arches is None:
         return b"", [0]
     return universal_layout(parsed.fat_arches, sizes, fat64=parsed.fat64)
-
-
-def sign_file(
-    data: bytes,
-    options: SigningOptions,
-    cms_signer: CmsSigner | None = None,
-    *,
-    executor: Executor | None = None,
-) -> bytes:
-    """Sign every slice of a thin or universal Mach-O file; ad hoc when ``cms_signer`` is None."""
-    parsed = parse_file(data)
-    if executor is None:
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            return sign_file(data, options, cms_signer, executor=pool)
-    layouts = [lay_out_slice(macho, options, with_cms=cms_signer is not None) for macho in parsed.slices]
-    signed = [finish_slice(layout, options, cms_signer, executor=executor) for layout in layouts]
-    fat_header, offsets = file_layout(parsed, [item.size for item in signed])
-    parts: list[bytes | memoryview] = [fat_header]
-    position = len(fat_header)
-    for offset, item in zip(offsets, signed, strict=True):
-        parts.append(bytes(offset - position))
-        parts.extend(item.parts)
-        position = offset + item.size
-    return b"".join(parts)
-
-
-def sign_path(
-    path: str | os.PathLike[str],
-    options: SigningOptions,
-    cms_signer: CmsSigner | None = None,
-    *,
-    output: str | os.PathLike[str] | None = None,
-    executor: Executor | None = None,
-) -> bytes:
-    """Sign the file at ``path`` into ``output`` (default: in place) and return the signed bytes.
-
-    The result is written to a temporary file beside the target and renamed over it, so a failure
-    at any point leaves both the input and any existing output untouched.
-    """
-    source = Path(path)
-    signed = sign_file(source.read_bytes(), options, cms_signer, executor=executor)
-    mode = source.stat().st_mode & 0o7777
-    atomic_write(Path(output) if output is not None else source, signed, mode=mode)
-    return signed
 
 
 class SignedOutput(Protocol):
@@ -379,7 +333,7 @@ def sign_into(
     parsed: MachOFile,
     source: int,
     options: SigningOptions,
-    cms_signer: CmsSigner | None = None,
+    signer: CmsSigner | None = None,
     *,
     executor: Executor,
     progress: Progress | None = None,
@@ -391,7 +345,7 @@ def sign_into(
     ones and the signatures after them. ``progress`` is called with (bytes done, bytes in all). The views of ``parsed`` the
     slices' ``parts`` hold are released on return (the caller may unmap the input)."""
     total = os.fstat(source).st_size
-    layouts = [lay_out_slice(macho, options, with_cms=cms_signer is not None) for macho in parsed.slices]
+    layouts = [lay_out_slice(macho, options, with_cms=signer is not None) for macho in parsed.slices]
     try:
         fat_header, offsets = file_layout(parsed, [layout.size for layout in layouts])
         sources = [arch.offset for arch in parsed.fat_arches] if parsed.fat_arches is not None else [0]
@@ -407,7 +361,7 @@ def sign_into(
             for layout in layouts:
                 if progress is not None:
                     progress(sum(item.size for item in signed), total)
-                signed.append(finish_slice(layout, options, cms_signer, executor=executor))
+                signed.append(finish_slice(layout, options, signer, executor=executor))
             if progress is not None:
                 progress(total, total)
         finally:
@@ -424,3 +378,155 @@ def sign_into(
     finally:
         for layout in layouts:
             layout.body.release()
+
+
+# --- reading existing signatures ------------------------------------------------------------------
+
+
+def _code_directory_flags(macho: MachO) -> int | None:
+    """The flags of the slice's primary CodeDirectory; None when unsigned. Raises
+    CodeSignatureFormatError when the signature cannot be read."""
+    raw = macho.signature_data
+    if raw is None:
+        return None
+    superblob = decode_superblob(raw, Magic.EMBEDDED_SIGNATURE)
+    directory = superblob.get(Slot.CODE_DIRECTORY)
+    if directory is None or len(directory) < 16:
+        raise CodeSignatureFormatError("the embedded signature has no CodeDirectory")
+    return int.from_bytes(directory[12:16], "big")
+
+
+def existing_signature_state(parsed: MachOFile) -> str | None:
+    """``"signed"``, ``"invalid"`` (a signature that cannot be read) or None (unsigned or only
+    linker-signed, which codesign replaces without ``-f``)."""
+    state = None
+    for macho in parsed.slices:
+        try:
+            flags = _code_directory_flags(macho)
+        except CodeSignatureFormatError:
+            state = "invalid"
+            continue
+        if flags is not None and not flags & CodeDirectoryFlags.LINKER_SIGNED:
+            return "signed"
+    return state
+
+
+def replacing_note(state: str) -> str:
+    return "replacing existing signature" if state == "signed" else "replacing invalid existing signature"
+
+
+# --- Mach-O ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachOJob:
+    """One Mach-O file to sign, with what its container binds into it."""
+
+    path: Path
+    identifier: str | None = None  # None: the default for the file
+    info_plist: bytes | None = None  # a bundle's Info.plist (slot 1)
+    code_resources: bytes | None = None  # a bundle's CodeResources (slot 3)
+    entitlements: bool = True  # whether the options' entitlements apply to this file
+    nested: bool = False  # signed because of --deep or as bundle content (no "already signed" stop)
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """What every slice's signature holds besides its code, and who signs it (None: ad hoc)."""
+
+    options: SigningOptions
+    signer: CmsSigner | None
+
+
+def slice_plan(
+    parsed: MachOFile,
+    signer: CmsSigner | None,
+    options: CodesignOptions,
+    *,
+    identifier: str,
+    info_plist: bytes | None = None,
+    code_resources: bytes | None = None,
+    entitlements: bytes | None = None,
+) -> SlicePlan:
+    """The signer's part: team id, requirement set, CMS signer and its reserved size."""
+    reserve = DEFAULT_CMS_RESERVE
+    if signer is not None:
+        reserve = signer.reserve(options.hash_types or widest_default_hash_types(parsed))
+    signing = SigningOptions(
+        identifier=identifier,
+        team_id=signer.team_id if signer is not None else None,
+        hash_types=options.hash_types,
+        flags=options.flags,
+        runtime_version=options.runtime_version,
+        entitlements=entitlements,
+        requirements=requirement_set(signer, identifier),
+        info_plist=info_plist,
+        code_resources=code_resources,
+        cms_reserve=reserve,
+    )
+    return SlicePlan(signing, signer)
+
+
+def widest_default_hash_types(parsed: MachOFile) -> tuple[HashType, ...]:
+    widest: tuple[HashType, ...] = (HashType.SHA256,)
+    for macho in parsed.slices:
+        if macho.build_version is not None:
+            types = default_hash_types(macho.build_version.platform, macho.build_version.minos)
+            if len(types) > len(widest):
+                widest = types
+    return widest
+
+
+def sign_macho_file(
+    job: MachOJob,
+    signer: CmsSigner | None,
+    options: CodesignOptions,
+    reporter: Reporter,
+    *,
+    executor: Executor,
+) -> SignedCode:
+    """Sign one Mach-O file in place, atomically.
+
+    The output is written by :func:`sign_into` without copying the code through Python, into a
+    staged file swapped in at the end (:func:`~signbridge.apple.code_files.staged_code`).
+    """
+    with mapped(job.path) as (data, descriptor):
+        parsed = parse_file(data)
+        state = existing_signature_state(parsed)
+        if state is not None and not job.nested:
+            if not options.force:
+                raise AlreadySignedError()
+            reporter.note(job.path, replacing_note(state))
+        embedded_plist = job.info_plist
+        if embedded_plist is None:
+            plists = (bytes(m.info_plist) for m in parsed.slices if m.info_plist is not None)
+            embedded_plist = next(plists, None)
+        identifier = job.identifier or options.identifier
+        identifier = identifier or default_identifier(job.path, embedded_plist, options.prefix)
+        plan = slice_plan(
+            parsed,
+            signer,
+            options,
+            identifier=identifier,
+            info_plist=job.info_plist,
+            code_resources=job.code_resources,
+            entitlements=options.entitlements if job.entitlements else None,
+        )
+        with staged_code(job.path) as staged:
+            with reporter.progress(f"signing {job.path.name}") as advance:
+                signed, size = sign_into(
+                    staged, parsed, descriptor, plan.options, plan.signer, executor=executor, progress=advance
+                )
+            result = describe_signed(parsed, signed, job.path)
+            staged.commit(size)
+    return result
+
+
+def describe_signed(parsed: MachOFile, signed: Sequence[SignedSlice], path: Path) -> SignedCode:
+    """What was just signed: identifier, the preferred cdhash and the designated requirement."""
+    chosen = preferred_slice(parsed)
+    item = signed[parsed.slices.index(chosen)]
+    signature = item.embedded_signature()
+    directory = preferred_directory(item.directories)
+    requirement = render(stored_designated_requirement(signature, directory))
+    return SignedCode(path, directory.identifier, macho_format(parsed), directory.cdhash(), requirement)

@@ -1,4 +1,4 @@
-"""Mach-O rewriting for signing: make room for a signature, embed it, strip it, re-lay universal files.
+"""Mach-O rewriting for signing: make room for a signature and re-lay universal files.
 
 Only the header, LC_CODE_SIGNATURE and ``__LINKEDIT`` change, the way ``codesign_allocate`` does
 it: the signature starts at the end of the other ``__LINKEDIT`` data rounded up to 16 bytes, its
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from .macho import (
+from .macho import FatArch, MachO, MachOError, SignatureLayoutError
+from .macho_constants import (
     FAT_ARCH_64_SIZE,
     FAT_ARCH_SIZE,
     FAT_HEADER_SIZE,
@@ -20,11 +20,6 @@ from .macho import (
     FAT_MAGIC_64,
     LC_CODE_SIGNATURE,
     LINKEDIT_DATA_COMMAND_SIZE,
-    FatArch,
-    MachO,
-    MachOError,
-    SignatureLayoutError,
-    parse_macho,
     segment_alignment,
 )
 
@@ -44,30 +39,13 @@ def round_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-@dataclass(frozen=True, eq=False)
-class PreparedSlice:
-    """A slice laid out for a signature of ``reserve`` bytes at ``code_limit``; not yet signed.
-
-    ``code`` is what the CodeDirectory hashes: the final header and load commands and everything up
-    to the signature. ``macho`` parses the laid-out slice (signature space zero-filled).
-    """
-
-    macho: MachO
-    code_limit: int
-    reserve: int
-    data: bytes = field(repr=False)
-
-    @property
-    def code(self) -> memoryview:
-        return memoryview(self.data)[: self.code_limit]
-
-
 def signature_offset(macho: MachO) -> int:
     """Where a new signature will start: after the other ``__LINKEDIT`` data, 16-byte aligned."""
-    return round_up(_linkedit_data_end(macho), SIGNATURE_ALIGNMENT)
+    return round_up(linkedit_data_end(macho), SIGNATURE_ALIGNMENT)
 
 
-def _linkedit_data_end(macho: MachO) -> int:
+def linkedit_data_end(macho: MachO) -> int:
+    """Where the slice's ``__LINKEDIT`` data ends before any signature (its layout validated)."""
     linkedit = macho.linkedit
     if linkedit is None:
         raise SignatureLayoutError(
@@ -88,18 +66,13 @@ def _linkedit_data_end(macho: MachO) -> int:
     return linkedit.file_end
 
 
-def linkedit_data_end(macho: MachO) -> int:
-    """Where the slice's ``__LINKEDIT`` data ends before any signature (its layout validated)."""
-    return _linkedit_data_end(macho)
-
-
 def signature_header(macho: MachO, reserve: int) -> bytes:
     """The slice's header region laid out for a signature of ``reserve`` bytes (a multiple of 16)
     at :func:`signature_offset`: LC_CODE_SIGNATURE replaced or inserted after the last load command
     (raising :class:`HeaderPaddingError` when the header padding is too small), ``__LINKEDIT`` resized.
     """
     offset = signature_offset(macho)
-    header = bytearray(macho.data[: min(macho.first_content_offset, _linkedit_data_end(macho))])
+    header = bytearray(macho.data[: min(macho.first_content_offset, linkedit_data_end(macho))])
     if macho.code_signature is None:
         end = macho.load_commands_end
         padding = len(header) - end
@@ -128,22 +101,6 @@ def signature_header(macho: MachO, reserve: int) -> bytes:
     return bytes(header)
 
 
-def prepare_signature_layout(macho: MachO, reserve: int) -> PreparedSlice:
-    """Lay out ``macho`` for a signature of up to ``reserve`` bytes (rounded up to 16), as a copy.
-
-    Replaces an existing signature, or inserts LC_CODE_SIGNATURE (see :func:`signature_header`).
-    """
-    if reserve <= 0:
-        raise ValueError("the signature reserve must be positive")
-    reserve = round_up(reserve, SIGNATURE_ALIGNMENT)
-    offset = signature_offset(macho)
-    data_end = _linkedit_data_end(macho)
-    header = signature_header(macho, reserve)
-    body = memoryview(macho.data)[len(header) : data_end]
-    data = b"".join((header, body, bytes(offset - data_end + reserve)))
-    return PreparedSlice(macho=parse_macho(data), code_limit=offset, reserve=reserve, data=data)
-
-
 def _resize_linkedit(macho: MachO, header: bytearray, new_end: int) -> None:
     linkedit = macho.linkedit
     assert linkedit is not None
@@ -160,41 +117,6 @@ def _resize_linkedit(macho: MachO, header: bytearray, new_end: int) -> None:
             raise SignatureLayoutError("a 32-bit Mach-O cannot grow __LINKEDIT past 4 GiB")
         struct.pack_into(macho.fmt("I"), header, linkedit.command_offset + 28, vmsize)
         struct.pack_into(macho.fmt("I"), header, linkedit.command_offset + 36, filesize)
-
-
-def embed_signature(prepared: PreparedSlice, signature: bytes) -> bytes:
-    """The signed slice: the prepared code, then ``signature`` zero-padded to the reserved size."""
-    if len(signature) > prepared.reserve:
-        raise SignatureSpaceError(
-            f"the signature is {len(signature)} bytes but only {prepared.reserve} were reserved for it"
-        )
-    code = memoryview(prepared.data)[: prepared.code_limit]
-    return b"".join((code, signature, bytes(prepared.reserve - len(signature))))
-
-
-def strip_signature(macho: MachO) -> bytes:
-    """The slice without its signature: LC_CODE_SIGNATURE removed, ``__LINKEDIT`` ends where it began."""
-    signature = macho.code_signature
-    if signature is None:
-        return macho.data
-    linkedit = macho.linkedit
-    assert linkedit is not None
-    header = bytearray(macho.data[: macho.load_commands_end])
-    start = signature.command_offset
-    del header[start : start + LINKEDIT_DATA_COMMAND_SIZE]
-    header += bytes(LINKEDIT_DATA_COMMAND_SIZE)
-    struct.pack_into(
-        macho.fmt("II"), header, 16, macho.ncmds - 1, macho.sizeofcmds - LINKEDIT_DATA_COMMAND_SIZE
-    )
-    linkedit_offset = linkedit.command_offset
-    if linkedit_offset > start:
-        linkedit_offset -= LINKEDIT_DATA_COMMAND_SIZE
-    filesize = signature.dataoff - linkedit.fileoff
-    if macho.is_64:
-        struct.pack_into(macho.fmt("Q"), header, linkedit_offset + 48, filesize)
-    else:
-        struct.pack_into(macho.fmt("I"), header, linkedit_offset + 36, filesize)
-    return b"".join((header, memoryview(macho.data)[len(header) : signature.dataoff]))
 
 
 def universal_layout(
@@ -228,14 +150,3 @@ def universal_layout(
             entry = struct.pack(">IIIII", arch.cputype, arch.cpusubtype, offset, size, arch.align)
         parts.append(entry)
     return b"".join(parts), offsets
-
-
-def build_universal(arches: Sequence[FatArch], slices: Sequence[bytes], *, fat64: bool = False) -> bytes:
-    """A universal file holding ``slices`` in order, laid out by :func:`universal_layout`."""
-    header, offsets = universal_layout(arches, [len(data) for data in slices], fat64=fat64)
-    parts = [header]
-    position = len(header)
-    for offset, data in zip(offsets, slices, strict=True):
-        parts += [bytes(offset - position), data]
-        position = offset + len(data)
-    return b"".join(parts)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from functools import update_wrapper
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
+from ..atomic import atomic_output, write_atomically
 from ..crypto.certificate_files import read_certificates
 from ..errors import UsageError
 from ..server import audit as audit_log
@@ -184,16 +184,10 @@ def cert_generate(store: DataDir, org_ref: str | None, slug: str, key_type: str,
             self_signed_days=None if csr_out else days,
         )
         if csr_out:
-            _write_atomically(csr_out, issued.csr_pem or "")
+            write_atomically(csr_out, (issued.csr_pem or "").encode(), mode=None)
             click.echo(f"Generated a {spec.label} key {slug!r}; its CSR is in {csr_out}. Import the issued certificate with `signbridge admin cert import`.")
         else:
             click.echo(f"Generated a {spec.label} key {slug!r} with a self-signed certificate (SHA-256 {issued.certificate.sha256}).")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 @cert.command("import")
@@ -497,10 +491,9 @@ def audit_export(store: DataDir, as_json: bool, output: Path | None) -> None:
         for line in lines:
             click.echo(line, nl=False)
         return
-    temporary = output.with_name(f".{output.name}.tmp")
-    with temporary.open("w") as handle:
-        handle.writelines(lines)
-    os.replace(temporary, output)
+    with atomic_output(output, None, suffix=".tmp") as handle:
+        for line in lines:
+            handle.write(line.encode())
 
 
 def report_verification(checked: CheckedLog, as_json: bool, *, signed_by: str | None) -> None:

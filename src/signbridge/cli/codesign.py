@@ -25,7 +25,7 @@ from .output import echo
 
 if TYPE_CHECKING:
     from ..apple import display
-    from ..apple.codesign import CodesignOptions
+    from ..apple.codesign_options import CodesignOptions
     from ..crypto.identity import Identity
 
 DEPRECATED_COLON = "Warning: Specifying ':' in the path is deprecated and will not work in a future release"
@@ -336,8 +336,8 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _sign_options(arguments: Arguments) -> CodesignOptions:
-    from ..apple import codesign as engine
     from ..apple.cms import resolve_timestamp_url
+    from ..apple.codesign_options import CodesignOptions, parse_digest_algorithms, parse_flags
     from ..tool_settings import load_tool_settings
 
     settings = load_tool_settings()
@@ -354,12 +354,12 @@ def _sign_options(arguments: Arguments) -> CodesignOptions:
         )
     digests = None
     if arguments.digest_algorithm:
-        digests = engine.parse_digest_algorithms(arguments.digest_algorithm)
-    return engine.CodesignOptions(
+        digests = parse_digest_algorithms(arguments.digest_algorithm)
+    return CodesignOptions(
         identifier=arguments.identifier,
         prefix=arguments.prefix,
         force=arguments.force,
-        flags=engine.parse_flags(arguments.options) if arguments.options is not None else 0,
+        flags=parse_flags(arguments.options) if arguments.options is not None else 0,
         runtime_version=_runtime_version(arguments.runtime_version) if arguments.runtime_version else None,
         entitlements=entitlements,
         hash_types=digests,
@@ -382,6 +382,7 @@ def _identity(arguments: Arguments) -> Identity | None:
 
 def _sign(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple import codesign as engine
+    from ..apple.codesign_options import notarization_warnings
     from ..apple.dmg.sign import sign_disk_image
     from ..apple.dmg.udif import looks_like_disk_image
     from ..apple.macho import MachOError
@@ -411,7 +412,7 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
         except (SignbridgeError, MachOError) as exc:
             terminal.error(f"{path}: {exc}")
         else:
-            for warning in engine.notarization_warnings(identity, options, executable=not looks_like_disk_image(path)):
+            for warning in notarization_warnings(identity, options, executable=not looks_like_disk_image(path)):
                 terminal.error(f"{path}: warning: {warning}")
             terminal.note(1, f"{path}: signed {signed.format} [{signed.identifier}]")
             continue

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..demo import run_demo
+from ..demo.run import run_demo
 
 
 @click.command()

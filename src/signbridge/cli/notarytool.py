@@ -222,14 +222,14 @@ def wait_command(submission_id: str, key: str | None, key_id: str | None, issuer
 def log(submission_id: str, output_path: Path | None, key: str | None, key_id: str | None, issuer: str | None,
         profile: str | None, output_format: str, api_url: str | None) -> None:
     """Fetch a submission's log (to OUTPUT_PATH, or print it)."""
-    from ..apple.bundle import atomic_write
+    from ..atomic import write_atomically
 
     with _client(key, key_id, issuer, profile, api_url) as client:
         content = client.log(submission_id)
     if output_path is None:
         click.echo(content.decode("utf-8", errors="replace"))
         return
-    atomic_write(output_path, content)
+    write_atomically(output_path, content, fsync=True, make_parents=True)
     _Output(output_format).record("Successfully downloaded submission log", {"id": submission_id, "location": str(output_path)})
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .. import p11kit
+from ..atomic import write_atomically
 from ..errors import SignbridgeError
 from .naming import PREFIX
 from .registry import pid_alive, socket_answers
@@ -69,15 +70,10 @@ def register(token_name: str, socket_path: str | os.PathLike[str], pid: int, dir
     )
     try:
         _make_directories(directory)
-        # The temporary file lives beside the directory: p11-kit loads every file inside it.
-        temporary = directory.parent / f".{path.name}.{pid}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        # Readable by everyone, whatever the umask: p11-kit stops loading every module, for every
-        # program of a user, when one file in a system module directory cannot be read.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
+        # The temporary file lives beside the directory: p11-kit loads every file inside it. The
+        # file is readable by everyone, whatever the umask: p11-kit stops loading every module, for
+        # every program of a user, when one file in a system module directory cannot be read.
+        write_atomically(path, text.encode(), mode=0o644, directory=directory.parent)
     except OSError as exc:
         raise RegistrationError(
             f"cannot register the token with p11-kit: cannot write {path}: {exc.strerror or exc}"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import platformdirs
 
+from ..atomic import write_atomically
 from ..p11kit import remote_address
 
 RECORD = "token.json"
@@ -99,11 +100,7 @@ _FIELDS = {item.name for item in dataclasses.fields(TokenRecord)}
 
 def write_record(record: TokenRecord) -> None:
     path = record.directory / RECORD
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record.to_json(), handle, indent=2)
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(record.to_json(), indent=2).encode(), mode=0o600)
 
 
 def read_record(directory: Path) -> TokenRecord | None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_atomically
 from ..errors import ConfigError
 from .database import sqlite_url
 
@@ -57,12 +57,7 @@ class ServerSettings:
         }
 
     def save(self) -> None:
-        temporary = self.path.with_suffix(".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.to_json(), handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, self.path)
+        write_atomically(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode(), mode=0o600)
 
     @classmethod
     def load(cls, data_dir: Path, *, database_url: str | None = None) -> ServerSettings:

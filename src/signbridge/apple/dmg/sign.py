@@ -1,10 +1,10 @@
 """Signing a disk image as ``codesign -s`` does: one hash over the image, a SuperBlob, a new trailer.
 
 The output is the input's bytes up to its code limit (everything before an existing signature, or
-before the trailer), copied in the kernel into a :class:`~signbridge.apple.codesign.StagedFile`
+before the trailer), copied in the kernel into a :class:`~signbridge.atomic.StagedFile`
 while the same bytes are hashed once, then the SuperBlob (CodeDirectory, requirements, CMS) and the
 trailer with its signature fields set; the staged file replaces the input only when it is whole
-(why not write the new tail into the input: :class:`~signbridge.apple.codesign.StagedFile`).
+(why not write the new tail into the input: :class:`~signbridge.atomic.StagedFile`).
 A stapled notarization ticket is dropped: it names the old cdhash.
 """
 
@@ -17,22 +17,20 @@ from pathlib import Path
 
 from ...crypto.identity import Identity
 from ..blobs import CodeSignatureFormatError, Magic, Slot, encode_blob, encode_superblob
+from ..cms_signer import CmsSigner, requirement_set
+from ..code_files import staged_code
 from ..codedirectory import CodeDirectoryFlags, HashType, build_code_directory
-from ..codesign import (
+from ..codesign_options import (
     AlreadySignedError,
     CodesignOptions,
     QuietReporter,
     Reporter,
     SignedCode,
-    StagedFile,
     UnreadableCodeError,
     canonical_identifier,
-    cms_signer,
-    designated_requirement,
-    replacing_note,
-    timestamper,
 )
-from ..requirements import EMPTY_REQUIREMENT_SET, RequirementType, encode_requirement_set, render
+from ..macho_signing import replacing_note
+from ..requirements import render
 from .udif import FORMAT, DiskImage, hash_code, read_layout, read_signature
 
 TICKET_DROPPED = (
@@ -69,7 +67,7 @@ def sign_disk_image(
 ) -> SignedDiskImage:
     """Sign the disk image at ``path`` in place with ``identity`` (None: ad hoc), atomically.
 
-    Raises :class:`~signbridge.apple.codesign.AlreadySignedError` when it carries a signature and
+    Raises :class:`~signbridge.apple.codesign_options.AlreadySignedError` when it carries a signature and
     ``options.force`` is false, :class:`~signbridge.apple.dmg.udif.DiskImageError` when it is not
     a well-formed image, ``FileNotFoundError``, and the token's and TSA's errors; the input is then
     unchanged.
@@ -98,7 +96,8 @@ def sign_disk_image(
             reporter.note(target, replacing_note(state))
         if ticket:
             reporter.note(target, TICKET_DROPPED)
-        return _sign(target, descriptor, image, identity, options, reporter, pool, dropped_ticket=ticket)
+        signer = CmsSigner.for_options(identity, options) if identity is not None else None
+        return _sign(target, descriptor, image, signer, options, reporter, pool, dropped_ticket=ticket)
     finally:
         os.close(descriptor)
         if own_executor:
@@ -109,29 +108,24 @@ def _sign(
     target: Path,
     descriptor: int,
     image: DiskImage,
-    identity: Identity | None,
+    signer: CmsSigner | None,
     options: CodesignOptions,
     reporter: Reporter,
     executor: Executor,
     *,
     dropped_ticket: bool,
 ) -> SignedDiskImage:
-    identifier = default_identifier(image, options, adhoc=identity is None)
-    requirements = EMPTY_REQUIREMENT_SET
-    signer = designated = None
-    if identity is not None:
-        designated = designated_requirement(identifier, identity.certificates)
-        if designated is not None:
-            requirements = encode_requirement_set({RequirementType.DESIGNATED: designated})
-        signer = cms_signer(identity, timestamp=timestamper(options), signing_time=options.signing_time)
+    identifier = default_identifier(image, options, adhoc=signer is None)
+    designated = signer.designated_requirement(identifier) if signer is not None else None
+    requirements = requirement_set(signer, identifier)
     flags = options.flags & ~(CodeDirectoryFlags.LINKER_SIGNED | CodeDirectoryFlags.ADHOC)
-    if identity is None:
+    if signer is None:
         flags |= CodeDirectoryFlags.ADHOC
     hash_types = options.hash_types or (HashType.SHA256,)
     limit = image.code_limit
     special = {Slot.REQUIREMENTS: requirements, Slot.REP_SPECIFIC: image.rep_specific()}
 
-    with StagedFile(target) as staged:
+    with staged_code(target) as staged:
         copy = executor.submit(staged.copy, descriptor, 0, limit, 0) if limit else None
         try:
             with reporter.progress(f"signing {target.name}") as advance:
@@ -149,13 +143,13 @@ def _sign(
                 identifier=identifier,
                 hash_type=hash_type,
                 flags=int(flags),
-                team_id=identity.team_id if identity is not None else None,
+                team_id=signer.team_id if signer is not None else None,
                 special_slot_data=special,
                 page_size=0,
             )
             for hash_type, digest in zip(hash_types, digests, strict=True)
         ]
-        cms = signer(directories) if signer is not None else b""
+        cms = signer.sign(directories) if signer is not None else b""
         entries = [(int(Slot.CODE_DIRECTORY), directories[0].encode())]
         entries += [(int(Slot.ALTERNATE_CODE_DIRECTORY) + n, d.encode()) for n, d in enumerate(directories[1:])]
         entries += [(int(Slot.REQUIREMENTS), requirements), (int(Slot.SIGNATURE), encode_blob(Magic.BLOB_WRAPPER, cms))]

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from ..bundle import atomic_write
+from ...atomic import write_atomically
 from .errors import CredentialsError
 
 AUDIENCE = "appstoreconnect-v1"
@@ -93,7 +93,7 @@ def store_profile(name: str, key_path: str | os.PathLike[str], key_id: str, issu
     path = _profile_path(name)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     document = {"keyId": key_id, "issuer": issuer, "privateKey": pem.decode("ascii")}
-    atomic_write(path, json.dumps(document, indent=2).encode(), mode=0o600)
+    write_atomically(path, json.dumps(document, indent=2).encode(), mode=0o600, fsync=True, make_parents=True)
     return path
 
 

@@ -34,7 +34,8 @@ from ..dmg.udif import read_signature as read_disk_image_signature
 from ..dmg.verify import verify_disk_image
 from ..embedded_signature import EmbeddedSignature, read_signature
 from ..entitlements import signature_entitlements
-from ..macho import MH_EXECUTE, MH_KEXT_BUNDLE, MachO, MachOError, parse_file
+from ..macho import MachO, MachOError, parse_file
+from ..macho_constants import MH_EXECUTE, MH_KEXT_BUNDLE
 from ..pkgverify import PackageStatus, verify_package
 from ..plist import plist_dict
 from ..trust import CertificateKind, classify_certificate

@@ -27,10 +27,11 @@ from typing import Protocol
 
 from cryptography import x509
 
+from ...atomic import write_atomically
 from ...crypto.signatures import CertificateSignatureError, verify_certificate_signature
 from ..blobs import CodeSignatureFormatError, Magic, Slot, decode_superblob, encode_blob, encode_superblob
-from ..bundle import Bundle, BundleError, atomic_write
-from ..codesign import StagedFile
+from ..bundle import Bundle, BundleError
+from ..code_files import staged_code
 from ..dmg.udif import DiskImage, DiskImageError, DiskImageSignature, looks_like_disk_image, read_layout
 from ..dmg.udif import read_signature as read_disk_image_signature
 from ..embedded_signature import read_signature
@@ -39,7 +40,7 @@ from ..signed_code import preferred_directory, preferred_slice
 from ..ticket import Ticket, TicketError, parse_ticket
 from ..xar import XarArchive, XarError
 from ..xar.archive import TICKET_MAGIC as T8LR_MAGIC
-from ..xar.output import atomic_output, copy_range
+from ..xar.output import copy_range, package_output
 from .errors import StapleError
 from .lookup import HASH_SHA1, HASH_SHA256, fetch_ticket, record_name
 
@@ -95,7 +96,7 @@ class BundleTarget:
             return None
 
     def write_ticket(self, ticket: bytes) -> None:
-        atomic_write(self.ticket_path, ticket)
+        write_atomically(self.ticket_path, ticket, fsync=True, make_parents=True)
 
     def remove_ticket(self) -> bool:
         try:
@@ -130,7 +131,7 @@ class PackageTarget:
 
     def _rewrite(self, ticket: bytes | None) -> None:
         mode = self.path.stat().st_mode & 0o7777
-        with self.path.open("rb") as source, atomic_output(self.path, mode) as out:
+        with self.path.open("rb") as source, package_output(self.path, mode) as out:
             copy_range(source, out, 0, self._xar_end, str(self.path))
             if ticket is not None:
                 out.write(_T8LR.pack(T8LR_MAGIC, 1, _T8LR_START, 0, 0))
@@ -219,7 +220,7 @@ class DiskImageTarget:
         start = image.trailer.signature_offset
         descriptor = os.open(self.path, os.O_RDONLY)
         try:
-            with StagedFile(self.path) as staged:
+            with staged_code(self.path) as staged:
                 staged.copy(descriptor, 0, start, 0)
                 staged.write(relaid, start)
                 staged.write(image.trailer.with_signature(start, len(relaid)), start + len(relaid))

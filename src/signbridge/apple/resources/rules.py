@@ -16,7 +16,15 @@ from pathlib import Path
 import re2
 
 from ...errors import SignbridgeError
-from ..macho import FAT_MAGIC, FAT_MAGIC_64, MAX_FAT_ARCHES, MH_CIGAM, MH_CIGAM_64, MH_MAGIC, MH_MAGIC_64
+from ..macho_constants import (
+    FAT_MAGIC,
+    FAT_MAGIC_64,
+    MAX_FAT_ARCHES,
+    MH_CIGAM,
+    MH_CIGAM_64,
+    MH_MAGIC,
+    MH_MAGIC_64,
+)
 
 OPTIONAL = 0x01
 OMITTED = 0x02

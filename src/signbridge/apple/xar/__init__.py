@@ -18,7 +18,7 @@ Signing a package::
 
 Modules: header (28-byte header), tocxml (safe XML in/out), toc (TOC model), archive (reader),
 filedata (decoding file data), writer (unsigned packages), signing (signature surgery), output
-(atomic writes, in-kernel copies), errors.
+(the package's atomic output and heap copies, on :mod:`signbridge.atomic`), errors.
 """
 
 from .archive import TOC_SIZE_LIMIT, StapledTicket, XarArchive

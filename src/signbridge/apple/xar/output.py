@@ -1,64 +1,50 @@
-"""Writing a package safely: a temporary file next to the target, renamed over it only when complete.
+"""Writing a package: the project's atomic output with the package's errors, and its heap copies.
 
-Heap data is copied in one of two ways. Unchecked, through the kernel (``copy_file_range``, then
-``sendfile``), so that a large payload costs about what ``cp`` costs and never passes through
-Python's memory. Checked (:func:`copy_checked`), in one pass: each chunk is read once into a
-buffer, written out, and hashed by a second thread meanwhile (hashlib and the system calls release
-the GIL, so the hash of one chunk overlaps the reading and writing of the next).
+Heap data is copied in one of two ways. Unchecked, through the kernel
+(:func:`signbridge.atomic.copy_file_data`), so that a large payload costs about what ``cp`` costs
+and never passes through Python's memory. Checked (:func:`copy_checked`), in one pass: each chunk
+is read once into a buffer, written out, and hashed by a second thread meanwhile (hashlib and the
+system calls release the GIL, so the hash of one chunk overlaps the reading and writing of the next).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import queue
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from ...atomic import SourceEndedError, StagingError, atomic_output, copy_file_data
 from .errors import TruncatedXarError, XarError
 from .filedata import StoredChecksum
 
-_FALLBACK_ERRORS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
-_BLOCK = 8 * 1024 * 1024
 _CHECKED_CHUNK = 1024 * 1024  # read, hashed and written while it is still in the processor's cache
 _CHECKED_BUFFERS = 4  # chunks in flight: one being read and written while the others are hashed
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def package_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     """A binary file that becomes ``path`` when the block ends without error, and vanishes otherwise."""
-    directory = path.parent
     try:
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=directory)
-    except OSError as e:
-        raise XarError(f"cannot write to {directory}: {e.strerror}") from None
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(fd, "wb", buffering=_BLOCK) as out:
+        with atomic_output(path, mode) as out:
             yield out
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
+    except StagingError as e:
+        raise XarError(f"cannot write to {path.parent}: {e.strerror}") from None
 
 
 def copy_range(source: BinaryIO, out: BinaryIO, offset: int, count: int, name: str) -> None:
     """Append ``count`` bytes of ``source`` starting at ``offset`` to ``out`` (flushed first)."""
     out.flush()
-    src, dst = source.fileno(), out.fileno()
-    done = _copy_with(_copy_file_range, src, dst, offset, count, name) if hasattr(os, "copy_file_range") else 0
-    if done < count:
-        done += _copy_with(_sendfile, src, dst, offset + done, count - done, name)
-    if done < count:
-        done += _copy_with(_read_write, src, dst, offset + done, count - done, name)
+    try:
+        copy_file_data(source.fileno(), out.fileno(), offset, count)
+    except SourceEndedError:
+        raise TruncatedXarError(f"{name} became shorter while it was being copied") from None
+    except OSError as e:
+        raise XarError(f"cannot copy the data of {name}: {e.strerror}") from None
     # os-level writes moved the file position; keep the buffered object in step
     out.seek(0, os.SEEK_END)
 
@@ -168,35 +154,3 @@ def _write_all(dst: int, data: memoryview, name: str) -> None:
             data = data[os.write(dst, data) :]
     except OSError as e:
         raise XarError(f"cannot copy the data of {name}: {e.strerror}") from None
-
-
-def _copy_with(copy, src: int, dst: int, offset: int, count: int, name: str) -> int:  # noqa: ANN001
-    done = 0
-    while done < count:
-        try:
-            n = copy(src, dst, offset + done, min(count - done, 1 << 30))
-        except OSError as e:
-            if e.errno in _FALLBACK_ERRORS and copy is not _read_write:
-                return done
-            raise XarError(f"cannot copy the data of {name}: {e.strerror}") from None
-        if n == 0:
-            raise TruncatedXarError(f"{name} became shorter while it was being copied")
-        done += n
-    return done
-
-
-def _copy_file_range(src: int, dst: int, offset: int, count: int) -> int:
-    return os.copy_file_range(src, dst, count, offset)
-
-
-def _sendfile(src: int, dst: int, offset: int, count: int) -> int:
-    return os.sendfile(dst, src, offset, count)
-
-
-def _read_write(src: int, dst: int, offset: int, count: int) -> int:
-    data = os.pread(src, min(count, _BLOCK), offset)
-    if data:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst, view) :]
-    return len(data)

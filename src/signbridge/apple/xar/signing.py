@@ -43,7 +43,7 @@ from .archive import XarArchive
 from .errors import HeapRangeError, InvalidNumberError, SignatureSizeError, UnsupportedChecksumError, XarError
 from .filedata import stored_checksums
 from .header import MAX_INT, pack_header
-from .output import atomic_output, copy_checked, copy_range
+from .output import copy_checked, copy_range, package_output
 from .toc import SIGNATURE, X_SIGNATURE
 from .tocxml import XMLDSIG_NS, Element, child, children, indent, local_name, make, serialize
 
@@ -176,7 +176,7 @@ def write_signed(
     ) + prepared.toc_compressed
     with source.reopen() as src:
         mode = os.fstat(src.fileno()).st_mode & 0o777
-        with atomic_output(out_path, mode) as out:
+        with package_output(out_path, mode) as out:
             out.seek(len(head) + prepared.signature_area_size)
             if check_files:
                 checks = stored_checksums(source.toc.files, source.heap_offset, source.name)

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from .errors import PackageBuildError, UnsupportedChecksumError
 from .filedata import CHUNK, GZIP
 from .header import pack_header
-from .output import atomic_output, copy_range
+from .output import copy_range, package_output
 from .toc import OCTET_STREAM
 from .tocxml import Element, indent, make, serialize
 
@@ -87,7 +87,7 @@ def write_package(
         indent(root, 0)
         toc_xml = serialize(root)
         toc_compressed = zlib.compress(toc_xml, 9)
-        with atomic_output(out_path) as out:
+        with package_output(out_path) as out:
             out.write(pack_header(len(toc_compressed), len(toc_xml), toc_checksum))
             out.write(toc_compressed)
             if checksum_size:

@@ -16,7 +16,6 @@ operation, never a file read or a parse.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ...atomic import write_atomically
 from ...crypto.signatures import Scheme, SignatureRequest, pss_padding
 from ...errors import KeystoreError, SignatureError
 from . import KeyRef, KeySpec
@@ -213,17 +213,11 @@ def load_or_create_master_key(data_dir: Path) -> bytes:
 
 
 def _create_master_key(path: Path) -> None:
-    # Write a private temporary file, then hard-link it into place: the link fails if another
-    # process got there first, and nobody ever sees a half-written master key.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # Linked into place, not renamed: if another process got there first, theirs is used.
     try:
-        _write_file(temporary, secrets.token_bytes(MASTER_KEY_SIZE))
-        try:
-            with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
-                os.link(temporary, path)
-        finally:
-            temporary.unlink()
-        _sync_directory(path.parent)
+        write_atomically(
+            path, secrets.token_bytes(MASTER_KEY_SIZE), mode=0o600, fsync=True, fsync_directory=True, exclusive=True
+        )
     except OSError as exc:
         raise KeystoreError(f"cannot create the master key {path}: {exc.strerror}") from None
 
@@ -258,28 +252,8 @@ def _new_private_key(spec: KeySpec) -> SigningKey:
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a private temporary file renamed into place."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    """Write ``path`` whole or not at all, durably, readable only by its owner."""
     try:
-        _write_file(temporary, data)
-        os.replace(temporary, path)
+        write_atomically(path, data, mode=0o600, fsync=True, fsync_directory=True)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         raise KeystoreError(f"cannot write the key file {path}: {exc.strerror}") from None
-    _sync_directory(path.parent)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _sync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,21 +26,21 @@ import pydmg
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import jarsigning
-from .api import ServiceClient
-from .apple.component import build_component_package
-from .crypto.hashes import HashAlgorithm
-from .crypto.signatures import (
+from .. import jarsigning
+from ..api import ServiceClient
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import (
     EcdsaFormat,
     Scheme,
     SignatureRequest,
     verify_certificate_signature,
     verify_digest_signature,
 )
-from .crypto.timestamps import request_timestamp
-from .errors import SignbridgeError
-from .p11kit import client_module_path
-from .server.process import ServiceProcess
+from ..crypto.timestamps import request_timestamp
+from ..errors import SignbridgeError
+from ..p11kit import client_module_path
+from ..server.process import ServiceProcess
+from .component import build_component_package
 
 Echo = Callable[[str], None]
 TOKEN_NAME = "signbridge-demo"
@@ -188,7 +188,7 @@ class Demo:
     def build_sample_app(self) -> Path:
         """MyApp.app: a universal executable and a nested Demo.framework (versioned layout), from the
         binaries the project built with clang and ld64.lld (scripts/build_demo_binaries.py)."""
-        binaries = resources.files("signbridge") / "demo_app"
+        binaries = resources.files("signbridge.demo") / "demo_app"
         app = self.workdir / "MyApp.app"
         if app.exists():
             shutil.rmtree(app)
