@@ -315,7 +315,7 @@ class TimestampToken:
         extra = tuple(intermediates)
         signer = self._verified_signer(extra)
         when = self.gen_time if at is None else at if at.tzinfo else at.replace(tzinfo=UTC)
-        path = validate_path(signer, (*self.certificates, *extra), anchors, purpose=TIMESTAMPING, at=when)
+        path = validate_path(signer, (*self.certificates, *extra), anchors, purpose=_TIMESTAMPING, at=when)
         if path.ok:
             return
         if path.purpose_problems:
@@ -408,7 +408,7 @@ def _timestamping_problems(certificate: x509.Certificate) -> list[str]:
     return []
 
 
-TIMESTAMPING = Purpose("timestamping", _timestamping_problems)
+_TIMESTAMPING = Purpose("timestamping", _timestamping_problems)
 
 
 def check_timestamping_certificate(certificate: x509.Certificate) -> None:
