@@ -72,6 +72,7 @@ def team_identifier(cert: x509.Certificate, issuers: Iterable[x509.Certificate])
     """The team id: Apple puts it in the subject's OU of the certificates it issues under its developer
     intermediates (Developer ID, WWDR); a certificate from any other issuer has none."""
     units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if not units or not any(extension_oids(issuer) & {DEVELOPER_ID_INTERMEDIATE, WWDR_INTERMEDIATE} for issuer in issuers):
+    developer = {DEVELOPER_ID_INTERMEDIATE, WWDR_INTERMEDIATE}
+    if not units or not any(extension_oids(issuer) & developer for issuer in issuers):
         return None
     return str(units[0].value)

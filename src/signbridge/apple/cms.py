@@ -294,16 +294,18 @@ def parse_signed_data(data: bytes) -> ParsedSignature:
     package's ``x-signature``: BER or DER, optionally followed by zero padding."""
     signed = read_signed_data(data)
     fields = {field.name: getattr(signed, field.name) for field in dataclasses.fields(SignedData)}
-    cdhashes = cdhashes2 = None
+    cdhashes = cdhashes2 = problem = None
     if signed.attributes is not None:
         try:
             cdhashes = single_attribute(signed.attributes, ATTR_APPLE_CDHASHES, "CDHashes", _cdhashes_from_plist)
             cdhashes2 = _cdhashes2(signed.attributes.get(ATTR_APPLE_CDHASHES2))
         except CmsFormatError as exc:
-            fields |= {"content_type": None, "message_digest": None, "signing_time": None, "attribute_problem": str(exc)}
+            problem = str(exc)
         except ASN1_ERRORS as exc:
             problem = f"the CMS signature's signed attributes are malformed ({exc})"
-            fields |= {"content_type": None, "message_digest": None, "signing_time": None, "attribute_problem": problem}
+    if problem is not None:  # as for the generic attributes: none of the values is reported
+        cdhashes = cdhashes2 = None
+        fields |= {"content_type": None, "message_digest": None, "signing_time": None, "attribute_problem": problem}
     timestamp = None
     if signed.timestamp_token is not None:
         try:

@@ -256,7 +256,8 @@ def evaluate_chain(
     )
     path = {field.name: getattr(result, field.name) for field in dataclasses.fields(PathResult)}
     if result.anchor is None and not anchors:
-        path["problems"] = ("no trust anchors are configured (set SIGNBRIDGE_ANCHORS or TrustAnchors)", *result.problems)
+        unconfigured = "no trust anchors are configured (set SIGNBRIDGE_ANCHORS or TrustAnchors)"
+        path["problems"] = (unconfigured, *result.problems)
     apple_anchor = result.anchor is not None and _fingerprint(result.anchor) in apple_roots
     return TrustResult(**path, apple_anchor=apple_anchor)
 

@@ -194,7 +194,9 @@ def validate_path(
         problems += leaf_problems
         validity, timestamp_used, expired, not_valid = _validity_problems(path, at, timestamp_time, allow_expired)
         problems += validity
-        result = PathResult(tuple(path), path[-1], tuple(problems), timestamp_used, expired, not_valid, tuple(leaf_problems))
+        result = PathResult(
+            tuple(path), path[-1], tuple(problems), timestamp_used, expired, not_valid, tuple(leaf_problems)
+        )
         if result.ok:
             return result
         first = first or result

@@ -29,7 +29,6 @@ log = logging.getLogger("signbridge.keychain")
 LIST_TIMEOUT = 30.0  # seconds for one answer while listing
 
 
-
 @dataclass(frozen=True)
 class Discovery:
     """What the tokens hold: their identities, and one line per token that could not be read."""
