@@ -61,8 +61,8 @@ from signbridge.apple.codedirectory import HashType
 from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.dmg.sign import sign_disk_image
 from signbridge.apple.dmg.udif import TRAILER_SIZE, hash_code
-from signbridge.identity import Identity
-from signbridge.signatures import SignatureRequest
+from signbridge.crypto.identity import Identity
+from signbridge.crypto.signatures import SignatureRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 LLVM = Path("/usr/lib/llvm-14/bin")

@@ -49,8 +49,8 @@ from cryptography.x509.oid import NameOID
 from signbridge.apple.certificates import EKU_DEVELOPER_ID_INSTALLER
 from signbridge.apple.productsign import sign_package
 from signbridge.apple.xar import PackageEntry, write_package
-from signbridge.identity import Identity
-from signbridge.signatures import SignatureRequest
+from signbridge.crypto.identity import Identity
+from signbridge.crypto.signatures import SignatureRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 64 * 1024 * 1024

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from signbridge.hashes import HashAlgorithm
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import Scheme, SignatureRequest
 from signbridge.server.keystores import KeyRef
 from signbridge.server.keystores.software import SoftwareKeystore
 from signbridge.server.process import ServiceProcess
-from signbridge.signatures import Scheme, SignatureRequest
 
 TARGET_RATIO = 0.75
 TARGET_P99_MS = 50

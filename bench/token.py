@@ -45,7 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from signbridge.api.client import ServiceClient
-from signbridge.hashes import HashAlgorithm
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import Scheme, SignatureRequest
 from signbridge.pkcs11 import CKM, CKO, Pkcs11Client
 from signbridge.provider import daemon
 from signbridge.provider.settings import load_settings
@@ -53,7 +54,6 @@ from signbridge.server import directory
 from signbridge.server.datadir import open_data_dir
 from signbridge.server.keystores import KeySpec
 from signbridge.server.process import ServiceProcess
-from signbridge.signatures import Scheme, SignatureRequest
 
 SIZES = (1, 100, 1000)
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")

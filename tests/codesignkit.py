@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import ROOT, require_tool, run
-from signbridge.identity import Identity
-from signbridge.server.tsa import TimestampAuthority
-from signbridge.signatures import EcdsaFormat, SignatureRequest
-from signbridge.tsa import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
+from signbridge.crypto.identity import Identity
+from signbridge.crypto.signatures import EcdsaFormat, SignatureRequest
+from signbridge.crypto.timestamps import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
+from signbridge.server.timestamp_authority import TimestampAuthority
 from tokenkit import (
     ApplePki,
     KeyedCertificate,

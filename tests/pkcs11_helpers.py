@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import NameOID
 
+from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, pss_padding
 from signbridge.pkcs11 import CallerInfo, Token, TokenObject, authority_object, objects_for_identity
-from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, pss_padding
 
 CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 SOFTHSM_MODULE = "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"

@@ -33,10 +33,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import ROOT, require_tool, run
 from signbridge.apple.xar import PackageEntry, write_package
-from signbridge.identity import Identity
-from signbridge.server.tsa import TimestampAuthority
-from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
-from signbridge.tsa import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
+from signbridge.crypto.identity import Identity
+from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
+from signbridge.crypto.timestamps import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
+from signbridge.server.timestamp_authority import TimestampAuthority
 from tokenkit import ApplePki, KeyedCertificate, apple_name, apple_pki, issue, rsa_key
 from xarfixtures import (
     DSIG,
@@ -149,7 +149,7 @@ class _TsaHandler(http.server.BaseHTTPRequestHandler):
 
 @contextmanager
 def serve_tsa() -> Iterator[Tsa]:
-    """The project's RFC 3161 authority (signbridge.server.tsa) behind http.server on loopback."""
+    """The project's RFC 3161 authority (signbridge.server.timestamp_authority) behind http.server on loopback."""
     authority, root = make_authority()
     handler = type("Handler", (_TsaHandler,), {"authority": authority})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

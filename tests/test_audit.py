@@ -17,15 +17,8 @@ import pytest
 
 from servicekit import SigningLoad, init_demo, signbridge
 from signbridge.errors import AuditError
-from signbridge.server.audit import (
-    AuditEntry,
-    AuditLog,
-    ChainAppender,
-    ensure_head,
-    entry_row,
-    record_hash,
-    verify,
-)
+from signbridge.server.audit import AuditLog, verify
+from signbridge.server.audit_chain import AuditEntry, ChainAppender, ensure_head, entry_row, record_hash
 from signbridge.server.database import create_schema, open_engine
 from signbridge.server.process import ServiceProcess
 
@@ -61,7 +54,7 @@ def test_two_processes_on_one_database_share_the_chain(tmp_path: Path) -> None:
     """Two service processes append to one SQLite chain without forking it."""
     engine = _engine(tmp_path / "b.db")
     script = (
-        "import sys; from test_audit import _append_many; from signbridge.server.audit import AuditEntry; "
+        "import sys; from test_audit import _append_many; from signbridge.server.audit_chain import AuditEntry; "
         "from signbridge.server.database import open_engine; "
         "_append_many(open_engine(sys.argv[1]), [AuditEntry('granted', 200) for _ in range(300)])"
     )

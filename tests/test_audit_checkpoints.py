@@ -19,7 +19,7 @@ import pytest
 
 from conftest import require_tool
 from servicekit import DemoService, init_demo, signbridge
-from signbridge.server.audit import ENTRY_FIELDS, record_hash
+from signbridge.server.audit_chain import ENTRY_FIELDS, record_hash
 from signbridge.server.process import ServiceProcess
 from signbridge.server.settings import ServerSettings
 

@@ -30,26 +30,28 @@ from pkikit import EKU_CODE, Pki, certificate, make_pki, name, new_key, write_pe
 from signbridge.apple.cms import (
     ATTR_APPLE_CDHASHES,
     ATTR_APPLE_CDHASHES2,
-    CmsFormatError,
-    ContentDigestMismatch,
-    SignatureMismatch,
     TimestampMismatch,
-    assemble_signed_data,
     build_cdhashes_plist,
     build_signed_attributes,
     check_timestamp,
     estimate_size,
     parse_signed_data,
     sign_detached,
-    signed_attributes_digest,
     timestamper,
+)
+from signbridge.crypto.cms import (
+    CmsFormatError,
+    ContentDigestMismatch,
+    SignatureMismatch,
+    assemble_signed_data,
+    signed_attributes_digest,
     verify_detached,
 )
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
+from signbridge.crypto.timestamps import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE, build_request, parse_response
 from signbridge.errors import SignatureError
-from signbridge.hashes import HashAlgorithm
-from signbridge.server.tsa import TimestampAuthority
-from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
-from signbridge.tsa import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE, build_request, parse_response
+from signbridge.server.timestamp_authority import TimestampAuthority
 
 SHA1, SHA256 = HashAlgorithm.SHA1, HashAlgorithm.SHA256
 # Stand-ins for CodeDirectory blobs: the CMS signs the primary one, the cdhashes name all of them.

@@ -32,8 +32,8 @@ from signbridge.apple.codesign_options import (
     parse_flags,
 )
 from signbridge.apple.verify_code import verify_code
+from signbridge.crypto.identity import Identity
 from signbridge.errors import SignatureError
-from signbridge.identity import Identity
 from tokenkit import apple_pki
 
 

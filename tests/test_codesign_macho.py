@@ -61,8 +61,8 @@ from signbridge.apple.macho_writer import HeaderPaddingError
 from signbridge.apple.requirements import encode_requirement_set, render
 from signbridge.apple.signed_code import designated_requirement
 from signbridge.apple.verify_code import verify_code
+from signbridge.crypto.identity import Identity
 from signbridge.errors import UsageError
-from signbridge.identity import Identity
 from tokenkit import apple_name, apple_pki, issue
 
 
@@ -633,8 +633,9 @@ def apple_style_ber(der: bytes) -> bytes:
 def reordered_signer(identity: Identity):
     """A CMS signer that stores the signed attributes out of DER order (as some Apple signatures do)."""
     from signbridge.apple import cms
-    from signbridge.hashes import HashAlgorithm
-    from signbridge.signatures import Scheme, SignatureRequest
+    from signbridge.crypto.cms import assemble_signed_data
+    from signbridge.crypto.hashes import HashAlgorithm
+    from signbridge.crypto.signatures import Scheme, SignatureRequest
 
     def sign(directories):
         primary = directories[0]
@@ -650,7 +651,7 @@ def reordered_signer(identity: Identity):
         reordered = attrs[: len(attrs) - len(content)] + content
         digest = hashlib.sha256(reordered).digest()
         signature = identity.sign(SignatureRequest(digest, HashAlgorithm.SHA256, Scheme.RSA_PKCS1))
-        return cms.assemble_signed_data(
+        return assemble_signed_data(
             signed_attrs_der=reordered,
             signature=signature,
             signer_certificate=identity.certificate,

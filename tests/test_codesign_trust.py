@@ -25,7 +25,7 @@ from corpuskit import apple_anchor_env, corpus_item
 from pkikit import make_sha1_chain
 from signbridge.apple import codesign as cs
 from signbridge.apple.codesign_options import CodesignOptions
-from signbridge.identity import Identity
+from signbridge.crypto.identity import Identity
 from tokenkit import apple_pki, developer_id_application
 
 

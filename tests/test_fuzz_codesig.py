@@ -28,7 +28,7 @@ from machofixtures import get_fixtures
 from signbridge.apple import cms, display
 from signbridge.apple import codesign as engine
 from signbridge.apple.blobs import Magic, decode_superblob
-from signbridge.apple.certificates import common_name, extended_key_usages, team_identifier, usage
+from signbridge.apple.certificates import common_name, team_identifier, usage
 from signbridge.apple.codedirectory import CodeDirectory
 from signbridge.apple.codesign_options import CodesignOptions
 from signbridge.apple.embedded_signature import read_signature, signature_of
@@ -45,10 +45,12 @@ from signbridge.apple.signed_code import (
 from signbridge.apple.trust import Purpose, classify_certificate, evaluate_chain, load_anchors
 from signbridge.apple.verification import VerifyOptions
 from signbridge.apple.verify import check_timestamp, check_trust
-from signbridge.der import read_certificate
+from signbridge.crypto.chains import extended_key_usages
+from signbridge.crypto.cms import verify_detached
+from signbridge.crypto.der import read_certificate
+from signbridge.crypto.signatures import verify_certificate_signature
+from signbridge.crypto.timestamps import check_timestamping_certificate
 from signbridge.errors import SignbridgeError
-from signbridge.signatures import verify_certificate_signature
-from signbridge.tsa import check_timestamping_certificate
 from tokenkit import apple_pki
 
 pytestmark = pytest.mark.fuzz
@@ -113,7 +115,7 @@ def test_cms(signatures, anchors):
         if digest is None or len(digest) != parsed.digest_algorithm.digest_size:
             digest = bytes(parsed.digest_algorithm.digest_size)
         _each(
-            lambda: cms.verify_detached(parsed, content_digest=digest),
+            lambda: verify_detached(parsed, content_digest=digest),
             lambda: cms.check_unsigned_fields(parsed),
             lambda: check_timestamp(parsed, options),
             lambda: check_trust(parsed, options, None),
@@ -148,7 +150,7 @@ def test_certificates(signatures, anchors):
         chain = (certificate, *anchors)
         _each(
             lambda: (classify_certificate(certificate), usage(certificate), extended_key_usages(certificate)),
-            lambda: (common_name(certificate), team_identifier(certificate)),
+            lambda: (common_name(certificate), team_identifier(certificate, (certificate,))),
             lambda: evaluate_chain(certificate, [], anchors, purpose=Purpose.CODE),
             lambda: evaluate_chain(certificate, [], [certificate], purpose=Purpose.INSTALLER),
             lambda: verify_certificate_signature(certificate, certificate),

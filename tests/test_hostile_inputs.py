@@ -46,7 +46,8 @@ from signbridge.apple.ticket import TicketError, parse_ticket
 from signbridge.apple.verification import MODIFIED, CodeVerificationError, VerifyOptions
 from signbridge.apple.verify_code import verify_code
 from signbridge.apple.xar import TocTooLargeError, XarArchive
-from signbridge.der import CertificateFormatError, read_certificate
+from signbridge.crypto.cms import CmsFormatError, SignatureMismatch, verify_detached
+from signbridge.crypto.der import CertificateFormatError, read_certificate
 from xarfixtures import notarization_ticket, sample_files, write_tree
 
 DER = serialization.Encoding.DER
@@ -147,7 +148,7 @@ def test_damaged_certificate_in_a_timestamp():
     signature = read_signature(parse_file(data).slices[0])
     authority = cms.parse_signed_data(signature.cms).timestamp.certificates[0].public_bytes(DER)
     damaged = signature.cms.replace(authority, _unknown_key_algorithm(authority))
-    with pytest.raises(cms.CmsFormatError, match="certificate 1 of the timestamp token is not a readable X.509"):
+    with pytest.raises(CmsFormatError, match="certificate 1 of the timestamp token is not a readable X.509"):
         cms.parse_signed_data(damaged)
 
 
@@ -324,8 +325,8 @@ def test_unknown_encoding_in_the_cdhashes_attribute():
     der = read_signature(parse_file(data).slices[0]).cms.replace(b'encoding="UTF-8"', b'encoding="UTB-8"')
     parsed = cms.parse_signed_data(der)
     assert parsed.cdhashes is None and "CDHashes" in parsed.attribute_problem
-    with pytest.raises(cms.SignatureMismatch):  # the attributes no longer match their signature
-        cms.verify_detached(parsed, content_digest=bytes(32))
+    with pytest.raises(SignatureMismatch):  # the attributes no longer match their signature
+        verify_detached(parsed, content_digest=bytes(32))
 
 
 @pytest.mark.parametrize("damage", ["not well-formed", "key without a dictionary"])

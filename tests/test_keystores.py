@@ -21,13 +21,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from conftest import require_tool, run
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from signbridge.errors import ConfigError, KeystoreError, SignatureError
-from signbridge.hashes import HashAlgorithm
 from signbridge.server.keystores import KeyRef, KeySpec, Keystore
 from signbridge.server.keystores.factory import describe_keystore, open_keystore
 from signbridge.server.keystores.pkcs11 import Pkcs11Keystore
 from signbridge.server.keystores.software import SoftwareKeystore
-from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from softhsm import SoftHsmToken, create_softhsm_token, softhsm_in_this_process
 
 BACKENDS = ["software", "pkcs11"]

@@ -46,7 +46,8 @@ from pkcs11_helpers import (
     u32,
     u64,
 )
-from signbridge.hashes import HashAlgorithm
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import Scheme
 from signbridge.pkcs11 import (
     CKA,
     CKF,
@@ -75,7 +76,6 @@ from signbridge.pkcs11.wire import (
     Writer,
     error_body,
 )
-from signbridge.signatures import Scheme
 
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 

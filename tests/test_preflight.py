@@ -40,7 +40,7 @@ from signbridge.apple.notary.payload import Limits, extract_cpio
 from signbridge.apple.productsign import sign_package
 from signbridge.apple.trust import load_anchors
 from signbridge.apple.xar import PackageEntry, write_package
-from signbridge.identity import Identity
+from signbridge.crypto.identity import Identity
 from tokenkit import apple_name, apple_pki, issue, rsa_key
 from xarfixtures import PACKAGE_INFO
 

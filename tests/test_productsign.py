@@ -51,10 +51,10 @@ from signbridge.apple.xar import (
     output,
     write_package,
 )
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.identity import Identity
+from signbridge.crypto.signatures import Scheme
 from signbridge.errors import SignatureError
-from signbridge.hashes import HashAlgorithm
-from signbridge.identity import Identity
-from signbridge.signatures import Scheme
 from tokenkit import apple_name, apple_pki, issue
 from xarfixtures import (
     APPLE_CHECKSUM_NUMBERS,

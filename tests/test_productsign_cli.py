@@ -33,8 +33,8 @@ from signbridge.apple import cms
 from signbridge.apple.pkgverify import verify_package
 from signbridge.apple.productsign import sign_package
 from signbridge.cli.productsign import render_check_signature
-from signbridge.hashes import HashAlgorithm
-from signbridge.signatures import Scheme
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import Scheme
 from tokenkit import TEAM, developer_id_installer, serve_token, use_runtime_dir
 from xarfixtures import bsdtar_extract, file_xml, notarize, raw_xar, sample_files, snapshot, toc_document
 

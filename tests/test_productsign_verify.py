@@ -32,7 +32,7 @@ from signbridge.apple import cms
 from signbridge.apple.pkgverify import PackageStatus, verify_package
 from signbridge.apple.productsign import sign_package
 from signbridge.apple.xar import XarArchive, XarError, prepare_signed
-from signbridge.identity import Identity
+from signbridge.crypto.identity import Identity
 from tokenkit import apple_pki, developer_id_installer
 from xarfixtures import finish, notarize
 

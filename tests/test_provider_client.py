@@ -39,12 +39,12 @@ from signbridge.api.client import (
     classify,
     tls_context,
 )
-from signbridge.hashes import HashAlgorithm
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import Scheme, SignatureRequest
 from signbridge.pkcs11 import CKR, CallerInfo, Pkcs11Error, objects_for_identity
 from signbridge.provider.settings import ProviderSettings
 from signbridge.provider.signer import ServiceSigner, caller_metadata, ckr_for
 from signbridge.server.process import free_port
-from signbridge.signatures import Scheme, SignatureRequest
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from conftest import require_tool, run
 from providerkit import Provider, audit_records, last_audit_seq
 from servicekit import DemoService, init_demo
-from signbridge.hashes import HashAlgorithm
+from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.pkcs11 import CKA, CKM, CKO, CKR, Pkcs11Client, Pkcs11Error
 from signbridge.server.process import ServiceProcess, free_port
 

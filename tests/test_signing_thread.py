@@ -9,8 +9,8 @@ import threading
 import pytest
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
+from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.errors import KeystoreError
-from signbridge.hashes import HashAlgorithm
 from signbridge.server.signing_thread import SWITCH_INTERVAL, SigningThread
 
 KEY = rsa.generate_private_key(65537, 2048)

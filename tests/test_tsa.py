@@ -31,11 +31,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import require_tool, run
 from pkikit import key_usage as usage_extension
-from signbridge.errors import KeystoreError, TimestampError
-from signbridge.hashes import HashAlgorithm
-from signbridge.server.tsa import DEFAULT_POLICY_OID, TimestampAuthority
-from signbridge.signatures import Scheme, SignatureRequest
-from signbridge.tsa import (
+from signbridge.crypto.hashes import HashAlgorithm
+from signbridge.crypto.signatures import Scheme, SignatureRequest
+from signbridge.crypto.timestamps import (
     QUERY_CONTENT_TYPE,
     REPLY_CONTENT_TYPE,
     FailureInfo,
@@ -47,6 +45,8 @@ from signbridge.tsa import (
     parse_token,
     request_timestamp,
 )
+from signbridge.errors import KeystoreError, TimestampError
+from signbridge.server.timestamp_authority import DEFAULT_POLICY_OID, TimestampAuthority
 
 NOW = dt.datetime.now(dt.UTC)
 DATA = b"the bytes being timestamped\n" * 10

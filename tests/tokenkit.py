@@ -45,6 +45,7 @@ from signbridge.apple.certificates import (
     DEVELOPER_ID_INTERMEDIATE,
     EKU_DEVELOPER_ID_INSTALLER,
 )
+from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, pss_padding
 from signbridge.pkcs11 import (
     CKO,
     CallerInfo,
@@ -56,7 +57,6 @@ from signbridge.pkcs11 import (
     serve,
 )
 from signbridge.provider import registry
-from signbridge.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, pss_padding
 
 TEAM = "TEAM123456"
 ORGANIZATION = "Test Corp"

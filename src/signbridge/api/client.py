@@ -30,8 +30,8 @@ from cryptography import x509
 
 from .. import __version__
 from .._httpx import httpx
+from ..crypto.signatures import Scheme, SignatureRequest
 from ..errors import ConfigError, SignbridgeError
-from ..signatures import Scheme, SignatureRequest
 
 if TYPE_CHECKING:
     from ..provider.settings import ProviderSettings

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..crypto.chains import extended_key_usages
+
 APPLE_OID = "1.2.840.113635.100"
 
 # Leaf markers (1.2.840.113635.100.6.1.x)
@@ -51,14 +53,6 @@ def extension_oids(cert: x509.Certificate) -> set[str]:
     return {ext.oid.dotted_string for ext in cert.extensions}
 
 
-def extended_key_usages(cert: x509.Certificate) -> set[str]:
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return set()
-    return {oid.dotted_string for oid in eku}
-
-
 def usage(cert: x509.Certificate) -> Usage:
     """Installer certificates carry an installer EKU; code-signing ones carry codeSigning."""
     ekus = extended_key_usages(cert)
@@ -74,16 +68,11 @@ def common_name(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else cert.subject.rfc4514_string()
 
 
-def team_identifier(cert: x509.Certificate) -> str | None:
-    """Apple puts the team id in the subject's OU."""
+def team_identifier(cert: x509.Certificate, issuers: Iterable[x509.Certificate]) -> str | None:
+    """The team id: Apple puts it in the subject's OU of the certificates it issues under its developer
+    intermediates (Developer ID, WWDR); a certificate from any other issuer has none."""
     units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    return str(units[0].value) if units else None
-
-
-def unique_certificates(certificates: Iterable[x509.Certificate]) -> list[x509.Certificate]:
-    """The certificates without repeats, in the order they first appear."""
-    unique: list[x509.Certificate] = []
-    for certificate in certificates:
-        if certificate not in unique:
-            unique.append(certificate)
-    return unique
+    developer = {DEVELOPER_ID_INTERMEDIATE, WWDR_INTERMEDIATE}
+    if not units or not any(extension_oids(issuer) & developer for issuer in issuers):
+        return None
+    return str(units[0].value)

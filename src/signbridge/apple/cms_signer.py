@@ -10,8 +10,7 @@ CDHashes attributes (the hash agility plist and its DER form), the whole chain, 
 when asked; only the SHA-256 of its DER signed attributes goes to ``identity.sign``, and the
 returned signature is verified against the certificate before anything is written.
 
-The team identifier is the leaf's subject OU when the chain carries Apple's developer
-intermediate markers (Developer ID or WWDR), as codesign only trusts Apple-issued team ids.
+The team identifier is the identity's (:func:`signbridge.apple.certificates.team_identifier`).
 """
 
 from __future__ import annotations
@@ -19,17 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from cryptography import x509
-
-from ..hashes import HashAlgorithm
-from ..identity import Identity
-from ..signatures import EcdsaFormat
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.identity import Identity
+from ..crypto.signatures import EcdsaFormat
 from . import cms
-from .certificates import (
-    DEVELOPER_ID_INTERMEDIATE,
-    WWDR_INTERMEDIATE,
-    extension_oids,
-)
 from .codedirectory import CodeDirectory, HashType
 from .codesign_options import CodesignOptions
 from .requirements import EMPTY_REQUIREMENT_SET, Expr, RequirementType, encode_requirement_set
@@ -46,27 +38,6 @@ _CODE_DIRECTORY_ALGORITHMS = {
 }
 
 
-def signing_chain(identity: Identity) -> tuple[x509.Certificate, ...]:
-    """The identity's certificate followed by its issuers (as the CMS carries them)."""
-    chain = [identity.certificate]
-    for certificate in identity.chain:
-        if certificate not in chain:
-            chain.append(certificate)
-    return tuple(chain)
-
-
-def team_identifier(identity: Identity | None) -> str | None:
-    """The team id codesign records: the leaf's OU, only under Apple's developer intermediates."""
-    if identity is None:
-        return None
-    markers: set[str] = set()
-    for certificate in identity.chain:
-        markers |= extension_oids(certificate)
-    if markers & {DEVELOPER_ID_INTERMEDIATE, WWDR_INTERMEDIATE}:
-        return identity.team_id
-    return None
-
-
 class CmsSigner:
     """Signs code with ``identity``: :meth:`sign` turns the CodeDirectories into the CMS blob."""
 
@@ -80,8 +51,8 @@ class CmsSigner:
         self.identity = identity
         self.timestamp = timestamp
         self.signing_time = signing_time
-        self.chain = signing_chain(identity)
-        self.team_id = team_identifier(identity)
+        self.chain = identity.certificates
+        self.team_id = identity.team_id
 
     @classmethod
     def for_options(cls, identity: Identity, options: CodesignOptions) -> CmsSigner:
@@ -106,6 +77,7 @@ class CmsSigner:
             cdhashes_plist=cms.build_cdhashes_plist(cdhashes),
             cdhashes2=agile,
             ecdsa_format=EcdsaFormat.ASN1,
+            signer_name=self.identity.source,
         )
 
     def reserve(self, hash_types: Sequence[HashType]) -> int:

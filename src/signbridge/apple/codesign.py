@@ -1,7 +1,7 @@
 """Signing code as Apple's ``codesign -s`` does: Mach-O files (thin or universal), bundles and
 ``.ipa`` archives.
 
-:func:`sign_code` signs a path with an :class:`~signbridge.identity.Identity` (or ad hoc when the
+:func:`sign_code` signs a path with an :class:`~signbridge.crypto.identity.Identity` (or ad hoc when the
 identity is None) and replaces it atomically. It builds the one
 :class:`~signbridge.apple.cms_signer.CmsSigner` of the run and hands it down:
 
@@ -25,7 +25,7 @@ import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
-from ..identity import Identity
+from ..crypto.identity import Identity
 from .cms_signer import CmsSigner
 from .codesign_options import CodesignOptions, QuietReporter, Reporter, SignedCode
 from .ipa import is_ipa

@@ -22,7 +22,7 @@ from .signed_code import FLAG_NAMES
 from .trust import CertificateKind, classify_certificate
 
 if TYPE_CHECKING:
-    from ..identity import Identity
+    from ..crypto.identity import Identity
     from .cms import Timestamper
 
 _SETTABLE_FLAGS = frozenset(name for name, _ in FLAG_NAMES if name not in ("adhoc", "linker-signed"))

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..crypto.cms import CmsFormatError
 from . import cms
 from .blobs import CodeSignatureFormatError
 from .certificates import common_name
@@ -107,7 +108,7 @@ def _parsed_cms(signature: EmbeddedSignature) -> cms.ParsedSignature | None:
         return None
     try:
         return cms.parse_signed_data(signature.cms)
-    except cms.CmsFormatError:
+    except CmsFormatError:
         return None
 
 

@@ -39,11 +39,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from ..der import CertificateFormatError, read_certificates
+from ..crypto.chains import unique_certificates
+from ..crypto.cms import verify_detached
+from ..crypto.der import CertificateFormatError, read_certificates
+from ..crypto.hashes import HashAlgorithm
 from ..errors import SignatureError
-from ..hashes import HashAlgorithm
 from . import cms
-from .certificates import unique_certificates
 from .ticket import TicketError, parse_ticket
 from .trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
 from .xar import ChecksumMismatchError, SignatureSlot, XarArchive, XarError, signature_data
@@ -242,7 +243,7 @@ def _check_cms(
                 f"the CMS signature carries {len(unlisted)} certificate(s) the table of contents does not list",
             )
     try:
-        cms.verify_detached(parsed, content=checksum, content_name="the package's table of contents")
+        verify_detached(parsed, content=checksum, content_name="the package's table of contents")
         cms.check_unsigned_fields(parsed)
     except SignatureError as exc:
         raise _Invalid(PackageStatus.INVALID_SIGNATURE, f"the CMS signature: {exc}") from None

@@ -34,12 +34,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ..crypto.chains import unique_certificates
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.identity import Identity
+from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from ..errors import SignatureError
-from ..hashes import HashAlgorithm
-from ..identity import Identity
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from . import cms
-from .certificates import Usage, unique_certificates
+from .certificates import Usage
 from .xar import PreparedPackage, Signatures, XarArchive, prepare_signed, write_signed
 from .xar.header import HEADER_SIZE
 
@@ -145,7 +146,8 @@ def sign_package(
             hash_algorithm=CMS_DIGEST,
             timestamp=timestamp,
             signing_time=signed_at,
-            ecdsa_format=EcdsaFormat.ASN1,  # Identity.sign returns ECDSA signatures in DER
+            ecdsa_format=EcdsaFormat.ASN1,  # as the CMS stores it
+            signer_name=identity.source,
         )
         token = cms.parse_signed_data(cms_der).timestamp
         stamped.append(token.gen_time if token is not None else None)

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from ..crypto.chains import build_chain
 from ..errors import SignbridgeError
 from . import cms
 from .blobs import CodeSignatureFormatError
@@ -228,14 +229,4 @@ def derived_designated_requirement(
 
 def issuer_chain(parsed: cms.ParsedSignature) -> list[x509.Certificate]:
     """The CMS certificates ordered from the signer up its issuers, as far as they go."""
-    chain = [parsed.signer_certificate]
-    while len(chain) <= len(parsed.certificates):
-        current = chain[-1]
-        if current.issuer == current.subject:
-            break
-        issuers = (c for c in parsed.certificates if c.subject == current.issuer and c not in chain)
-        issuer = next(issuers, None)
-        if issuer is None:
-            break
-        chain.append(issuer)
-    return chain
+    return [parsed.signer_certificate, *build_chain(parsed.signer_certificate, parsed.certificates)]

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from ..der import ASN1_ERRORS, CertificateFormatError, read_certificates
+from ..crypto.der import ASN1_ERRORS, CertificateFormatError, read_certificates
 from ..errors import SignbridgeError
 
 TICKET_MAGIC = b"s8ch"

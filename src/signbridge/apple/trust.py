@@ -9,20 +9,30 @@ anchors is recognised by its fingerprint, so the verdict can be worded as Apple'
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtensionOID
 
-from ..certificate_files import read_certificates
+from ..crypto.certificate_files import read_certificates
+from ..crypto.chains import (
+    ANY_SIGNATURE,
+    CODE_SIGNING,
+    PathResult,
+    describe,
+    extended_key_usages,
+    signing_key_usage_problems,
+    unique_certificates,
+    validate_path,
+)
+from ..crypto.chains import Purpose as ChainPurpose
 from ..errors import ConfigError
-from ..signatures import CertificateSignatureError, verify_certificate_signature
 from .certificates import (
     APPLE_DISTRIBUTION,
     DEVELOPER_ID_APPLICATION,
@@ -38,9 +48,7 @@ from .certificates import (
     MAC_INSTALLER_DISTRIBUTION,
     Usage,
     common_name,
-    extended_key_usages,
     extension_oids,
-    unique_certificates,
     usage,
 )
 
@@ -61,22 +69,6 @@ APPLE_ROOT_FINGERPRINTS = frozenset(
 # Apple's leaf and intermediate marker extensions (1.2.840.113635.100.6.*) are often critical;
 # they only say what kind of certificate this is, so they never make a chain fail.
 _APPLE_MARKER_ARC = "1.2.840.113635.100.6."
-
-# Critical extensions this module evaluates, or that constrain nothing a signature check needs.
-_UNDERSTOOD_CRITICAL = frozenset(
-    {
-        ExtensionOID.BASIC_CONSTRAINTS,
-        ExtensionOID.KEY_USAGE,
-        ExtensionOID.EXTENDED_KEY_USAGE,
-        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
-        ExtensionOID.CERTIFICATE_POLICIES,
-        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
-        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
-    }
-)
-
-_MAX_CHAIN_LENGTH = 8
-
 
 class TrustAnchorError(ConfigError):
     """The configured trust anchors cannot be read."""
@@ -199,22 +191,11 @@ def anchors_from_environment(
 
 
 @dataclass(frozen=True)
-class TrustResult:
-    """The verdict on a signing certificate.
+class TrustResult(PathResult):
+    """The verdict on a signing certificate: its path (see :class:`~signbridge.crypto.chains.PathResult`)
+    and whether the anchor is one of Apple's roots."""
 
-    ``chain`` runs from the leaf to the anchor when a path was found (else as far as it got);
-    ``problems`` are sentences for the user, empty when ``ok``. ``timestamp_used`` says the chain
-    was accepted only because it was valid at the timestamp's time; ``expired`` lists the
-    certificates accepted although they had expired (only when the caller allowed that).
-    """
-
-    ok: bool
-    chain: tuple[x509.Certificate, ...]
-    anchor: x509.Certificate | None
-    problems: tuple[str, ...]
-    apple_anchor: bool
-    timestamp_used: bool = False
-    expired: tuple[x509.Certificate, ...] = ()
+    apple_anchor: bool = False
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -253,244 +234,59 @@ def evaluate_chain(
     apple_roots: frozenset[bytes] = APPLE_ROOT_FINGERPRINTS,
     allow_expired: bool = False,
 ) -> TrustResult:
-    """Evaluate the path from ``leaf`` through ``intermediates`` to one of ``anchors``.
+    """Evaluate the path from ``leaf`` through ``intermediates`` to one of ``anchors``
+    (:func:`signbridge.crypto.chains.validate_path`), with Apple's rules: its marker extensions
+    never make a chain fail, and ``purpose`` asks for codeSigning for code, Apple's installer usages
+    for installer packages.
 
-    Each link must be signed by the next certificate, every issuer must be a CA (basic
-    constraints, path length, key usage), and no certificate may carry a critical extension this
-    module does not evaluate (Apple's marker extensions excepted). Every certificate must be valid
-    at ``at`` (default now) or, failing that, at ``timestamp_time``: an expired certificate is
-    valid only with a timestamp within its validity, unless ``allow_expired`` (Apple's
-    ``codesign --verify`` does not fail a signature because its certificates have expired; a
-    certificate not valid yet still fails). ``purpose`` asks for the leaf's extended key usage:
-    codeSigning for code, Apple's installer usages for installer packages.
+    Every certificate must be valid at ``at`` (default now) or, failing that, at ``timestamp_time``:
+    an expired certificate is valid only with a timestamp within its validity, unless
+    ``allow_expired`` (Apple's ``codesign --verify`` does not fail a signature because its
+    certificates have expired; a certificate not valid yet still fails).
     """
-    purpose = Purpose(purpose)
-    at = _utc(at) if at is not None else datetime.now(UTC)
-    timestamp_time = _utc(timestamp_time) if timestamp_time is not None else None
-    anchors = unique_certificates(anchors)
-    pool = [certificate for certificate in unique_certificates(intermediates) if certificate != leaf]
-
-    failures: list[str] = []
-    longest: list[x509.Certificate] = [leaf]
-    first_verdict: TrustResult | None = None
-    for path in _paths(leaf, pool, anchors, [leaf], failures, longest):
-        problems, timestamp_used, expired = _evaluate_path(path, at, timestamp_time, purpose, allow_expired)
-        anchor = path[-1]
-        verdict = TrustResult(
-            ok=not problems,
-            chain=tuple(path),
-            anchor=anchor,
-            problems=tuple(problems),
-            apple_anchor=_fingerprint(anchor) in apple_roots,
-            timestamp_used=timestamp_used,
-            expired=expired,
-        )
-        if verdict.ok:
-            return verdict
-        first_verdict = first_verdict or verdict
-    if first_verdict is not None:
-        return first_verdict
-
-    problems = list(dict.fromkeys(failures))
-    if not problems:
-        problems.append(f"no path from {_describe(leaf)} to a trusted anchor was found")
-    if not anchors:
-        problems.insert(0, "no trust anchors are configured (set SIGNBRIDGE_ANCHORS or TrustAnchors)")
-    leaf_problems = _leaf_problems(leaf, purpose)
-    return TrustResult(
-        ok=False,
-        chain=tuple(longest),
-        anchor=None,
-        problems=tuple(problems + leaf_problems),
-        apple_anchor=False,
+    result = validate_path(
+        leaf,
+        intermediates,
+        anchors,
+        purpose=_PURPOSES[Purpose(purpose)],
+        at=at,
+        timestamp_time=timestamp_time,
+        allow_expired=allow_expired,
+        ignore_critical=_apple_marker,
     )
+    path = {field.name: getattr(result, field.name) for field in dataclasses.fields(PathResult)}
+    if result.anchor is None and not anchors:
+        unconfigured = "no trust anchors are configured (set SIGNBRIDGE_ANCHORS or TrustAnchors)"
+        path["problems"] = (unconfigured, *result.problems)
+    apple_anchor = result.anchor is not None and _fingerprint(result.anchor) in apple_roots
+    return TrustResult(**path, apple_anchor=apple_anchor)
 
 
-def _paths(
-    current: x509.Certificate,
-    pool: Sequence[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-    path: list[x509.Certificate],
-    failures: list[str],
-    longest: list[x509.Certificate],
-) -> Iterator[list[x509.Certificate]]:
-    """Every path from ``current`` up to an anchor whose signatures check out. ``failures`` collects
-    why other paths ended; ``longest`` becomes the longest path tried."""
-    if len(path) > len(longest):
-        longest[:] = path
-    if current in anchors:
-        yield path
-        return
-    if len(path) >= _MAX_CHAIN_LENGTH:
-        failures.append(f"the chain is longer than {_MAX_CHAIN_LENGTH} certificates")
-        return
-    issuers = [anchor for anchor in anchors if anchor.subject == current.issuer]
-    issuers += [
-        certificate
-        for certificate in pool
-        if certificate.subject == current.issuer and certificate not in anchors and certificate not in path
-    ]
-    for issuer in issuers:
-        try:
-            verify_certificate_signature(current, issuer)
-        except CertificateSignatureError as exc:
-            failures.append(f"{_describe(current)} names {_describe(issuer)} as its issuer, but {exc.reason}")
-            continue
-        yield from _paths(issuer, pool, anchors, [*path, issuer], failures, longest)
-    if issuers:
-        return
-    if _self_signed(current):
-        failures.append(f"the chain ends at {_describe(current)}, which is not a trusted anchor")
-    else:
-        failures.append(
-            f"the certificate that issued {_describe(current)} ({_name(current.issuer)}) was not found "
-            "among the signature's certificates or the trust anchors"
-        )
+def _apple_marker(oid: str) -> bool:
+    return oid.startswith(_APPLE_MARKER_ARC)
 
 
-def _evaluate_path(
-    path: list[x509.Certificate],
-    at: datetime,
-    timestamp_time: datetime | None,
-    purpose: Purpose,
-    allow_expired: bool,
-) -> tuple[list[str], bool, tuple[x509.Certificate, ...]]:
-    problems: list[str] = []
-    for index, issuer in enumerate(path[1:], start=1):
-        problems += _issuer_problems(issuer, path[index - 1], intermediates_below=index - 1)
-    for certificate in path:
-        problems += _critical_extension_problems(certificate)
-    problems += _leaf_problems(path[0], purpose)
-    validity, timestamp_used, expired = _validity_problems(path, at, timestamp_time, allow_expired)
-    return problems + validity, timestamp_used, expired
-
-
-def _issuer_problems(
-    issuer: x509.Certificate, subject: x509.Certificate, intermediates_below: int
-) -> list[str]:
-    try:
-        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is None or not constraints.ca:
-        return [f"{_describe(issuer)} issued {_describe(subject)} but is not a certification authority"]
-    problems = []
-    if constraints.path_length is not None and intermediates_below > constraints.path_length:
-        problems.append(
-            f"{_describe(issuer)} allows {constraints.path_length} intermediate certificate(s) below it, "
-            f"but the chain has {intermediates_below}"
-        )
-    try:
-        key_usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        key_usage = None
-    if key_usage is not None and not key_usage.key_cert_sign:
-        problems.append(f"the key usage of {_describe(issuer)} does not allow signing certificates")
-    return problems
-
-
-def _critical_extension_problems(certificate: x509.Certificate) -> list[str]:
-    problems = []
-    for extension in certificate.extensions:
-        oid = extension.oid
-        if not extension.critical or oid in _UNDERSTOOD_CRITICAL:
-            continue
-        if oid.dotted_string.startswith(_APPLE_MARKER_ARC):
-            continue
-        name = getattr(oid, "_name", None)
-        shown = oid.dotted_string if not name or name == "Unknown OID" else f"{name} ({oid.dotted_string})"
-        problems.append(
-            f"{_describe(certificate)} has a critical extension signbridge does not evaluate: {shown}"
-        )
-    return problems
-
-
-def _leaf_problems(leaf: x509.Certificate, purpose: Purpose) -> list[str]:
-    problems = []
-    try:
-        key_usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        key_usage = None
-    if key_usage is not None and not key_usage.digital_signature:
-        problems.append(f"the key usage of {_describe(leaf)} does not allow digital signatures")
-    if purpose is Purpose.ANY:
-        return problems
+def _installer_signing_problems(leaf: x509.Certificate) -> list[str]:
+    problems = signing_key_usage_problems(leaf)
     ekus = extended_key_usages(leaf)
-    if purpose is Purpose.CODE and EKU_CODE_SIGNING not in ekus:
-        problems.append(
-            f"{_describe(leaf)} is not a code signing certificate (no codeSigning extended key usage)"
-        )
-    if purpose is Purpose.INSTALLER and not ekus & {EKU_DEVELOPER_ID_INSTALLER, EKU_MAC_INSTALLER}:
+    if not ekus & {EKU_DEVELOPER_ID_INSTALLER, EKU_MAC_INSTALLER}:
         extra = " (it is a code signing certificate)" if EKU_CODE_SIGNING in ekus else ""
         problems.append(
-            f"{_describe(leaf)} is not an installer signing certificate{extra}; installer packages need the "
+            f"{describe(leaf)} is not an installer signing certificate{extra}; installer packages need the "
             f"extended key usage {EKU_DEVELOPER_ID_INSTALLER} or {EKU_MAC_INSTALLER}"
         )
     return problems
 
 
-def _validity_problems(
-    path: list[x509.Certificate], at: datetime, timestamp_time: datetime | None, allow_expired: bool
-) -> tuple[list[str], bool, tuple[x509.Certificate, ...]]:
-    """Each certificate must be valid now or, failing that, when the timestamp says the signature
-    was made, or have expired when ``allow_expired``. Returns the problems, whether any
-    certificate needed the timestamp, and the expired certificates that were let through."""
-    problems = []
-    timestamp_used = False
-    expired: list[x509.Certificate] = []
-    for certificate in path:
-        if _valid_at(certificate, at):
-            continue
-        if timestamp_time is not None and _valid_at(certificate, timestamp_time):
-            timestamp_used = True
-            continue
-        start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
-        if allow_expired and at > end:
-            expired.append(certificate)
-            continue
-        if at > end:
-            problem = f"{_describe(certificate)} expired on {end:%Y-%m-%d %H:%M:%S} UTC"
-        else:
-            problem = f"{_describe(certificate)} is not valid until {start:%Y-%m-%d %H:%M:%S} UTC"
-        if timestamp_time is not None:
-            problem += (
-                f", and the timestamp ({timestamp_time:%Y-%m-%d %H:%M:%S} UTC) is not within its validity "
-                f"({start:%Y-%m-%d} to {end:%Y-%m-%d})"
-            )
-        elif at > end:
-            problem += "; an expired certificate is valid only with a timestamp within its validity"
-        problems.append(problem)
-    return problems, timestamp_used and not problems, tuple(expired)
-
-
-def _valid_at(certificate: x509.Certificate, when: datetime) -> bool:
-    return certificate.not_valid_before_utc <= when <= certificate.not_valid_after_utc
-
-
-def _self_signed(certificate: x509.Certificate) -> bool:
-    if certificate.subject != certificate.issuer:
-        return False
-    try:
-        verify_certificate_signature(certificate, certificate)
-    except CertificateSignatureError:
-        return False
-    return True
+_PURPOSES = {
+    Purpose.CODE: CODE_SIGNING,
+    Purpose.INSTALLER: ChainPurpose("installer", _installer_signing_problems),
+    Purpose.ANY: ANY_SIGNATURE,
+}
 
 
 def _fingerprint(certificate: x509.Certificate) -> bytes:
     return certificate.fingerprint(hashes.SHA256())
-
-
-def _utc(when: datetime) -> datetime:
-    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def _name(name: x509.Name) -> str:
-    return name.rfc4514_string() or "(no subject)"
-
-
-def _describe(certificate: x509.Certificate) -> str:
-    return f'"{common_name(certificate) if certificate.subject else "(no subject)"}"'
 
 
 def _read_anchors(path: Path) -> list[x509.Certificate]:

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..crypto.cms import verify_detached
 from ..errors import SignbridgeError
 from . import cms
 from .blobs import CodeSignatureFormatError, Slot
@@ -328,7 +329,7 @@ def check_cms(der: bytes, directories: Sequence[CodeDirectory]) -> cms.ParsedSig
     primary = directories[0]
     try:
         parsed = cms.parse_signed_data(der)
-        cms.verify_detached(parsed, content=primary.blob, content_name="the CodeDirectory")
+        verify_detached(parsed, content=primary.blob, content_name="the CodeDirectory")
     except SignbridgeError as exc:
         raise CodeVerificationError(MODIFIED, f"the CMS signature does not check out: {exc}") from None
     if parsed.cdhashes is not None:

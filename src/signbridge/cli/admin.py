@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
 from ..atomic import atomic_output, write_atomically
-from ..certificate_files import read_certificates
+from ..crypto.certificate_files import read_certificates
 from ..errors import UsageError
 from ..server import audit as audit_log
 from ..server import directory
@@ -27,7 +27,7 @@ from ..server.checkpoints import (
 from ..server.datadir import DataDir, open_data_dir
 from ..server.keystores import KeySpec
 from ..server.models import Organization
-from ..server.tsa import load_timestamp_authority
+from ..server.timestamp_authority import load_timestamp_authority
 from .common import F, data_dir_option, print_json, print_table
 
 

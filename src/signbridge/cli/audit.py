@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..certificate_files import read_certificates
+from ..crypto.certificate_files import read_certificates
 from ..errors import UsageError
 from ..server.audit_export import kept_checkpoints, read_export, verify_export
 from .admin import report_verification

@@ -26,7 +26,7 @@ from .output import echo
 if TYPE_CHECKING:
     from ..apple import display
     from ..apple.codesign_options import CodesignOptions
-    from ..identity import Identity
+    from ..crypto.identity import Identity
 
 DEPRECATED_COLON = "Warning: Specifying ':' in the path is deprecated and will not work in a future release"
 EXIT_SUCCESS = 0

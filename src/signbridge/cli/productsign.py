@@ -25,13 +25,13 @@ from cryptography.hazmat.primitives import hashes
 from ..apple import cms
 from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, common_name, extension_oids
 from ..apple.productsign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
-from ..certificate_files import read_certificates
+from ..crypto.certificate_files import read_certificates
 from ..errors import SignbridgeError
 from ..tool_settings import load_tool_settings
 
 if TYPE_CHECKING:  # each command imports what only it needs when it runs (start-up time)
     from ..apple.pkgverify import PackageVerdict
-    from ..identity import Identity
+    from ..crypto.identity import Identity
 
 EXIT_FAILURE = 1
 DEFAULT_TIMESTAMP = "\0default"  # what a bare --timestamp becomes

@@ -14,7 +14,7 @@ import click
 
 from .. import p11kit
 from ..apple.certificates import Usage
-from ..identity import Identity
+from ..crypto.identity import Identity
 from ..keychain.discovery import discover, validity_problem
 from ..keychain.tokens import DRIVER_ID, NoTokenError, find_tokens, p11kit_registration, smartcard_id
 from ..provider import registry

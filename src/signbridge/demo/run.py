@@ -28,18 +28,18 @@ from cryptography.hazmat.primitives import serialization
 
 from .. import jarsigning
 from ..api import ServiceClient
-from ..errors import SignbridgeError
-from ..hashes import HashAlgorithm
-from ..p11kit import client_module_path
-from ..server.process import ServiceProcess
-from ..signatures import (
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import (
     EcdsaFormat,
     Scheme,
     SignatureRequest,
     verify_certificate_signature,
     verify_digest_signature,
 )
-from ..tsa import request_timestamp
+from ..crypto.timestamps import request_timestamp
+from ..errors import SignbridgeError
+from ..p11kit import client_module_path
+from ..server.process import ServiceProcess
 from .component import build_component_package
 
 Echo = Callable[[str], None]

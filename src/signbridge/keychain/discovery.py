@@ -3,34 +3,30 @@
 Each running token (see :mod:`signbridge.provider.registry`) is asked over its socket, with the
 pure-Python PKCS#11 client, for its certificates and private keys. A certificate with a private
 key of the same CKA_ID is an identity; its chain is built from the token's other certificates
-(the authority objects), and its :attr:`~signbridge.identity.Identity.sign` is a
+(the authority objects), and its :attr:`~signbridge.crypto.identity.Identity.sign` is a
 :class:`~signbridge.keychain.key.TokenKey`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
-from ..identity import Identity
+from ..crypto.chains import build_chain, self_signed
+from ..crypto.identity import Identity
 from ..pkcs11 import CKA, CKO, Pkcs11Client, Pkcs11Error, Pkcs11Object
 from ..pkcs11.constants import CATEGORY_AUTHORITY
 from ..provider.registry import TokenRecord
-from ..signatures import CertificateSignatureError, verify_certificate_signature
 from .key import DEFAULT_PIN, TokenAccessError, TokenKey, log_in
 from .tokens import find_tokens
 
 log = logging.getLogger("signbridge.keychain")
 
 LIST_TIMEOUT = 30.0  # seconds for one answer while listing
-MAX_CHAIN = 8
-
-_FINGERPRINT = hashes.SHA256()
 
 
 @dataclass(frozen=True)
@@ -97,45 +93,6 @@ def _slot_identities(
 # --- chains and validity ------------------------------------------------------------------------
 
 
-def build_chain(leaf: x509.Certificate, pool: Iterable[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    """The issuers of ``leaf`` found in ``pool``, nearest first, up to a self-signed root.
-
-    An issuer is taken only when its subject is the certificate's issuer and its key verifies the
-    certificate's signature. The chain stops where no issuer is found.
-    """
-    candidates = list(pool)
-    chain: list[x509.Certificate] = []
-    seen = {leaf.fingerprint(_FINGERPRINT)}
-    current = leaf
-    while len(chain) < MAX_CHAIN and not _self_signed(current):
-        issuer = next(
-            (
-                candidate
-                for candidate in candidates
-                if candidate.fingerprint(_FINGERPRINT) not in seen and _issued_by(current, candidate)
-            ),
-            None,
-        )
-        if issuer is None:
-            break
-        chain.append(issuer)
-        seen.add(issuer.fingerprint(_FINGERPRINT))
-        current = issuer
-    return tuple(chain)
-
-
-def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        verify_certificate_signature(certificate, issuer)
-    except CertificateSignatureError:
-        return False
-    return True
-
-
-def _self_signed(certificate: x509.Certificate) -> bool:
-    return certificate.subject == certificate.issuer and _issued_by(certificate, certificate)
-
-
 def validity_problem(identity: Identity, *, now: datetime | None = None) -> str | None:
     """Why ``security find-identity -v`` would leave the identity out, in Apple's words, or None.
 
@@ -148,7 +105,7 @@ def validity_problem(identity: Identity, *, now: datetime | None = None) -> str 
         problem = time_problem(certificate, when)
         if problem:
             return problem
-    if not identity.chain or not _self_signed(identity.chain[-1]):
+    if not identity.chain or not self_signed(identity.chain[-1]):
         return "CSSMERR_TP_NOT_TRUSTED"  # a self-signed leaf is not trusted either, as on macOS
     return None
 

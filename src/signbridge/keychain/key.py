@@ -19,10 +19,14 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ..crypto.signatures import (
+    Scheme,
+    SignatureRequest,
+    ecdsa_ieee_to_der,
+)
 from ..errors import SignatureError, SignbridgeError
 from ..pkcs11 import CKA, CKO, ConnectionLostError, Pkcs11Client, Pkcs11Error, Pkcs11Object, pss_params
 from ..pkcs11.constants import CKM, CKR
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_ieee_to_der, verify_digest_signature
 
 log = logging.getLogger("signbridge.keychain")
 
@@ -51,9 +55,9 @@ class TokenKey:
     """Signs digests with one private key of a running token: the ``sign`` of an :class:`Identity`.
 
     Each call signs with C_Sign in this process's session on the token (see the module
-    documentation) and verifies the result against the certificate. RSA PKCS#1 v1.5 sends the DigestInfo
-    (CKM_RSA_PKCS), PSS the digest with MGF1 and a hash-sized salt (CKM_RSA_PKCS_PSS), ECDSA the
-    digest (CKM_ECDSA); ECDSA signatures are returned as DER.
+    documentation). RSA PKCS#1 v1.5 sends the DigestInfo (CKM_RSA_PKCS), PSS the digest with MGF1
+    and a hash-sized salt (CKM_RSA_PKCS_PSS), ECDSA the digest (CKM_ECDSA); ECDSA signatures are
+    returned as DER. Whoever uses a signature verifies it against the certificate, once.
     """
 
     token_name: str
@@ -67,21 +71,11 @@ class TokenKey:
         public_key = self.certificate.public_key()
         mechanism, data, params = _mechanism(public_key, request)
         try:
-            raw = self._sign(mechanism, data, params)
+            signature = self._sign(mechanism, data, params)
         except (Pkcs11Error, TokenAccessError) as exc:
             raise SignatureError(f"the token {self.token_name} could not sign: {exc}") from None
-        signature = raw
-        answered = request
         if isinstance(public_key, ec.EllipticCurvePublicKey):
-            signature = ecdsa_ieee_to_der(raw, public_key.curve)
-            answered = dataclasses.replace(request, ecdsa_format=EcdsaFormat.ASN1)
-        try:
-            verify_digest_signature(public_key, answered, signature)
-        except SignatureError as exc:
-            raise SignatureError(
-                f"the token {self.token_name} returned a signature that does not verify "
-                f"against the certificate: {exc}"
-            ) from None
+            return ecdsa_ieee_to_der(signature, public_key.curve)  # a token's r || s, as DER
         return signature
 
     def _sign(self, mechanism: int, data: bytes, params: object) -> bytes:

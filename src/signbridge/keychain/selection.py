@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from ..apple.certificates import Usage
+from ..crypto.identity import Identity
 from ..errors import NotFoundError, SignbridgeError
-from ..identity import Identity
 from ..provider.registry import TokenRecord
 from .discovery import discover, time_problem
 

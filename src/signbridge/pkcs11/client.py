@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..hashes import HashAlgorithm
+from ..crypto.hashes import HashAlgorithm
 from .calls import HANDSHAKE, PROTOCOL_VERSION_MAX, Call
 from .constants import CKA, CKF, CKM, CKO, CKR, CKU, name
 from .errors import ConnectionLostError, Pkcs11Error, ProtocolError

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, curve_size, verify_digest_signature
 from ..errors import SignatureError
-from ..hashes import HashAlgorithm
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, curve_size, verify_digest_signature
 from .constants import CKF, CKG, CKK, CKM, CKO, CKR, name
 from .errors import Pkcs11Error
 from .wire import Mechanism, PssParams

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..crypto.signatures import SignatureRequest
 from ..errors import ConfigError
-from ..signatures import SignatureRequest
 from .constants import CKO
 from .objects import PublicKey, TokenObject
 from .peer import CallerInfo

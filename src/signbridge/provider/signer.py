@@ -25,9 +25,9 @@ from typing import Any
 
 from .. import __version__
 from ..api.client import ApiError, Failure, ServiceClient, classify
+from ..crypto.signatures import SignatureRequest
 from ..errors import ConfigError
 from ..pkcs11 import CKR, CallerInfo, Pkcs11Error, TokenObject
-from ..signatures import SignatureRequest
 from .logs import redact, register_secret
 from .settings import ProviderSettings, parse_pin
 

@@ -36,7 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import SignbridgeError
 from . import metrics
-from .audit import GENESIS, AuditEntry, AuditLog
+from .audit import AuditLog
+from .audit_chain import GENESIS, AuditEntry
 from .checkpoints import CheckpointSigner, checkpoint_row, write_checkpoint
 from .database import open_engine
 from .jsonlog import ACCESS_LOGGER, AUDIT_LOGGER
@@ -48,7 +49,7 @@ from .requests import get, parse_fast_signing_payload, parse_sign_hash
 from .service import Caller, SigningService
 from .settings import ServerSettings
 from .signing_thread import SigningThread
-from .tsa import TimestampAuthority, load_timestamp_authority
+from .timestamp_authority import TimestampAuthority, load_timestamp_authority
 
 log = logging.getLogger("signbridge.server")
 access_log = logging.getLogger(ACCESS_LOGGER)

@@ -132,7 +132,7 @@ def _receive(sock: socket.socket) -> Any:
 
 def serve(sock: socket.socket) -> None:
     """Answer frames until the service closes the socket."""
-    from .audit import ChainAppender
+    from .audit_chain import ChainAppender
     from .database import open_engine, redact_url
 
     opening = _receive(sock)

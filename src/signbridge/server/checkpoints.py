@@ -28,14 +28,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest
+from ..crypto.timestamps import build_request, parse_response, parse_token
 from ..errors import AuditError, SignbridgeError
-from ..hashes import HashAlgorithm
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest
-from ..tsa import build_request, parse_response, parse_token
 from . import directory, pki
 from .keystores import KeyRef, KeySpec, Keystore
 from .models import AuditCheckpoint, AuditHead, Certificate
-from .tsa import TimestampAuthority
+from .timestamp_authority import TimestampAuthority
 
 PURPOSE = "audit"
 SLUG = "audit-checkpoints"

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ..errors import ConfigError
-from .audit import ensure_head
+from .audit_chain import ensure_head
 from .checkpoints import ensure_checkpoint_key
 from .database import create_schema, open_engine, sqlite_url, writing
 from .keystores import Keystore

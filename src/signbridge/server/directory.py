@@ -14,8 +14,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..crypto.chains import build_chain, unique_certificates
 from ..errors import AlreadyExistsError, NotFoundError, UsageError
-from ..signatures import CertificateSignatureError, verify_certificate_signature
 from . import pki, tokens
 from .keystores import KeyRef, KeySpec, Keystore
 from .models import (
@@ -196,35 +196,17 @@ def import_certificate(
     public_key = keystore.public_key(KeyRef.parse(row.key_ref))
     if certificate.public_key() != public_key:
         raise UsageError(f"the certificate's public key is not the key of {row.slug!r}")
-    ordered = order_chain(certificate, chain)
+    ordered = build_chain(certificate, chain)
+    remaining = [c for c in unique_certificates(chain) if c != certificate and c not in ordered]
+    if remaining:
+        extra = ", ".join(c.subject.rfc4514_string() for c in remaining)
+        raise UsageError(
+            f"these certificates are not in the chain of {certificate.subject.rfc4514_string()}: {extra}"
+        )
     for name, value in certificate_columns(certificate, ordered).items():
         setattr(row, name, value)
     session.flush()
     return row
-
-
-def order_chain(leaf: x509.Certificate, pool: Sequence[x509.Certificate]) -> list[x509.Certificate]:
-    """The issuers of ``leaf`` from ``pool``, issuer first, each verified as the issuer of the one before."""
-    ordered: list[x509.Certificate] = []
-    current = leaf
-    remaining = [c for c in pool if c != leaf]
-    while current.issuer != current.subject:
-        issuer = next((c for c in remaining if c.subject == current.issuer), None)
-        if issuer is None:
-            break
-        try:
-            verify_certificate_signature(current, issuer)
-        except CertificateSignatureError:
-            raise UsageError(
-                f"{issuer.subject.rfc4514_string()} did not issue {current.subject.rfc4514_string()}"
-            ) from None
-        ordered.append(issuer)
-        remaining.remove(issuer)
-        current = issuer
-    if remaining:
-        extra = ", ".join(c.subject.rfc4514_string() for c in remaining)
-        raise UsageError(f"these certificates are not in the chain of {leaf.subject.rfc4514_string()}: {extra}")
-    return ordered
 
 
 def get_certificate(session: Session, organization: Organization, slug: str) -> Certificate:

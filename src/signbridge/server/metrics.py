@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from .audit import AuditEntry
+    from .audit_chain import AuditEntry
 
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST

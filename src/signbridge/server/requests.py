@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest
 from ..errors import SignatureError
-from ..hashes import HashAlgorithm
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest
 from .problems import bad_request
 
 MAX_METADATA_BYTES = 16 * 1024

@@ -20,10 +20,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from sqlalchemy import Engine, or_, select
 
+from ..crypto.signatures import (
+    EcdsaFormat,
+    Scheme,
+    SignatureRequest,
+    ecdsa_der_to_ieee,
+    verify_digest_signature,
+)
 from ..errors import KeystoreError, SignatureError
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee, verify_digest_signature
 from . import tokens
-from .audit import AuditEntry, AuditLog
+from .audit import AuditLog
+from .audit_chain import AuditEntry
 from .database import driver_sql
 from .keystores import KeyRef, Keystore
 from .models import Certificate, GroupMember, Project, SigningPolicy, Submitter

@@ -15,7 +15,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...identity import Identity
+from ...crypto.identity import Identity
 from ..blobs import CodeSignatureFormatError, Magic, Slot, encode_blob, encode_superblob
 from ..cms_signer import CmsSigner, requirement_set
 from ..code_files import staged_code

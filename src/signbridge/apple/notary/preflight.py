@@ -24,6 +24,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ...crypto.cms import CmsFormatError
 from .. import cms
 from ..blobs import CodeSignatureFormatError
 from ..codedirectory import CodeDirectoryFlags, HashType
@@ -249,7 +250,7 @@ class Preflight:
             try:
                 signature = read_signature(macho)
                 found += _signature_rules(signature, macho)
-            except (CodeSignatureFormatError, cms.CmsFormatError, ValueError) as exc:
+            except (CodeSignatureFormatError, CmsFormatError, ValueError) as exc:
                 self._add(path, INVALID, str(exc))
                 return
         self._add_in_order(path, found)
@@ -260,7 +261,7 @@ class Preflight:
         try:
             detached = read_detached_signature(folder)
             found = _signature_rules(detached.signature if detached else None, None)
-        except (CodeSignatureFormatError, cms.CmsFormatError, ValueError) as exc:
+        except (CodeSignatureFormatError, CmsFormatError, ValueError) as exc:
             self._add(root, INVALID, str(exc))
             return
         self._add_in_order(root, found)
@@ -330,7 +331,7 @@ class Preflight:
             if read is not None and read.signature is not None:
                 found = _signature_rules(read.signature, None)
                 self._add_in_order(path, [m for m in found if m != NOT_SIGNED])
-        except (DiskImageError, CodeSignatureFormatError, cms.CmsFormatError, ValueError) as exc:
+        except (DiskImageError, CodeSignatureFormatError, CmsFormatError, ValueError) as exc:
             self._add(path, INVALID, str(exc))
         finally:
             os.close(descriptor)

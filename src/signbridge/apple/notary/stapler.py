@@ -28,7 +28,7 @@ from typing import Protocol
 from cryptography import x509
 
 from ...atomic import write_atomically
-from ...signatures import CertificateSignatureError, verify_certificate_signature
+from ...crypto.signatures import CertificateSignatureError, verify_certificate_signature
 from ..blobs import CodeSignatureFormatError, Magic, Slot, decode_superblob, encode_blob, encode_superblob
 from ..bundle import Bundle, BundleError
 from ..code_files import staged_code

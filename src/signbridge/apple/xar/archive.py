@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ...hashes import HashAlgorithm
+from ...crypto.hashes import HashAlgorithm
 from .errors import (
     ChecksumMismatchError,
     HeapRangeError,

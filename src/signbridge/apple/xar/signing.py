@@ -37,8 +37,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from ...crypto.hashes import HashAlgorithm
 from ...errors import SignatureError
-from ...hashes import HashAlgorithm
 from .archive import XarArchive
 from .errors import HeapRangeError, InvalidNumberError, SignatureSizeError, UnsupportedChecksumError, XarError
 from .filedata import stored_checksums

@@ -13,8 +13,8 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from ...crypto.signatures import SignatureRequest
 from ...errors import KeystoreError
-from ...signatures import SignatureRequest
 
 
 class KeySpec(enum.Enum):

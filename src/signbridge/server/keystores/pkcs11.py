@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 
+from ...crypto.hashes import HashAlgorithm
+from ...crypto.signatures import Scheme, SignatureRequest
 from ...errors import KeystoreError, SignatureError
-from ...hashes import HashAlgorithm
-from ...signatures import Scheme, SignatureRequest
 from . import KeyRef, KeySpec
 
 if TYPE_CHECKING:

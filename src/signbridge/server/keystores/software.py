@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ...atomic import write_atomically
+from ...crypto.signatures import Scheme, SignatureRequest, pss_padding
 from ...errors import KeystoreError, SignatureError
-from ...signatures import Scheme, SignatureRequest, pss_padding
 from . import KeyRef, KeySpec
 
 MASTER_KEY_NAME = "master.key"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -10,7 +11,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from .errors import SignatureError
+from ..errors import SignatureError
 from .hashes import HashAlgorithm
 
 
@@ -36,6 +37,12 @@ class SignatureRequest:
 
     def __post_init__(self) -> None:
         self.hash_algorithm.check_digest(self.digest)
+
+
+DigestSigner = Callable[[SignatureRequest], bytes]
+"""Signs ``request.digest`` with a key that may live anywhere (a token, a keystore, a test's key).
+
+RSA: PKCS#1 v1.5 or PSS per ``request.scheme``. ECDSA: in ``request.ecdsa_format``."""
 
 
 def curve_size(curve: ec.EllipticCurve) -> int:

@@ -6,24 +6,21 @@ local keys. The Apple tools only ever see this interface.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from .apple.certificates import Usage, common_name, team_identifier, usage
-from .signatures import SignatureRequest
-
-DigestSigner = Callable[[SignatureRequest], bytes]
-"""Signs ``request.digest``. RSA: PKCS#1 v1.5 or PSS per ``request.scheme``. ECDSA: DER ``SEQUENCE {r, s}``."""
+from ..apple.certificates import Usage, common_name, team_identifier, usage
+from .chains import unique_certificates
+from .signatures import DigestSigner
 
 
 @dataclass(frozen=True)
 class Identity:
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]  # the leaf's issuer first
-    sign: DigestSigner = field(compare=False, repr=False)
+    sign: DigestSigner = field(compare=False, repr=False)  # ECDSA signatures in DER, whatever the request says
     source: str = ""  # where it lives, for messages: the token's name
 
     @property
@@ -35,12 +32,17 @@ class Identity:
         return self.certificate.fingerprint(hashes.SHA256()).hex().upper()
 
     @property
+    def certificates(self) -> tuple[x509.Certificate, ...]:
+        """The certificate followed by its issuers, without repeats: what a signature carries."""
+        return tuple(unique_certificates((self.certificate, *self.chain)))
+
+    @property
     def common_name(self) -> str:
         return common_name(self.certificate)
 
     @property
     def team_id(self) -> str | None:
-        return team_identifier(self.certificate)
+        return team_identifier(self.certificate, self.chain)
 
     @property
     def usage(self) -> Usage:

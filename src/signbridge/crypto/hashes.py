@@ -7,7 +7,7 @@ import hashlib
 
 from cryptography.hazmat.primitives import hashes
 
-from .errors import SignatureError
+from ..errors import SignatureError
 
 
 class HashAlgorithm(enum.Enum):

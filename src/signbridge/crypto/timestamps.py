@@ -19,19 +19,18 @@ from asn1crypto import algos, cms, core, tsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from .der import ASN1_ERRORS, read_certificates
-from .errors import SignatureError, TimestampError
-from .hashes import HashAlgorithm
-from .signatures import (
-    CertificateSignatureError,
-    EcdsaFormat,
-    Scheme,
-    SignatureRequest,
-    verify_certificate_signature,
-    verify_digest_signature,
+from ..errors import SignatureError, TimestampError
+from .chains import Purpose, describe, validate_path
+from .cms import (
+    ContentDigestMismatch,
+    SignatureMismatch,
+    find_signer_certificate,
+    read_signed_data,
+    verify_detached,
 )
+from .der import ASN1_ERRORS, read_certificates
+from .hashes import HashAlgorithm
 
 if TYPE_CHECKING:
     import httpx
@@ -42,8 +41,6 @@ REPLY_CONTENT_TYPE = "application/timestamp-reply"
 _LEGACY_REPLY_CONTENT_TYPE = "application/timestamp-response"
 
 ID_CT_TST_INFO = "1.2.840.113549.1.9.16.1.4"
-
-_MAX_CHAIN_LENGTH = 8
 
 
 class PKIStatus(enum.Enum):
@@ -159,7 +156,7 @@ def request_timestamp(
     against the certificate it carries; whether that certificate is trusted is for
     :meth:`TimestampToken.verify` to say.
     """
-    from ._httpx import httpx  # only timestamping needs an HTTP client
+    from .._httpx import httpx  # only timestamping needs an HTTP client
 
     nonce = secrets.randbits(63) | 1 << 62  # a full-width positive 64-bit INTEGER
     query = build_request(digest, hash_algorithm, nonce=nonce, cert_req=True)
@@ -260,20 +257,34 @@ class TimestampToken:
         """Check the token's CMS signature, its signed attributes and the signer's certificate
         (ESS binding, EKU timeStamping), without judging trust. Returns the signer's certificate,
         found among the token's own certificates and ``certificates``."""
-        signed_data = _signed_data(self.der)
+        signer = self._verified_signer(certificates)
+        check_timestamping_certificate(signer)
+        return signer
+
+    def _verified_signer(self, certificates: Iterable[x509.Certificate]) -> x509.Certificate:
+        """The signer's certificate, once the token's signature, signed attributes and ESS binding check out."""
         try:
-            signer_info = _single_signer(signed_data)
+            signer_info = _single_signer(_signed_data(self.der))
             signer = find_signer_certificate(signer_info["sid"], (*self.certificates, *certificates))
             if signer is None:
                 raise TimestampError(
                     "the token does not carry the timestamp authority's certificate, and none was supplied"
                 )
-            content = bytes(signed_data["encap_content_info"]["content"])
-            _check_signed_attributes(signer_info, content, signer)
-            _check_signature(signer_info, signer)
+            if isinstance(signer_info["signed_attrs"], core.Void):
+                raise TimestampError("the timestamp token's signer has no signed attributes")
+            _check_ess_binding(signer_info, signer)
         except ASN1_ERRORS as exc:
             raise TimestampError(f"the timestamp token's signer information is malformed ({exc})") from None
-        check_timestamping_certificate(signer)
+        try:
+            verify_detached(read_signed_data(self.der, certificates=(signer,)), content_name="its TSTInfo")
+        except SignatureMismatch:
+            raise TimestampError("the timestamp token's signature does not verify: it was altered or forged") from None
+        except ContentDigestMismatch:
+            raise TimestampError(
+                "the timestamp token's TSTInfo does not match its messageDigest: it was altered"
+            ) from None
+        except SignatureError as exc:
+            raise TimestampError(f"the timestamp token's signature cannot be checked ({exc})") from None
         return signer
 
     def verify(
@@ -302,9 +313,24 @@ class TimestampToken:
         if not anchors:
             raise TimestampError("no trusted root certificates were given to check the timestamp against")
         extra = tuple(intermediates)
-        signer = self.verify_signature(extra)
+        signer = self._verified_signer(extra)
         when = self.gen_time if at is None else at if at.tzinfo else at.replace(tzinfo=UTC)
-        _check_chain(signer, (*self.certificates, *extra), tuple(anchors), when)
+        path = validate_path(signer, (*self.certificates, *extra), anchors, purpose=_TIMESTAMPING, at=when)
+        if path.ok:
+            return
+        if path.purpose_problems:
+            raise TimestampError(path.purpose_problems[0])
+        if path.not_valid:
+            certificate = path.not_valid[0]
+            start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+            raise TimestampError(
+                f"the certificate {describe(certificate)} was not valid at {when:%Y-%m-%d %H:%M:%S} UTC "
+                f"(valid {start:%Y-%m-%d} to {end:%Y-%m-%d})"
+            )
+        raise TimestampError(
+            f"the timestamp authority's certificate {describe(signer)} does not chain to a trusted root "
+            f"({path.problems[0]})"
+        )
 
 
 def parse_token(der: bytes) -> TimestampToken:
@@ -374,6 +400,17 @@ def _signed_data(der: bytes) -> cms.SignedData:
 # Checking a token
 
 
+def _timestamping_problems(certificate: x509.Certificate) -> list[str]:
+    try:
+        check_timestamping_certificate(certificate)
+    except TimestampError as exc:
+        return [str(exc)]
+    return []
+
+
+_TIMESTAMPING = Purpose("timestamping", _timestamping_problems)
+
+
 def check_timestamping_certificate(certificate: x509.Certificate) -> None:
     """Raise :class:`TimestampError` unless ``certificate`` may sign timestamps (RFC 3161 §2.3):
     an extended key usage extension that is critical and names timeStamping alone, and a key
@@ -423,41 +460,6 @@ def _single_signer(signed_data: cms.SignedData) -> cms.SignerInfo:
     return signer_infos[0]
 
 
-def find_signer_certificate(sid: cms.SignerIdentifier, pool: Iterable[x509.Certificate]) -> x509.Certificate | None:
-    """The certificate a CMS SignerIdentifier names (issuer and serial number, or subject key identifier)."""
-    for certificate in pool:
-        if sid.name == "issuer_and_serial_number":
-            wanted = sid.chosen
-            if certificate.serial_number != wanted["serial_number"].native:
-                continue
-            # The same bytes first: comparing as RFC 5280 does (string preparation) is much slower.
-            if certificate.issuer.public_bytes() == wanted["issuer"].dump():
-                return certificate
-            if _asn1_name(certificate.issuer) == wanted["issuer"]:
-                return certificate
-        else:
-            try:
-                ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            except x509.ExtensionNotFound:
-                continue
-            if ski.digest == sid.chosen.native:
-                return certificate
-    return None
-
-
-def _asn1_name(name: x509.Name) -> asn1_x509.Name:
-    return asn1_x509.Name.load(name.public_bytes())
-
-
-def _signed_attributes_der(signer_info: cms.SignerInfo) -> bytes:
-    """The signed attributes as they were signed: the stored bytes, re-tagged [0] → SET OF."""
-    attributes = signer_info["signed_attrs"]
-    if isinstance(attributes, core.Void):
-        raise TimestampError("the timestamp token's signer has no signed attributes")
-    stored = attributes.dump()
-    return b"\x31" + stored[1:]
-
-
 def _attribute_values(signer_info: cms.SignerInfo, name: str) -> list[core.Asn1Value] | None:
     found = [attribute for attribute in signer_info["signed_attrs"] if attribute["type"].native == name]
     if not found:
@@ -468,22 +470,6 @@ def _attribute_values(signer_info: cms.SignerInfo, name: str) -> list[core.Asn1V
     if len(values) != 1:
         raise TimestampError(f"the timestamp token's signed attribute {name} must hold exactly one value")
     return values
-
-
-def _check_signed_attributes(signer_info: cms.SignerInfo, content: bytes, signer: x509.Certificate) -> None:
-    _signed_attributes_der(signer_info)
-    content_type = _attribute_values(signer_info, "content_type")
-    if content_type is None or content_type[0].dotted != ID_CT_TST_INFO:
-        raise TimestampError("the timestamp token's contentType attribute is missing or not id-ct-TSTInfo")
-
-    digest_algorithm = _hash_from_oid(signer_info["digest_algorithm"]["algorithm"].dotted, "signer digest")
-    message_digest = _attribute_values(signer_info, "message_digest")
-    if message_digest is None:
-        raise TimestampError("the timestamp token has no messageDigest attribute")
-    if message_digest[0].native != digest_algorithm.digest(content):
-        raise TimestampError("the timestamp token's TSTInfo does not match its messageDigest: it was altered")
-
-    _check_ess_binding(signer_info, signer)
 
 
 def _check_ess_binding(signer_info: cms.SignerInfo, signer: x509.Certificate) -> None:
@@ -510,7 +496,7 @@ def _check_ess_binding(signer_info: cms.SignerInfo, signer: x509.Certificate) ->
         raise TimestampError(
             "the timestamp token's signing-certificate serial number does not match its signer"
         )
-    issuer = _asn1_name(signer.issuer)
+    issuer = asn1_x509.Name.load(signer.issuer.public_bytes())
     names = [name.chosen for name in issuer_serial["issuer"] if name.name == "directory_name"]
     if issuer not in names:
         raise TimestampError("the timestamp token's signing-certificate issuer does not match its signer")
@@ -521,142 +507,3 @@ def _hash_from_oid(oid: str, what: str) -> HashAlgorithm:
         return HashAlgorithm.from_oid(oid)
     except SignatureError:
         raise TimestampError(f"the timestamp token's {what} algorithm {oid} is not supported") from None
-
-
-def _check_signature(signer_info: cms.SignerInfo, signer: x509.Certificate) -> None:
-    signed = _signed_attributes_der(signer_info)
-    signature = signer_info["signature"].native
-    algorithm = signer_info["signature_algorithm"]
-    digest_algorithm = _hash_from_oid(signer_info["digest_algorithm"]["algorithm"].dotted, "signer digest")
-    try:
-        kind = algorithm.signature_algo
-    except ValueError:
-        raise TimestampError(
-            f"the timestamp token's signature algorithm {algorithm['algorithm'].dotted} is not supported"
-        ) from None
-    public_key = signer.public_key()
-    pss = None
-    try:
-        if kind == "rsassa_pkcs1v15" and isinstance(public_key, rsa.RSAPublicKey):
-            _check_named_hash(algorithm, digest_algorithm)
-            scheme = Scheme.RSA_PKCS1
-        elif kind == "rsassa_pss" and isinstance(public_key, rsa.RSAPublicKey):
-            params = algorithm["parameters"]
-            digest_algorithm = HashAlgorithm.from_name(params["hash_algorithm"]["algorithm"].native)
-            mgf_hash = HashAlgorithm.from_name(params["mask_gen_algorithm"]["parameters"]["algorithm"].native)
-            pss = padding.PSS(mgf=padding.MGF1(mgf_hash.cryptography_hash()), salt_length=params["salt_length"].native)
-            scheme = Scheme.RSA_PSS
-        elif kind == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):
-            _check_named_hash(algorithm, digest_algorithm)
-            scheme = Scheme.ECDSA
-        else:
-            raise TimestampError(
-                f"the timestamp token's signature algorithm {algorithm['algorithm'].native} does not fit "
-                f"the key of its signing certificate"
-            )
-        request = SignatureRequest(digest_algorithm.digest(signed), digest_algorithm, scheme, EcdsaFormat.ASN1)
-    except (ValueError, SignatureError) as exc:
-        raise TimestampError(f"the timestamp token's signature cannot be checked ({exc})") from None
-    try:
-        verify_digest_signature(public_key, request, signature, pss=pss)
-    except SignatureError:
-        raise TimestampError(
-            "the timestamp token's signature does not verify: it was altered or forged"
-        ) from None
-
-
-def _check_named_hash(algorithm: algos.SignedDigestAlgorithm, digest_algorithm: HashAlgorithm) -> None:
-    """A signature algorithm such as sha256WithRSAEncryption must agree with the signer's digest."""
-    try:
-        named = algorithm.hash_algo
-    except ValueError:
-        return
-    if named != digest_algorithm.hashlib_name:
-        raise TimestampError(
-            f"the timestamp token's signature algorithm uses {named} but its digest algorithm is "
-            f"{digest_algorithm.hashlib_name}"
-        )
-
-
-def _describe(certificate: x509.Certificate) -> str:
-    return f'"{certificate.subject.rfc4514_string() or "(no subject)"}"'
-
-
-def _check_validity(certificate: x509.Certificate, when: datetime) -> None:
-    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
-    if not start <= when <= end:
-        raise TimestampError(
-            f"the certificate {_describe(certificate)} was not valid at {when:%Y-%m-%d %H:%M:%S} UTC "
-            f"(valid {start:%Y-%m-%d} to {end:%Y-%m-%d})"
-        )
-
-
-def _check_chain(
-    leaf: x509.Certificate,
-    pool: Sequence[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-    when: datetime,
-) -> None:
-    """A path leaf → intermediates from ``pool`` → one of ``anchors``, each link signed by the next
-    certificate, every issuer a CA allowed to sign certificates, every certificate valid at ``when``."""
-    _check_validity(leaf, when)
-    if leaf in anchors:
-        return
-    failures: list[str] = []
-    if _extend_path(leaf, pool, anchors, when, [leaf], failures):
-        return
-    detail = f" ({failures[0]})" if failures else ""
-    raise TimestampError(
-        f"the timestamp authority's certificate {_describe(leaf)} does not chain to a trusted root{detail}"
-    )
-
-
-def _extend_path(
-    current: x509.Certificate,
-    pool: Sequence[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-    when: datetime,
-    path: list[x509.Certificate],
-    failures: list[str],
-) -> bool:
-    if len(path) > _MAX_CHAIN_LENGTH:
-        failures.append(f"the chain is longer than {_MAX_CHAIN_LENGTH} certificates")
-        return False
-    candidates = [(anchor, True) for anchor in anchors] + [
-        (certificate, False) for certificate in pool if certificate not in anchors
-    ]
-    for issuer, trusted in candidates:
-        if issuer.subject != current.issuer or issuer in path:
-            continue
-        try:
-            verify_certificate_signature(current, issuer)
-            _check_issuer(issuer, intermediates_below=len(path) - 1)
-            _check_validity(issuer, when)
-        except CertificateSignatureError as exc:
-            failures.append(f"{_describe(issuer)} is not a valid issuer of {_describe(current)}: {exc.reason}")
-            continue
-        except TimestampError as exc:
-            failures.append(f"{_describe(issuer)} is not a valid issuer of {_describe(current)}: {exc}")
-            continue
-        if trusted or _extend_path(issuer, pool, anchors, when, [*path, issuer], failures):
-            return True
-    if not failures:
-        failures.append(f"no issuer certificate found for {_describe(current)}")
-    return False
-
-
-def _check_issuer(issuer: x509.Certificate, intermediates_below: int) -> None:
-    try:
-        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        raise TimestampError("it is not a CA certificate (no basic constraints)") from None
-    if not constraints.ca:
-        raise TimestampError("it is not a CA certificate")
-    if constraints.path_length is not None and intermediates_below > constraints.path_length:
-        raise TimestampError(f"its path length constraint {constraints.path_length} is exceeded")
-    try:
-        key_usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return
-    if not key_usage.key_cert_sign:
-        raise TimestampError("its key usage does not allow signing certificates")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from asn1crypto import algos, cms, core, tsp
+from asn1crypto import cms, core, tsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,10 +22,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..crypto.cms import encode_attribute, encode_signed_attributes, encode_signed_data
+from ..crypto.der import ASN1_ERRORS
+from ..crypto.hashes import HashAlgorithm
+from ..crypto.signatures import DigestSigner, EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
+from ..crypto.timestamps import (
+    ID_CT_TST_INFO,
+    FailureInfo,
+    TimeStampResp,
+    check_timestamping_certificate,
+)
 from ..errors import SignbridgeError, TimestampError
-from ..hashes import HashAlgorithm
-from ..signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
-from ..tsa import ASN1_ERRORS, ID_CT_TST_INFO, FailureInfo, TimeStampResp, check_timestamping_certificate
 from .directory import load_chain, load_x509
 from .keystores import KeyRef, Keystore
 from .models import Certificate
@@ -43,11 +50,7 @@ DEFAULT_HASH_ALGORITHMS = (HashAlgorithm.SHA256, HashAlgorithm.SHA384, HashAlgor
 # A TimeStampReq with a SHA-512 imprint, a policy and a nonce is under 150 bytes.
 MAX_QUERY_SIZE = 16 * 1024
 
-_ECDSA_SIGNATURE_ALGORITHM = {
-    HashAlgorithm.SHA256: "sha256_ecdsa",
-    HashAlgorithm.SHA384: "sha384_ecdsa",
-    HashAlgorithm.SHA512: "sha512_ecdsa",
-}
+ATTR_SIGNING_CERTIFICATE_V2 = "1.2.840.113549.1.9.16.2.47"  # ESS signingCertificateV2 (RFC 5035)
 
 # The digest that matches each curve's strength (P-256, P-384; larger curves get SHA-512).
 _ECDSA_DIGEST = {256: HashAlgorithm.SHA256, 384: HashAlgorithm.SHA384}
@@ -74,7 +77,7 @@ class TimestampAuthority:
         self,
         certificate: x509.Certificate,
         chain: Sequence[x509.Certificate],
-        sign: Callable[[SignatureRequest], bytes],
+        sign: DigestSigner,
         *,
         policy: str = DEFAULT_POLICY_OID,
         hash_algorithms: Iterable[HashAlgorithm] = DEFAULT_HASH_ALGORITHMS,
@@ -85,12 +88,9 @@ class TimestampAuthority:
         if isinstance(public_key, rsa.RSAPublicKey):
             self._digest_algorithm = HashAlgorithm.SHA256
             self._scheme = Scheme.RSA_PKCS1
-            # rsaEncryption, the identifier every CMS verifier accepts for PKCS#1 v1.5 signatures.
-            self._signature_algorithm = "rsassa_pkcs1v15"
         elif isinstance(public_key, ec.EllipticCurvePublicKey):
             self._digest_algorithm = _ECDSA_DIGEST.get(public_key.curve.key_size, HashAlgorithm.SHA512)
             self._scheme = Scheme.ECDSA
-            self._signature_algorithm = _ECDSA_SIGNATURE_ALGORITHM[self._digest_algorithm]
         else:
             raise TimestampError(
                 f"the timestamping certificate has a {type(public_key).__name__}; only RSA and ECDSA "
@@ -111,7 +111,6 @@ class TimestampAuthority:
         self._sign = sign
         self._public_key = public_key
         self._certificate_asn1 = _asn1_certificate(certificate)
-        self._chain_asn1 = tuple(_asn1_certificate(issuer) for issuer in self.chain)
 
     def respond(self, query_der: bytes) -> bytes:
         """The DER TimeStampResp for a DER TimeStampReq: a token, or a rejection saying why."""
@@ -193,47 +192,26 @@ class TimestampAuthority:
             fields["nonce"] = request["nonce"].native
         content = tsp.TSTInfo(fields).dump()
 
-        signed_attrs = cms.CMSAttributes(
-            [
-                {"type": "content_type", "values": [ID_CT_TST_INFO]},
-                {"type": "signing_time", "values": [cms.Time(_signing_time(gen_time))]},
-                {"type": "message_digest", "values": [self._digest_algorithm.digest(content)]},
-                {"type": "signing_certificate_v2", "values": [self._signing_certificate_v2()]},
-            ]
+        ess = encode_attribute(ATTR_SIGNING_CERTIFICATE_V2, [self._signing_certificate_v2().dump()])
+        signed_attrs_der = encode_signed_attributes(
+            self._digest_algorithm.digest(content),
+            hash_algorithm=self._digest_algorithm,
+            signing_time=gen_time,
+            content_type=ID_CT_TST_INFO,
+            extra=[ess],
         )
-        signed_attrs_der = signed_attrs.dump()
-        signature = self._signature(self._digest_algorithm.digest(signed_attrs_der))
-
-        digest_algorithm = algos.DigestAlgorithm({"algorithm": self._digest_algorithm.hashlib_name})
-        signer_info = cms.SignerInfo(
-            {
-                "version": "v1",
-                "sid": cms.SignerIdentifier(
-                    {
-                        "issuer_and_serial_number": {
-                            "issuer": self._certificate_asn1.issuer,
-                            "serial_number": self._certificate_asn1.serial_number,
-                        }
-                    }
-                ),
-                "digest_algorithm": digest_algorithm,
-                "signed_attrs": signed_attrs,
-                "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": self._signature_algorithm}),
-                "signature": signature,
-            }
+        token = encode_signed_data(
+            signed_attrs_der=signed_attrs_der,
+            signature=self._signature(self._digest_algorithm.digest(signed_attrs_der)),
+            certificates=(self.certificate, *self.chain) if request["cert_req"].native else (),
+            signer_certificate=self.certificate,
+            hash_algorithm=self._digest_algorithm,
+            scheme=self._scheme,
+            timestamp_token=None,
+            content_type=ID_CT_TST_INFO,
+            content=content,
         )
-        signed_data = {
-            "version": "v3",
-            "digest_algorithms": [digest_algorithm],
-            "encap_content_info": {
-                "content_type": "tst_info",
-                "content": core.ParsableOctetString(content),
-            },
-            "signer_infos": [signer_info],
-        }
-        if request["cert_req"].native:
-            signed_data["certificates"] = [self._certificate_asn1, *self._chain_asn1]
-        return cms.ContentInfo({"content_type": "signed_data", "content": cms.SignedData(signed_data)})
+        return cms.ContentInfo.load(token)
 
     def _signing_certificate_v2(self) -> tsp.SigningCertificateV2:
         """ESS signingCertificateV2 (RFC 5035): the TSA certificate's SHA-256 hash and issuer/serial."""
@@ -285,12 +263,6 @@ def _accuracy(accuracy: timedelta) -> tsp.Accuracy:
     millis, micros = divmod(rest, 1000)
     fields = {"seconds": seconds, "millis": millis, "micros": micros}
     return tsp.Accuracy({name: value for name, value in fields.items() if value})
-
-
-def _signing_time(when: datetime) -> dict[str, datetime]:
-    """RFC 5652 §11.3: UTCTime through 2049, GeneralizedTime from 2050."""
-    when = when.replace(microsecond=0)
-    return {"utc_time": when} if when.year < 2050 else {"generalized_time": when}
 
 
 def _rejection(failure: FailureInfo, text: str) -> bytes:

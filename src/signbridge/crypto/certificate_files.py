@@ -1,6 +1,6 @@
 """Reading certificates from files: one PEM file with one or several certificates, or one DER file.
 
-Each certificate is read by :func:`signbridge.der.read_certificate`, so a certificate returned here
+Each certificate is read by :func:`signbridge.crypto.der.read_certificate`, so a certificate returned here
 can be read anywhere without raising.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..errors import SignbridgeError
 from .der import read_certificate
-from .errors import SignbridgeError
 
 
 def read_certificates(

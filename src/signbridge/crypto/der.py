@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
-from .errors import SignatureError, SignbridgeError
+from ..errors import SignatureError, SignbridgeError
 
 # What asn1crypto raises, lazily, on malformed input (the list comes from fuzzing it).
 ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
