@@ -44,6 +44,7 @@ from signbridge.crypto.cms import (
     ContentDigestMismatch,
     SignatureMismatch,
     assemble_signed_data,
+    read_signed_data,
     signed_attributes_digest,
     verify_detached,
 )
@@ -591,6 +592,16 @@ def test_signature_without_the_signers_certificate(pki, tmp_path):
     der = openssl_sign(tmp_path, PRIMARY_CD, pki.code, pki.code_key, [], "-nocerts")
     with pytest.raises(CmsFormatError, match="does not include the signer's certificate"):
         parse_signed_data(der)
+
+
+def test_signature_algorithm_naming_another_hash_is_refused(pki, tmp_path):
+    der = openssl_sign(tmp_path, PRIMARY_CD, pki.code, pki.code_key, pki.chain, "-md", "sha256")
+    info = cms.ContentInfo.load(der)
+    signer = info["content"]["signer_infos"][0]
+    assert read_signed_data(info.dump(force=True)).digest_algorithm is SHA256
+    signer["signature_algorithm"] = {"algorithm": "sha1_rsa"}
+    with pytest.raises(CmsFormatError, match="names sha1, but the signer's digest algorithm is sha256"):
+        read_signed_data(info.dump(force=True))
 
 
 def test_two_signers_are_refused(pki, tmp_path):

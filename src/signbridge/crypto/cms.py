@@ -426,10 +426,17 @@ def _scheme_of(
         kind = algorithm.signature_algo
     except ValueError:
         raise CmsFormatError(f"the CMS signature algorithm {oid} is not supported") from None
-    if kind == "rsassa_pkcs1v15":
-        return Scheme.RSA_PKCS1, None
-    if kind == "ecdsa":
-        return Scheme.ECDSA, None
+    if kind in ("rsassa_pkcs1v15", "ecdsa"):
+        try:
+            named = algorithm.hash_algo
+        except ValueError:  # rsaEncryption names no hash
+            named = digest_algorithm.hashlib_name
+        if named != digest_algorithm.hashlib_name:
+            raise CmsFormatError(
+                f"the CMS signature algorithm {algorithm['algorithm'].native} names {named}, "
+                f"but the signer's digest algorithm is {digest_algorithm.hashlib_name}"
+            )
+        return (Scheme.RSA_PKCS1 if kind == "rsassa_pkcs1v15" else Scheme.ECDSA), None
     if kind == "rsassa_pss":
         params = algorithm["parameters"]
         pss_hash = params["hash_algorithm"]["algorithm"].native
