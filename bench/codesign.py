@@ -57,8 +57,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from signbridge.apple import codesign as cs
-from signbridge.apple.codedirectory import HashType
-from signbridge.apple.codesign_options import CodesignOptions
+from signbridge.apple.codesig.codedirectory import HashType
+from signbridge.apple.codesig.options import CodesignOptions
 from signbridge.apple.dmg.sign import sign_disk_image
 from signbridge.apple.dmg.udif import TRAILER_SIZE, hash_code
 from signbridge.crypto.identity import Identity

@@ -47,8 +47,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from cryptography.x509.oid import NameOID
 
 from signbridge.apple.certificates import EKU_DEVELOPER_ID_INSTALLER
-from signbridge.apple.productsign import sign_package
-from signbridge.apple.xar import PackageEntry, write_package
+from signbridge.apple.pkg.sign import sign_package
+from signbridge.apple.pkg.xar import PackageEntry, write_package
 from signbridge.crypto.identity import Identity
 from signbridge.crypto.signatures import SignatureRequest
 

@@ -38,7 +38,7 @@ from types import ModuleType
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from signbridge.apple import codesign as cs
-from signbridge.apple.codesign_options import CodesignOptions
+from signbridge.apple.codesig.options import CodesignOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,14 +20,14 @@ import shutil
 from pathlib import Path
 
 from machofixtures import MachOFixtures, sign_path
-from signbridge.apple.bundle import Bundle, sign_bundle_plan
-from signbridge.apple.embedded_signature import read_signature
-from signbridge.apple.macho import parse_file
-from signbridge.apple.macho_constants import CPU_TYPE_ARM64
-from signbridge.apple.macho_signing import SigningOptions
-from signbridge.apple.requirements import cdhash as cdhash_requirement
-from signbridge.apple.requirements import render
-from signbridge.apple.resources.writing import NestedCode, build_code_resources
+from signbridge.apple.bundle.layout import Bundle, sign_bundle_plan
+from signbridge.apple.bundle.resources.writing import NestedCode, build_code_resources
+from signbridge.apple.codesig.embedded_signature import read_signature
+from signbridge.apple.codesig.requirements import cdhash as cdhash_requirement
+from signbridge.apple.codesig.requirements import render
+from signbridge.apple.macho.constants import CPU_TYPE_ARM64
+from signbridge.apple.macho.parse import parse_file
+from signbridge.apple.macho.sign import SigningOptions
 from signbridge.atomic import write_atomically
 
 APP_ID = "com.example.MyApp"

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from conftest import require_file, run
-from signbridge.apple import macho_writer
-from signbridge.apple.cms_signer import CmsSigner
-from signbridge.apple.code_files import mapped, staged_code
-from signbridge.apple.codedirectory import CodeDirectory
-from signbridge.apple.macho import FatArch, MachO, parse_file, parse_macho
-from signbridge.apple.macho_constants import LINKEDIT_DATA_COMMAND_SIZE
-from signbridge.apple.macho_signing import SigningOptions, sign_into
+from signbridge.apple.codesig.code_files import mapped, staged_code
+from signbridge.apple.codesig.codedirectory import CodeDirectory
+from signbridge.apple.codesig.signer import CmsSigner
+from signbridge.apple.macho import writer as macho_writer
+from signbridge.apple.macho.constants import LINKEDIT_DATA_COMMAND_SIZE
+from signbridge.apple.macho.parse import FatArch, MachO, parse_file, parse_macho
+from signbridge.apple.macho.sign import SigningOptions, sign_into
 
 LLVM = Path("/usr/lib/llvm-14/bin")
 
@@ -197,7 +197,7 @@ def get_fixtures(tmp_path_factory: pytest.TempPathFactory) -> MachOFixtures:
 
 
 class _MemoryOutput:
-    """A :class:`~signbridge.apple.macho_signing.SignedOutput` in memory."""
+    """A :class:`~signbridge.apple.macho.sign.SignedOutput` in memory."""
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -230,7 +230,7 @@ def _signer(signer: object) -> CmsSigner | None:
 
 def sign_file(data: bytes, options: SigningOptions, signer: object = None) -> bytes:
     """Every slice of a thin or universal Mach-O file signed by the engine's writer
-    (:func:`~signbridge.apple.macho_signing.sign_into`), into memory; ad hoc when ``signer`` is
+    (:func:`~signbridge.apple.macho.sign.sign_into`), into memory; ad hoc when ``signer`` is
     None (a CMS signer, or a function of the CodeDirectories)."""
     parsed = parse_file(data)
     descriptor = os.memfd_create("macho")

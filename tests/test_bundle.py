@@ -27,7 +27,7 @@ import machofixtures
 from bundlefixtures import APP_ID, FRAMEWORK_ID, adhoc_sign_bundle, build_myapp, slice_cdhash
 from conftest import ROOT, require_file, require_tool, run
 from machofixtures import MachOFixtures, sign_path
-from signbridge.apple.bundle import (
+from signbridge.apple.bundle.layout import (
     Bundle,
     BundleError,
     BundleKind,
@@ -39,19 +39,19 @@ from signbridge.apple.bundle import (
     sign_bundle_plan,
     staged_bundle,
 )
-from signbridge.apple.codedirectory import HashType, hash_code
-from signbridge.apple.embedded_signature import read_signature
-from signbridge.apple.macho import parse_file
-from signbridge.apple.macho_signing import SigningOptions
-from signbridge.apple.resources.checking import SealProblemKind, verify_code_resources
-from signbridge.apple.resources.hashing import DigestCache, hash_file, hash_files
-from signbridge.apple.resources.rules import ResourceSealError
-from signbridge.apple.resources.writing import (
+from signbridge.apple.bundle.resources.checking import SealProblemKind, verify_code_resources
+from signbridge.apple.bundle.resources.hashing import DigestCache, hash_file, hash_files
+from signbridge.apple.bundle.resources.rules import ResourceSealError
+from signbridge.apple.bundle.resources.writing import (
     NestedCode,
     NestedCodeNotSignedError,
     build_code_resources,
     serialize_code_resources,
 )
+from signbridge.apple.codesig.codedirectory import HashType, hash_code
+from signbridge.apple.codesig.embedded_signature import read_signature
+from signbridge.apple.macho.parse import parse_file
+from signbridge.apple.macho.sign import SigningOptions
 from signbridge.atomic import write_atomically
 from signbridge.errors import SignatureError
 
@@ -501,10 +501,10 @@ def test_symlink_inside_the_bundle_is_fine(app: Path) -> None:
 UNREADABLE_SCRIPT = """
 import sys
 from pathlib import Path
-from signbridge.apple.bundle import Bundle
-from signbridge.apple.resources.hashing import hash_file
-from signbridge.apple.resources.rules import UnreadableFileError
-from signbridge.apple.resources.writing import DEFAULT_HASH_TYPES
+from signbridge.apple.bundle.layout import Bundle
+from signbridge.apple.bundle.resources.hashing import hash_file
+from signbridge.apple.bundle.resources.rules import UnreadableFileError
+from signbridge.apple.bundle.resources.writing import DEFAULT_HASH_TYPES
 app, victim = Path(sys.argv[1]), Path(sys.argv[2])
 try:
     Bundle.open(app)

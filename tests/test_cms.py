@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import require_tool, run
 from pkikit import EKU_CODE, Pki, certificate, make_pki, name, new_key, write_pem
-from signbridge.apple.cms import (
+from signbridge.apple.codesig.cms import (
     ATTR_APPLE_CDHASHES,
     ATTR_APPLE_CDHASHES2,
     TimestampMismatch,

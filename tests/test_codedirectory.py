@@ -18,10 +18,8 @@ import pytest
 import machofixtures
 from conftest import require_tool, run
 from machofixtures import LINKER_SIGNED, MachOFixtures, sign_file
-from signbridge.apple import macho as mo
-from signbridge.apple import macho_constants as mc
-from signbridge.apple import requirements as rq
-from signbridge.apple.blobs import (
+from signbridge.apple.codesig import requirements as rq
+from signbridge.apple.codesig.blobs import (
     CodeSignatureFormatError,
     Magic,
     SuperBlob,
@@ -30,7 +28,7 @@ from signbridge.apple.blobs import (
     encode_blob,
     encode_superblob,
 )
-from signbridge.apple.codedirectory import (
+from signbridge.apple.codesig.codedirectory import (
     CodeDirectory,
     CodeDirectoryFlags,
     ExecSegment,
@@ -42,8 +40,8 @@ from signbridge.apple.codedirectory import (
     hash_code,
     hash_pages,
 )
-from signbridge.apple.embedded_signature import read_signature
-from signbridge.apple.entitlements import (
+from signbridge.apple.codesig.embedded_signature import read_signature
+from signbridge.apple.codesig.entitlements import (
     EntitlementsError,
     decode_der,
     der_entitlements_blob,
@@ -53,14 +51,16 @@ from signbridge.apple.entitlements import (
     exec_segment_flags,
     load_entitlements,
 )
-from signbridge.apple.macho_signing import SigningOptions
-from signbridge.apple.requirements.binary import (
+from signbridge.apple.codesig.requirements.binary import (
     encode_requirement,
     oid_from_der,
     oid_to_der,
     parse_requirement,
 )
-from signbridge.apple.requirements.text import parse_requirement_text
+from signbridge.apple.codesig.requirements.text import parse_requirement_text
+from signbridge.apple.macho import constants as mc
+from signbridge.apple.macho import parse as mo
+from signbridge.apple.macho.sign import SigningOptions
 
 
 @pytest.fixture(scope="session")

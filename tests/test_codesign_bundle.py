@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives import hashes
 import machofixtures
 from bundlefixtures import APP_ID, FRAMEWORK_ID, build_myapp
 from codesignkit import cd_fields, cdhash, local_identity, openssl_accepts, raw_signatures, snapshot
-from signbridge.apple import bundle as bd
 from signbridge.apple import codesign as cs
 from signbridge.apple import display
-from signbridge.apple import verification as vf
-from signbridge.apple.codesign_options import (
+from signbridge.apple.bundle import layout as bd
+from signbridge.apple.codesig import verification as vf
+from signbridge.apple.codesig.options import (
     AlreadySignedError,
     CodesignOptions,
     QuietReporter,

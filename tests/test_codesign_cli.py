@@ -358,7 +358,7 @@ def test_token_stopping_while_signing(fx, tmp_path, env, pki):
     """The identity was found, then its token went away: the signer's error, the input untouched."""
     from signbridge.apple import codesign as engine
     from signbridge.apple.certificates import Usage
-    from signbridge.apple.codesign_options import CodesignOptions
+    from signbridge.apple.codesig.options import CodesignOptions
     from signbridge.errors import SignatureError
     from signbridge.keychain.selection import select_identity
 

@@ -41,13 +41,13 @@ from codesignkit import (
     snapshot,
 )
 from machofixtures import MachOFixtures, sign_file
-from signbridge.apple import cms, display, signed_code
 from signbridge.apple import codesign as cs
-from signbridge.apple import macho as mo
-from signbridge.apple import verification as vf
-from signbridge.apple.cms_signer import CmsSigner
-from signbridge.apple.codedirectory import HashType
-from signbridge.apple.codesign_options import (
+from signbridge.apple import display
+from signbridge.apple.codesig import cms, signed_code
+from signbridge.apple.codesig import verification as vf
+from signbridge.apple.codesig.codedirectory import HashType
+from signbridge.apple.codesig.entitlements import signature_entitlements
+from signbridge.apple.codesig.options import (
     AlreadySignedError,
     CodesignOptions,
     QuietReporter,
@@ -55,11 +55,12 @@ from signbridge.apple.codesign_options import (
     parse_digest_algorithms,
     parse_flags,
 )
-from signbridge.apple.entitlements import signature_entitlements
-from signbridge.apple.macho_signing import slice_plan
-from signbridge.apple.macho_writer import HeaderPaddingError
-from signbridge.apple.requirements import encode_requirement_set, render
-from signbridge.apple.signed_code import designated_requirement
+from signbridge.apple.codesig.requirements import encode_requirement_set, render
+from signbridge.apple.codesig.signed_code import designated_requirement
+from signbridge.apple.codesig.signer import CmsSigner
+from signbridge.apple.macho import parse as mo
+from signbridge.apple.macho.sign import slice_plan
+from signbridge.apple.macho.writer import HeaderPaddingError
 from signbridge.apple.verify_code import verify_code
 from signbridge.crypto.identity import Identity
 from signbridge.errors import UsageError
@@ -168,7 +169,7 @@ def test_streaming_signer_matches_macho_signing(fx, pki, tmp_path, name, variant
     """codesign writes signed files without copying their code through Python (kernel copy of the
     unchanged code, positioned writes of headers and signatures); the file must be exactly the bytes
     of the same writer into memory (machofixtures.sign_file) for the same inputs (RSA PKCS#1 v1.5 is deterministic)."""
-    from signbridge.apple.macho_signing import SigningOptions
+    from signbridge.apple.macho.sign import SigningOptions
 
     data = fx.read(name)
     identity = None if variant == "adhoc" else local_identity(pki)[0]
@@ -410,7 +411,7 @@ def test_developer_id_requirement_under_an_apple_root(pki):
 
 
 def _developer_id_terms(identifier: str, team: str):
-    from signbridge.apple import requirements as rq
+    from signbridge.apple.codesig import requirements as rq
 
     return (
         rq.identifier(identifier),
@@ -632,7 +633,7 @@ def apple_style_ber(der: bytes) -> bytes:
 
 def reordered_signer(identity: Identity):
     """A CMS signer that stores the signed attributes out of DER order (as some Apple signatures do)."""
-    from signbridge.apple import cms
+    from signbridge.apple.codesig import cms
     from signbridge.crypto.cms import assemble_signed_data
     from signbridge.crypto.hashes import HashAlgorithm
     from signbridge.crypto.signatures import Scheme, SignatureRequest
@@ -663,7 +664,7 @@ def reordered_signer(identity: Identity):
 
 def test_apple_encodings_verify(fx, tmp_path, pki):
     """BER indefinite lengths, zero padding after the CMS, attributes out of DER order."""
-    from signbridge.apple.macho_signing import SigningOptions
+    from signbridge.apple.macho.sign import SigningOptions
 
     ident = local_identity(pki)[0]
     base = CmsSigner(ident)

@@ -48,11 +48,12 @@ from codesignkit import (
 from conftest import require_tool
 from corpuskit import corpus_item
 from signbridge.apple import codesign as cs
-from signbridge.apple import verification as vf
-from signbridge.apple.codedirectory import HashType
-from signbridge.apple.codesign_options import CodesignError, CodesignOptions, parse_flags
-from signbridge.apple.ipa import IpaError, UnsafeIpaError
-from signbridge.apple.resources.rules import SHALLOW_RULES, SHALLOW_RULES2
+from signbridge.apple.bundle.ipa import IpaError, UnsafeIpaError
+from signbridge.apple.bundle.resources.rules import SHALLOW_RULES, SHALLOW_RULES2
+from signbridge.apple.certificates import team_identifier
+from signbridge.apple.codesig import verification as vf
+from signbridge.apple.codesig.codedirectory import HashType
+from signbridge.apple.codesig.options import CodesignError, CodesignOptions, parse_flags
 from signbridge.apple.verify_code import verify_code
 from tokenkit import apple_pki
 
@@ -222,7 +223,7 @@ def test_executable_less_bundle_with_an_identity(pki, tmp_path):
     cms = (folder / "CodeSignature").read_bytes()
     checked = openssl_cms_verify(tmp_path, cms, (folder / "CodeDirectory").read_bytes(), pki.root.certificate)
     assert checked.returncode == 0, checked.stderr
-    assert cd_fields((folder / "CodeDirectory").read_bytes())["team"] == identity.team_id
+    assert cd_fields((folder / "CodeDirectory").read_bytes())["team"] == team_identifier(identity.certificate, identity.chain)
     verdict = verify_code(bundle, trusted(pki))
     assert verdict.satisfies_designated and verdict.designated_text.startswith(f'identifier "{RESOURCE_ID}"')
     shown = codesign("-dvvv", bundle)

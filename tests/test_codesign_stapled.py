@@ -18,7 +18,7 @@ import machofixtures
 from bundlefixtures import build_myapp
 from codesignkit import codesign, local_tsa, openssl_accepts, raw_signatures, token_and_anchors
 from corpuskit import corpus_item
-from signbridge.apple.stapled import read_stapled_ticket, remove_stapled_ticket
+from signbridge.apple.notary.stapled import read_stapled_ticket, remove_stapled_ticket
 from tokenkit import apple_pki
 
 STAPLED = "pkg/pqrs-org_Karabiner-DriverKit-VirtualHIDDevice__1.17.0-stapled.pkg"

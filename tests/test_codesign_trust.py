@@ -24,7 +24,7 @@ from conftest import require_tool
 from corpuskit import apple_anchor_env, corpus_item
 from pkikit import make_sha1_chain
 from signbridge.apple import codesign as cs
-from signbridge.apple.codesign_options import CodesignOptions
+from signbridge.apple.codesig.options import CodesignOptions
 from signbridge.crypto.identity import Identity
 from tokenkit import apple_pki, developer_id_application
 

@@ -34,11 +34,11 @@ from codesignkit import (
 from conftest import require_tool
 from corpuskit import apple_anchor_env, copy_item, corpus_item
 from servicekit import demo_service
-from signbridge.apple import verification as vf
-from signbridge.apple.bundle import Bundle
-from signbridge.apple.codedirectory import HashType
-from signbridge.apple.resources.checking import verify_code_resources
-from signbridge.apple.resources.writing import build_code_resources
+from signbridge.apple.bundle.layout import Bundle
+from signbridge.apple.bundle.resources.checking import verify_code_resources
+from signbridge.apple.bundle.resources.writing import build_code_resources
+from signbridge.apple.codesig import verification as vf
+from signbridge.apple.codesig.codedirectory import HashType
 from tokenkit import apple_pki, serve_token, use_runtime_dir
 
 SIMULATOR = "bundles/fastlane_fastlane__simulator-app.app"

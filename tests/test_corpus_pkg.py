@@ -34,9 +34,9 @@ from pkgkit import (
     tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
-from signbridge.apple.pkgverify import PackageStatus, verify_package
-from signbridge.apple.productsign import sign_package
-from signbridge.apple.xar import StapledTicketError, XarArchive
+from signbridge.apple.pkg.sign import sign_package
+from signbridge.apple.pkg.verify import PackageStatus, verify_package
+from signbridge.apple.pkg.xar import StapledTicketError, XarArchive
 from tokenkit import TEAM, apple_pki, serve_token, use_runtime_dir
 from xarfixtures import (
     bsdtar_extract,

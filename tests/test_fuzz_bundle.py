@@ -34,12 +34,14 @@ from bundlefixtures import (
 )
 from corpuskit import corpus_item
 from fuzzkit import FUZZ_CASES, fuzz, read_seeds
-from signbridge.apple import cms, display
 from signbridge.apple import codesign as cs
-from signbridge.apple.bundle import Bundle, InfoPlistError
-from signbridge.apple.codesign_options import CodesignOptions, bundle_identifier
-from signbridge.apple.embedded_signature import EmbeddedSignature, read_signature
-from signbridge.apple.entitlements import (
+from signbridge.apple import display
+from signbridge.apple.bundle.layout import Bundle, InfoPlistError
+from signbridge.apple.bundle.resources.rules import RuleSet, seal_exclusions
+from signbridge.apple.bundle.resources.seal import read_code_resources
+from signbridge.apple.codesig import cms
+from signbridge.apple.codesig.embedded_signature import EmbeddedSignature, read_signature
+from signbridge.apple.codesig.entitlements import (
     decode_der,
     encode_der,
     entitlements_xml,
@@ -47,9 +49,8 @@ from signbridge.apple.entitlements import (
     load_entitlements,
     signature_entitlements,
 )
-from signbridge.apple.macho import parse_file
-from signbridge.apple.plist import load_plist_dict
-from signbridge.apple.requirements import (
+from signbridge.apple.codesig.options import CodesignOptions, bundle_identifier
+from signbridge.apple.codesig.requirements import (
     RequirementContext,
     RequirementType,
     encode_requirement_set,
@@ -57,11 +58,11 @@ from signbridge.apple.requirements import (
     parse_requirement_set,
     render,
 )
-from signbridge.apple.requirements.binary import encode_requirement, parse_requirement
-from signbridge.apple.requirements.text import parse_requirement_text
-from signbridge.apple.resources.rules import RuleSet, seal_exclusions
-from signbridge.apple.resources.seal import read_code_resources
-from signbridge.apple.verification import VerifyOptions
+from signbridge.apple.codesig.requirements.binary import encode_requirement, parse_requirement
+from signbridge.apple.codesig.requirements.text import parse_requirement_text
+from signbridge.apple.codesig.verification import VerifyOptions
+from signbridge.apple.macho.parse import parse_file
+from signbridge.apple.plist import load_plist_dict
 from signbridge.apple.verify_code import verify_code
 from signbridge.errors import SignbridgeError
 

@@ -25,29 +25,31 @@ from codesignkit import local_identity
 from corpuskit import APPLE_ROOT, CORPUS
 from fuzzkit import FUZZ_CASES, fuzz
 from machofixtures import get_fixtures
-from signbridge.apple import cms, display
 from signbridge.apple import codesign as engine
-from signbridge.apple.blobs import Magic, decode_superblob
-from signbridge.apple.certificates import common_name, team_identifier, usage
-from signbridge.apple.codedirectory import CodeDirectory
-from signbridge.apple.codesign_options import CodesignOptions
-from signbridge.apple.embedded_signature import read_signature, signature_of
-from signbridge.apple.entitlements import signature_entitlements
-from signbridge.apple.macho import parse_file
-from signbridge.apple.macho_constants import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64
-from signbridge.apple.requirements import RequirementContext, evaluate, parse_requirement_set, render
-from signbridge.apple.signed_code import (
+from signbridge.apple import display
+from signbridge.apple.certificates import team_identifier, usage
+from signbridge.apple.codesig import cms
+from signbridge.apple.codesig.blobs import Magic, decode_superblob
+from signbridge.apple.codesig.checks import check_timestamp, check_trust
+from signbridge.apple.codesig.codedirectory import CodeDirectory
+from signbridge.apple.codesig.embedded_signature import read_signature, signature_of
+from signbridge.apple.codesig.entitlements import signature_entitlements
+from signbridge.apple.codesig.options import CodesignOptions
+from signbridge.apple.codesig.requirements import RequirementContext, evaluate, parse_requirement_set, render
+from signbridge.apple.codesig.signed_code import (
     designated_requirement,
     flag_names,
     issuer_chain,
     stored_designated_requirement,
 )
+from signbridge.apple.codesig.verification import VerifyOptions
+from signbridge.apple.macho.constants import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64
+from signbridge.apple.macho.parse import parse_file
 from signbridge.apple.trust import Purpose, classify_certificate, evaluate_chain, load_anchors
-from signbridge.apple.verification import VerifyOptions
-from signbridge.apple.verify import check_timestamp, check_trust
 from signbridge.crypto.chains import extended_key_usages
 from signbridge.crypto.cms import verify_detached
 from signbridge.crypto.der import read_certificate
+from signbridge.crypto.names import common_name
 from signbridge.crypto.signatures import verify_certificate_signature
 from signbridge.crypto.timestamps import check_timestamping_certificate
 from signbridge.errors import SignbridgeError

@@ -19,11 +19,12 @@ from corpuskit import APPLE_ROOT, CORPUS
 from dmgkit import make_image
 from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from signbridge.apple import display
-from signbridge.apple.codesign_options import CodesignOptions, QuietReporter
+from signbridge.apple.codesig.options import CodesignOptions, QuietReporter
+from signbridge.apple.codesig.verification import VerifyOptions
+from signbridge.apple.display import disk_image_information
 from signbridge.apple.dmg.sign import sign_disk_image
-from signbridge.apple.dmg.verify import disk_image_information, verify_disk_image
+from signbridge.apple.dmg.verify import verify_disk_image
 from signbridge.apple.trust import load_anchors
-from signbridge.apple.verification import VerifyOptions
 from tokenkit import apple_pki
 
 pytestmark = pytest.mark.fuzz

@@ -18,10 +18,10 @@ from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from machofixtures import THIN, UNIVERSAL, get_fixtures
 from signbridge.apple import codesign as engine
 from signbridge.apple import display
-from signbridge.apple.codesign_options import CodesignOptions
-from signbridge.apple.entitlements import signature_entitlements
+from signbridge.apple.codesig.entitlements import signature_entitlements
+from signbridge.apple.codesig.options import CodesignOptions
+from signbridge.apple.codesig.verification import VerifyOptions
 from signbridge.apple.trust import load_anchors
-from signbridge.apple.verification import VerifyOptions
 from signbridge.apple.verify_code import verify_code
 
 pytestmark = pytest.mark.fuzz

@@ -24,13 +24,13 @@ import pytest
 from conftest import require_tool, run
 from corpuskit import APPLE_ROOT, CORPUS
 from fuzzkit import FUZZ_CASES, fuzz, scratch
+from signbridge.apple.bundle.ipa import extract as extract_ipa
 from signbridge.apple.dmg.udif import read_layout, read_signature
-from signbridge.apple.ipa import extract as extract_ipa
 from signbridge.apple.notary.payload import Limits, extract_cpio, extract_zip
 from signbridge.apple.notary.stapler import check_chain, covers
-from signbridge.apple.ticket import parse_ticket
+from signbridge.apple.notary.ticket import parse_ticket
+from signbridge.apple.pkg.xar import XarArchive
 from signbridge.apple.trust import load_anchors
-from signbridge.apple.xar import XarArchive
 from signbridge.errors import SignbridgeError
 from xarfixtures import notarization_ticket, sample_files, write_tree
 

@@ -15,8 +15,8 @@ import pytest
 from corpuskit import APPLE_ROOT, CORPUS
 from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from pkgkit import bsdtar_package, component_package, identity_of, product_archive
-from signbridge.apple.pkgverify import verify_package
-from signbridge.apple.productsign import sign_package
+from signbridge.apple.pkg.sign import sign_package
+from signbridge.apple.pkg.verify import verify_package
 from signbridge.apple.trust import load_anchors
 from signbridge.cli.productsign import render_check_signature, verdict_json
 from tokenkit import apple_pki

@@ -20,24 +20,39 @@ from codesignkit import codesign
 from machofixtures import sign_path
 from signbridge.apple import codesign as cs
 from signbridge.apple import display
-from signbridge.apple.blobs import CodeSignatureFormatError
-from signbridge.apple.bundle import MAX_NESTING, Bundle, BundleLayoutError, InfoPlistError, sign_bundle_plan
-from signbridge.apple.codesign_options import CodesignOptions
-from signbridge.apple.entitlements import EntitlementsError, decode_der, entitlements_xml, load_entitlements
-from signbridge.apple.macho_signing import SigningOptions
-from signbridge.apple.plist import MAX_DEPTH, PlistError, load_plist
-from signbridge.apple.requirements import RequirementContext, evaluate
-from signbridge.apple.requirements.binary import MAX_EXPRESSION_DEPTH, encode_requirement, parse_requirement
-from signbridge.apple.requirements.text import RequirementSyntaxError, parse_requirement_text
-from signbridge.apple.resources.rules import MAX_RULES, ResourceSealError, RuleSet
-from signbridge.apple.resources.seal import read_code_resources
-from signbridge.apple.verification import (
+from signbridge.apple.bundle.layout import (
+    MAX_NESTING,
+    Bundle,
+    BundleLayoutError,
+    InfoPlistError,
+    sign_bundle_plan,
+)
+from signbridge.apple.bundle.resources.rules import MAX_RULES, ResourceSealError, RuleSet
+from signbridge.apple.bundle.resources.seal import read_code_resources
+from signbridge.apple.codesig.blobs import CodeSignatureFormatError
+from signbridge.apple.codesig.entitlements import (
+    EntitlementsError,
+    decode_der,
+    entitlements_xml,
+    load_entitlements,
+)
+from signbridge.apple.codesig.options import CodesignOptions
+from signbridge.apple.codesig.requirements import RequirementContext, evaluate
+from signbridge.apple.codesig.requirements.binary import (
+    MAX_EXPRESSION_DEPTH,
+    encode_requirement,
+    parse_requirement,
+)
+from signbridge.apple.codesig.requirements.text import RequirementSyntaxError, parse_requirement_text
+from signbridge.apple.codesig.verification import (
     BAD_BUNDLE,
     RESOURCE_DIRECTORY_FAILED,
     CodeVerificationError,
     NotSignedError,
     VerifyOptions,
 )
+from signbridge.apple.macho.sign import SigningOptions
+from signbridge.apple.plist import MAX_DEPTH, PlistError, load_plist
 from signbridge.apple.verify_code import verify_code
 
 DEEP = VerifyOptions(deep=True, strict=True)

@@ -30,22 +30,29 @@ from conftest import require_tool, run
 from corpuskit import CORPUS, copy_item
 from machofixtures import get_fixtures
 from pkgkit import rewrite_toc, signbridge
-from signbridge.apple import cms, display
 from signbridge.apple import codesign as engine
-from signbridge.apple.blobs import CodeSignatureFormatError, Magic, decode_blob, decode_superblob, encode_blob
-from signbridge.apple.codesign_options import CodesignOptions
-from signbridge.apple.embedded_signature import read_signature
-from signbridge.apple.entitlements import signature_entitlements
-from signbridge.apple.ipa import IpaError
-from signbridge.apple.ipa import extract as extract_ipa
-from signbridge.apple.macho import LoadCommandError, SignatureLayoutError, parse_file
+from signbridge.apple import display
+from signbridge.apple.bundle.ipa import IpaError
+from signbridge.apple.bundle.ipa import extract as extract_ipa
+from signbridge.apple.codesig import cms
+from signbridge.apple.codesig.blobs import (
+    CodeSignatureFormatError,
+    Magic,
+    decode_blob,
+    decode_superblob,
+    encode_blob,
+)
+from signbridge.apple.codesig.embedded_signature import read_signature
+from signbridge.apple.codesig.entitlements import signature_entitlements
+from signbridge.apple.codesig.options import CodesignOptions
+from signbridge.apple.codesig.verification import MODIFIED, CodeVerificationError, VerifyOptions
+from signbridge.apple.macho.parse import LoadCommandError, SignatureLayoutError, parse_file
 from signbridge.apple.notary.errors import PayloadError
 from signbridge.apple.notary.payload import Limits, extract_cpio, extract_zip
-from signbridge.apple.pkgverify import PackageStatus, verify_package
-from signbridge.apple.ticket import TicketError, parse_ticket
-from signbridge.apple.verification import MODIFIED, CodeVerificationError, VerifyOptions
+from signbridge.apple.notary.ticket import TicketError, parse_ticket
+from signbridge.apple.pkg.verify import PackageStatus, verify_package
+from signbridge.apple.pkg.xar import TocTooLargeError, XarArchive
 from signbridge.apple.verify_code import verify_code
-from signbridge.apple.xar import TocTooLargeError, XarArchive
 from signbridge.crypto.cms import CmsFormatError, SignatureMismatch, verify_detached
 from signbridge.crypto.der import CertificateFormatError, read_certificate
 from xarfixtures import notarization_ticket, sample_files, write_tree

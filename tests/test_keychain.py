@@ -17,8 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from conftest import require_tool, run
-from signbridge.apple.certificates import Usage
-from signbridge.apple.cms import sign_detached
+from signbridge.apple.certificates import Usage, team_identifier, usage
+from signbridge.apple.codesig.cms import sign_detached
 from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.crypto.signatures import Scheme, SignatureRequest
 from signbridge.errors import NotFoundError, SignatureError
@@ -86,10 +86,10 @@ def test_lists_the_identities_of_a_token_with_their_chains(alpha, pki, tmp_path)
     found = _by_name(identities)
     assert sorted(found) == sorted(identity.common_name for identity in pki.identities)
     assert {identity.source for identity in identities} == {"alpha"}
-    assert found[pki.application.common_name].usage is Usage.CODE
-    assert found[pki.installer.common_name].usage is Usage.INSTALLER
-    assert found[pki.document.common_name].usage is Usage.OTHER
-    assert found[pki.application.common_name].team_id == "TEAM123456"
+    assert usage(found[pki.application.common_name].certificate) is Usage.CODE
+    assert usage(found[pki.installer.common_name].certificate) is Usage.INSTALLER
+    assert usage(found[pki.document.common_name].certificate) is Usage.OTHER
+    assert team_identifier(found[pki.application.common_name].certificate, found[pki.application.common_name].chain) == "TEAM123456"
     for identity in identities:
         assert identity.chain == (pki.intermediate.certificate, pki.root.certificate)
         assert validity_problem(identity) is None
@@ -272,7 +272,7 @@ def test_ambiguous_across_two_tokens(alpha, beta, pki):
     chosen = select_identity(
         "Developer ID Application", usage=Usage.CODE, tokens=find_tokens(["beta"])
     )
-    assert (chosen.source, chosen.team_id) == ("beta", "OTHER12345")
+    assert (chosen.source, team_identifier(chosen.certificate, chosen.chain)) == ("beta", "OTHER12345")
 
 
 def test_the_same_certificate_on_two_tokens_is_ambiguous(runtime, pki):

@@ -30,15 +30,15 @@ from machofixtures import (
     sign_path,
     strip_signature,
 )
-from signbridge.apple import macho as mo
-from signbridge.apple import macho_constants as mc
-from signbridge.apple.blobs import Magic, Slot
-from signbridge.apple.codedirectory import CodeDirectoryFlags, ExecSegmentFlags, HashType, hash_code
-from signbridge.apple.embedded_signature import read_signature
-from signbridge.apple.entitlements import decode_der
-from signbridge.apple.macho_signing import SigningOptions
-from signbridge.apple.macho_writer import HeaderPaddingError, SignatureSpaceError, signature_offset
-from signbridge.apple.requirements import EMPTY_REQUIREMENT_SET
+from signbridge.apple.codesig.blobs import Magic, Slot
+from signbridge.apple.codesig.codedirectory import CodeDirectoryFlags, ExecSegmentFlags, HashType, hash_code
+from signbridge.apple.codesig.embedded_signature import read_signature
+from signbridge.apple.codesig.entitlements import decode_der
+from signbridge.apple.codesig.requirements import EMPTY_REQUIREMENT_SET
+from signbridge.apple.macho import constants as mc
+from signbridge.apple.macho import parse as mo
+from signbridge.apple.macho.sign import SigningOptions
+from signbridge.apple.macho.writer import HeaderPaddingError, SignatureSpaceError, signature_offset
 from signbridge.errors import SignbridgeError
 
 LLVM_LIPO = str(machofixtures.LLVM / "llvm-lipo")

@@ -30,16 +30,16 @@ from conftest import require_tool, run
 from corpuskit import APPLE_ROOT, corpus_item
 from pkgkit import identity_of
 from pkikit import marker
-from signbridge.apple import cms
 from signbridge.apple import codesign as cs
-from signbridge.apple.codedirectory import HashType
-from signbridge.apple.codesign_options import CodesignOptions, parse_flags
+from signbridge.apple.codesig import cms
+from signbridge.apple.codesig.codedirectory import HashType
+from signbridge.apple.codesig.options import CodesignOptions, parse_flags
 from signbridge.apple.notary import preflight as pf
 from signbridge.apple.notary.errors import PayloadError
 from signbridge.apple.notary.payload import Limits, extract_cpio
-from signbridge.apple.productsign import sign_package
+from signbridge.apple.pkg.sign import sign_package
+from signbridge.apple.pkg.xar import PackageEntry, write_package
 from signbridge.apple.trust import load_anchors
-from signbridge.apple.xar import PackageEntry, write_package
 from signbridge.crypto.identity import Identity
 from tokenkit import apple_name, apple_pki, issue, rsa_key
 from xarfixtures import PACKAGE_INFO

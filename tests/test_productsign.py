@@ -33,11 +33,11 @@ from pkgkit import (
     tsa_fixture,  # noqa: F401 - provides the tsa fixture
     write_pem,
 )
-from signbridge.apple import cms
 from signbridge.apple.certificates import EKU_DEVELOPER_ID_INSTALLER
-from signbridge.apple.pkgverify import PackageStatus, verify_package
-from signbridge.apple.productsign import InstallerIdentityError, sign_package
-from signbridge.apple.xar import (
+from signbridge.apple.codesig import cms
+from signbridge.apple.pkg.sign import InstallerIdentityError, sign_package
+from signbridge.apple.pkg.verify import PackageStatus, verify_package
+from signbridge.apple.pkg.xar import (
     ChecksumMismatchError,
     DuplicateSignatureError,
     HeapRangeError,

@@ -29,9 +29,9 @@ from pkgkit import (
     write_pem,
 )
 from servicekit import demo_service
-from signbridge.apple import cms
-from signbridge.apple.pkgverify import verify_package
-from signbridge.apple.productsign import sign_package
+from signbridge.apple.codesig import cms
+from signbridge.apple.pkg.sign import sign_package
+from signbridge.apple.pkg.verify import verify_package
 from signbridge.cli.productsign import render_check_signature
 from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.crypto.signatures import Scheme

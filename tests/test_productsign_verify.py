@@ -28,10 +28,10 @@ from pkgkit import (
     write_pem,
 )
 from pkikit import resign
-from signbridge.apple import cms
-from signbridge.apple.pkgverify import PackageStatus, verify_package
-from signbridge.apple.productsign import sign_package
-from signbridge.apple.xar import XarArchive, XarError, prepare_signed
+from signbridge.apple.codesig import cms
+from signbridge.apple.pkg.sign import sign_package
+from signbridge.apple.pkg.verify import PackageStatus, verify_package
+from signbridge.apple.pkg.xar import XarArchive, XarError, prepare_signed
 from signbridge.crypto.identity import Identity
 from tokenkit import apple_pki, developer_id_installer
 from xarfixtures import finish, notarize

@@ -43,7 +43,7 @@ from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.crypto.signatures import Scheme, SignatureRequest
 from signbridge.pkcs11 import CKR, CallerInfo, Pkcs11Error, objects_for_identity
 from signbridge.provider.settings import ProviderSettings
-from signbridge.provider.signer import ServiceSigner, caller_metadata, ckr_for
+from signbridge.provider.signer import ServiceSigner, caller_metadata, ckr_for, service_client
 from signbridge.server.process import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -244,7 +244,7 @@ def test_service_failures_map_to_pkcs11_return_values(scripted: list[Scripted], 
     server = serve(scripted, answer)
     settings = ProviderSettings(api_url=server.url, organization_id=ORG, api_token="token",
                                 service_unavailable_timeout=1)  # fmt: skip
-    client = ServiceClient.from_settings(settings)
+    client = service_client(settings)
     signer = ServiceSigner(settings, client, "signbridge-stub")
     request = SignatureRequest(hashlib.sha256(b"x").digest(), HashAlgorithm.SHA256, Scheme.ECDSA)
     with pytest.raises(Pkcs11Error) as failure:

@@ -27,7 +27,7 @@ from notarykit import (
 from signbridge.apple.notary.errors import StapleError, TicketError
 from signbridge.apple.notary.lookup import record_name
 from signbridge.apple.notary.stapler import check_chain, covers, open_stapleable, staple, unstaple, validate
-from signbridge.apple.ticket import parse_ticket
+from signbridge.apple.notary.ticket import parse_ticket
 
 SIGNBRIDGE = [sys.executable, "-m", "signbridge"]
 

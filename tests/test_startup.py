@@ -20,8 +20,8 @@ HEAVY = ("sqlalchemy", "httpx", "rich", "cryptography.x509", "asn1crypto", "sign
 NOT_FOR_CODESIGN_CHECKS = (
     "click", "httpx", "httpcore", "rich", "pygments", "sqlalchemy", "uvicorn", "signbridge.server",
     "signbridge.api", "signbridge.keychain", "signbridge.pkcs11", "signbridge.provider", "signbridge.config",
-    "signbridge.apple.codesign", "signbridge.apple.macho_signing", "signbridge.apple.bundle",
-    "signbridge.apple.resources", "signbridge.apple.dmg.verify", "signbridge.apple.dmg.sign", "zipfile",
+    "signbridge.apple.codesign", "signbridge.apple.macho.sign", "signbridge.apple.bundle.layout",
+    "signbridge.apple.bundle.resources", "signbridge.apple.dmg.verify", "signbridge.apple.dmg.sign", "zipfile",
 )  # fmt: skip
 DYLIB = "macho/htacg_tidy-mac-installer__libtidy.5.6.0.dylib"
 
@@ -79,7 +79,7 @@ def test_codesign_display_imports_only_what_it_shows(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "Authority=Developer ID Application: James Derry (9PN2JXXG7Y)" in proc.stderr
     assert not _matching(modules, NOT_FOR_CODESIGN_CHECKS), _matching(modules, NOT_FOR_CODESIGN_CHECKS)
-    assert {"signbridge.apple.display", "signbridge.apple.cms"} <= modules
+    assert {"signbridge.apple.display", "signbridge.apple.codesig.cms"} <= modules
 
 
 def test_codesign_verify_imports_no_signing_or_network(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_codesign_verify_imports_no_signing_or_network(tmp_path: Path) -> None:
     allowed = {"signbridge.config"}
     unexpected = [name for name in _matching(modules, NOT_FOR_CODESIGN_CHECKS) if name not in allowed]
     assert not unexpected, unexpected
-    assert "signbridge.apple.verify" in modules
+    assert "signbridge.apple.macho.verify" in modules
 
 
 def test_codesign_without_click_behaves_as_through_the_group(tmp_path: Path) -> None:

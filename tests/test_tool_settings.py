@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from corpuskit import corpus_item
+from signbridge.apple.settings import load_tool_settings
 from signbridge.errors import ConfigError
 from signbridge.provider.settings import load_settings
-from signbridge.tool_settings import load_tool_settings
 
 DYLIB = "macho/htacg_tidy-mac-installer__libtidy.5.6.0.dylib"
 PACKAGE = "pkg/htacg_binaries__HTML_Tidy-5.2.0.pkg"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_tool, run
-from signbridge.apple.xar import (
+from signbridge.apple.pkg.xar import (
     ChecksumMismatchError,
     DuplicateSignatureError,
     HeapRange,

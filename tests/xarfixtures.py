@@ -1,6 +1,6 @@
 """Helpers for the xar tests: sample trees, bsdtar/openssl/dd wrappers, a second xar parser, raw builders.
 
-Everything here is independent of ``signbridge.apple.xar``: packages are inspected with struct,
+Everything here is independent of ``signbridge.apple.pkg.xar``: packages are inspected with struct,
 zlib and the standard library's ElementTree, and checked with bsdtar, openssl and dd, so that a
 bug in the code under test cannot hide itself.
 
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import require_tool, run
 from pkikit import certificate, name, new_key
-from signbridge.apple.xar import PreparedPackage, write_signed
+from signbridge.apple.pkg.xar import PreparedPackage, write_signed
 
 MAGIC = b"xar!"
 APPLE_CHECKSUM_NUMBERS = {"none": 0, "sha1": 1, "md5": 2, "sha256": 3, "sha512": 4}

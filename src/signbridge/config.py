@@ -6,7 +6,7 @@ line wins over the environment, which wins over the file. The file is
 ``signbridge`` program; only that last one may be absent. This module holds where the file is,
 the table of keys with their environment variables, how each value is parsed, and
 :func:`read_settings`, which reads the chosen ones; the provider's settings are
-:mod:`signbridge.provider.settings`, the Apple tools' :mod:`signbridge.tool_settings`.
+:mod:`signbridge.provider.settings`, the Apple tools' :mod:`signbridge.apple.settings`.
 
 The file uses SignPath's keys, nested (``{"Log": {"Console": {"Level": "info"}}}``) or dotted
 (``{"Log.Console.Level": "info"}``), so a SignPath config file works unchanged. Rules:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 
@@ -32,9 +32,6 @@ from .. import __version__
 from .._httpx import httpx
 from ..crypto.signatures import Scheme, SignatureRequest
 from ..errors import ConfigError, SignbridgeError
-
-if TYPE_CHECKING:
-    from ..provider.settings import ProviderSettings
 
 USER_AGENT = (
     f"signbridge/{__version__} (crypto provider; {platform.system() or sys.platform}; "
@@ -161,31 +158,6 @@ class ServiceClient:
             verify=False if plain else tls_context(self.ca_bundle),
             headers={"User-Agent": USER_AGENT},
             limits=httpx.Limits(max_keepalive_connections=32, max_connections=64),
-        )
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: ProviderSettings,
-        *,
-        organization_id: str | None = None,
-        api_token: str | None = None,
-        on_retry: Callable[[str, float], None] | None = None,
-    ) -> ServiceClient:
-        """A client with the provider's settings; ``organization_id``/``api_token`` replace its credentials."""
-        organization = organization_id or settings.organization_id
-        token = api_token or settings.api_token
-        if not organization or not token:
-            raise ConfigError("the signing service needs an organization id and an API token")
-        return cls(
-            settings.api_url,
-            organization,
-            token,
-            http_timeout=settings.http_request_timeout,
-            service_unavailable_timeout=settings.service_unavailable_timeout,
-            proxy=settings.http_proxy,
-            ca_bundle=settings.ca_bundle,
-            on_retry=on_retry,
         )
 
     def __repr__(self) -> str:

@@ -1,15 +1,16 @@
-"""Apple code-signing formats, parsed and written by signbridge's own code.
+"""Apple's signing formats and tools, parsed and written by signbridge's own code. From the bottom up:
 
-- :mod:`.macho` parses thin and universal Mach-O files and validates their layout.
-- :mod:`.macho_writer` makes room for a signature and re-lays universal files.
-- :mod:`.blobs` holds the generic blob and SuperBlob codecs and their magic numbers and slots.
-- :mod:`.codedirectory` builds, parses and hashes CodeDirectories (page hashing, cdhash).
-- :mod:`.requirements` encodes, parses and renders code requirements.
-- :mod:`.entitlements` builds the XML and DER entitlement blobs.
-- :mod:`.macho_signing` signs a whole file: ad hoc, or with the engine's CMS signer.
-- :mod:`.codesign` is ``codesign -s``'s engine: :mod:`.codesign_options` (the flags, errors,
-  results), :mod:`.cms_signer` (the CMS over the CodeDirectories), :mod:`.code_files` (input and
-  staged output), :mod:`.bundle_signing` and :mod:`.detached_signing`.
-- :mod:`.dmg` reads, verifies and signs UDIF disk images (the ``koly`` trailer and its signature).
-- :mod:`.ticket` reads stapled notarization tickets and checks their signature.
+- :mod:`.plist`, :mod:`.certificates`, :mod:`.trust`: the one property-list reader, what Apple's
+  certificates say (usages, team identifier), and Apple's anchors and purposes for the crypto
+  core's path validator.
+- :mod:`.codesig`: code signatures whatever they sign (blobs, CodeDirectories, entitlements, the
+  requirement language, the CMS and its signer, reading a signature back, verification's outcome).
+- By format, each with its readers below its signer: :mod:`.macho` (Mach-O files), :mod:`.bundle`
+  (bundles and ``.ipa`` archives), :mod:`.dmg` (disk images), :mod:`.pkg` (installer packages),
+  :mod:`.notary` (tickets, stapling, pre-flight and the Notary API).
+- The tools' entry points: :mod:`.codesign` (``codesign -s``), :mod:`.verify_code`
+  (``codesign --verify``), :mod:`.display` (``codesign -d``), and :mod:`.settings`, what the tools
+  read from the environment and the configuration file.
+
+No package ``__init__`` here imports anything, so a reader never pulls in a signer.
 """

@@ -63,11 +63,6 @@ def usage(cert: x509.Certificate) -> Usage:
     return Usage.OTHER
 
 
-def common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else cert.subject.rfc4514_string()
-
-
 def team_identifier(cert: x509.Certificate, issuers: Iterable[x509.Certificate]) -> str | None:
     """The team id: Apple puts it in the subject's OU of the certificates it issues under its developer
     intermediates (Developer ID, WWDR); a certificate from any other issuer has none."""

@@ -3,15 +3,15 @@
 
 :func:`sign_code` signs a path with an :class:`~signbridge.crypto.identity.Identity` (or ad hoc when the
 identity is None) and replaces it atomically. It builds the one
-:class:`~signbridge.apple.cms_signer.CmsSigner` of the run and hands it down:
+:class:`~signbridge.apple.codesig.signer.CmsSigner` of the run and hands it down:
 
-- codesign_options.py: what the flags mean, the errors, the reporter, the results;
-- cms_signer.py: the CMS over the CodeDirectories, the requirement set, the team identifier;
-- macho_signing.py: a Mach-O file, written beside the input and swapped in, per slice the
+- :mod:`.codesig.options`: what the flags mean, the errors, the reporter, the results;
+- :mod:`.codesig.signer`: the CMS over the CodeDirectories, the requirement set, the team identifier;
+- :mod:`.macho.sign`: a Mach-O file, written beside the input and swapped in, per slice the
   CodeDirectories (SHA-256; SHA-1 first, as the primary, when the deployment target predates
   macOS 10.11.4 or ``--digest-algorithm`` asks), the requirement set, the XML and DER
   entitlements and the CMS;
-- bundle_signing.py: bundles and ``.ipa`` archives, in a staged copy that replaces the input only
+- :mod:`.bundle.sign`: bundles and ``.ipa`` archives, in a staged copy that replaces the input only
   when every nested piece is signed: nested code innermost first, then
   ``_CodeSignature/CodeResources``, then the main executable with Info.plist in slot 1 and
   CodeResources in slot 3 (or a detached signature when there is none).
@@ -26,10 +26,10 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 from ..crypto.identity import Identity
-from .cms_signer import CmsSigner
-from .codesign_options import CodesignOptions, QuietReporter, Reporter, SignedCode
-from .ipa import is_ipa
-from .macho_signing import MachOJob, sign_macho_file
+from .bundle.ipa import is_ipa
+from .codesig.options import CodesignOptions, QuietReporter, Reporter, SignedCode
+from .codesig.signer import CmsSigner
+from .macho.sign import MachOJob, sign_macho_file
 
 
 def sign_code(
@@ -42,12 +42,12 @@ def sign_code(
 ) -> SignedCode:
     """Sign the Mach-O file, bundle or ``.ipa`` at ``path`` in place with ``identity`` (None: ad hoc).
 
-    Raises :class:`~signbridge.apple.codesign_options.AlreadySignedError` when it is signed and
-    ``options.force`` is false, ``FileNotFoundError`` when it does not exist, a :class:`~signbridge.apple.macho.MachOError` for
+    Raises :class:`~signbridge.apple.codesig.options.AlreadySignedError` when it is signed and
+    ``options.force`` is false, ``FileNotFoundError`` when it does not exist, a :class:`~signbridge.apple.macho.parse.MachOError` for
     malformed Mach-O, and other :class:`~signbridge.errors.SignbridgeError` subclasses (token,
     timestamp, bundle layout) with the input unchanged.
     """
-    from .bundle_signing import sign_bundle, sign_ipa
+    from .bundle.sign import sign_bundle, sign_ipa
 
     target = Path(path)
     reporter = reporter or QuietReporter()

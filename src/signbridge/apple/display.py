@@ -34,17 +34,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..crypto.cms import CmsFormatError
-from . import cms
-from .blobs import CodeSignatureFormatError
-from .certificates import common_name
-from .codedirectory import CodeDirectory, HashType
-from .detached import read_detached_signature
-from .embedded_signature import EmbeddedSignature, read_signature
-from .ipa import extracted_app, is_ipa
-from .macho import MachO, MachOFile, parse_file
-from .plist import plist_dict
-from .requirements import Expr, RequirementType, parse_requirement_set, render, requirement_set_lines
-from .signed_code import (
+from ..crypto.names import common_name
+from ..errors import SignbridgeError
+from .bundle.detached import read_detached_signature
+from .bundle.ipa import extracted_app, is_ipa
+from .codesig import cms
+from .codesig.blobs import CodeSignatureFormatError
+from .codesig.codedirectory import CodeDirectory, HashType
+from .codesig.embedded_signature import EmbeddedSignature, read_signature
+from .codesig.requirements import Expr, RequirementType, parse_requirement_set, render, requirement_set_lines
+from .codesig.signed_code import (
     flag_names,
     issuer_chain,
     macho_format,
@@ -52,11 +51,13 @@ from .signed_code import (
     preferred_slice,
     stored_designated_requirement,
 )
-from .stapled import read_stapled_ticket
-from .verification import NotSignedError
+from .codesig.verification import NotSignedError
+from .macho.parse import MachO, MachOFile, parse_file
+from .notary.stapled import read_stapled_ticket
+from .plist import plist_dict
 
 if TYPE_CHECKING:
-    from .bundle import Bundle
+    from .bundle.layout import Bundle
 
 STDERR = "stderr"
 STDOUT = "stdout"
@@ -144,10 +145,10 @@ def macho_information(
 
 def resource_seal(code_resources: bytes | None) -> ResourceSeal | None:
     """Count the rules and files of a CodeResources plist (version 2 when it has files2);
-    :class:`~signbridge.apple.resources.rules.ResourceSealError` when it is not a valid seal."""
+    :class:`~signbridge.apple.bundle.resources.rules.ResourceSealError` when it is not a valid seal."""
     if code_resources is None:
         return None
-    from .resources.seal import read_code_resources  # bundles only: a Mach-O file has no seal to read
+    from .bundle.resources.seal import read_code_resources  # bundles only: a Mach-O file has no seal to read
 
     seal = read_code_resources(code_resources)
     return ResourceSeal(seal.version, len(seal.rules), len(seal.files), seal.nested if seal.version == 2 else ())
@@ -180,7 +181,7 @@ def ipa_information(path: Path, *, architecture: str | None = None) -> SigningIn
 def bundle_information(path: Path, *, architecture: str | None = None) -> SigningInformation:
     """The signing information of a bundle: its main executable's signature (or its detached
     signature), its Info.plist and seal."""
-    from .bundle import Bundle, bundle_format  # not needed for a single Mach-O file
+    from .bundle.layout import Bundle, bundle_format  # not needed for a single Mach-O file
 
     bundle = Bundle.open(path)
     executable = bundle.executable_path
@@ -209,7 +210,7 @@ def bundle_information(path: Path, *, architecture: str | None = None) -> Signin
 
 
 def _detached_information(bundle: Bundle, seal_bytes: bytes | None) -> SigningInformation:
-    from .bundle import bundle_format
+    from .bundle.layout import bundle_format
 
     try:
         detached = read_detached_signature(bundle.signature_dir)
@@ -229,6 +230,32 @@ def _detached_information(bundle: Bundle, seal_bytes: bytes | None) -> SigningIn
 
 
 # --- rendering ------------------------------------------------------------------------------------
+
+
+def disk_image_information(path: str | os.PathLike[str]) -> SigningInformation:
+    """The image's signature for ``codesign -d`` (read, not judged); :class:`NotSignedError` when it
+    holds no CodeDirectory, a :class:`~signbridge.errors.SignbridgeError` when it is malformed."""
+    from .dmg.udif import FORMAT, read_layout
+    from .dmg.udif import read_signature as read_image_signature
+
+    target = Path(path)
+    descriptor = os.open(target, os.O_RDONLY)
+    try:
+        image = read_layout(target, descriptor)
+        try:
+            read = read_image_signature(image, descriptor)
+        except (CodeSignatureFormatError, ValueError) as exc:
+            raise SignbridgeError(f"the code signature cannot be read: {exc}") from None
+    finally:
+        os.close(descriptor)
+    if read is None or read.signature is None:
+        raise NotSignedError()
+    return SigningInformation(
+        executable=target.resolve(),
+        format=FORMAT,
+        signature=read.signature,
+        stapled_ticket=read.ticket is not None,
+    )
 
 
 def format_date(when: datetime) -> str:

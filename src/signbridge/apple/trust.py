@@ -32,6 +32,7 @@ from ..crypto.chains import (
     validate_path,
 )
 from ..crypto.chains import Purpose as ChainPurpose
+from ..crypto.names import common_name
 from ..errors import ConfigError
 from .certificates import (
     APPLE_DISTRIBUTION,
@@ -47,7 +48,6 @@ from .certificates import (
     MAC_DEVELOPER,
     MAC_INSTALLER_DISTRIBUTION,
     Usage,
-    common_name,
     extension_oids,
     usage,
 )

@@ -1,5 +1,5 @@
-"""Verifying whatever code is at a path as ``codesign --verify`` does: a Mach-O file (verify.py), a
-bundle or an ``.ipa`` (verify_bundle.py)."""
+"""Verifying whatever code is at a path as ``codesign --verify`` does: a Mach-O file (:mod:`.macho.verify`), a
+bundle or an ``.ipa`` (:mod:`.bundle.verify`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .ipa import is_ipa
-from .verification import Verdict, VerifyOptions
-from .verify import verify_macho_path
+from .bundle.ipa import is_ipa
+from .codesig.verification import Verdict, VerifyOptions
+from .macho.verify import verify_macho_path
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -25,7 +25,7 @@ def verify_code(
 
     Returns the :class:`Verdict` for valid code (whose designated and ``-R`` requirements may
     still be unsatisfied); raises :class:`CodeVerificationError` (:class:`NotSignedError` for
-    unsigned code), an :class:`~signbridge.apple.ipa.IpaError` or ``FileNotFoundError``.
+    unsigned code), an :class:`~signbridge.apple.bundle.ipa.IpaError` or ``FileNotFoundError``.
     """
     options = options or VerifyOptions()
     target = Path(path)
@@ -37,7 +37,7 @@ def verify_code(
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             return verify_code(target, options, executor=pool)
     if target.is_dir() or is_ipa(target):
-        from .verify_bundle import verify_bundle, verify_ipa  # a Mach-O file needs no bundle reader
+        from .bundle.verify import verify_bundle, verify_ipa  # a Mach-O file needs no bundle reader
 
         verify = verify_bundle if target.is_dir() else verify_ipa
         return verify(target, options, executor=executor)

@@ -25,7 +25,7 @@ from .output import echo
 
 if TYPE_CHECKING:
     from ..apple import display
-    from ..apple.codesign_options import CodesignOptions
+    from ..apple.codesig.options import CodesignOptions
     from ..crypto.identity import Identity
 
 DEPRECATED_COLON = "Warning: Specifying ':' in the path is deprecated and will not work in a future release"
@@ -336,9 +336,9 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _sign_options(arguments: Arguments) -> CodesignOptions:
-    from ..apple.cms import resolve_timestamp_url
-    from ..apple.codesign_options import CodesignOptions, parse_digest_algorithms, parse_flags
-    from ..tool_settings import load_tool_settings
+    from ..apple.codesig.cms import resolve_timestamp_url
+    from ..apple.codesig.options import CodesignOptions, parse_digest_algorithms, parse_flags
+    from ..apple.settings import load_tool_settings
 
     settings = load_tool_settings()
     entitlements = None
@@ -382,10 +382,10 @@ def _identity(arguments: Arguments) -> Identity | None:
 
 def _sign(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple import codesign as engine
-    from ..apple.codesign_options import notarization_warnings
+    from ..apple.codesig.options import notarization_warnings
     from ..apple.dmg.sign import sign_disk_image
     from ..apple.dmg.udif import looks_like_disk_image
-    from ..apple.macho import MachOError
+    from ..apple.macho.parse import MachOError
 
     try:
         options = _sign_options(arguments)
@@ -426,17 +426,17 @@ def _sign(arguments: Arguments, terminal: Terminal) -> int:
 
 
 def anchors_for_verification():  # noqa: ANN201
+    from ..apple.settings import load_tool_settings
     from ..apple.trust import anchors_from_environment
-    from ..tool_settings import load_tool_settings
 
     return tuple(anchors_from_environment(load_tool_settings().anchors_value))
 
 
 def _verify(arguments: Arguments, terminal: Terminal) -> int:
+    from ..apple.codesig.requirements import load_requirement
+    from ..apple.codesig.verification import REQUIREMENT_FAILED, CodeVerificationError, VerifyOptions
     from ..apple.dmg.udif import looks_like_disk_image
-    from ..apple.macho import MachOError
-    from ..apple.requirements import load_requirement
-    from ..apple.verification import REQUIREMENT_FAILED, CodeVerificationError, VerifyOptions
+    from ..apple.macho.parse import MachOError
     from ..apple.verify_code import verify_code
 
     try:
@@ -497,17 +497,15 @@ def _verify(arguments: Arguments, terminal: Terminal) -> int:
 
 def _display(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple import display
+    from ..apple.codesig.verification import NotSignedError
     from ..apple.dmg.udif import looks_like_disk_image
-    from ..apple.macho import MachOError
-    from ..apple.verification import NotSignedError
+    from ..apple.macho.parse import MachOError
 
     status = EXIT_SUCCESS
     for path in arguments.paths:
         try:
             if looks_like_disk_image(path):
-                from ..apple.dmg.verify import disk_image_information
-
-                info = disk_image_information(path)
+                info = display.disk_image_information(path)
             else:
                 info = display.signing_information(path, architecture=arguments.architecture)
         except FileNotFoundError:
@@ -541,7 +539,7 @@ def _write_requirements(info: display.SigningInformation, destination: str) -> N
 
 def _write_entitlements(info: display.SigningInformation, arguments: Arguments, terminal: Terminal) -> None:
     from ..apple import display
-    from ..apple.entitlements import entitlements_xml, signature_entitlements
+    from ..apple.codesig.entitlements import entitlements_xml, signature_entitlements
 
     destination = arguments.entitlements or "-"
     value, xml, der = signature_entitlements(info.signature)

@@ -22,15 +22,16 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from ..apple import cms
-from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, common_name, extension_oids
-from ..apple.productsign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
+from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, extension_oids
+from ..apple.codesig import cms
+from ..apple.pkg.sign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
+from ..apple.settings import load_tool_settings
 from ..crypto.certificate_files import read_certificates
+from ..crypto.names import common_name
 from ..errors import SignbridgeError
-from ..tool_settings import load_tool_settings
 
 if TYPE_CHECKING:  # each command imports what only it needs when it runs (start-up time)
-    from ..apple.pkgverify import PackageVerdict
+    from ..apple.pkg.verify import PackageVerdict
     from ..crypto.identity import Identity
 
 EXIT_FAILURE = 1
@@ -188,7 +189,7 @@ def pkgutil(context: click.Context, package: Path, as_json: bool, check_files: b
     Trust anchors come from SIGNBRIDGE_ANCHORS or the TrustAnchors setting. Exits 0 when the package
     is signed by a trusted certificate, 1 otherwise.
     """
-    from ..apple.pkgverify import verify_package
+    from ..apple.pkg.verify import verify_package
     from ..apple.trust import anchors_from_environment
 
     try:
@@ -209,7 +210,7 @@ def pkgutil(context: click.Context, package: Path, as_json: bool, check_files: b
 
 def render_check_signature(verdict: PackageVerdict, *, now: datetime | None = None) -> str:
     """The report in the layout of Apple's ``pkgutil --check-signature``."""
-    from ..apple.pkgverify import PackageStatus
+    from ..apple.pkg.verify import PackageStatus
 
     now = now or datetime.now(UTC)
     lines = [f'Package "{verdict.path.name}":', f"   Status: {verdict.status_text}"]

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import click
 
 from .. import p11kit
-from ..apple.certificates import Usage
+from ..apple.certificates import Usage, usage
 from ..crypto.identity import Identity
 from ..keychain.discovery import discover, validity_problem
 from ..keychain.tokens import DRIVER_ID, NoTokenError, find_tokens, p11kit_registration, smartcard_id
@@ -78,7 +78,7 @@ def find_identity(valid_only: bool, policies: Sequence[str], token_names: Sequen
     now = datetime.now(UTC)
     problems = {id(identity): validity_problem(identity, now=now) for identity in identities}
     for policy in [name for name in POLICIES if name in (policies or ("basic",))]:
-        listed = [i for i in identities if policy == "basic" or i.usage is Usage.CODE]
+        listed = [i for i in identities if policy == "basic" or usage(i.certificate) is Usage.CODE]
         if not valid_only:
             click.echo(f"\nPolicy: {POLICIES[policy]}")
             click.echo("  Matching identities")

@@ -12,7 +12,7 @@ ContentInfo, signed attributes stored out of DER order (the signature is checked
 bytes, never over a re-encoding), SHA-1 or SHA-2, RSA (PKCS#1 v1.5 or PSS) or ECDSA, with or without
 signed attributes. :func:`read_signed_data` reads a blob, :func:`verify_detached` checks it against
 the content, :func:`check_unsigned_fields` checks what no signature covers. Apple's signatures
-(:mod:`signbridge.apple.cms`) and timestamp tokens (:mod:`signbridge.crypto.timestamps`) are both
+(:mod:`signbridge.apple.codesig.cms`) and timestamp tokens (:mod:`signbridge.crypto.timestamps`) are both
 read and checked here.
 """
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from ..apple.certificates import Usage, common_name, team_identifier, usage
 from .chains import unique_certificates
+from .names import common_name
 from .signatures import DigestSigner
 
 
@@ -39,11 +39,3 @@ class Identity:
     @property
     def common_name(self) -> str:
         return common_name(self.certificate)
-
-    @property
-    def team_id(self) -> str | None:
-        return team_identifier(self.certificate, self.chain)
-
-    @property
-    def usage(self) -> Usage:
-        return usage(self.certificate)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from ..apple.certificates import Usage
+from ..apple.certificates import usage as usage_of
 from ..crypto.identity import Identity
 from ..errors import NotFoundError, SignbridgeError
 from ..provider.registry import TokenRecord
@@ -78,7 +79,7 @@ def select_identity(
     """
     found = discover(tokens=tokens)
     identities, problems = found.identities, found.problems
-    suitable = [identity for identity in identities if usage is None or identity.usage is usage]
+    suitable = [identity for identity in identities if usage is None or usage_of(identity.certificate) is usage]
     matched = _matching(name, suitable)
     if not matched:
         others = _matching(name, [identity for identity in identities if identity not in suitable])
@@ -107,7 +108,7 @@ def _matching(name: str, identities: Sequence[Identity]) -> list[Identity]:
 
 
 def _unsuitable_message(name: str, usage: Usage, others: Sequence[Identity]) -> str:
-    kinds = {identity.usage for identity in others}
+    kinds = {usage_of(identity.certificate) for identity in others}
     if usage is Usage.CODE:
         why = (
             "it is an installer identity"

@@ -120,13 +120,12 @@ class TokenProcess:
         self._owns_directory = False
 
     def start(self, on_retry: Callable[[str, float], None] | None = None) -> registry.TokenRecord:
-        from ..api.client import ServiceClient
         from ..pkcs11.server import serve
         from .loader import build_objects, fetch_policies
-        from .signer import ServiceSigner
+        from .signer import ServiceSigner, service_client
 
         self._prepare_directories()
-        client = ServiceClient.from_settings(self.settings, on_retry=on_retry)
+        client = service_client(self.settings, on_retry=on_retry)
         self.client = client
         started = time.monotonic()
         policies = fetch_policies(client, self.settings.project_slug, self.settings.signing_policy_slug)

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
@@ -138,7 +139,7 @@ class ServiceSigner:
             if client is not None:
                 self._clients.move_to_end(key)
                 return client
-            client = ServiceClient.from_settings(self.settings, organization_id=organization, api_token=token)
+            client = service_client(self.settings, organization_id=organization, api_token=token)
             self._clients[key] = client
             if len(self._clients) > _MAX_CLIENTS:
                 _, oldest = self._clients.popitem(last=False)
@@ -162,3 +163,28 @@ class ServiceSigner:
             self._clients.clear()
         for client in clients:
             client.close()
+
+
+def service_client(
+    settings: ProviderSettings,
+    *,
+    organization_id: str | None = None,
+    api_token: str | None = None,
+    on_retry: Callable[[str, float], None] | None = None,
+) -> ServiceClient:
+    """A client of the signing service with the provider's settings; ``organization_id`` and
+    ``api_token`` replace its credentials."""
+    organization = organization_id or settings.organization_id
+    token = api_token or settings.api_token
+    if not organization or not token:
+        raise ConfigError("the signing service needs an organization id and an API token")
+    return ServiceClient(
+        settings.api_url,
+        organization,
+        token,
+        http_timeout=settings.http_request_timeout,
+        service_unavailable_timeout=settings.service_unavailable_timeout,
+        proxy=settings.http_proxy,
+        ca_bundle=settings.ca_bundle,
+        on_retry=on_retry,
+    )

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...crypto.identity import Identity
-from ..blobs import CodeSignatureFormatError, Magic, Slot, encode_blob, encode_superblob
-from ..cms_signer import CmsSigner, requirement_set
-from ..code_files import staged_code
-from ..codedirectory import CodeDirectoryFlags, HashType, build_code_directory
-from ..codesign_options import (
+from ..codesig.blobs import CodeSignatureFormatError, Magic, Slot, encode_blob, encode_superblob
+from ..codesig.code_files import staged_code
+from ..codesig.codedirectory import CodeDirectoryFlags, HashType, build_code_directory
+from ..codesig.options import (
     AlreadySignedError,
     CodesignOptions,
     QuietReporter,
@@ -28,9 +27,10 @@ from ..codesign_options import (
     SignedCode,
     UnreadableCodeError,
     canonical_identifier,
+    replacing_note,
 )
-from ..macho_signing import replacing_note
-from ..requirements import render
+from ..codesig.requirements import render
+from ..codesig.signer import CmsSigner, requirement_set
 from .udif import FORMAT, DiskImage, hash_code, read_layout, read_signature
 
 TICKET_DROPPED = (
@@ -67,7 +67,7 @@ def sign_disk_image(
 ) -> SignedDiskImage:
     """Sign the disk image at ``path`` in place with ``identity`` (None: ad hoc), atomically.
 
-    Raises :class:`~signbridge.apple.codesign_options.AlreadySignedError` when it carries a signature and
+    Raises :class:`~signbridge.apple.codesig.options.AlreadySignedError` when it carries a signature and
     ``options.force`` is false, :class:`~signbridge.apple.dmg.udif.DiskImageError` when it is not
     a well-formed image, ``FileNotFoundError``, and the token's and TSA's errors; the input is then
     unchanged.

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import SignbridgeError
-from ..blobs import (
+from ..codesig.blobs import (
     Magic,
     Slot,
     decode_blob,
     decode_superblob,
 )
-from ..codedirectory import HashType
-from ..embedded_signature import EmbeddedSignature, signature_of
+from ..codesig.codedirectory import HashType
+from ..codesig.embedded_signature import EmbeddedSignature, signature_of
 
 TRAILER_SIZE = 512
 TRAILER_MAGIC = b"koly"
@@ -198,7 +198,7 @@ class DiskImageSignature:
 
 def read_signature(image: DiskImage, descriptor: int) -> DiskImageSignature | None:
     """The image's code signature, parsed; None when it has none. Raises
-    :class:`~signbridge.apple.blobs.CodeSignatureFormatError` when it cannot be read."""
+    :class:`~signbridge.apple.codesig.blobs.CodeSignatureFormatError` when it cannot be read."""
     if not image.has_signature:
         return None
     raw = os.pread(descriptor, image.trailer.signature_length, image.trailer.signature_offset)

@@ -1,10 +1,10 @@
-"""Verifying and displaying a disk image's code signature, as ``codesign --verify`` and ``-d`` do.
+"""Verifying a disk image's code signature, as ``codesign --verify`` does (``-d``: :mod:`..display`).
 
 :func:`verify_disk_image` checks, in this order: the trailer and where the signature lies, the
 SuperBlob, a stapled notarization ticket (its own signature, and that it lists this code), the CMS
 over the CodeDirectory, the CodeDirectory's fields, its special slots (the requirements and the
 trailer in slot 6), the timestamp and the chain, and last the one hash over the image's data. A
-failure raises :class:`~signbridge.apple.verification.CodeVerificationError` with Apple's sentence and a
+failure raises :class:`~signbridge.apple.codesig.verification.CodeVerificationError` with Apple's sentence and a
 detail naming what did not match. An image whose signature holds no CodeDirectory (only a ticket,
 as stapler leaves an unsigned image) is "not signed at all".
 """
@@ -16,15 +16,19 @@ from pathlib import Path
 
 from cryptography import x509
 
-from ...errors import SignbridgeError
-from ..blobs import CodeSignatureFormatError, Slot
-from ..codedirectory import CodeDirectory, page_count
-from ..display import SigningInformation
-from ..embedded_signature import EmbeddedSignature
-from ..requirements import RequirementContext, evaluate
-from ..signed_code import preferred_directory
-from ..ticket import Ticket, TicketError, parse_ticket
-from ..verification import (
+from ..codesig.blobs import CodeSignatureFormatError, Slot
+from ..codesig.checks import (
+    EMBEDDED_SLOTS,
+    check_signer,
+    check_timestamp,
+    check_trust,
+    check_unsealed_blobs,
+)
+from ..codesig.codedirectory import CodeDirectory, page_count
+from ..codesig.embedded_signature import EmbeddedSignature
+from ..codesig.requirements import RequirementContext, evaluate
+from ..codesig.signed_code import preferred_directory
+from ..codesig.verification import (
     MODIFIED,
     CodeVerificationError,
     NotSignedError,
@@ -32,13 +36,7 @@ from ..verification import (
     VerifyOptions,
     designated_of,
 )
-from ..verify import (
-    EMBEDDED_SLOTS,
-    check_signer,
-    check_timestamp,
-    check_trust,
-    check_unsealed_blobs,
-)
+from ..notary.ticket import Ticket, TicketError, parse_ticket
 from .udif import (
     FORMAT,
     DiskImage,
@@ -197,29 +195,3 @@ def _check_code(descriptor: int, image: DiskImage, directories: tuple[CodeDirect
             )
     if len(single) != len(directories):
         raise CodeVerificationError(MODIFIED, "a disk image's CodeDirectory must hash the image as one page")
-
-
-# --- display --------------------------------------------------------------------------------------
-
-
-def disk_image_information(path: str | os.PathLike[str]) -> SigningInformation:
-    """The image's signature for ``codesign -d`` (read, not judged); :class:`NotSignedError` when it
-    holds no CodeDirectory, a :class:`~signbridge.errors.SignbridgeError` when it is malformed."""
-    target = Path(path)
-    descriptor = os.open(target, os.O_RDONLY)
-    try:
-        image = read_layout(target, descriptor)
-        try:
-            read = read_signature(image, descriptor)
-        except (CodeSignatureFormatError, ValueError) as exc:
-            raise SignbridgeError(f"the code signature cannot be read: {exc}") from None
-    finally:
-        os.close(descriptor)
-    if read is None or read.signature is None:
-        raise NotSignedError()
-    return SigningInformation(
-        executable=target.resolve(),
-        format=FORMAT,
-        signature=read.signature,
-        stapled_ticket=read.ticket is not None,
-    )

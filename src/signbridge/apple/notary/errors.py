@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import ConfigError, SignbridgeError
-from ..ticket import TicketError
+from .ticket import TicketError
 
 
 class NotaryError(SignbridgeError):

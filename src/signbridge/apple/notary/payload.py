@@ -32,7 +32,7 @@ from typing import BinaryIO
 import libarchive
 import libarchive.exception
 
-from ..ipa import zip_errors
+from ..bundle.ipa import zip_errors
 from .errors import PayloadError
 
 APPLE_DOUBLE_MAGIC = b"\x00\x05\x16\x07"

@@ -25,21 +25,13 @@ from typing import Any
 from cryptography import x509
 
 from ...crypto.cms import CmsFormatError
-from .. import cms
-from ..blobs import CodeSignatureFormatError
-from ..codedirectory import CodeDirectoryFlags, HashType
-from ..detached import read_detached_signature
-from ..dmg.udif import DiskImageError, looks_like_disk_image, read_layout
-from ..dmg.udif import read_signature as read_disk_image_signature
-from ..dmg.verify import verify_disk_image
-from ..embedded_signature import EmbeddedSignature, read_signature
-from ..entitlements import signature_entitlements
-from ..macho import MachO, MachOError, parse_file
-from ..macho_constants import MH_EXECUTE, MH_KEXT_BUNDLE
-from ..pkgverify import PackageStatus, verify_package
-from ..plist import plist_dict
-from ..trust import CertificateKind, classify_certificate
-from ..verification import (
+from ..bundle.detached import read_detached_signature
+from ..codesig import cms
+from ..codesig.blobs import CodeSignatureFormatError
+from ..codesig.codedirectory import CodeDirectoryFlags, HashType
+from ..codesig.embedded_signature import EmbeddedSignature, read_signature
+from ..codesig.entitlements import signature_entitlements
+from ..codesig.verification import (
     CERT_EXPIRED,
     CERT_NOT_VALID_YET,
     NOT_TRUSTED,
@@ -47,8 +39,16 @@ from ..verification import (
     NotSignedError,
     VerifyOptions,
 )
+from ..dmg.udif import DiskImageError, looks_like_disk_image, read_layout
+from ..dmg.udif import read_signature as read_disk_image_signature
+from ..dmg.verify import verify_disk_image
+from ..macho.constants import MH_EXECUTE, MH_KEXT_BUNDLE
+from ..macho.parse import MachO, MachOError, parse_file
+from ..pkg.verify import PackageStatus, verify_package
+from ..pkg.xar import XarArchive, XarError
+from ..plist import plist_dict
+from ..trust import CertificateKind, classify_certificate
 from ..verify_code import verify_code
-from ..xar import XarArchive, XarError
 from .errors import PayloadError
 from .payload import Limits, extract_cpio, extract_disk_image, extract_zip
 

@@ -29,20 +29,27 @@ from cryptography import x509
 
 from ...atomic import write_atomically
 from ...crypto.signatures import CertificateSignatureError, verify_certificate_signature
-from ..blobs import CodeSignatureFormatError, Magic, Slot, decode_superblob, encode_blob, encode_superblob
-from ..bundle import Bundle, BundleError
-from ..code_files import staged_code
+from ..bundle.layout import Bundle, BundleError
+from ..codesig.blobs import (
+    CodeSignatureFormatError,
+    Magic,
+    Slot,
+    decode_superblob,
+    encode_blob,
+    encode_superblob,
+)
+from ..codesig.code_files import staged_code
+from ..codesig.embedded_signature import read_signature
+from ..codesig.signed_code import preferred_directory, preferred_slice
 from ..dmg.udif import DiskImage, DiskImageError, DiskImageSignature, looks_like_disk_image, read_layout
 from ..dmg.udif import read_signature as read_disk_image_signature
-from ..embedded_signature import read_signature
-from ..macho import MachOError, parse_file
-from ..signed_code import preferred_directory, preferred_slice
-from ..ticket import Ticket, TicketError, parse_ticket
-from ..xar import XarArchive, XarError
-from ..xar.archive import TICKET_MAGIC as T8LR_MAGIC
-from ..xar.output import copy_range, package_output
+from ..macho.parse import MachOError, parse_file
+from ..pkg.xar import XarArchive, XarError
+from ..pkg.xar.archive import TICKET_MAGIC as T8LR_MAGIC
+from ..pkg.xar.output import copy_range, package_output
 from .errors import StapleError
 from .lookup import HASH_SHA1, HASH_SHA256, fetch_ticket, record_name
+from .ticket import Ticket, TicketError, parse_ticket
 
 _T8LR = struct.Struct("<4sHHII")  # magic, version, kind, length, unused
 _T8LR_START, _T8LR_TICKET = 1, 2

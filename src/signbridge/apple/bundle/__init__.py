@@ -1,0 +1,1 @@
+"""Bundles (deep macOS bundles, shallow iOS-style bundles, bundles without an executable) and ``.ipa`` archives: layout, the resource seal, detached signature files, signing and verifying. This ``__init__`` imports nothing."""

@@ -1,0 +1,1 @@
+"""Code signatures as Apple's tools write them, whatever they sign: blobs and SuperBlobs, CodeDirectories, entitlements, the requirement language, the CMS signature and the signer that makes it, reading a signature back, what signed code says about itself, and verification's outcome. Below the Mach-O, bundle and disk-image packages; this ``__init__`` imports nothing."""

@@ -1,0 +1,1 @@
+"""Flat installer packages: the xar archive, productsign's signing and pkgutil's verification. This ``__init__`` imports nothing."""
