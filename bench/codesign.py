@@ -59,8 +59,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from signbridge.apple import codesign as cs
 from signbridge.apple.codesig.codedirectory import HashType
 from signbridge.apple.codesig.options import CodesignOptions
+from signbridge.apple.dmg.detect import TRAILER_SIZE
 from signbridge.apple.dmg.sign import sign_disk_image
-from signbridge.apple.dmg.udif import TRAILER_SIZE, hash_code
+from signbridge.apple.dmg.udif import hash_code
 from signbridge.crypto.identity import Identity
 from signbridge.crypto.signatures import SignatureRequest
 

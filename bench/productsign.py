@@ -48,7 +48,7 @@ from cryptography.x509.oid import NameOID
 
 from signbridge.apple.certificates import EKU_DEVELOPER_ID_INSTALLER
 from signbridge.apple.pkg.sign import sign_package
-from signbridge.apple.pkg.xar import PackageEntry, write_package
+from signbridge.apple.pkg.xar.writer import PackageEntry, write_package
 from signbridge.crypto.identity import Identity
 from signbridge.crypto.signatures import SignatureRequest
 

@@ -23,8 +23,8 @@ from machofixtures import MachOFixtures, sign_path
 from signbridge.apple.bundle.layout import Bundle, sign_bundle_plan
 from signbridge.apple.bundle.resources.writing import NestedCode, build_code_resources
 from signbridge.apple.codesig.embedded_signature import read_signature
-from signbridge.apple.codesig.requirements import cdhash as cdhash_requirement
-from signbridge.apple.codesig.requirements import render
+from signbridge.apple.codesig.requirements.binary import cdhash as cdhash_requirement
+from signbridge.apple.codesig.requirements.text import render
 from signbridge.apple.macho.constants import CPU_TYPE_ARM64
 from signbridge.apple.macho.parse import parse_file
 from signbridge.apple.macho.sign import SigningOptions

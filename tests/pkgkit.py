@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import ROOT, require_tool, run
-from signbridge.apple.pkg.xar import PackageEntry, write_package
+from signbridge.apple.pkg.xar.writer import PackageEntry, write_package
 from signbridge.crypto.identity import Identity
 from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
 from signbridge.crypto.timestamps import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE

@@ -18,7 +18,6 @@ import pytest
 import machofixtures
 from conftest import require_tool, run
 from machofixtures import LINKER_SIGNED, MachOFixtures, sign_file
-from signbridge.apple.codesig import requirements as rq
 from signbridge.apple.codesig.blobs import (
     CodeSignatureFormatError,
     Magic,
@@ -51,13 +50,14 @@ from signbridge.apple.codesig.entitlements import (
     exec_segment_flags,
     load_entitlements,
 )
+from signbridge.apple.codesig.requirements import binary as rq
 from signbridge.apple.codesig.requirements.binary import (
     encode_requirement,
     oid_from_der,
     oid_to_der,
     parse_requirement,
 )
-from signbridge.apple.codesig.requirements.text import parse_requirement_text
+from signbridge.apple.codesig.requirements.text import parse_requirement_text, render, requirement_set_lines
 from signbridge.apple.macho import constants as mc
 from signbridge.apple.macho import parse as mo
 from signbridge.apple.macho.sign import SigningOptions
@@ -309,14 +309,14 @@ def test_empty_requirement_set() -> None:
 
 def test_developer_id_requirement_text_and_binary() -> None:
     expr = parse_requirement_text(DEVELOPER_ID_TEXT)
-    assert rq.render(expr) == DEVELOPER_ID_TEXT
+    assert render(expr) == DEVELOPER_ID_TEXT
     blob = encode_requirement(expr)
     # the Developer ID CA marker is stored as raw DER OID content: 2A 86 48 86 F7 63 64 06 02 06
     assert bytes.fromhex("0000000a 2a864886f763640602060000") in blob
     assert parse_requirement(blob) == expr
     requirement_set = rq.encode_requirement_set({rq.RequirementType.DESIGNATED: expr})
     assert rq.parse_requirement_set(requirement_set) == {3: expr}
-    assert rq.requirement_set_lines(rq.parse_requirement_set(requirement_set)) == ["designated => " + DEVELOPER_ID_TEXT]
+    assert requirement_set_lines(rq.parse_requirement_set(requirement_set)) == ["designated => " + DEVELOPER_ID_TEXT]
 
 
 def test_requirement_binary_form_by_hand() -> None:
@@ -324,24 +324,24 @@ def test_requirement_binary_form_by_hand() -> None:
     assert encode_requirement(expr) == bytes.fromhex(
         "fade0c00 00000024 00000001 00000006 00000002 00000005 636f6d2e78000000 00000003"
     )
-    assert rq.render(expr) == 'identifier "com.x" and anchor apple'
+    assert render(expr) == 'identifier "com.x" and anchor apple'
 
 
 def test_requirement_rendering_rules() -> None:
     def team(ou: str) -> rq.Expr:
         return rq.certificate_field(0, "subject.OU", rq.Match(rq.MatchOp.EQUAL, ou.encode()))
 
-    assert rq.render(team("43AQ936H96")).endswith('= "43AQ936H96"')  # leading digit: quoted
-    assert rq.render(team("UBF8T346G9")).endswith("= UBF8T346G9")  # simple word: bare
-    assert rq.render(rq.identifier("tool")) == "identifier tool"
+    assert render(team("43AQ936H96")).endswith('= "43AQ936H96"')  # leading digit: quoted
+    assert render(team("UBF8T346G9")).endswith("= UBF8T346G9")  # simple word: bare
+    assert render(rq.identifier("tool")) == "identifier tool"
     either = rq.Expr(rq.Op.OR, (rq.identifier("a"), rq.cdhash(bytes.fromhex("00ff"))))
     both = rq.Expr(rq.Op.AND, (either, rq.Expr(rq.Op.NOT, (rq.Expr(rq.Op.NOTARIZED),))))
-    assert rq.render(both) == '(identifier a or cdhash H"00ff") and ! notarized'
+    assert render(both) == '(identifier a or cdhash H"00ff") and ! notarized'
     info = rq.Expr(rq.Op.INFO_KEY_FIELD, (b"CFBundleVersion", rq.Match(rq.MatchOp.BEGINS_WITH, b"1.")))
-    assert rq.render(info) == 'info[CFBundleVersion] = "1."*'
+    assert render(info) == 'info[CFBundleVersion] = "1."*'
     anchor = rq.Expr(rq.Op.ANCHOR_HASH, (-1, bytes.fromhex("abcd")))
-    assert rq.render(anchor) == 'certificate root = H"abcd"'
-    assert rq.render(rq.Expr(rq.Op.IDENT, (b"\x01\x02",))) == "identifier 0x0102"
+    assert render(anchor) == 'certificate root = H"abcd"'
+    assert render(rq.Expr(rq.Op.IDENT, (b"\x01\x02",))) == "identifier 0x0102"
     for sample in (both, info, anchor):
         assert parse_requirement(encode_requirement(sample)) == sample
 

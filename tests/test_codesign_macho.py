@@ -55,7 +55,8 @@ from signbridge.apple.codesig.options import (
     parse_digest_algorithms,
     parse_flags,
 )
-from signbridge.apple.codesig.requirements import encode_requirement_set, render
+from signbridge.apple.codesig.requirements.binary import encode_requirement_set
+from signbridge.apple.codesig.requirements.text import render
 from signbridge.apple.codesig.signed_code import designated_requirement
 from signbridge.apple.codesig.signer import CmsSigner
 from signbridge.apple.macho import parse as mo
@@ -411,7 +412,7 @@ def test_developer_id_requirement_under_an_apple_root(pki):
 
 
 def _developer_id_terms(identifier: str, team: str):
-    from signbridge.apple.codesig import requirements as rq
+    from signbridge.apple.codesig.requirements import binary as rq
 
     return (
         rq.identifier(identifier),

@@ -9,7 +9,7 @@ from pathlib import Path
 from defusedxml import ElementTree
 
 from conftest import require_tool, run
-from signbridge.apple.pkg.xar import XarArchive
+from signbridge.apple.pkg.xar.archive import XarArchive
 from signbridge.demo.component import build_component_package
 
 

@@ -36,7 +36,8 @@ from pkgkit import (
 )
 from signbridge.apple.pkg.sign import sign_package
 from signbridge.apple.pkg.verify import PackageStatus, verify_package
-from signbridge.apple.pkg.xar import StapledTicketError, XarArchive
+from signbridge.apple.pkg.xar.archive import XarArchive
+from signbridge.apple.pkg.xar.errors import StapledTicketError
 from tokenkit import TEAM, apple_pki, serve_token, use_runtime_dir
 from xarfixtures import (
     bsdtar_extract,

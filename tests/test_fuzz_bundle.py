@@ -50,16 +50,15 @@ from signbridge.apple.codesig.entitlements import (
     signature_entitlements,
 )
 from signbridge.apple.codesig.options import CodesignOptions, bundle_identifier
-from signbridge.apple.codesig.requirements import (
-    RequirementContext,
+from signbridge.apple.codesig.requirements.binary import (
     RequirementType,
+    encode_requirement,
     encode_requirement_set,
-    evaluate,
+    parse_requirement,
     parse_requirement_set,
-    render,
 )
-from signbridge.apple.codesig.requirements.binary import encode_requirement, parse_requirement
-from signbridge.apple.codesig.requirements.text import parse_requirement_text
+from signbridge.apple.codesig.requirements.evaluation import RequirementContext, evaluate
+from signbridge.apple.codesig.requirements.text import parse_requirement_text, render
 from signbridge.apple.codesig.verification import VerifyOptions
 from signbridge.apple.macho.parse import parse_file
 from signbridge.apple.plist import load_plist_dict

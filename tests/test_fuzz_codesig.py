@@ -35,7 +35,9 @@ from signbridge.apple.codesig.codedirectory import CodeDirectory
 from signbridge.apple.codesig.embedded_signature import read_signature, signature_of
 from signbridge.apple.codesig.entitlements import signature_entitlements
 from signbridge.apple.codesig.options import CodesignOptions
-from signbridge.apple.codesig.requirements import RequirementContext, evaluate, parse_requirement_set, render
+from signbridge.apple.codesig.requirements.binary import parse_requirement_set
+from signbridge.apple.codesig.requirements.evaluation import RequirementContext, evaluate
+from signbridge.apple.codesig.requirements.text import render
 from signbridge.apple.codesig.signed_code import (
     designated_requirement,
     flag_names,

@@ -29,7 +29,7 @@ from signbridge.apple.dmg.udif import read_layout, read_signature
 from signbridge.apple.notary.payload import Limits, extract_cpio, extract_zip
 from signbridge.apple.notary.stapler import check_chain, covers
 from signbridge.apple.notary.ticket import parse_ticket
-from signbridge.apple.pkg.xar import XarArchive
+from signbridge.apple.pkg.xar.archive import XarArchive
 from signbridge.apple.trust import load_anchors
 from signbridge.errors import SignbridgeError
 from xarfixtures import notarization_ticket, sample_files, write_tree

@@ -37,12 +37,12 @@ from signbridge.apple.codesig.entitlements import (
     load_entitlements,
 )
 from signbridge.apple.codesig.options import CodesignOptions
-from signbridge.apple.codesig.requirements import RequirementContext, evaluate
 from signbridge.apple.codesig.requirements.binary import (
     MAX_EXPRESSION_DEPTH,
     encode_requirement,
     parse_requirement,
 )
+from signbridge.apple.codesig.requirements.evaluation import RequirementContext, evaluate
 from signbridge.apple.codesig.requirements.text import RequirementSyntaxError, parse_requirement_text
 from signbridge.apple.codesig.verification import (
     BAD_BUNDLE,

@@ -51,7 +51,8 @@ from signbridge.apple.notary.errors import PayloadError
 from signbridge.apple.notary.payload import Limits, extract_cpio, extract_zip
 from signbridge.apple.notary.ticket import TicketError, parse_ticket
 from signbridge.apple.pkg.verify import PackageStatus, verify_package
-from signbridge.apple.pkg.xar import TocTooLargeError, XarArchive
+from signbridge.apple.pkg.xar.archive import XarArchive
+from signbridge.apple.pkg.xar.errors import TocTooLargeError
 from signbridge.apple.verify_code import verify_code
 from signbridge.crypto.cms import CmsFormatError, SignatureMismatch, verify_detached
 from signbridge.crypto.der import CertificateFormatError, read_certificate

@@ -34,7 +34,9 @@ def import_graph() -> dict[str, set[str]]:
                     parent = node.module or ""
                 targets.add(parent)
                 targets.update(f"{parent}.{alias.name}" for alias in node.names)
-        graph[name] = {target for target in targets if target in modules and target != name}
+        # importing a.b.c runs a/__init__ and a/b/__init__ too
+        targets |= {target.rsplit(".", depth)[0] for target in targets for depth in range(1, target.count(".") + 1)}
+        graph[name] = {target for target in targets if target in modules and target != name and not _within(name, (target,))}
     return graph
 
 

@@ -34,7 +34,7 @@ from signbridge.apple.codesig.blobs import Magic, Slot
 from signbridge.apple.codesig.codedirectory import CodeDirectoryFlags, ExecSegmentFlags, HashType, hash_code
 from signbridge.apple.codesig.embedded_signature import read_signature
 from signbridge.apple.codesig.entitlements import decode_der
-from signbridge.apple.codesig.requirements import EMPTY_REQUIREMENT_SET
+from signbridge.apple.codesig.requirements.binary import EMPTY_REQUIREMENT_SET
 from signbridge.apple.macho import constants as mc
 from signbridge.apple.macho import parse as mo
 from signbridge.apple.macho.sign import SigningOptions

@@ -38,7 +38,7 @@ from signbridge.apple.notary import preflight as pf
 from signbridge.apple.notary.errors import PayloadError
 from signbridge.apple.notary.payload import Limits, extract_cpio
 from signbridge.apple.pkg.sign import sign_package
-from signbridge.apple.pkg.xar import PackageEntry, write_package
+from signbridge.apple.pkg.xar.writer import PackageEntry, write_package
 from signbridge.apple.trust import load_anchors
 from signbridge.crypto.identity import Identity
 from tokenkit import apple_name, apple_pki, issue, rsa_key

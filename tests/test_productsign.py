@@ -37,20 +37,19 @@ from signbridge.apple.certificates import EKU_DEVELOPER_ID_INSTALLER
 from signbridge.apple.codesig import cms
 from signbridge.apple.pkg.sign import InstallerIdentityError, sign_package
 from signbridge.apple.pkg.verify import PackageStatus, verify_package
-from signbridge.apple.pkg.xar import (
+from signbridge.apple.pkg.xar import output
+from signbridge.apple.pkg.xar.errors import (
     ChecksumMismatchError,
     DuplicateSignatureError,
     HeapRangeError,
     NotXarError,
-    PackageEntry,
     TocTooLargeError,
     TruncatedXarError,
     UnsafeTocError,
     UnsupportedChecksumError,
     XarError,
-    output,
-    write_package,
 )
+from signbridge.apple.pkg.xar.writer import PackageEntry, write_package
 from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.crypto.identity import Identity
 from signbridge.crypto.signatures import Scheme

@@ -31,7 +31,9 @@ from pkikit import resign
 from signbridge.apple.codesig import cms
 from signbridge.apple.pkg.sign import sign_package
 from signbridge.apple.pkg.verify import PackageStatus, verify_package
-from signbridge.apple.pkg.xar import XarArchive, XarError, prepare_signed
+from signbridge.apple.pkg.xar.archive import XarArchive
+from signbridge.apple.pkg.xar.errors import XarError
+from signbridge.apple.pkg.xar.signing import prepare_signed
 from signbridge.crypto.identity import Identity
 from tokenkit import apple_pki, developer_id_installer
 from xarfixtures import finish, notarize

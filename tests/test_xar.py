@@ -20,16 +20,15 @@ from pathlib import Path
 import pytest
 
 from conftest import require_tool, run
-from signbridge.apple.pkg.xar import (
+from signbridge.apple.pkg.xar.archive import XarArchive, signature_data
+from signbridge.apple.pkg.xar.errors import (
     ChecksumMismatchError,
     DuplicateSignatureError,
-    HeapRange,
     HeapRangeError,
     InvalidNumberError,
     MalformedTocError,
     NotXarError,
     PackageBuildError,
-    PackageEntry,
     SignatureSizeError,
     SourceChangedError,
     StapledTicketError,
@@ -37,13 +36,12 @@ from signbridge.apple.pkg.xar import (
     TruncatedXarError,
     UnsafeTocError,
     UnsupportedChecksumError,
-    XarArchive,
     XarError,
     XarFormatError,
-    prepare_signed,
-    signature_data,
-    write_package,
 )
+from signbridge.apple.pkg.xar.signing import prepare_signed
+from signbridge.apple.pkg.xar.toc import HeapRange
+from signbridge.apple.pkg.xar.writer import PackageEntry, write_package
 from signbridge.errors import SignatureError
 from xarfixtures import (
     APPLE_CHECKSUM_NUMBERS,

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import require_tool, run
 from pkikit import certificate, name, new_key
-from signbridge.apple.pkg.xar import PreparedPackage, write_signed
+from signbridge.apple.pkg.xar.signing import PreparedPackage, write_signed
 
 MAGIC = b"xar!"
 APPLE_CHECKSUM_NUMBERS = {"none": 0, "sha1": 1, "md5": 2, "sha256": 3, "sha512": 4}

@@ -42,7 +42,8 @@ from .codesig import cms
 from .codesig.blobs import CodeSignatureFormatError
 from .codesig.codedirectory import CodeDirectory, HashType
 from .codesig.embedded_signature import EmbeddedSignature, read_signature
-from .codesig.requirements import Expr, RequirementType, parse_requirement_set, render, requirement_set_lines
+from .codesig.requirements.binary import Expr, RequirementType, parse_requirement_set
+from .codesig.requirements.text import render, requirement_set_lines
 from .codesig.signed_code import (
     flag_names,
     issuer_chain,

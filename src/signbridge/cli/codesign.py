@@ -383,8 +383,8 @@ def _identity(arguments: Arguments) -> Identity | None:
 def _sign(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple import codesign as engine
     from ..apple.codesig.options import notarization_warnings
+    from ..apple.dmg.detect import looks_like_disk_image
     from ..apple.dmg.sign import sign_disk_image
-    from ..apple.dmg.udif import looks_like_disk_image
     from ..apple.macho.parse import MachOError
 
     try:
@@ -433,9 +433,9 @@ def anchors_for_verification():  # noqa: ANN201
 
 
 def _verify(arguments: Arguments, terminal: Terminal) -> int:
-    from ..apple.codesig.requirements import load_requirement
+    from ..apple.codesig.requirements.text import load_requirement
     from ..apple.codesig.verification import REQUIREMENT_FAILED, CodeVerificationError, VerifyOptions
-    from ..apple.dmg.udif import looks_like_disk_image
+    from ..apple.dmg.detect import looks_like_disk_image
     from ..apple.macho.parse import MachOError
     from ..apple.verify_code import verify_code
 
@@ -498,7 +498,7 @@ def _verify(arguments: Arguments, terminal: Terminal) -> int:
 def _display(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple import display
     from ..apple.codesig.verification import NotSignedError
-    from ..apple.dmg.udif import looks_like_disk_image
+    from ..apple.dmg.detect import looks_like_disk_image
     from ..apple.macho.parse import MachOError
 
     status = EXIT_SUCCESS

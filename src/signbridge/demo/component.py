@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from ..apple.pkg.xar import PackageEntry, write_package
+from ..apple.pkg.xar.writer import PackageEntry, write_package
 
 _TRAILER = "TRAILER!!!"
 

@@ -31,8 +31,8 @@ from ..codesig.options import (
     default_identifier,
     replacing_note,
 )
-from ..codesig.requirements import cdhash as cdhash_requirement
-from ..codesig.requirements import render
+from ..codesig.requirements.binary import cdhash as cdhash_requirement
+from ..codesig.requirements.text import render
 from ..codesig.signed_code import (
     preferred_directory,
     preferred_slice,

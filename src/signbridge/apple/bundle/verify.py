@@ -25,7 +25,7 @@ from ..codesig.checks import (
     check_trust,
     check_unsealed_blobs,
 )
-from ..codesig.requirements import evaluate
+from ..codesig.requirements.evaluation import evaluate
 from ..codesig.signed_code import preferred_directory
 from ..codesig.verification import (
     BAD_BUNDLE,

@@ -23,7 +23,7 @@ from . import cms
 from .blobs import CodeSignatureFormatError
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType
 from .embedded_signature import EmbeddedSignature
-from .requirements import (
+from .requirements.binary import (
     ANCHOR_CERT,
     LEAF_CERT,
     OID_DEVELOPER_ID_CA,
@@ -36,10 +36,10 @@ from .requirements import (
     anchor_apple_generic,
     certificate_field,
     certificate_generic,
-    certificate_sha1,
     parse_requirement_set,
 )
-from .requirements import identifier as identifier_expr
+from .requirements.binary import identifier as identifier_expr
+from .requirements.evaluation import certificate_sha1
 
 
 class ArchitectureNotFoundError(SignbridgeError):

@@ -25,7 +25,7 @@ from ..certificates import team_identifier
 from . import cms
 from .codedirectory import CodeDirectory, HashType
 from .options import CodesignOptions
-from .requirements import EMPTY_REQUIREMENT_SET, Expr, RequirementType, encode_requirement_set
+from .requirements.binary import EMPTY_REQUIREMENT_SET, Expr, RequirementType, encode_requirement_set
 from .signed_code import designated_requirement
 
 CMS_DIGEST = HashAlgorithm.SHA256

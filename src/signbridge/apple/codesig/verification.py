@@ -27,7 +27,9 @@ from .blobs import CodeSignatureFormatError
 from .codedirectory import CodeDirectory
 from .embedded_signature import EmbeddedSignature
 from .entitlements import signature_entitlements
-from .requirements import Expr, RequirementContext, render
+from .requirements.binary import Expr
+from .requirements.evaluation import RequirementContext
+from .requirements.text import render
 from .signed_code import derived_designated_requirement, explicit_designated_requirement, preferred_directory
 
 # Apple's sentences (Security framework error strings), as codesign prints them after the path.

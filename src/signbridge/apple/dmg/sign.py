@@ -29,7 +29,7 @@ from ..codesig.options import (
     canonical_identifier,
     replacing_note,
 )
-from ..codesig.requirements import render
+from ..codesig.requirements.text import render
 from ..codesig.signer import CmsSigner, requirement_set
 from .udif import FORMAT, DiskImage, hash_code, read_layout, read_signature
 

@@ -33,9 +33,8 @@ from ..codesig.blobs import (
 )
 from ..codesig.codedirectory import HashType
 from ..codesig.embedded_signature import EmbeddedSignature, signature_of
+from .detect import TRAILER_MAGIC, TRAILER_SIZE
 
-TRAILER_SIZE = 512
-TRAILER_MAGIC = b"koly"
 FORMAT = "disk image"
 _SIGNATURE_OFFSET_FIELD = 296
 _SIGNATURE_LENGTH_FIELD = 304
@@ -124,25 +123,6 @@ class DiskImage:
     def unique_name(self) -> str:
         """The hex codesign appends to an ad-hoc image's identifier: the SHA-1 of :meth:`rep_specific`."""
         return hashlib.sha1(self.rep_specific()).hexdigest()  # noqa: S324 - Apple's naming, not security
-
-
-def looks_like_disk_image(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a file to treat as a UDIF image: its last 512 bytes start with ``koly``,
-    or (so a damaged image gets a disk-image error) its name ends in ``.dmg``."""
-    target = Path(path)
-    try:
-        if not target.is_file():
-            return False
-        if target.suffix.lower() == ".dmg":
-            return True
-        with target.open("rb") as stream:
-            size = stream.seek(0, os.SEEK_END)
-            if size < TRAILER_SIZE:
-                return False
-            stream.seek(size - TRAILER_SIZE)
-            return stream.read(4) == TRAILER_MAGIC
-    except OSError:
-        return False
 
 
 def read_layout(path: Path, descriptor: int) -> DiskImage:

@@ -26,7 +26,7 @@ from ..codesig.checks import (
 )
 from ..codesig.codedirectory import CodeDirectory, page_count
 from ..codesig.embedded_signature import EmbeddedSignature
-from ..codesig.requirements import RequirementContext, evaluate
+from ..codesig.requirements.evaluation import RequirementContext, evaluate
 from ..codesig.signed_code import preferred_directory
 from ..codesig.verification import (
     MODIFIED,

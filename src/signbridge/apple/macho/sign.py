@@ -69,7 +69,8 @@ from ..codesig.options import (
     default_identifier,
     replacing_note,
 )
-from ..codesig.requirements import EMPTY_REQUIREMENT_SET, render
+from ..codesig.requirements.binary import EMPTY_REQUIREMENT_SET
+from ..codesig.requirements.text import render
 from ..codesig.signed_code import (
     macho_format,
     preferred_directory,

@@ -32,7 +32,7 @@ from ..codesig.checks import (
 )
 from ..codesig.codedirectory import CodeDirectory, page_count
 from ..codesig.embedded_signature import EmbeddedSignature, read_signature
-from ..codesig.requirements import evaluate
+from ..codesig.requirements.evaluation import evaluate
 from ..codesig.signed_code import macho_format, preferred_slice
 from ..codesig.verification import (
     LONE_FILE,

@@ -39,13 +39,15 @@ from ..codesig.verification import (
     NotSignedError,
     VerifyOptions,
 )
-from ..dmg.udif import DiskImageError, looks_like_disk_image, read_layout
+from ..dmg.detect import looks_like_disk_image
+from ..dmg.udif import DiskImageError, read_layout
 from ..dmg.udif import read_signature as read_disk_image_signature
 from ..dmg.verify import verify_disk_image
 from ..macho.constants import MH_EXECUTE, MH_KEXT_BUNDLE
 from ..macho.parse import MachO, MachOError, parse_file
 from ..pkg.verify import PackageStatus, verify_package
-from ..pkg.xar import XarArchive, XarError
+from ..pkg.xar.archive import XarArchive
+from ..pkg.xar.errors import XarError
 from ..plist import plist_dict
 from ..trust import CertificateKind, classify_certificate
 from ..verify_code import verify_code

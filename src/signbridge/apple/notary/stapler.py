@@ -41,11 +41,13 @@ from ..codesig.blobs import (
 from ..codesig.code_files import staged_code
 from ..codesig.embedded_signature import read_signature
 from ..codesig.signed_code import preferred_directory, preferred_slice
-from ..dmg.udif import DiskImage, DiskImageError, DiskImageSignature, looks_like_disk_image, read_layout
+from ..dmg.detect import looks_like_disk_image
+from ..dmg.udif import DiskImage, DiskImageError, DiskImageSignature, read_layout
 from ..dmg.udif import read_signature as read_disk_image_signature
 from ..macho.parse import MachOError, parse_file
-from ..pkg.xar import XarArchive, XarError
 from ..pkg.xar.archive import TICKET_MAGIC as T8LR_MAGIC
+from ..pkg.xar.archive import XarArchive
+from ..pkg.xar.errors import XarError
 from ..pkg.xar.output import copy_range, package_output
 from .errors import StapleError
 from .lookup import HASH_SHA1, HASH_SHA256, fetch_ticket, record_name

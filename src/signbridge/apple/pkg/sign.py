@@ -41,8 +41,9 @@ from ...crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_d
 from ...errors import SignatureError
 from ..certificates import Usage, usage
 from ..codesig import cms
-from .xar import PreparedPackage, Signatures, XarArchive, prepare_signed, write_signed
+from .xar.archive import XarArchive
 from .xar.header import HEADER_SIZE
+from .xar.signing import PreparedPackage, Signatures, prepare_signed, write_signed
 
 DEFAULT_TOC_CHECKSUM = HashAlgorithm.SHA1
 TOC_CHECKSUMS = (HashAlgorithm.SHA1, HashAlgorithm.SHA256)

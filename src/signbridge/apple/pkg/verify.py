@@ -47,7 +47,9 @@ from ...errors import SignatureError
 from ..codesig import cms
 from ..notary.ticket import TicketError, parse_ticket
 from ..trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
-from .xar import ChecksumMismatchError, SignatureSlot, XarArchive, XarError, signature_data
+from .xar.archive import XarArchive, signature_data
+from .xar.errors import ChecksumMismatchError, XarError
+from .xar.toc import SignatureSlot
 
 
 class PackageStatus(enum.Enum):

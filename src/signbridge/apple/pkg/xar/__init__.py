@@ -4,7 +4,7 @@
   streams file data out with its checksums verified.
 - :func:`write_package` builds an unsigned package from files.
 - :func:`prepare_signed` / :func:`write_signed` replace a package's signatures,
-  checking every file's archived checksum as its data is copied; :func:`signature_data` reads them back.
+  checking every file's archived checksum as its data is copied; :func:`~.archive.signature_data` reads them back.
 
 Signing a package::
 
@@ -20,72 +20,3 @@ Modules: header (28-byte header), tocxml (safe XML in/out), toc (TOC model), arc
 filedata (decoding file data), writer (unsigned packages), signing (signature surgery), output
 (the package's atomic output and heap copies, on :mod:`signbridge.atomic`), errors.
 """
-
-from .archive import TOC_SIZE_LIMIT, StapledTicket, XarArchive
-from .errors import (
-    ChecksumMismatchError,
-    DuplicateSignatureError,
-    HeapRangeError,
-    InvalidNumberError,
-    MalformedTocError,
-    NotXarError,
-    PackageBuildError,
-    SignatureSizeError,
-    SourceChangedError,
-    StapledTicketError,
-    TocTooLargeError,
-    TruncatedXarError,
-    UnsafeTocError,
-    UnsupportedChecksumError,
-    XarError,
-    XarFormatError,
-)
-from .header import XarHeader
-from .signing import (
-    PreparedPackage,
-    SignatureData,
-    Signatures,
-    prepare_signed,
-    signature_data,
-    write_signed,
-)
-from .toc import ChecksumSlot, FileChecksum, FileData, HeapRange, SignatureSlot, Toc, XarFile
-from .writer import PackageEntry, write_package
-
-__all__ = [
-    "TOC_SIZE_LIMIT",
-    "ChecksumMismatchError",
-    "ChecksumSlot",
-    "DuplicateSignatureError",
-    "FileChecksum",
-    "FileData",
-    "HeapRange",
-    "HeapRangeError",
-    "InvalidNumberError",
-    "MalformedTocError",
-    "NotXarError",
-    "PackageBuildError",
-    "PackageEntry",
-    "PreparedPackage",
-    "SignatureData",
-    "SignatureSizeError",
-    "SignatureSlot",
-    "Signatures",
-    "SourceChangedError",
-    "StapledTicket",
-    "StapledTicketError",
-    "Toc",
-    "TocTooLargeError",
-    "TruncatedXarError",
-    "UnsafeTocError",
-    "UnsupportedChecksumError",
-    "XarArchive",
-    "XarError",
-    "XarFile",
-    "XarFormatError",
-    "XarHeader",
-    "prepare_signed",
-    "signature_data",
-    "write_package",
-    "write_signed",
-]

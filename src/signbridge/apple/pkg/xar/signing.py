@@ -205,31 +205,6 @@ def _check_signature_sizes(prepared: PreparedPackage, rsa_signature: bytes | Non
         )
 
 
-@dataclass(frozen=True)
-class SignatureData:
-    """What a package's signatures sign and hold, as stored."""
-
-    checksum_algorithm: HashAlgorithm | None
-    checksum: bytes | None  # the TOC checksum stored in the heap
-    checksum_matches: bool  # ... and whether it is the hash of the stored compressed TOC
-    rsa_signature: bytes | None  # the <signature> slot (style "RSA")
-    cms: bytes | None  # the whole <x-signature> slot: a CMS possibly followed by zero padding
-    certificates: tuple[bytes, ...]  # KeyInfo of the x-signature, else of the signature (DER, leaf first)
-
-
-def signature_data(archive: XarArchive) -> SignatureData:
-    toc = archive.toc
-    slot = toc.x_signature or toc.signature
-    return SignatureData(
-        checksum_algorithm=archive.checksum_algorithm,
-        checksum=archive.stored_toc_checksum(),
-        checksum_matches=archive.toc_checksum_matches(),
-        rsa_signature=archive.read_heap(toc.signature.heap_range) if toc.signature else None,
-        cms=archive.read_heap(toc.x_signature.heap_range) if toc.x_signature else None,
-        certificates=slot.certificates if slot else (),
-    )
-
-
 def _signature_area_end(archive: XarArchive) -> int:
     """Where the input's checksum and signatures end: the heap before that is replaced, the rest copied."""
     toc = archive.toc
