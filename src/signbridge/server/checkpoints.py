@@ -234,7 +234,3 @@ def _timestamp_problem(checkpoint: Checkpoint) -> str | None:
     if token.hash_algorithm is not HashAlgorithm.SHA256 or token.digest != hashlib.sha256(checkpoint.signature).digest():
         return f"the timestamp of the checkpoint at record {checkpoint.seq} covers something else"
     return None
-
-
-def certificate_pem(certificate: x509.Certificate) -> str:
-    return certificate.public_bytes(serialization.Encoding.PEM).decode()
