@@ -46,12 +46,13 @@ from ...crypto.cms import (
 from ...crypto.der import ASN1_ERRORS
 from ...crypto.hashes import HashAlgorithm
 from ...crypto.signatures import DigestSigner, EcdsaFormat, SignatureRequest, curve_size
-from ...crypto.timestamps import TimestampToken, parse_token, request_timestamp
 from ...errors import SignatureError, TimestampError
 from ..plist import load_plist
 
 if TYPE_CHECKING:
     import httpx
+
+    from ...crypto.timestamps import TimestampToken
 
 ATTR_APPLE_CDHASHES = "1.2.840.113635.100.9.1"  # XML plist {"cdhashes": [20-byte cdhash, ...]}
 ATTR_APPLE_CDHASHES2 = "1.2.840.113635.100.9.2"  # one SEQUENCE {hash OID, full cdhash} per CodeDirectory
@@ -68,7 +69,7 @@ class TimestampMismatch(CmsVerificationError):
 # Building
 
 
-Timestamper = Callable[[bytes], TimestampToken]
+Timestamper = Callable[[bytes], "TimestampToken"]
 
 
 def build_cdhashes_plist(cdhashes: Sequence[bytes]) -> bytes:
@@ -217,6 +218,8 @@ def timestamper(
 
     def stamp(signature: bytes) -> TimestampToken:
         digest = hash_algorithm.digest(signature)
+        from ...crypto.timestamps import request_timestamp
+
         return request_timestamp(url, digest, hash_algorithm, timeout=timeout, client=client)
 
     return stamp
@@ -309,6 +312,8 @@ def parse_signed_data(data: bytes) -> ParsedSignature:
     timestamp = None
     if signed.timestamp_token is not None:
         try:
+            from ...crypto.timestamps import parse_token  # only a timestamped signature needs the reader
+
             timestamp = parse_token(signed.timestamp_token)
         except TimestampError as exc:
             raise CmsFormatError(f"the signature's timestamp cannot be read: {exc}") from None
