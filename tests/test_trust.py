@@ -38,9 +38,9 @@ from pkikit import (
     write_pem,
 )
 from signbridge.apple import certificates as apple
+from signbridge.apple.certificates import APPLE_ROOT_FINGERPRINTS
 from signbridge.apple.trust import (
     ANCHORS_ENVIRONMENT_VARIABLE,
-    APPLE_ROOT_FINGERPRINTS,
     CertificateKind,
     Purpose,
     TrustAnchorError,

@@ -10,9 +10,22 @@ import enum
 from collections.abc import Iterable
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..crypto.chains import extended_key_usages
+
+# SHA-256 fingerprints of Apple's root certificates (Apple Root CA, Apple Root CA - G2 and - G3,
+# and the expired Apple Computer root), computed from the certificates Apple publishes.
+APPLE_ROOT_FINGERPRINTS = frozenset(
+    bytes.fromhex(fingerprint)
+    for fingerprint in (
+        "b0b1730ecbc7ff4505142c49f1295e6eda6bcaed7e2c68c5be91b5a11001f024",
+        "c2b9b042dd57830e7d117dac55ac8ae19407d38e41d88f3215bc3a890444a050",
+        "63343abfb89a6a03ebb57e9b3f5fa7be7c4f5c756f3017b3a8c488c3653e9179",
+        "0d83b611b648a1a75eb8558400795375cad92e264ed8e9d7a757c1f5ee2bb22d",
+    )
+)
 
 APPLE_OID = "1.2.840.113635.100"
 
@@ -71,3 +84,8 @@ def team_identifier(cert: x509.Certificate, issuers: Iterable[x509.Certificate])
     if not units or not any(extension_oids(issuer) & developer for issuer in issuers):
         return None
     return str(units[0].value)
+
+
+def certificate_sha1(certificate: x509.Certificate) -> bytes:
+    """The hash by which the requirement language names a certificate (``certificate leaf = H"..."``)."""
+    return certificate.fingerprint(hashes.SHA1())  # noqa: S303 - the requirement language's hash

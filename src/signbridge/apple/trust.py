@@ -36,6 +36,7 @@ from ..crypto.names import common_name
 from ..errors import ConfigError
 from .certificates import (
     APPLE_DISTRIBUTION,
+    APPLE_ROOT_FINGERPRINTS,
     DEVELOPER_ID_APPLICATION,
     DEVELOPER_ID_INSTALLER,
     DEVELOPER_ID_INTERMEDIATE,
@@ -53,18 +54,6 @@ from .certificates import (
 )
 
 ANCHORS_ENVIRONMENT_VARIABLE = "SIGNBRIDGE_ANCHORS"
-
-# SHA-256 fingerprints of Apple's root certificates (Apple Root CA, Apple Root CA - G2 and - G3,
-# and the expired Apple Computer root), computed from the certificates Apple publishes.
-APPLE_ROOT_FINGERPRINTS = frozenset(
-    bytes.fromhex(fingerprint)
-    for fingerprint in (
-        "b0b1730ecbc7ff4505142c49f1295e6eda6bcaed7e2c68c5be91b5a11001f024",
-        "c2b9b042dd57830e7d117dac55ac8ae19407d38e41d88f3215bc3a890444a050",
-        "63343abfb89a6a03ebb57e9b3f5fa7be7c4f5c756f3017b3a8c488c3653e9179",
-        "0d83b611b648a1a75eb8558400795375cad92e264ed8e9d7a757c1f5ee2bb22d",
-    )
-)
 
 # Apple's leaf and intermediate marker extensions (1.2.840.113635.100.6.*) are often critical;
 # they only say what kind of certificate this is, so they never make a chain fail.

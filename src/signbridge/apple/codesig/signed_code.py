@@ -16,9 +16,14 @@ from cryptography.x509.oid import NameOID
 
 from ...crypto.chains import build_chain
 from ...errors import SignbridgeError
-from ..certificates import DEVELOPER_ID_INTERMEDIATE, WWDR_INTERMEDIATE, extension_oids
+from ..certificates import (
+    APPLE_ROOT_FINGERPRINTS,
+    DEVELOPER_ID_INTERMEDIATE,
+    WWDR_INTERMEDIATE,
+    certificate_sha1,
+    extension_oids,
+)
 from ..macho.parse import MachO, MachOFile
-from ..trust import APPLE_ROOT_FINGERPRINTS
 from . import cms
 from .blobs import CodeSignatureFormatError
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType
@@ -39,7 +44,6 @@ from .requirements.binary import (
     parse_requirement_set,
 )
 from .requirements.binary import identifier as identifier_expr
-from .requirements.evaluation import certificate_sha1
 
 
 class ArchitectureNotFoundError(SignbridgeError):

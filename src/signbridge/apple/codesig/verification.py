@@ -14,14 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from ...errors import SignbridgeError
+from ..certificates import APPLE_ROOT_FINGERPRINTS
 from ..macho.parse import MachO
 from ..plist import plist_dict
-from ..trust import APPLE_ROOT_FINGERPRINTS, TrustResult
 from . import cms
 from .blobs import CodeSignatureFormatError
 from .codedirectory import CodeDirectory
@@ -31,6 +31,9 @@ from .requirements.binary import Expr
 from .requirements.evaluation import RequirementContext
 from .requirements.text import render
 from .signed_code import derived_designated_requirement, explicit_designated_requirement, preferred_directory
+
+if TYPE_CHECKING:
+    from ..trust import TrustResult
 
 # Apple's sentences (Security framework error strings), as codesign prints them after the path.
 UNSIGNED = "code object is not signed at all"

@@ -44,9 +44,10 @@ from ...crypto.cms import verify_detached
 from ...crypto.der import CertificateFormatError, read_certificates
 from ...crypto.hashes import HashAlgorithm
 from ...errors import SignatureError
+from ..certificates import APPLE_ROOT_FINGERPRINTS
 from ..codesig import cms
 from ..notary.ticket import TicketError, parse_ticket
-from ..trust import APPLE_ROOT_FINGERPRINTS, Purpose, TrustResult, evaluate_chain
+from ..trust import Purpose, TrustResult, evaluate_chain
 from .xar.archive import XarArchive, signature_data
 from .xar.errors import ChecksumMismatchError, XarError
 from .xar.toc import SignatureSlot

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from ...trust import APPLE_ROOT_FINGERPRINTS
+from ...certificates import APPLE_ROOT_FINGERPRINTS, certificate_sha1
 from .binary import (
     ANCHOR_CERT,
     OPCODE_FLAG_DEFAULT_FALSE,
@@ -120,11 +120,6 @@ def evaluate(expr: Expr, context: RequirementContext) -> bool:
     if op & OPCODE_FLAG_DEFAULT_FALSE:
         return False
     return bool(op & OPCODE_FLAG_MASK)  # an unknown opcode Apple marks skippable
-
-
-def certificate_sha1(certificate: x509.Certificate) -> bytes:
-    """The hash by which the requirement language names a certificate (``certificate leaf = H"..."``)."""
-    return certificate.fingerprint(hashes.SHA1())  # noqa: S303 - the requirement language's hash
 
 
 def _match_value(value: Any, match: Match) -> bool:
