@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .. import jarsigning
 from ..api import ServiceClient
+from ..crypto.certificate_files import read_certificates
 from ..crypto.hashes import HashAlgorithm
 from ..crypto.signatures import (
     EcdsaFormat,
@@ -84,7 +85,7 @@ class Demo:
     @property
     def root_certificate(self) -> x509.Certificate:
         assert self.info is not None
-        return x509.load_pem_x509_certificate(Path(self.info["rootCertificate"]).read_bytes())
+        return read_certificates(Path(self.info["rootCertificate"]), role="demo root certificate")[0]
 
     def provider_env(self) -> dict[str, str]:
         """What a build machine sets to use the demo service: SignPath's variables, plus where the
