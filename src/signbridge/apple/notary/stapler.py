@@ -51,6 +51,7 @@ from ..pkg.xar.errors import XarError
 from ..pkg.xar.output import copy_range, package_output
 from .errors import StapleError
 from .lookup import HASH_SHA1, HASH_SHA256, fetch_ticket, record_name
+from .stapled import read_stapled_ticket, remove_stapled_ticket, stapled_ticket_path
 from .ticket import Ticket, TicketError, parse_ticket
 
 _T8LR = struct.Struct("<4sHHII")  # magic, version, kind, length, unused
@@ -80,7 +81,7 @@ class BundleTarget:
 
     @property
     def ticket_path(self) -> Path:
-        return self.bundle.content_root / "CodeResources"
+        return stapled_ticket_path(self.bundle.content_root)
 
     def digests(self) -> list[tuple[int, bytes]]:
         executable = self.bundle.executable_path
@@ -99,20 +100,13 @@ class BundleTarget:
             raise StapleError(f"{self.path.name}: cannot read the main executable's signature: {exc}") from None
 
     def read_ticket(self) -> bytes | None:
-        try:
-            return self.ticket_path.read_bytes()
-        except FileNotFoundError:
-            return None
+        return read_stapled_ticket(self.bundle.content_root)
 
     def write_ticket(self, ticket: bytes) -> None:
         write_atomically(self.ticket_path, ticket, fsync=True, make_parents=True)
 
     def remove_ticket(self) -> bool:
-        try:
-            self.ticket_path.unlink()
-        except FileNotFoundError:
-            return False
-        return True
+        return remove_stapled_ticket(self.bundle.content_root)
 
 
 @dataclass
