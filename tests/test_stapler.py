@@ -28,6 +28,7 @@ from signbridge.apple.notary.errors import StapleError, TicketError
 from signbridge.apple.notary.lookup import record_name
 from signbridge.apple.notary.stapler import check_chain, covers, open_stapleable, staple, unstaple, validate
 from signbridge.apple.notary.ticket import parse_ticket
+from signbridge.apple.trust import load_anchors
 
 SIGNBRIDGE = [sys.executable, "-m", "signbridge"]
 
@@ -181,3 +182,16 @@ def test_unsigned_disk_images_are_refused(tmp_path, item):
     assert result.returncode == 65
     assert "is not signed; sign the disk image" in result.stderr
     assert copy.read_bytes() == before
+
+
+@pytest.mark.parametrize("item", STAPLED_PKGS[:1] + DMGS[1:2])
+def test_ticket_that_chains_to_no_configured_anchor_is_refused(item):
+    # Apple's tickets chain to Apple Root CA - G3; configured with only Apple Root CA, validation
+    # must fail rather than accept a chain that ends nowhere it was told to trust.
+    path = corpus_item(item)
+    other_root = corpus_item("anchors/AppleRootCA.pem")
+    with pytest.raises(TicketError, match="none of the configured ticket anchors"):
+        validate(path, anchors=tuple(load_anchors(str(other_root))))
+    checked = _stapler("validate", "--anchors", str(other_root), str(path))
+    assert checked.returncode != 0 and "none of the configured ticket anchors" in checked.stderr
+    assert validate(path).certificates  # without anchors the ticket's own chain is checked, as before

@@ -43,11 +43,9 @@ MAC_DEVELOPER = f"{APPLE_OID}.6.1.12"
 # Intermediate markers (1.2.840.113635.100.6.2.x)
 WWDR_INTERMEDIATE = f"{APPLE_OID}.6.2.1"
 DEVELOPER_ID_INTERMEDIATE = f"{APPLE_OID}.6.2.6"
-TIMESTAMP_INTERMEDIATE = f"{APPLE_OID}.6.2.9"
 
 # Extended key usages
 EKU_CODE_SIGNING = ExtendedKeyUsageOID.CODE_SIGNING.dotted_string
-EKU_SAFARI_DEVELOPER = f"{APPLE_OID}.4.8"
 EKU_MAC_INSTALLER = f"{APPLE_OID}.4.9"
 EKU_DEVELOPER_ID_INSTALLER = f"{APPLE_OID}.4.13"
 
@@ -89,3 +87,8 @@ def team_identifier(cert: x509.Certificate, issuers: Iterable[x509.Certificate])
 def certificate_sha1(certificate: x509.Certificate) -> bytes:
     """The hash by which the requirement language names a certificate (``certificate leaf = H"..."``)."""
     return certificate.fingerprint(hashes.SHA1())  # noqa: S303 - the requirement language's hash
+
+
+def is_apple_root(certificate: x509.Certificate, roots: frozenset[bytes] = APPLE_ROOT_FINGERPRINTS) -> bool:
+    """Whether ``certificate`` is one of Apple's roots (``roots``: their SHA-256 fingerprints)."""
+    return certificate.fingerprint(hashes.SHA256()) in roots

@@ -18,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from ..crypto.certificate_files import read_certificates
 from ..crypto.chains import (
@@ -50,6 +49,7 @@ from .certificates import (
     MAC_INSTALLER_DISTRIBUTION,
     Usage,
     extension_oids,
+    is_apple_root,
     usage,
 )
 
@@ -247,7 +247,7 @@ def evaluate_chain(
     if result.anchor is None and not anchors:
         unconfigured = "no trust anchors are configured (set SIGNBRIDGE_ANCHORS or TrustAnchors)"
         path["problems"] = (unconfigured, *result.problems)
-    apple_anchor = result.anchor is not None and _fingerprint(result.anchor) in apple_roots
+    apple_anchor = result.anchor is not None and is_apple_root(result.anchor, apple_roots)
     return TrustResult(**path, apple_anchor=apple_anchor)
 
 
@@ -272,10 +272,6 @@ _PURPOSES = {
     Purpose.INSTALLER: ChainPurpose("installer", _installer_signing_problems),
     Purpose.ANY: ANY_SIGNATURE,
 }
-
-
-def _fingerprint(certificate: x509.Certificate) -> bytes:
-    return certificate.fingerprint(hashes.SHA256())
 
 
 def _read_anchors(path: Path) -> list[x509.Certificate]:

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from uvicorn.config import LOGGING_CONFIG
 
+from ..atomic import write_atomically
 from ..config import is_loopback_host
 from ..errors import UsageError
 from ..provider.registry import pid_alive
@@ -83,7 +84,7 @@ def init(
             with store.session() as session:
                 info = create_demo(session, store.keystore)
             root = store.settings.data_dir / "demo-root.pem"
-            root.write_text(info.root_pem)
+            write_atomically(root, info.root_pem.encode())
             result |= {
                 "organizationId": info.organization_id,
                 "apiToken": info.api_token,

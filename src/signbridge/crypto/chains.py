@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
+from .names import common_name
 from .signatures import CertificateSignatureError, verify_certificate_signature
 
 MAX_CHAIN_LENGTH = 8
@@ -48,8 +49,7 @@ def unique_certificates(certificates: Iterable[x509.Certificate]) -> list[x509.C
 
 def describe(certificate: x509.Certificate) -> str:
     """A certificate as messages name it: its common name (else its subject), quoted."""
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return f'"{names[0].value if names else certificate.subject.rfc4514_string() or "(no subject)"}"'
+    return f'"{common_name(certificate) or "(no subject)"}"'
 
 
 def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -42,7 +42,9 @@ class SignatureRequest:
 DigestSigner = Callable[[SignatureRequest], bytes]
 """Signs ``request.digest`` with a key that may live anywhere (a token, a keystore, a test's key).
 
-RSA: PKCS#1 v1.5 or PSS per ``request.scheme``. ECDSA: in ``request.ecdsa_format``."""
+RSA: PKCS#1 v1.5 or PSS per ``request.scheme``. ECDSA: in the format the signer documents (a
+token key and every identity's ``sign``: DER), which whoever uses the signature names when it
+checks it (``sign_detached``'s ``ecdsa_format``)."""
 
 
 def curve_size(curve: ec.EllipticCurve) -> int:
@@ -50,8 +52,14 @@ def curve_size(curve: ec.EllipticCurve) -> int:
 
 
 def ecdsa_der_to_ieee(signature: bytes, curve: ec.EllipticCurve) -> bytes:
-    r, s = utils.decode_dss_signature(signature)
+    """DER ``SEQUENCE {r, s}`` to r || s, each the curve's size (:class:`SignatureError` if it cannot be)."""
+    try:
+        r, s = utils.decode_dss_signature(signature)
+    except ValueError:
+        raise SignatureError("a malformed ECDSA signature") from None
     size = curve_size(curve)
+    if r.bit_length() > 8 * size or s.bit_length() > 8 * size:
+        raise SignatureError("an ECDSA signature for another curve")
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 
 from ..crypto.chains import build_chain, self_signed
+from ..crypto.der import CertificateFormatError, read_certificate
 from ..crypto.identity import Identity
 from ..pkcs11 import CKA, CKO, Pkcs11Client, Pkcs11Error, Pkcs11Object
 from ..pkcs11.constants import CATEGORY_AUTHORITY
@@ -73,9 +74,9 @@ def _slot_identities(
     for obj in client.certificates(slot):
         der = obj.attributes.get(CKA.VALUE)
         try:
-            certificate = x509.load_der_x509_certificate(bytes(der or b""))  # type: ignore[arg-type]
-        except ValueError:
-            log.warning("token %s: certificate object %r is not X.509 DER; skipped", record.name, obj.label)
+            certificate = read_certificate(bytes(der or b""), f"certificate object {obj.label!r}")  # type: ignore[arg-type]
+        except CertificateFormatError as exc:
+            log.warning("token %s: %s; skipped", record.name, exc)
             continue
         category = obj.attributes.get(CKA.CERTIFICATE_CATEGORY)
         if category != CATEGORY_AUTHORITY and obj.id in keys:

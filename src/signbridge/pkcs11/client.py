@@ -69,15 +69,6 @@ class LibraryInfo:
 
 
 @dataclass(frozen=True)
-class SlotInfo:
-    description: str
-    manufacturer: str
-    flags: int
-    hardware_version: tuple[int, int]
-    firmware_version: tuple[int, int]
-
-
-@dataclass(frozen=True)
 class TokenInfo:
     label: str
     manufacturer: str
@@ -294,13 +285,6 @@ class Pkcs11Client:
         r.done()
         return values or []
 
-    def slot_info(self, slot: int) -> SlotInfo:
-        r = self._call(self._request(Call.C_GetSlotInfo).ulong(slot))
-        info = SlotInfo(
-            _text(r.space_string(64)), _text(r.space_string(32)), r.ulong(), r.version(), r.version()
-        )
-        r.done()
-        return info
 
     def token_info(self, slot: int) -> TokenInfo:
         r = self._call(self._request(Call.C_GetTokenInfo).ulong(slot))

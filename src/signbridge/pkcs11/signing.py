@@ -12,10 +12,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ..crypto.hashes import HashAlgorithm
-from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, curve_size, verify_digest_signature
+from ..crypto.signatures import (
+    EcdsaFormat,
+    Scheme,
+    SignatureRequest,
+    curve_size,
+    ecdsa_der_to_ieee,
+    verify_digest_signature,
+)
 from ..errors import SignatureError
 from .constants import CKF, CKG, CKK, CKM, CKO, CKR, name
 from .errors import Pkcs11Error
@@ -194,13 +201,9 @@ def finish_signature(key: TokenObject, request: SignatureRequest, signature: byt
     size = signature_length(key)
     if isinstance(public_key, ec.EllipticCurvePublicKey) and len(signature) != size:
         try:
-            r, s = utils.decode_dss_signature(signature)
-        except ValueError:
-            raise Pkcs11Error(CKR.DEVICE_ERROR, "the signer returned a malformed ECDSA signature") from None
-        half = size // 2
-        if r.bit_length() > 8 * half or s.bit_length() > 8 * half:
-            raise Pkcs11Error(CKR.DEVICE_ERROR, "the signer returned an ECDSA signature for another curve")
-        signature = r.to_bytes(half, "big") + s.to_bytes(half, "big")
+            signature = ecdsa_der_to_ieee(signature, public_key.curve)
+        except SignatureError as exc:
+            raise Pkcs11Error(CKR.DEVICE_ERROR, f"the signer returned {exc}") from None
     if isinstance(public_key, rsa.RSAPublicKey) and 0 < len(signature) < size:
         signature = signature.rjust(size, b"\0")
     if len(signature) != size:

@@ -257,10 +257,6 @@ class Writer:
         self._bytes(pad(text, width))
         return self
 
-    def zero_string(self, text: bytes) -> Writer:
-        self._part("z")
-        self._bytes(text)
-        return self
 
     def byte_array(self, data: bytes | None, length: int | None = None) -> Writer:
         """``ay``: present data, or (``data is None``) only a length: NULL pData, or in responses
@@ -518,9 +514,6 @@ class Reader:
             raise ProtocolError(f"{self.call.name}: a padded string must be {width} bytes long")
         return data
 
-    def zero_string(self) -> bytes:
-        self._part("z")
-        return self._bytes() or b""
 
     def byte_array(self) -> tuple[bytes | None, int]:
         """``(data, length)``; ``data`` is None when only a length was sent."""

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from ..api.client import ApiError, ServiceClient, ServiceUnavailable, SigningPolicyInfo, TlsVerificationError
+from ..crypto.names import common_name
 from ..errors import ConfigError, SignbridgeError
 from ..pkcs11 import TokenObject, authority_object, objects_for_identity
 
@@ -117,7 +118,7 @@ def check_unambiguous(
     choices = " or ".join(_isolating_filter(policy, group, project_slug) for policy in group)
     more = f" ({len(groups) - 1} more certificate(s) are shared too)" if len(groups) > 1 else ""
     raise AmbiguousReference(
-        f'ambiguous reference: the certificate "{_common_name(certificate)}" (SHA-1 {sha1}) is used by '
+        f'ambiguous reference: the certificate "{common_name(certificate)}" (SHA-1 {sha1}) is used by '
         f"the signing policies {names}; load one of them with {choices}{more}"
     )
 
@@ -130,11 +131,6 @@ def _isolating_filter(policy: SigningPolicyInfo, group: Sequence[SigningPolicyIn
     if len(same_slug) == 1:
         return f"--signing-policy-slug {policy.signing_policy_slug}"
     return f"--project-slug {policy.project_slug} --signing-policy-slug {policy.signing_policy_slug}"
-
-
-def _common_name(certificate: x509.Certificate) -> str:
-    names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(names[0].value) if names else certificate.subject.rfc4514_string()
 
 
 def build_objects(policies: Sequence[SigningPolicyInfo]) -> LoadedIdentities:

@@ -22,16 +22,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
 from ..crypto.hashes import HashAlgorithm
-from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest
+from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from ..crypto.timestamps import build_request, parse_response, parse_token
-from ..errors import AuditError, SignbridgeError
+from ..errors import AuditError, SignatureError, SignbridgeError
 from . import directory, pki
 from .keystores import KeyRef, KeySpec, Keystore
 from .models import AuditCheckpoint, AuditHead, Certificate
@@ -210,9 +209,12 @@ def check_signatures(checkpoints: Iterable[Checkpoint], certificate: x509.Certif
     trusted: dict[int, str] = {}
     problems: list[str] = []
     for checkpoint in checkpoints:
+        request = SignatureRequest(
+            HashAlgorithm.SHA256.digest(checkpoint.message), HashAlgorithm.SHA256, Scheme.ECDSA, EcdsaFormat.ASN1
+        )
         try:
-            public_key.verify(checkpoint.signature, checkpoint.message, ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
+            verify_digest_signature(public_key, request, checkpoint.signature)
+        except SignatureError:
             problems.append(f"the checkpoint at record {checkpoint.seq} ({checkpoint.time}) is not signed by the checkpoint key (forged or altered)")
             continue
         if checkpoint.timestamp is not None:

@@ -1,6 +1,6 @@
 """A slice's embedded code signature, read back: the SuperBlob and its parsed parts.
 
-Readers (verify, display) and signers (macho_signing) both use it; it writes nothing.
+Readers (the verifiers, display) and signers (:mod:`..macho.sign`) both use it; it writes nothing.
 """
 
 from __future__ import annotations

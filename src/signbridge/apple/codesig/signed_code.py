@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from ...crypto.chains import build_chain
@@ -22,6 +21,7 @@ from ..certificates import (
     WWDR_INTERMEDIATE,
     certificate_sha1,
     extension_oids,
+    is_apple_root,
 )
 from ..macho.parse import MachO, MachOFile
 from . import cms
@@ -138,7 +138,7 @@ def designated_requirement(
     if not certificates:
         return None
     anchor = certificates[-1]
-    if anchor.fingerprint(hashes.SHA256()) in apple_roots:
+    if is_apple_root(anchor, apple_roots):
         tail = _apple_anchor(certificates)
     else:
         tail = _non_apple_anchor(certificates)

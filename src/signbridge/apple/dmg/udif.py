@@ -37,7 +37,6 @@ from .detect import TRAILER_MAGIC, TRAILER_SIZE
 
 FORMAT = "disk image"
 _SIGNATURE_OFFSET_FIELD = 296
-_SIGNATURE_LENGTH_FIELD = 304
 _HASH_CHUNK = 64 << 20  # bytes per hashlib call: progress steps, each one GIL-free pass
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import platformdirs
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ...atomic import write_atomically
+from ...crypto.signatures import ecdsa_der_to_ieee
 from .errors import CredentialsError
 
 AUDIENCE = "appstoreconnect-v1"
@@ -51,8 +51,7 @@ class ApiKey:
         claims = {"iss": self.issuer, "iat": issued, "exp": issued + lifetime, "aud": AUDIENCE}
         signing_input = f"{_b64(json.dumps(header, separators=(',', ':')).encode())}.{_b64(json.dumps(claims, separators=(',', ':')).encode())}"
         der = self.private_key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-        r, s = decode_dss_signature(der)
-        return f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        return f"{signing_input}.{_b64(ecdsa_der_to_ieee(der, self.private_key.curve))}"  # JWS: r || s
 
 
 def _b64(data: bytes) -> str:

@@ -51,7 +51,7 @@ from ..pkg.xar.errors import XarError
 from ..pkg.xar.output import copy_range, package_output
 from .errors import StapleError
 from .lookup import HASH_SHA1, HASH_SHA256, fetch_ticket, record_name
-from .stapled import read_stapled_ticket, remove_stapled_ticket, stapled_ticket_path
+from .stapled import remove_stapled_ticket, stapled_ticket_path
 from .ticket import Ticket, TicketError, parse_ticket
 
 _T8LR = struct.Struct("<4sHHII")  # magic, version, kind, length, unused
@@ -100,7 +100,10 @@ class BundleTarget:
             raise StapleError(f"{self.path.name}: cannot read the main executable's signature: {exc}") from None
 
     def read_ticket(self) -> bytes | None:
-        return read_stapled_ticket(self.bundle.content_root)
+        try:  # whatever is there: a damaged ticket is reported as damaged, not as missing
+            return self.ticket_path.read_bytes()
+        except FileNotFoundError:
+            return None
 
     def write_ticket(self, ticket: bytes) -> None:
         write_atomically(self.ticket_path, ticket, fsync=True, make_parents=True)
@@ -298,7 +301,11 @@ def check_ticket(target: Stapleable, data: bytes, anchors: tuple[x509.Certificat
     """Parse ``data`` and check its signature, its chain and that it covers ``target``."""
     ticket = parse_ticket(data, target.path.name)
     ticket.verify_signature()
-    check_chain(ticket, anchors)
+    if not check_chain(ticket, anchors) and anchors:
+        raise TicketError(
+            f"{ticket.name}: the ticket's chain ends at {ticket.certificates[-1].issuer.rfc4514_string()}, "
+            "which is none of the configured ticket anchors"
+        )
     digests = target.digests()
     if not any(covers(ticket, hash_type, digest) for hash_type, digest in digests):
         wanted = ", ".join(record_name(t, d) for t, d in digests)

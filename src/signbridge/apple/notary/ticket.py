@@ -31,15 +31,15 @@ from datetime import UTC, datetime
 from asn1crypto import core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ...crypto.der import ASN1_ERRORS, CertificateFormatError, read_certificates
-from ...errors import SignbridgeError
+from ...crypto.hashes import HashAlgorithm
+from ...crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
+from ...errors import SignatureError, SignbridgeError
+from .stapled import TICKET_MAGIC
 
-TICKET_MAGIC = b"s8ch"
 CONTENT_MAGIC = b"g8tk"
 _HEADER = struct.Struct("<4sIII")
 _CONTENT_HEADER = struct.Struct("<4sHHIIQ")
@@ -83,9 +83,12 @@ class Ticket:
         key = self.certificates[0].public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise TicketError(f"{self.name}: the notarization ticket's signing certificate has no ECDSA key")
+        request = SignatureRequest(
+            HashAlgorithm.SHA256.digest(self.signed), HashAlgorithm.SHA256, Scheme.ECDSA, EcdsaFormat.ASN1
+        )
         try:
-            key.verify(self.signature, self.signed, ec.ECDSA(hashes.SHA256()))
-        except (InvalidSignature, UnsupportedAlgorithm):
+            verify_digest_signature(key, request, self.signature)
+        except SignatureError:
             raise TicketError(
                 f"{self.name}: the signature of the stapled notarization ticket does not verify; the ticket was "
                 "altered or damaged"

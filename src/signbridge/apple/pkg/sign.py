@@ -3,7 +3,7 @@
 Only digests reach the signer (:attr:`Identity.sign`, i.e. the token):
 
 1. The package's new table of contents is built with room for both signatures and its checksum
-   computed (:func:`signbridge.apple.pkg.xar.prepare_signed`). That TOC checksum is what is signed.
+   computed (:func:`signbridge.apple.pkg.xar.signing.prepare_signed`). That TOC checksum is what is signed.
 2. The classic ``<signature style="RSA">``: RSASSA-PKCS1-v1_5 where the checksum *is* the message
    hash, i.e. one :class:`SignatureRequest` with ``digest=checksum`` and the checksum's algorithm.
 3. The ``<x-signature style="CMS">``: a detached CMS SignedData over the checksum bytes (content

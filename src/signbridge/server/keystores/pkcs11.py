@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 
 import pkcs11
 from asn1crypto.core import OctetString
-from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 
 from ...crypto.hashes import HashAlgorithm
-from ...crypto.signatures import Scheme, SignatureRequest
+from ...crypto.signatures import Scheme, SignatureRequest, curve_size, ecdsa_ieee_to_der
 from ...errors import KeystoreError, SignatureError
 from . import KeyRef, KeySpec
 
@@ -64,7 +64,12 @@ _MAX_KEY_ID_BYTES = 64
 class _CachedKey:
     handle: pkcs11.PrivateKey
     key_type: KeyType
-    ec_size: int = 0  # bytes in the curve order, for truncating ECDSA input
+    curve: ec.EllipticCurve | None = None  # an EC key's curve
+
+    @property
+    def ec_size(self) -> int:
+        """Bytes in the curve order, for truncating ECDSA input."""
+        return curve_size(self.curve) if self.curve is not None else 0
 
 
 @dataclass(eq=False)
@@ -191,8 +196,8 @@ class Pkcs11Keystore:
                 raise KeystoreError(
                     f"the PKCS#11 token refused to sign with {ref}: {_describe(exc)}"
                 ) from None
-        if key.key_type is KeyType.EC:
-            return _ecdsa_raw_to_der(raw)
+        if key.curve is not None:
+            return ecdsa_ieee_to_der(raw, key.curve)  # the token's r || s
         return raw
 
     def delete(self, ref: KeyRef) -> None:
@@ -227,12 +232,10 @@ class Pkcs11Keystore:
                 if handle is None:
                     raise self._not_found(ref)
                 key_type = handle.key_type
-                ec_size = 0
-                if key_type is KeyType.EC:
-                    ec_size = (_curve(handle[Attribute.EC_PARAMS]).key_size + 7) // 8
+                curve = _curve(handle[Attribute.EC_PARAMS]) if key_type is KeyType.EC else None
         except p11.PKCS11Error as exc:
             raise KeystoreError(f"cannot find {ref} on the token: {_describe(exc)}") from None
-        cached = _CachedKey(handle, key_type, ec_size)
+        cached = _CachedKey(handle, key_type, curve)
         connection.private_keys[key_id] = cached
         return cached
 
@@ -402,13 +405,6 @@ def _mechanism_for(key: _CachedKey, request: SignatureRequest) -> tuple[Mechanis
         # here (both curves' orders are a whole number of bytes).
         return Mechanism.ECDSA, None, request.digest[: key.ec_size]
     raise SignatureError(f"unsupported key type {key.key_type!r}")
-
-
-def _ecdsa_raw_to_der(raw: bytes) -> bytes:
-    half = len(raw) // 2
-    if not raw or len(raw) % 2:
-        raise SignatureError(f"the token returned a malformed ECDSA signature of {len(raw)} bytes")
-    return utils.encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
 
 def _describe(exc: Exception) -> str:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from ...certificates import APPLE_ROOT_FINGERPRINTS, certificate_sha1
+from ...certificates import APPLE_ROOT_FINGERPRINTS, certificate_sha1, is_apple_root
 from .binary import (
     ANCHOR_CERT,
     OPCODE_FLAG_DEFAULT_FALSE,
@@ -70,7 +69,7 @@ class RequirementContext:
         return (
             self.trusted
             and anchor is not None
-            and anchor.fingerprint(hashes.SHA256()) in self.apple_roots
+            and is_apple_root(anchor, self.apple_roots)
         )
 
 

@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography import x509
-
+from ....crypto.der import CertificateFormatError, read_certificate
 from ....crypto.hashes import HashAlgorithm
 from ....errors import SignatureError
 from .archive import XarArchive
@@ -230,8 +229,8 @@ def _check_certificates(certificates: list[bytes]) -> None:
         raise SignatureError("a package signature needs the signing certificate")
     for number, der in enumerate(certificates, 1):
         try:
-            x509.load_der_x509_certificate(der)
-        except ValueError:
+            read_certificate(der, f"certificate {number} of the chain")
+        except CertificateFormatError:
             raise SignatureError(f"certificate {number} of the chain is not a DER-encoded X.509 certificate") from None
 
 
