@@ -37,7 +37,6 @@ from signbridge.apple.bundle.layout import (
     NotABundleError,
     UnsealedContentError,
     sign_bundle_plan,
-    staged_bundle,
 )
 from signbridge.apple.bundle.resources.checking import SealProblemKind, verify_code_resources
 from signbridge.apple.bundle.resources.hashing import DigestCache, hash_file, hash_files
@@ -48,6 +47,7 @@ from signbridge.apple.bundle.resources.writing import (
     build_code_resources,
     serialize_code_resources,
 )
+from signbridge.apple.bundle.staging import staged_bundle
 from signbridge.apple.codesig.codedirectory import HashType, hash_code
 from signbridge.apple.codesig.embedded_signature import read_signature
 from signbridge.apple.macho.parse import parse_file

@@ -94,6 +94,7 @@ WRITERS = (
     "signbridge.apple.macho.sign",
     "signbridge.apple.macho.writer",
     "signbridge.apple.bundle.sign",
+    "signbridge.apple.bundle.staging",
     "signbridge.apple.bundle.detached_signing",
     "signbridge.apple.bundle.resources.writing",
     "signbridge.apple.dmg.sign",

@@ -1,4 +1,4 @@
-"""Bundles: layout discovery, validation, nested code, signing order and safe replacement.
+"""Bundles: layout discovery, validation, nested code and signing order.
 
 Three layouts are understood:
 
@@ -17,35 +17,18 @@ itself); messages show paths relative to the bundle root.
 Opening a bundle validates it as codesign does before signing: no symbolic link may point outside
 the bundle, every file must be readable, and nothing may sit unsealed in the bundle's root.
 
-Replacing a bundle safely: :func:`staged_bundle` rebuilds the bundle's tree in a hidden directory
-beside it (directories and symbolic links made anew, each file a hard link to the original's),
-lets the caller sign it there, and on success swaps it into place with one atomic
-``renameat2(RENAME_EXCHANGE)`` on Linux (two renames elsewhere); on failure the staged tree is
-discarded. Signing never writes into a file: every file it changes (signed Mach-O,
-``CodeResources``, detached signature files) is written anew and renamed over its staged name
-(:mod:`signbridge.atomic`), which replaces the staged
-link and leaves the original's file as it was. So no file data is copied to stage a bundle, and
-removing the replaced tree afterwards frees only the files that signing replaced: for 5,000 files
-/ 500 MB on the 2-core build machine, copying the files took 1.9-2.4 s and deleting the old copy up
-to seconds more on a busy disk; linking them takes a few hundredths of a second. Where the file
-system refuses a hard link, that file is copied.
+Replacing a bundle safely, in a staged copy: :mod:`.staging`.
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ...atomic import replace_directory
 from ...errors import SignbridgeError
 from ..plist import load_plist_dict
 from .resources.rules import (
@@ -71,7 +54,6 @@ __all__ = [
     "bundle_format",
     "check_nesting",
     "sign_bundle_plan",
-    "staged_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -222,7 +204,7 @@ class Bundle:
         return bundle
 
     def moved_to(self, root: Path) -> Bundle:
-        """This bundle as a copy of it at ``root`` (see :func:`staged_bundle`) is: the same layout and
+        """This bundle as a copy of it at ``root`` (see :func:`~signbridge.apple.bundle.staging.staged_bundle`) is: the same layout and
         Info.plist, already validated, at other paths."""
 
         def moved(path: Path) -> Path:
@@ -429,58 +411,3 @@ def _check_readable(path: str, shown: str) -> None:
     except OSError as error:
         raise UnreadableFileError(f"cannot read {shown}: {error.strerror}") from error
     os.close(descriptor)
-
-
-# --- replacing safely ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def staged_bundle(path: Bundle | str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a staged copy of the bundle; replace the original with it if the body succeeds.
-
-    The staged files are hard links to the original's: the body must replace a file it changes
-    (write a new one and rename it over the staged name), never write into it. The bundle is
-    validated first (:meth:`Bundle.open`; a :class:`Bundle` given is validated already), so bad
-    input fails before anything is staged. Stage once, at the outermost bundle, and sign nested
-    code inside the staged copy.
-    """
-    original = (path if isinstance(path, Bundle) else Bundle.open(path)).root
-    try:
-        work = Path(tempfile.mkdtemp(prefix=f".{original.name}.", suffix=".signing", dir=original.parent))
-    except OSError as error:
-        raise BundleError(f"cannot make a working copy beside {original.name}: {error.strerror}") from error
-    try:
-        staged = work / original.name
-        try:
-            shutil.copytree(original, staged, symlinks=True, copy_function=_link_or_copy)
-        except OSError as error:
-            raise BundleError(f"cannot make a working copy of {original.name}: {error}") from error
-        yield staged
-        replace_directory(staged, original, work / f"{original.name}.original")
-    finally:
-        _remove_quietly(work)
-
-
-# Why os.link may refuse: a file system without hard links, the file's link count at its maximum,
-# or fs.protected_hardlinks for a file the caller does not own.
-_NO_LINK_ERRORS = frozenset({errno.EPERM, errno.EACCES, errno.EMLINK, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP})
-
-
-def _link_or_copy(source: str, destination: str) -> None:
-    """Stage one file: a hard link to the original's data, or a copy where no link can be made."""
-    try:
-        os.link(source, destination, follow_symlinks=False)
-    except OSError as error:
-        if error.errno not in _NO_LINK_ERRORS:
-            raise
-        shutil.copy2(source, destination, follow_symlinks=False)
-
-
-def _remove_quietly(path: Path) -> None:
-    """Remove the staging directory; a failure here must not undo or mask the signing result."""
-    if not path.exists():
-        return
-    try:
-        shutil.rmtree(path)
-    except OSError as error:
-        log.warning("could not remove the staging directory %s: %s", path, error)

@@ -50,9 +50,10 @@ from ..notary.stapled import remove_stapled_ticket
 from .detached import has_detached_signature, read_detached_signature
 from .detached_signing import DetachedSigningOptions, sign_detached_bundle
 from .ipa import extracted_app, write_ipa
-from .layout import Bundle, bundle_format, sign_bundle_plan, staged_bundle
+from .layout import Bundle, bundle_format, sign_bundle_plan
 from .resources.hashing import DigestCache
 from .resources.writing import NestedCode, build_code_resources, start_sealing
+from .staging import staged_bundle
 
 
 def sign_ipa(
