@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import plistlib
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -756,3 +757,19 @@ def test_verify_detached_argument_errors(pki):
         verify_detached(parsed)
     with pytest.raises(SignatureError, match="uses Sha256, but a 20-byte digest was given"):
         verify_detached(parsed, content_digest=SHA1.digest(PRIMARY_CD))
+
+
+def test_timestamp_content_type_is_known_however_late_the_timestamp_client_loads():
+    # The timestamp client loads only when a signature asks for a timestamp; by then the CMS
+    # builder has used asn1crypto's content-type names, whose reverse map is built once. A token
+    # embedded then must still encode (a fresh process, as codesign --timestamp runs).
+    script = (
+        "from asn1crypto import cms\n"
+        "import signbridge.apple.codesig.cms\n"
+        "cms.ContentType('data').dump()\n"
+        "import signbridge.crypto.timestamps\n"
+        "print(cms.ContentType('tst_info').dump().hex())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == core.ObjectIdentifier("1.2.840.113549.1.9.16.1.4").dump().hex()

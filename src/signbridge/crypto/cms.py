@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from asn1crypto import algos, cms, core
+from asn1crypto import (
+    algos,
+    cms,
+    core,
+    tsp,  # noqa: F401 - registers the TSTInfo content type before cms builds its reverse map
+)
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
