@@ -239,9 +239,12 @@ class StagedFile:
 
     def __init__(self, target: Path) -> None:
         try:
-            self.mode = stat.S_IMODE(target.stat().st_mode)
+            status = target.stat()
         except FileNotFoundError:
-            self.mode = 0o755
+            self.mode, self.replaces_large_file = 0o755, False
+        else:
+            self.mode = stat.S_IMODE(status.st_mode)
+            self.replaces_large_file = status.st_size >= RELEASE_IN_BACKGROUND
         self.target = target
         self.descriptor, self.path = _temporary(target, ".sb-signing", None)
         self.open = True
@@ -260,7 +263,7 @@ class StagedFile:
         os.close(self.descriptor)
         self.open = False
         os.chmod(self.path, self.mode)
-        replaced = _hold_if_large(self.target)
+        replaced = _hold(self.target) if self.replaces_large_file else None
         try:
             if exchange_paths(self.path, self.target):
                 os.unlink(self.path)  # now the old file
@@ -285,20 +288,16 @@ class StagedFile:
 
 # A replaced file at least this large is freed after the command has gone on (see release_in_background).
 RELEASE_IN_BACKGROUND = 64 * 1024 * 1024
-_releasers: list[tuple[int, int]] = []  # (helper's pid, our end of its pipe, -1 once closed)
+_releasers: list[int] = []  # helpers not yet reaped
+_holding: int | None = None  # our end of the pipe of the helper that holds the last file released
 
 
-def _hold_if_large(path: Path) -> int | None:
-    """A descriptor that keeps the file at ``path`` alive once replaced, when it is large enough
-    for freeing its blocks to be worth handing off; None otherwise."""
+def _hold(path: Path) -> int | None:
+    """A descriptor that keeps the file at ``path`` alive once it is replaced (None if it is gone)."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
-    if os.fstat(descriptor).st_size < RELEASE_IN_BACKGROUND:
-        os.close(descriptor)
-        return None
-    return descriptor
 
 
 def release_in_background(descriptor: int) -> None:
@@ -314,10 +313,12 @@ def release_in_background(descriptor: int) -> None:
     time. Where no helper can be spawned, the descriptor is closed here and the blocks are freed
     as without this function.
     """
+    global _holding
     _let_go()
     read_end, write_end = os.pipe()
     try:
-        _releasers.append((_spawn_releaser(read_end, descriptor), write_end))
+        _releasers.append(_spawn_releaser(read_end, descriptor))
+        _holding = write_end
     except OSError as exc:  # no helper: the close below frees the blocks here
         _log.debug("freeing a replaced file in this process: %s", exc)
         os.close(write_end)
@@ -363,16 +364,16 @@ def _inheritable(number: int) -> bool:
 
 
 def _let_go() -> None:
-    """Let the helpers of earlier files exit, and reap those that have."""
-    for entry in list(_releasers):
-        pid, write_end = entry
-        if write_end >= 0:
-            os.close(write_end)
-            _releasers[_releasers.index(entry)] = entry = (pid, -1)
+    """Let the helper of the last file released exit, and reap the helpers that have."""
+    global _holding
+    if _holding is not None:
+        os.close(_holding)
+        _holding = None
+    for pid in list(_releasers):
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0] == 0:
                 continue
-        _releasers.remove(entry)
+        _releasers.remove(pid)
 
 
 def replace_directory(staged: Path, original: Path, aside: Path) -> None:
