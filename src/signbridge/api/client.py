@@ -237,7 +237,8 @@ class ServiceClient:
         response = self._request("GET", f"{self._org_url}/Cryptoki/MySigningPolicies", params=params)
         try:
             items = response.json()["signingPolicies"]
-            return [_policy_info(item) for item in items]
+            parsed: dict[str, x509.Certificate] = {}  # one issuer serves many policies: parsed once
+            return [_policy_info(item, parsed) for item in items]
         except (ValueError, KeyError, TypeError) as exc:
             raise ApiError(f"the service's list of signing policies is malformed: {exc}") from None
 
@@ -294,11 +295,9 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _policy_info(item: dict[str, Any]) -> SigningPolicyInfo:
-    certificate = x509.load_der_x509_certificate(base64.b64decode(item["certificateBytes"]))
-    chain = tuple(
-        x509.load_der_x509_certificate(base64.b64decode(der)) for der in item.get("certificateChain") or []
-    )
+def _policy_info(item: dict[str, Any], parsed: dict[str, x509.Certificate]) -> SigningPolicyInfo:
+    certificate = _certificate(item["certificateBytes"], parsed)
+    chain = tuple(_certificate(encoded, parsed) for encoded in item.get("certificateChain") or [])
     return SigningPolicyInfo(
         project_slug=item["projectSlug"],
         signing_policy_slug=item["signingPolicySlug"],
@@ -308,3 +307,10 @@ def _policy_info(item: dict[str, Any]) -> SigningPolicyInfo:
         key_type=item.get("keyType", ""),
         key_size=int(item.get("keySizeInBits") or 0),
     )
+
+
+def _certificate(encoded: str, parsed: dict[str, x509.Certificate]) -> x509.Certificate:
+    certificate = parsed.get(encoded)
+    if certificate is None:
+        certificate = parsed[encoded] = x509.load_der_x509_certificate(base64.b64decode(encoded))
+    return certificate

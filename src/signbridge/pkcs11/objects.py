@@ -17,6 +17,15 @@ from .wire import AttributeValue, Kind, attribute_kind
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
+_ULONG_LIMIT = 2**64
+# Most values are byte strings, flags and numbers, checked with one lookup (a token of a thousand
+# identities has some 70,000 of them); any other value goes through _check_value.
+_PLAIN_TYPES: dict[int, type] = {
+    int(attribute): {Kind.BYTE: bool, Kind.ULONG: int}.get(kind, bytes)
+    for attribute in CKA
+    if (kind := attribute_kind(attribute)) in (Kind.BYTE, Kind.ULONG, Kind.BYTE_ARRAY)
+}
+
 
 class AttributeView:
     """The label and id of an object, read from its ``attributes`` (absent ones are empty)."""
@@ -46,11 +55,8 @@ class TokenObject(AttributeView):
 
     def __init__(self, attributes: Mapping[int, AttributeValue], public_key: PublicKey | None = None) -> None:
         for attribute_type, value in attributes.items():
-            # Most values are byte strings and flags, checked here without a call: a token of a
-            # thousand identities has some 70,000 of them.
-            value_type = type(value)
-            kind = attribute_kind(attribute_type)
-            if not ((value_type is bytes and kind is Kind.BYTE_ARRAY) or (value_type is bool and kind is Kind.BYTE)):
+            plain = _PLAIN_TYPES.get(attribute_type)
+            if plain is not type(value) or (plain is int and not 0 <= value < _ULONG_LIMIT):  # type: ignore[operator]
                 _check_value(attribute_type, value)
         if CKA.CLASS not in attributes:
             raise ConfigError("a token object needs a CKA_CLASS")
@@ -83,7 +89,7 @@ def _check_value(attribute_type: int, value: object) -> None:
     if kind is Kind.BYTE:
         ok = isinstance(value, bool)
     elif kind is Kind.ULONG:
-        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _ULONG_LIMIT
     elif kind is Kind.MECHANISM_ARRAY:
         ok = isinstance(value, tuple) and all(isinstance(item, int) for item in value)
     elif kind is Kind.DATE:
@@ -91,6 +97,6 @@ def _check_value(attribute_type: int, value: object) -> None:
     elif kind is Kind.ATTRIBUTE_ARRAY:
         ok = False
     else:
-        ok = isinstance(value, bytes | bool) or (isinstance(value, int) and 0 <= value < 2**64)
+        ok = isinstance(value, bytes | bool) or (isinstance(value, int) and 0 <= value < _ULONG_LIMIT)
     if not ok:
         raise ConfigError(f"attribute {attribute_type:#x} cannot hold {value!r} (it is a {kind.value})")

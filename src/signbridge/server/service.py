@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import logging
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -68,6 +70,33 @@ class LoadedCertificate:
     public_key: PublicKeyTypes
     key_ref: KeyRef
     sha256: str
+
+    @functools.cached_property
+    def policy_fields(self) -> dict[str, Any]:
+        """What ``MySigningPolicies`` says of this certificate and its key (the same for every policy
+        using it; built once, as a token of a thousand policies asks for all of them at start)."""
+        fields: dict[str, Any] = {"certificateType": "X509", "certificateBytes": base64.b64encode(self.der).decode()}
+        key = self.public_key
+        if isinstance(key, rsa.RSAPublicKey):
+            numbers = key.public_numbers()
+            fields |= {
+                "keyType": "Rsa",
+                "keySizeInBits": key.key_size,
+                "publicKeyBytes": base64.b64encode(
+                    key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+                ).decode(),
+                "rsaParameters": {"publicExponent": _b64_int(numbers.e), "modulus": _b64_int(numbers.n)},
+            }
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            fields |= {
+                "keyType": "Ecdsa",
+                "keySizeInBits": key.curve.key_size,
+                "publicKeyBytes": base64.b64encode(
+                    key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+                ).decode(),
+            }
+        fields["certificateChain"] = [base64.b64encode(der).decode() for der in self.chain]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -204,7 +233,16 @@ class SigningService:
             if policy_slug is not None:
                 statement = statement.where(SigningPolicy.slug == policy_slug)
             rows = connection.execute(statement).all()
-        return [self._policy_json(row.id, row.project_slug, row.slug, self.certificate(row.certificate_id)) for row in rows]
+        certificates = self._load_certificates([row.certificate_id for row in rows])
+        return [
+            {
+                "signingPolicyId": row.id,
+                "signingPolicySlug": row.slug,
+                "projectSlug": row.project_slug,
+                **certificates[row.certificate_id].policy_fields,
+            }
+            for row in rows
+        ]
 
     def _check_filters(self, connection, caller: Caller, project_slug: str | None, policy_slug: str | None) -> None:  # noqa: ANN001
         if project_slug is not None:
@@ -225,54 +263,27 @@ class SigningService:
                 where = f" in project {project_slug!r}" if project_slug else ""
                 raise Problem(404, f"There is no signing policy with the slug {policy_slug!r}{where}.")
 
-    def _policy_json(self, policy_id: str, project_slug: str, policy_slug: str, loaded: LoadedCertificate) -> dict:
-        key = loaded.public_key
-        item: dict = {
-            "signingPolicyId": policy_id,
-            "signingPolicySlug": policy_slug,
-            "projectSlug": project_slug,
-            "certificateType": "X509",
-            "certificateBytes": base64.b64encode(loaded.der).decode(),
-        }
-        if isinstance(key, rsa.RSAPublicKey):
-            numbers = key.public_numbers()
-            item |= {
-                "keyType": "Rsa",
-                "keySizeInBits": key.key_size,
-                "publicKeyBytes": base64.b64encode(
-                    key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
-                ).decode(),
-                "rsaParameters": {"publicExponent": _b64_int(numbers.e), "modulus": _b64_int(numbers.n)},
-            }
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            item |= {
-                "keyType": "Ecdsa",
-                "keySizeInBits": key.curve.key_size,
-                "publicKeyBytes": base64.b64encode(
-                    key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-                ).decode(),
-            }
-        item["certificateChain"] = [base64.b64encode(der).decode() for der in loaded.chain]
-        return item
-
     def certificate(self, certificate_id: str) -> LoadedCertificate:
         loaded = self._certificates.get(certificate_id)
         if loaded is None:
-            with self.engine.connect() as connection:
-                row = connection.execute(select(Certificate).where(Certificate.id == certificate_id)).mappings().one()
-            certificate = x509.load_der_x509_certificate(row["der"])
-            loaded = LoadedCertificate(
-                row_id=certificate_id,
-                certificate=certificate,
-                der=row["der"],
-                chain=tuple(base64.b64decode(item) for item in row["chain"]),
-                public_key=certificate.public_key(),
-                key_ref=KeyRef.parse(row["key_ref"]),
-                sha256=row["sha256"],
-            )
-            with self._lock:
-                self._certificates[certificate_id] = loaded
+            loaded = self._load_certificates([certificate_id])[certificate_id]
         return loaded
+
+    def _load_certificates(self, certificate_ids: list[str]) -> dict[str, LoadedCertificate]:
+        """The certificates ``certificate_ids`` name, those not yet loaded read in one query."""
+        missing = sorted(set(certificate_ids) - self._certificates.keys())
+        if missing:
+            loaded: dict[str, LoadedCertificate] = {}
+            with self.engine.connect() as connection:
+                for start in range(0, len(missing), _IDS_PER_QUERY):
+                    batch = missing[start : start + _IDS_PER_QUERY]
+                    rows = connection.execute(select(Certificate).where(Certificate.id.in_(batch))).mappings()
+                    loaded |= {row["id"]: _loaded_certificate(row) for row in rows}
+            if len(loaded) != len(missing):
+                raise LookupError(f"no certificate with the id {sorted(set(missing) - loaded.keys())[0]!r}")
+            with self._lock:
+                self._certificates.update(loaded)
+        return {certificate_id: self._certificates[certificate_id] for certificate_id in certificate_ids}
 
     def resolve_policy(self, grant: Grant, project_slug: str, policy_slug: str) -> LoadedCertificate:
         if grant.policy_id is None or grant.certificate_id is None:
@@ -329,6 +340,22 @@ class SigningService:
         request_id = str(uuid.uuid4())
         entry.outcome, entry.status, entry.request_id = "granted", 200, request_id
         return SignResult(request_id, signature)
+
+
+_IDS_PER_QUERY = 500  # bound parameters per query, well within every database's limit
+
+
+def _loaded_certificate(row: Mapping[str, Any]) -> LoadedCertificate:
+    certificate = x509.load_der_x509_certificate(row["der"])
+    return LoadedCertificate(
+        row_id=row["id"],
+        certificate=certificate,
+        der=row["der"],
+        chain=tuple(base64.b64decode(item) for item in row["chain"]),
+        public_key=certificate.public_key(),
+        key_ref=KeyRef.parse(row["key_ref"]),
+        sha256=row["sha256"],
+    )
 
 
 def _b64_int(value: int) -> str:
