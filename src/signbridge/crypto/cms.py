@@ -37,7 +37,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from ..errors import SignatureError
 from .ber import BerError, Tlv, children, definite, encode_tlv, raw_signer_info, read_tlv
 from .chains import unique_certificates
-from .der import ASN1_ERRORS, read_certificates
+from .der import ASN1_ERRORS, read_certificates, tbs_fields
+from .der_encoding import (
+    NULL,
+    encode_integer,
+    encode_octet_string,
+    encode_oid,
+    encode_sequence,
+    encode_set_of,
+    encode_time,
+)
 from .hashes import HashAlgorithm
 from .signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_ieee_to_der, verify_digest_signature
 
@@ -47,6 +56,14 @@ ATTR_CONTENT_TYPE = "1.2.840.113549.1.9.3"
 ATTR_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 ATTR_SIGNING_TIME = "1.2.840.113549.1.9.5"
 ATTR_TIMESTAMP_TOKEN = "1.2.840.113549.1.9.16.2.14"
+ID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+_ECDSA_WITH = {
+    HashAlgorithm.SHA1: "1.2.840.10045.4.1",
+    HashAlgorithm.SHA224: "1.2.840.10045.4.3.1",
+    HashAlgorithm.SHA256: "1.2.840.10045.4.3.2",
+    HashAlgorithm.SHA384: "1.2.840.10045.4.3.3",
+    HashAlgorithm.SHA512: "1.2.840.10045.4.3.4",
+}
 
 T = TypeVar("T")
 
@@ -88,17 +105,17 @@ def encode_signed_attributes(
     encoded by :func:`encode_attribute`)."""
     hash_algorithm.check_digest(content_digest)
     attributes = [
-        encode_attribute(ATTR_CONTENT_TYPE, [core.ObjectIdentifier(content_type).dump()]),
-        encode_attribute(ATTR_MESSAGE_DIGEST, [core.OctetString(content_digest).dump()]),
+        encode_attribute(ATTR_CONTENT_TYPE, [encode_oid(content_type)]),
+        encode_attribute(ATTR_MESSAGE_DIGEST, [encode_octet_string(content_digest)]),
     ]
     if include_signing_time:
-        attributes.append(encode_attribute(ATTR_SIGNING_TIME, [_encode_time(signing_time or datetime.now(UTC))]))
-    return _der_set_of([*attributes, *extra])
+        attributes.append(encode_attribute(ATTR_SIGNING_TIME, [encode_time(signing_time or datetime.now(UTC))]))
+    return encode_set_of([*attributes, *extra])
 
 
 def encode_attribute(oid: str, values: list[bytes]) -> bytes:
     """A DER Attribute: the type and the SET OF its (already encoded) values."""
-    return encode_tlv(0x30, core.ObjectIdentifier(oid).dump() + _der_set_of(values))
+    return encode_sequence(encode_oid(oid), encode_set_of(values))
 
 
 def signed_attributes_digest(signed_attrs_der: bytes, hash_algorithm: HashAlgorithm) -> bytes:
@@ -166,19 +183,6 @@ def assemble_signed_data(
     return der
 
 
-def _encode_time(when: datetime) -> bytes:
-    """RFC 5652 §11.3: UTCTime through 2049, GeneralizedTime from 2050; whole seconds."""
-    when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC).replace(microsecond=0)
-    if 1950 <= when.year < 2050:
-        return core.UTCTime(when).dump()
-    return core.GeneralizedTime(when).dump()
-
-
-def _der_set_of(encodings: list[bytes]) -> bytes:
-    """X.690 §11.6: the elements of a DER SET OF are in ascending order of their encodings."""
-    return encode_tlv(0x31, b"".join(sorted(encodings)))
-
-
 def scheme_for(certificate: x509.Certificate, requested: Scheme | None) -> Scheme:
     """The signature scheme of the certificate's key in a CMS (RSA PKCS#1 v1.5 or ECDSA), which must
     be ``requested`` when one is."""
@@ -198,13 +202,13 @@ def scheme_for(certificate: x509.Certificate, requested: Scheme | None) -> Schem
     return scheme
 
 
-def _signature_algorithm(scheme: Scheme, hash_algorithm: HashAlgorithm) -> algos.SignedDigestAlgorithm:
+def _signature_algorithm(scheme: Scheme, hash_algorithm: HashAlgorithm) -> bytes:
     if scheme is Scheme.RSA_PKCS1:
-        # rsaEncryption with NULL parameters, as Apple writes it.
-        return algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()})
-    if hash_algorithm is HashAlgorithm.MD5:
-        raise SignatureError("ECDSA with MD5 does not exist")
-    return algos.SignedDigestAlgorithm({"algorithm": f"{hash_algorithm.hashlib_name}_ecdsa"})
+        return encode_sequence(encode_oid(ID_RSA_ENCRYPTION), NULL)  # NULL parameters, as Apple writes
+    oid = _ECDSA_WITH.get(hash_algorithm)
+    if oid is None:
+        raise SignatureError(f"ECDSA with {hash_algorithm.title} is not used in CMS signatures")
+    return encode_sequence(encode_oid(oid))
 
 
 def encode_signed_data(
@@ -221,42 +225,29 @@ def encode_signed_data(
 ) -> bytes:
     """The DER ContentInfo(SignedData) of one signer named by issuer and serial number: detached
     unless ``content`` (of ``content_type``) is given, and without certificates when none are."""
-    # Apple writes the digest algorithms with explicit NULL parameters.
-    digest_algorithm = algos.DigestAlgorithm(
-        {"algorithm": hash_algorithm.hashlib_name, "parameters": core.Null()}
-    )
-    signer = _asn1_certificate(signer_certificate)
-    signer_info: dict[str, object] = {
-        "version": "v1",
-        "sid": cms.SignerIdentifier(
-            {"issuer_and_serial_number": {"issuer": signer.issuer, "serial_number": signer.serial_number}}
-        ),
-        "digest_algorithm": digest_algorithm,
-        "signature_algorithm": _signature_algorithm(scheme, hash_algorithm),
-        "signature": signature,
-    }
+    if signed_attrs_der is not None and signed_attrs_der[:1] != b"\x31":
+        raise SignatureError("signed attributes are stored from their DER SET OF (tag 0x31)")
+    digest_algorithm = encode_sequence(encode_oid(hash_algorithm.oid), NULL)  # NULL parameters, as Apple's
+    signer = tbs_fields(signer_certificate)
+    signer_info = [encode_integer(1), encode_sequence(signer.issuer, signer.serial_number), digest_algorithm]
     if signed_attrs_der is not None:
-        signer_info["signed_attrs"] = cms.CMSAttributes.load(signed_attrs_der)
+        signer_info.append(b"\xa0" + signed_attrs_der[1:])  # [0] IMPLICIT: the SET's length and contents
+    signer_info += [_signature_algorithm(scheme, hash_algorithm), encode_octet_string(signature)]
     if timestamp_token is not None:
-        signer_info["unsigned_attrs"] = cms.CMSAttributes(
-            [{"type": "signature_time_stamp_token", "values": [cms.ContentInfo.load(timestamp_token)]}]
-        )
-    encapsulated: dict[str, object] = {"content_type": content_type}
+        signer_info.append(encode_tlv(0xA1, encode_attribute(ATTR_TIMESTAMP_TOKEN, [timestamp_token])))
+    encapsulated = [encode_oid(content_type)]
     if content is not None:
-        encapsulated["content"] = core.ParsableOctetString(content)
-    fields: dict[str, object] = {
-        "version": "v1" if content_type == ID_DATA else "v3",  # RFC 5652 §5.1
-        "digest_algorithms": [digest_algorithm],
-        "encap_content_info": encapsulated,
-        "signer_infos": [cms.SignerInfo(signer_info)],
-    }
-    if certificates:
-        fields["certificates"] = [_asn1_certificate(certificate) for certificate in certificates]
-    return cms.ContentInfo({"content_type": "signed_data", "content": cms.SignedData(fields)}).dump()
-
-
-def _asn1_certificate(certificate: x509.Certificate) -> asn1_x509.Certificate:
-    return asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
+        encapsulated.append(encode_tlv(0xA0, encode_octet_string(content)))
+    fields = [
+        encode_integer(1 if content_type == ID_DATA else 3),  # RFC 5652 §5.1
+        encode_set_of([digest_algorithm]),
+        encode_sequence(*encapsulated),
+    ]
+    if certificates:  # [0] IMPLICIT SET OF Certificate, in DER order
+        encodings = [certificate.public_bytes(serialization.Encoding.DER) for certificate in certificates]
+        fields.append(b"\xa0" + encode_set_of(encodings)[1:])
+    fields.append(encode_set_of([encode_sequence(*signer_info)]))
+    return encode_sequence(encode_oid(ID_SIGNED_DATA), encode_tlv(0xA0, encode_sequence(*fields)))
 
 
 # ---------------------------------------------------------------------------------------------

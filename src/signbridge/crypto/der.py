@@ -12,11 +12,13 @@ be read anywhere without raising.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from ..errors import SignatureError, SignbridgeError
+from .ber import BerError, children, read_tlv
 
 # What asn1crypto raises, lazily, on malformed input (the list comes from fuzzing it).
 ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
@@ -53,3 +55,31 @@ def read_certificates(
         read_certificate(der, f"certificate {number} of {what}", error) for number, der in enumerate(ders, 1)
     )
 
+
+
+@dataclass(frozen=True)
+class TbsFields:
+    """Fields of a certificate's TBSCertificate (RFC 5280 §4.1), each its DER as issued: what a
+    signature or a token names the certificate by must be byte-exact, never a re-encoding."""
+
+    serial_number: bytes  # the INTEGER
+    issuer: bytes  # the Name
+    subject: bytes  # the Name
+    public_key_info: bytes  # the SubjectPublicKeyInfo
+
+
+def tbs_fields(certificate: x509.Certificate) -> TbsFields:
+    """The serial number, issuer, subject and public key info of ``certificate``, as issued."""
+    tbs = certificate.tbs_certificate_bytes
+    try:
+        fields = children(tbs, read_tlv(tbs, 0, len(tbs), 0))
+    except BerError as exc:
+        raise CertificateFormatError(f"the certificate's TBSCertificate cannot be read ({exc})") from None
+    if fields and fields[0].identifier == b"\xa0":  # [0] version, absent in version 1
+        fields = fields[1:]
+    if len(fields) < 6:
+        raise CertificateFormatError("the certificate's TBSCertificate has too few fields")
+    serial_number, _signature, issuer, _validity, subject, public_key_info = (
+        tbs[field.start : field.end] for field in fields[:6]
+    )
+    return TbsFields(serial_number, issuer, subject, public_key_info)

@@ -44,6 +44,7 @@ from ...crypto.cms import (
     check_unsigned_fields as check_cms_unsigned_fields,
 )
 from ...crypto.der import ASN1_ERRORS
+from ...crypto.der_encoding import encode_octet_string, encode_oid, encode_sequence
 from ...crypto.hashes import HashAlgorithm
 from ...crypto.signatures import DigestSigner, EcdsaFormat, SignatureRequest, curve_size
 from ...errors import SignatureError, TimestampError
@@ -101,14 +102,14 @@ def build_signed_attributes(
     """
     extra = []
     if cdhashes_plist is not None:
-        extra.append(encode_attribute(ATTR_APPLE_CDHASHES, [core.OctetString(cdhashes_plist).dump()]))
+        extra.append(encode_attribute(ATTR_APPLE_CDHASHES, [encode_octet_string(cdhashes_plist)]))
     if cdhashes2 is not None:
         if not cdhashes2:
             raise SignatureError("the CDHashes2 attribute needs at least one code directory hash")
         values = []
         for algorithm, cdhash in cdhashes2:
             algorithm.check_digest(cdhash)
-            values.append(_AgileHash({"hash_algorithm": algorithm.oid, "digest": cdhash}).dump())
+            values.append(encode_sequence(encode_oid(algorithm.oid), encode_octet_string(cdhash)))
         extra.append(encode_attribute(ATTR_APPLE_CDHASHES2, values))
     return encode_signed_attributes(
         content_digest,
