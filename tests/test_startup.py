@@ -118,7 +118,8 @@ def test_start_front_end_imports_no_token_internals(tmp_path: Path) -> None:
 
 
 def test_token_process_imports_what_serving_needs() -> None:
-    """The token process's modules (daemon and what it imports to start): no click, rich, PKCS#11 client."""
+    """The token process's modules (daemon and what it imports to start): no click, rich, asn1crypto
+    (its objects take the certificates' fields from their DER directly), PKCS#11 client."""
     # What TokenProcess.start imports when the token starts, then the module list.
     probe = (
         "import sys\n"
@@ -127,8 +128,8 @@ def test_token_process_imports_what_serving_needs() -> None:
         "print('\\n'.join(sorted(sys.modules)))\n"
     )
     modules = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split())
-    unneeded = ("click", "rich", "pygments", "sqlalchemy", "signbridge.pkcs11.client", "signbridge.apple", "signbridge.cli",
-                "signbridge.keychain")  # fmt: skip
+    unneeded = ("click", "rich", "pygments", "sqlalchemy", "asn1crypto", "signbridge.pkcs11.client", "signbridge.apple",
+                "signbridge.cli", "signbridge.keychain")  # fmt: skip
     assert not _matching(modules, unneeded), _matching(modules, unneeded)
     assert {"httpx", "signbridge.pkcs11.server", "signbridge.pkcs11.identity"} <= modules
 
