@@ -280,7 +280,9 @@ def bench_file(
     def tool(*command: str | Path) -> Callable[[], object]:
         return lambda: subprocess.run(command, check=True, capture_output=True)
 
-    environment = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # With bytecode caches, as an installed signbridge runs: the first run writes any that are missing.
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    environment["PYTHONPATH"] = str(ROOT / "src")
     command = [sys.executable, "-m", "signbridge", "codesign", "-f", "-s", "-", str(target)]
     steps: dict[str, tuple[Callable[[], object], Callable[[], object] | None]] = {
         "openssl dgst -sha256 (reference)": (tool("openssl", "dgst", "-sha256", target), None),

@@ -133,7 +133,9 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="signbridge-bench-", dir=options.dir))
     runtime = directory / "run"
     runtime.mkdir(mode=0o700)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SIGNBRIDGE_RUNTIME_DIR": str(runtime)}
+    # With bytecode caches, as an installed signbridge runs: the first run writes any that are missing.
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    env = {**environment, "PYTHONPATH": str(ROOT / "src"), "SIGNBRIDGE_RUNTIME_DIR": str(runtime)}
     token = None
     try:
         print(f"building a {options.size_mib} MiB package in {directory} ...", flush=True)
