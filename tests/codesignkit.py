@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from conftest import ROOT, require_tool, run
 from signbridge.crypto.identity import Identity
 from signbridge.crypto.signatures import EcdsaFormat, SignatureRequest
-from signbridge.crypto.timestamps import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
+from signbridge.crypto.timestamp_requests import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
 from signbridge.server.timestamp_authority import TimestampAuthority
 from tokenkit import (
     ApplePki,

@@ -35,7 +35,7 @@ from conftest import ROOT, require_tool, run
 from signbridge.apple.pkg.xar.writer import PackageEntry, write_package
 from signbridge.crypto.identity import Identity
 from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
-from signbridge.crypto.timestamps import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
+from signbridge.crypto.timestamp_requests import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE
 from signbridge.server.timestamp_authority import TimestampAuthority
 from tokenkit import ApplePki, KeyedCertificate, apple_name, apple_pki, issue, rsa_key
 from xarfixtures import (

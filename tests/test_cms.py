@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from asn1crypto import cms, core
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,14 +45,18 @@ from signbridge.crypto.cms import (
     CmsFormatError,
     ContentDigestMismatch,
     SignatureMismatch,
-    assemble_signed_data,
     read_signed_data,
-    signed_attributes_digest,
     verify_detached,
 )
+from signbridge.crypto.cms_builder import assemble_signed_data, signed_attributes_digest
 from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_der_to_ieee
-from signbridge.crypto.timestamps import QUERY_CONTENT_TYPE, REPLY_CONTENT_TYPE, build_request, parse_response
+from signbridge.crypto.timestamp_requests import (
+    QUERY_CONTENT_TYPE,
+    REPLY_CONTENT_TYPE,
+    build_request,
+    parse_response,
+)
 from signbridge.errors import SignatureError
 from signbridge.server.timestamp_authority import TimestampAuthority
 
@@ -589,6 +594,27 @@ def test_signer_named_by_subject_key_identifier(pki, tmp_path):
     verify_detached(parsed, PRIMARY_CD)
 
 
+def test_signer_whose_issuer_is_stored_in_other_bytes(pki):
+    """RFC 5280 compares names after string preparation: the string type and case do not count."""
+    info = cms.ContentInfo.load(sign_code(pki))
+    for edit, found in ((str.upper, True), ("{} Ltd".format, False)):
+        issuer = asn1_x509.Name.load(pki.code.issuer.public_bytes())
+        for relative_name in issuer.chosen:
+            for attribute in relative_name:
+                value = edit(attribute["value"].native)
+                attribute["value"] = asn1_x509.DirectoryString(name="printable_string", value=value)
+        assert issuer.dump(force=True) != pki.code.issuer.public_bytes()
+        sid = {"issuer_and_serial_number": {"issuer": issuer, "serial_number": pki.code.serial_number}}
+        info["content"]["signer_infos"][0]["sid"] = cms.SignerIdentifier(sid)
+        if found:
+            parsed = parse_signed_data(info.dump(force=True))
+            assert parsed.signer_certificate == pki.code
+            verify_detached(parsed, PRIMARY_CD)
+        else:
+            with pytest.raises(CmsFormatError, match="does not include the signer's certificate"):
+                parse_signed_data(info.dump(force=True))
+
+
 def test_signature_without_the_signers_certificate(pki, tmp_path):
     der = openssl_sign(tmp_path, PRIMARY_CD, pki.code, pki.code_key, [], "-nocerts")
     with pytest.raises(CmsFormatError, match="does not include the signer's certificate"):
@@ -759,17 +785,32 @@ def test_verify_detached_argument_errors(pki):
         verify_detached(parsed, content_digest=SHA1.digest(PRIMARY_CD))
 
 
-def test_timestamp_content_type_is_known_however_late_the_timestamp_client_loads():
-    # The timestamp client loads only when a signature asks for a timestamp; by then the CMS
-    # builder has used asn1crypto's content-type names, whose reverse map is built once. A token
-    # embedded then must still encode (a fresh process, as codesign --timestamp runs).
+def test_token_embeds_however_late_asn1crypto_learns_the_tstinfo_content_type(pki, tsa, tmp_path):
+    # asn1crypto builds its reverse map of content-type names once, the first time one is named;
+    # the CMS builder and reader use none of it, so a token is embedded and read back in a fresh
+    # process (as codesign --timestamp runs) where asn1crypto named a content type before TSTInfo.
+    authority, _ = tsa
+    signed = parse_signed_data(sign_code(pki, timestamp=local_timestamp(authority)))
+    assert signed.timestamp is not None
+    (tmp_path / "token.der").write_bytes(signed.timestamp.der)
+    write_pem(tmp_path / "leaf.pem", pki.code)
     script = (
+        "import sys\n"
+        "from pathlib import Path\n"
         "from asn1crypto import cms\n"
-        "import signbridge.apple.codesig.cms\n"
+        "from cryptography import x509\n"
+        "from signbridge.apple.codesig.cms import parse_signed_data\n"
+        "from signbridge.crypto.cms_builder import encode_signed_data\n"
+        "from signbridge.crypto.hashes import HashAlgorithm\n"
+        "from signbridge.crypto.signatures import Scheme\n"
         "cms.ContentType('data').dump()\n"
-        "import signbridge.crypto.timestamps\n"
-        "print(cms.ContentType('tst_info').dump().hex())\n"
+        "folder = Path(sys.argv[1])\n"
+        "leaf = x509.load_pem_x509_certificate((folder / 'leaf.pem').read_bytes())\n"
+        "token = (folder / 'token.der').read_bytes()\n"
+        "der = encode_signed_data(signed_attrs_der=None, signature=bytes(256), certificates=[leaf],\n"
+        "    signer_certificate=leaf, hash_algorithm=HashAlgorithm.SHA256, scheme=Scheme.RSA_PKCS1, timestamp_token=token)\n"
+        "print(parse_signed_data(der).timestamp.der == token)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == core.ObjectIdentifier("1.2.840.113549.1.9.16.1.4").dump().hex()
+    assert result.stdout.strip() == "True"

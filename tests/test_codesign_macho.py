@@ -635,7 +635,7 @@ def apple_style_ber(der: bytes) -> bytes:
 def reordered_signer(identity: Identity):
     """A CMS signer that stores the signed attributes out of DER order (as some Apple signatures do)."""
     from signbridge.apple.codesig import cms
-    from signbridge.crypto.cms import assemble_signed_data
+    from signbridge.crypto.cms_builder import assemble_signed_data
     from signbridge.crypto.hashes import HashAlgorithm
     from signbridge.crypto.signatures import Scheme, SignatureRequest
 

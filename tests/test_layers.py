@@ -104,8 +104,14 @@ WRITERS = (
     "signbridge.apple.notary.stapler",
     "signbridge.keychain",
     "signbridge.provider",
+    "signbridge.crypto.cms_builder",
+    "signbridge.crypto.timestamp_requests",
 )
 READERS = (
+    "signbridge.crypto.ber",
+    "signbridge.crypto.der_decoding",
+    "signbridge.crypto.cms",
+    "signbridge.crypto.timestamps",
     "signbridge.apple.display",
     "signbridge.apple.verify_code",
     "signbridge.apple.codesig.verification",

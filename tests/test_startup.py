@@ -23,7 +23,8 @@ NOT_FOR_CODESIGN_CHECKS = (
     "signbridge.apple.codesign", "signbridge.apple.macho.sign", "signbridge.apple.bundle.layout",
     "signbridge.apple.bundle.resources", "signbridge.apple.dmg.verify", "signbridge.apple.dmg.sign", "zipfile",
 )  # fmt: skip
-DYLIB = "macho/htacg_tidy-mac-installer__libtidy.5.6.0.dylib"
+DYLIB = "macho/htacg_tidy-mac-installer__libtidy.5.6.0.dylib"  # Developer ID, timestamped
+UNTIMESTAMPED = "macho/northpolesec_santa__signed-with-teamid"  # Apple Development, signing time only
 
 
 def _imported_by(*args: str) -> set[str]:
@@ -92,6 +93,18 @@ def test_codesign_verify_imports_no_signing_or_network(tmp_path: Path) -> None:
     unexpected = [name for name in _matching(modules, NOT_FOR_CODESIGN_CHECKS) if name not in allowed]
     assert not unexpected, unexpected
     assert "signbridge.apple.macho.verify" in modules
+
+
+@pytest.mark.parametrize("item", [DYLIB, UNTIMESTAMPED], ids=["timestamped", "untimestamped"])
+@pytest.mark.parametrize("args", [("-dvvv",), ("--verify", "-v")], ids=["display", "verify"])
+def test_codesign_checks_read_the_cms_without_asn1crypto(tmp_path: Path, item: str, args: tuple[str, ...]) -> None:
+    """The CMS signature, its certificates and its timestamp token are read without asn1crypto."""
+    path = corpus_item(item)
+    modules, proc = _imported_by_main(tmp_path, "codesign", *args, str(path), env=apple_anchor_env())
+    assert proc.returncode == 0, proc.stderr
+    assert ("Timestamp=" in proc.stderr) == (item == DYLIB and "-dvvv" in args)
+    assert "signbridge.crypto.cms" in modules
+    assert not _matching(modules, ("asn1crypto",)), _matching(modules, ("asn1crypto",))
 
 
 def test_codesign_without_click_behaves_as_through_the_group(tmp_path: Path) -> None:

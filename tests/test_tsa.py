@@ -31,9 +31,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import require_tool, run
 from pkikit import key_usage as usage_extension
+from signbridge.crypto.ber import encode_tlv
+from signbridge.crypto.cms_builder import encode_signed_data
 from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.crypto.signatures import Scheme, SignatureRequest
-from signbridge.crypto.timestamps import (
+from signbridge.crypto.timestamp_requests import (
     QUERY_CONTENT_TYPE,
     REPLY_CONTENT_TYPE,
     FailureInfo,
@@ -42,9 +44,9 @@ from signbridge.crypto.timestamps import (
     TimeStampResp,
     build_request,
     parse_response,
-    parse_token,
     request_timestamp,
 )
+from signbridge.crypto.timestamps import ID_CT_TST_INFO, parse_token
 from signbridge.errors import KeystoreError, TimestampError
 from signbridge.server.timestamp_authority import DEFAULT_POLICY_OID, TimestampAuthority
 
@@ -764,6 +766,42 @@ def test_build_request_read_by_openssl(tmp_path):
 
     with pytest.raises(TimestampError, match="a Sha256 hash is 32 bytes long, but 20 bytes were given"):
         build_request(b"x" * 20, HashAlgorithm.SHA256)
+
+
+def test_token_reader_is_strict_der(rsa_tsa, tmp_path, data_file):
+    """Nothing may follow the token or its TSTInfo, the TSTInfo has RFC 3161's fields only, version 1."""
+    query = _query(tmp_path, data_file, "-sha256", "-cert")
+    token = parse_response(rsa_tsa.authority().respond(query.read_bytes()))
+    with pytest.raises(TimestampError, match="not a CMS SignedData .*1 bytes follow"):
+        parse_token(token.der + b"\0")
+    tst_info = tsp.TimeStampResp.load(rsa_tsa.authority().respond(query.read_bytes()))["time_stamp_token"]
+    content = tst_info["content"]["encap_content_info"]["content"].contents
+    _, start, _ = _tlv(content)
+    assert content[start : start + 3] == b"\x02\x01\x01"
+    version_2 = content[:start] + b"\x02\x01\x02" + content[start + 3 :]
+    extra_field = encode_tlv(0x30, content[start:] + b"\x04\x00")
+    cases = {
+        content + b"\0": "the timestamp token is malformed .*1 bytes follow",
+        extra_field: "the timestamp token is malformed .*unexpected field",
+        version_2: "unsupported TSTInfo version 2",
+    }
+    for tst, message in cases.items():
+        der = encode_signed_data(
+            signed_attrs_der=None, signature=b"\1", certificates=[rsa_tsa.certificate],
+            signer_certificate=rsa_tsa.certificate, hash_algorithm=HashAlgorithm.SHA256,
+            scheme=Scheme.RSA_PKCS1, timestamp_token=None, content_type=ID_CT_TST_INFO, content=tst,
+        )  # fmt: skip
+        with pytest.raises(TimestampError, match=message):
+            parse_token(der)
+
+
+def _tlv(der: bytes) -> tuple[int, int, int]:
+    """(tag, content start, end) of the definite-length value at the start of ``der``."""
+    length, start = der[1], 2
+    if length & 0x80:
+        start += length & 0x7F
+        length = int.from_bytes(der[2:start], "big")
+    return der[0], start, start + length
 
 
 def test_parsers_reject_garbage():

@@ -1,13 +1,13 @@
 """BER as CMS signatures are stored: values located in the exact stored bytes.
 
-asn1crypto re-encodes values whose lengths are indefinite, but a signature covers the bytes as they
-were stored: :func:`read_tlv` and :func:`children` find them, :func:`definite` makes indefinite
-lengths definite without changing contents or order.
+A signature covers the bytes as they were stored, never a re-encoding: :func:`read_tlv` and
+:func:`children` find them, :func:`definite` makes indefinite lengths definite without changing
+contents or order. :mod:`signbridge.crypto.der_decoding` reads the values found.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import SignatureError
 
@@ -18,8 +18,7 @@ class BerError(SignatureError):
     """The bytes are not well-formed BER."""
 
 
-@dataclass(frozen=True)
-class Tlv:
+class Tlv(NamedTuple):
     """One value as stored: where its identifier, contents and end are in the data."""
 
     identifier: bytes
@@ -97,21 +96,6 @@ def definite(data: bytes, tlv: Tlv, depth: int = 0) -> tuple[bytes, bool]:
     if not tlv.indefinite and not any(changed for _, changed in parts):
         return raw, False
     return tlv.identifier + encode_tlv(0, b"".join(part for part, _ in parts))[1:], True
-
-
-def raw_signer_info(der: bytes, top: Tlv) -> list[Tlv]:
-    """The fields of the first SignerInfo, located in the stored bytes."""
-    content_info = children(der, top)
-    if len(content_info) != 2:
-        raise BerError("the CMS ContentInfo does not have a content type and a content")
-    signed_data = children(der, content_info[1])
-    if len(signed_data) != 1:
-        raise BerError("the CMS ContentInfo's content is not a single SignedData")
-    fields = children(der, signed_data[0])
-    signer_infos = children(der, fields[-1])
-    if not signer_infos:
-        raise BerError("the CMS signature has no signer")
-    return children(der, signer_infos[0])
 
 
 def encode_tlv(tag: int, content: bytes) -> bytes:

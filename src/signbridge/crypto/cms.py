@@ -1,11 +1,4 @@
-"""CMS SignedData (RFC 5652) with one signer: built around a signature made elsewhere, parsed from its
-stored bytes, and verified.
-
-Signing is digest-only: :func:`encode_signed_attributes` encodes the signed attributes,
-:func:`signed_attributes_digest` hashes them (that digest is all a signer sees), and
-:func:`assemble_signed_data` checks the returned signature, asks for an RFC 3161 timestamp over it
-and wraps it, the certificates and the timestamp into a detached ContentInfo. This is the one place
-a new signature is verified.
+"""CMS SignedData (RFC 5652) with one signer: read from its stored bytes, and verified.
 
 Reading accepts what real signers emit: BER indefinite lengths, zero padding after the
 ContentInfo, signed attributes stored out of DER order (the signature is checked over the stored
@@ -13,42 +6,40 @@ bytes, never over a re-encoding), SHA-1 or SHA-2, RSA (PKCS#1 v1.5 or PSS) or EC
 signed attributes. :func:`read_signed_data` reads a blob, :func:`verify_detached` checks it against
 the content, :func:`check_unsigned_fields` checks what no signature covers. Apple's signatures
 (:mod:`signbridge.apple.codesig.cms`) and timestamp tokens (:mod:`signbridge.crypto.timestamps`) are both
-read and checked here.
+read and checked here; :mod:`signbridge.crypto.cms_builder` builds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TypeVar
+from datetime import datetime
+from typing import NamedTuple, TypeVar
 
-from asn1crypto import (
-    algos,
-    cms,
-    core,
-    tsp,  # noqa: F401 - registers the TSTInfo content type before cms builds its reverse map
-)
-from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import padding
 
 from ..errors import SignatureError
-from .ber import BerError, Tlv, children, definite, encode_tlv, raw_signer_info, read_tlv
-from .chains import unique_certificates
-from .der import ASN1_ERRORS, read_certificates, tbs_fields
-from .der_encoding import (
-    NULL,
-    encode_integer,
-    encode_octet_string,
-    encode_oid,
-    encode_sequence,
-    encode_set_of,
-    encode_time,
+from .ber import BerError, Tlv, children, definite, read_tlv
+from .der import read_certificates
+from .der_decoding import (
+    INTEGER,
+    SEQUENCE,
+    SET,
+    AlgorithmIdentifier,
+    algorithm_identifier,
+    expect,
+    fields,
+    integer,
+    object_identifier,
+    octet_string,
+    single_value,
+    time_value,
 )
+from .der_encoding import encode_oid
 from .hashes import HashAlgorithm
-from .signatures import EcdsaFormat, Scheme, SignatureRequest, ecdsa_ieee_to_der, verify_digest_signature
+from .names import same_name
+from .signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 
 ID_DATA = "1.2.840.113549.1.7.1"
 ID_SIGNED_DATA = "1.2.840.113549.1.7.2"
@@ -56,18 +47,48 @@ ATTR_CONTENT_TYPE = "1.2.840.113549.1.9.3"
 ATTR_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 ATTR_SIGNING_TIME = "1.2.840.113549.1.9.5"
 ATTR_TIMESTAMP_TOKEN = "1.2.840.113549.1.9.16.2.14"
+
+_CONTENT_TYPE_NAMES = {
+    ID_DATA: "data",
+    ID_SIGNED_DATA: "signed_data",
+    "1.2.840.113549.1.7.3": "enveloped_data",
+    "1.2.840.113549.1.7.5": "digested_data",
+    "1.2.840.113549.1.7.6": "encrypted_data",
+}
 ID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
-_ECDSA_WITH = {
+ECDSA_WITH = {
     HashAlgorithm.SHA1: "1.2.840.10045.4.1",
     HashAlgorithm.SHA224: "1.2.840.10045.4.3.1",
     HashAlgorithm.SHA256: "1.2.840.10045.4.3.2",
     HashAlgorithm.SHA384: "1.2.840.10045.4.3.3",
     HashAlgorithm.SHA512: "1.2.840.10045.4.3.4",
 }
+_RSA_WITH = {
+    "1.2.840.113549.1.1.2": "md2",
+    "1.2.840.113549.1.1.4": "md5",
+    "1.3.14.3.2.3": "md5",
+    "1.2.840.113549.1.1.5": "sha1",
+    "1.3.14.3.2.29": "sha1",
+    "1.2.840.113549.1.1.14": "sha224",
+    "1.2.840.113549.1.1.11": "sha256",
+    "1.2.840.113549.1.1.12": "sha384",
+    "1.2.840.113549.1.1.13": "sha512",
+}
+_ECDSA_WITH_SHA3 = {f"2.16.840.1.101.3.4.3.{9 + index}": f"sha3_{size}" for index, size in enumerate((224, 256, 384, 512))}
+# A signature algorithm: its name in messages, its scheme and the hash it names, if any.
+_SIGNATURE_ALGORITHMS: dict[str, tuple[str, Scheme, str | None]] = {
+    ID_RSA_ENCRYPTION: ("rsassa_pkcs1v15", Scheme.RSA_PKCS1, None),
+    "1.2.840.113549.1.1.10": ("rsassa_pss", Scheme.RSA_PSS, None),
+    "1.2.840.10045.4": ("ecdsa", Scheme.ECDSA, None),
+    **{oid: (f"{name}_rsa", Scheme.RSA_PKCS1, name) for oid, name in _RSA_WITH.items()},
+    **{oid: (f"{hash.hashlib_name}_ecdsa", Scheme.ECDSA, hash.hashlib_name) for hash, oid in ECDSA_WITH.items()},
+    **{oid: (f"{name}_ecdsa", Scheme.ECDSA, name) for oid, name in _ECDSA_WITH_SHA3.items()},
+}
+_TIMESTAMP_TOKEN_TYPE = encode_oid(ATTR_TIMESTAMP_TOKEN)
+# CertificateChoices: an X.509 certificate, or one of the older kinds, [0] to [3], passed over.
+_CERTIFICATE_CHOICES = (SEQUENCE, b"\xa0", b"\xa1", b"\xa2", b"\xa3")
 
 T = TypeVar("T")
-
-_BAD_NEW_SIGNATURE = "the signature the signer returned does not verify against the signing certificate's key"
 
 
 class CmsFormatError(SignatureError):
@@ -87,171 +108,126 @@ class SignatureMismatch(CmsVerificationError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Building
-
-
-def encode_signed_attributes(
-    content_digest: bytes,
-    *,
-    hash_algorithm: HashAlgorithm = HashAlgorithm.SHA256,
-    signing_time: datetime | None = None,
-    include_signing_time: bool = True,
-    content_type: str = ID_DATA,
-    extra: Sequence[bytes] = (),
-) -> bytes:
-    """The DER SET OF signed attributes (tag 0x31, DER-sorted) for a signature over content whose
-    ``hash_algorithm`` digest is ``content_digest``: contentType, messageDigest, signingTime (now
-    unless given) unless ``include_signing_time`` is false, and the ``extra`` attributes (each
-    encoded by :func:`encode_attribute`)."""
-    hash_algorithm.check_digest(content_digest)
-    attributes = [
-        encode_attribute(ATTR_CONTENT_TYPE, [encode_oid(content_type)]),
-        encode_attribute(ATTR_MESSAGE_DIGEST, [encode_octet_string(content_digest)]),
-    ]
-    if include_signing_time:
-        attributes.append(encode_attribute(ATTR_SIGNING_TIME, [encode_time(signing_time or datetime.now(UTC))]))
-    return encode_set_of([*attributes, *extra])
-
-
-def encode_attribute(oid: str, values: list[bytes]) -> bytes:
-    """A DER Attribute: the type and the SET OF its (already encoded) values."""
-    return encode_sequence(encode_oid(oid), encode_set_of(values))
-
-
-def signed_attributes_digest(signed_attrs_der: bytes, hash_algorithm: HashAlgorithm) -> bytes:
-    """The digest a signer signs: the hash of the signed attributes encoded as a SET (tag 0x31)."""
-    if not signed_attrs_der or signed_attrs_der[0] != 0x31:
-        raise SignatureError("signed attributes are hashed as a DER SET OF (tag 0x31)")
-    return hash_algorithm.digest(signed_attrs_der)
-
-
-def assemble_signed_data(
-    *,
-    signed_attrs_der: bytes | None,
-    signature: bytes,
-    signer_certificate: x509.Certificate,
-    chain: Sequence[x509.Certificate] = (),
-    hash_algorithm: HashAlgorithm = HashAlgorithm.SHA256,
-    signature_algorithm: Scheme | None = None,
-    ecdsa_format: EcdsaFormat = EcdsaFormat.ASN1,
-    timestamp: Callable[[bytes], bytes] | None = None,
-    content_digest: bytes | None = None,
-    signer_name: str = "",
-) -> bytes:
-    """A detached ContentInfo(SignedData) around a signature made elsewhere.
-
-    ``signed_attrs_der`` are the exact bytes that were signed (as built by
-    :func:`encode_signed_attributes`), or None for the form whose signature is directly over
-    ``content_digest``. The signature (ECDSA in ``ecdsa_format``) is checked against the
-    certificate's public key first: a signature that does not verify is never timestamped nor
-    returned (``signer_name``, the token that made it, names it in the message). ``timestamp``,
-    given the signature value, returns a DER TimeStampToken over it, stored as the
-    id-aa-timeStampToken unsigned attribute. The certificates are the signer's followed by
-    ``chain``; the signer is named by issuer and serial number.
-    """
-    scheme = scheme_for(signer_certificate, signature_algorithm)
-    public_key = signer_certificate.public_key()
-    if scheme is Scheme.ECDSA and ecdsa_format is EcdsaFormat.IEEE:
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)
-        signature = ecdsa_ieee_to_der(signature, public_key.curve)
-    if signed_attrs_der is not None:
-        signed_digest = signed_attributes_digest(signed_attrs_der, hash_algorithm)
-    elif content_digest is None:
-        raise SignatureError("a signature without signed attributes needs the content digest it signs")
-    else:
-        hash_algorithm.check_digest(content_digest)
-        signed_digest = content_digest
-    request = SignatureRequest(signed_digest, hash_algorithm, scheme, EcdsaFormat.ASN1)
-    message = _BAD_NEW_SIGNATURE
-    if signer_name:
-        message = f"the token {signer_name} returned a signature that does not verify against the certificate"
-    _verify(public_key, request, signature, None, message)
-    timestamp_token = timestamp(signature) if timestamp is not None else None
-
-    der = encode_signed_data(
-        signed_attrs_der=signed_attrs_der,
-        signature=signature,
-        certificates=unique_certificates([signer_certificate, *chain]),
-        signer_certificate=signer_certificate,
-        hash_algorithm=hash_algorithm,
-        scheme=scheme,
-        timestamp_token=timestamp_token,
-    )
-    parsed = read_signed_data(der)
-    if parsed.signed_attributes != signed_attrs_der or parsed.signature != signature:
-        raise SignatureError("the CMS encoder changed the signed bytes; this is a bug in signbridge")
-    return der
-
-
-def scheme_for(certificate: x509.Certificate, requested: Scheme | None) -> Scheme:
-    """The signature scheme of the certificate's key in a CMS (RSA PKCS#1 v1.5 or ECDSA), which must
-    be ``requested`` when one is."""
-    public_key = certificate.public_key()
-    if isinstance(public_key, rsa.RSAPublicKey):
-        scheme = Scheme.RSA_PKCS1
-    elif isinstance(public_key, ec.EllipticCurvePublicKey):
-        scheme = Scheme.ECDSA
-    else:
-        raise SignatureError(
-            f"the certificate has a {type(public_key).__name__}; Apple signatures need an RSA or ECDSA key"
-        )
-    if requested is not None and requested is not scheme:
-        raise SignatureError(
-            f"{requested.value} signatures are not used for Apple CMS; this key signs {scheme.value}"
-        )
-    return scheme
-
-
-def _signature_algorithm(scheme: Scheme, hash_algorithm: HashAlgorithm) -> bytes:
-    if scheme is Scheme.RSA_PKCS1:
-        return encode_sequence(encode_oid(ID_RSA_ENCRYPTION), NULL)  # NULL parameters, as Apple writes
-    oid = _ECDSA_WITH.get(hash_algorithm)
-    if oid is None:
-        raise SignatureError(f"ECDSA with {hash_algorithm.title} is not used in CMS signatures")
-    return encode_sequence(encode_oid(oid))
-
-
-def encode_signed_data(
-    *,
-    signed_attrs_der: bytes | None,
-    signature: bytes,
-    certificates: Sequence[x509.Certificate],
-    signer_certificate: x509.Certificate,
-    hash_algorithm: HashAlgorithm,
-    scheme: Scheme,
-    timestamp_token: bytes | None,
-    content_type: str = ID_DATA,
-    content: bytes | None = None,
-) -> bytes:
-    """The DER ContentInfo(SignedData) of one signer named by issuer and serial number: detached
-    unless ``content`` (of ``content_type``) is given, and without certificates when none are."""
-    if signed_attrs_der is not None and signed_attrs_der[:1] != b"\x31":
-        raise SignatureError("signed attributes are stored from their DER SET OF (tag 0x31)")
-    digest_algorithm = encode_sequence(encode_oid(hash_algorithm.oid), NULL)  # NULL parameters, as Apple's
-    signer = tbs_fields(signer_certificate)
-    signer_info = [encode_integer(1), encode_sequence(signer.issuer, signer.serial_number), digest_algorithm]
-    if signed_attrs_der is not None:
-        signer_info.append(b"\xa0" + signed_attrs_der[1:])  # [0] IMPLICIT: the SET's length and contents
-    signer_info += [_signature_algorithm(scheme, hash_algorithm), encode_octet_string(signature)]
-    if timestamp_token is not None:
-        signer_info.append(encode_tlv(0xA1, encode_attribute(ATTR_TIMESTAMP_TOKEN, [timestamp_token])))
-    encapsulated = [encode_oid(content_type)]
-    if content is not None:
-        encapsulated.append(encode_tlv(0xA0, encode_octet_string(content)))
-    fields = [
-        encode_integer(1 if content_type == ID_DATA else 3),  # RFC 5652 §5.1
-        encode_set_of([digest_algorithm]),
-        encode_sequence(*encapsulated),
-    ]
-    if certificates:  # [0] IMPLICIT SET OF Certificate, in DER order
-        encodings = [certificate.public_bytes(serialization.Encoding.DER) for certificate in certificates]
-        fields.append(b"\xa0" + encode_set_of(encodings)[1:])
-    fields.append(encode_set_of([encode_sequence(*signer_info)]))
-    return encode_sequence(encode_oid(ID_SIGNED_DATA), encode_tlv(0xA0, encode_sequence(*fields)))
-
-
-# ---------------------------------------------------------------------------------------------
 # Parsing
+
+
+class NotSignedData(CmsFormatError):
+    """The ContentInfo holds something other than SignedData (``kind`` names it)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        super().__init__(f"the CMS structure is {kind}, not SignedData")
+
+
+class SignerIdentifier(NamedTuple):
+    """How a SignerInfo names its certificate: by issuer (a DER Name) and serial number, or by
+    subject key identifier."""
+
+    issuer: bytes | None = None
+    serial_number: int | None = None
+    key_identifier: bytes | None = None
+
+
+class StoredSigner(NamedTuple):
+    """A SignerInfo's fields, located in the stored bytes and read no further than that needs.
+    ``signed_attributes`` are the bytes the signature covers (see :class:`SignedData`)."""
+
+    version: Tlv
+    sid: SignerIdentifier
+    digest_algorithm: AlgorithmIdentifier
+    signed_attributes: bytes | None
+    signature_algorithm: AlgorithmIdentifier
+    signature: bytes
+    unsigned_attributes: Tlv | None
+
+
+class StoredSignedData(NamedTuple):
+    """A ContentInfo(SignedData) as stored in ``der``, before any of it is checked: the content,
+    each X.509 certificate's bytes in stored order, and where each SignerInfo is (read by
+    :func:`stored_signer` when it is needed)."""
+
+    der: bytes
+    version: Tlv
+    digest_algorithms: Tlv
+    content_type: str
+    content: bytes | None
+    certificates: tuple[bytes, ...]
+    signers: tuple[Tlv, ...]
+
+
+def stored_signed_data(der: bytes, top: Tlv) -> StoredSignedData:
+    """The parts of the ContentInfo(SignedData) ``top`` in ``der``. Raises :class:`NotSignedData`
+    for another kind of content, :class:`~signbridge.crypto.ber.BerError` when a part is malformed."""
+    content_info = children(der, expect(top, SEQUENCE, "the CMS ContentInfo"))
+    if len(content_info) != 2 or content_info[1].identifier != b"\xa0":
+        raise BerError("the CMS ContentInfo does not have a content type and a content")
+    content_type = object_identifier(der, content_info[0])
+    if content_type != ID_SIGNED_DATA:
+        raise NotSignedData(_CONTENT_TYPE_NAMES.get(content_type, content_type))
+    signed_data = children(der, content_info[1])
+    if len(signed_data) != 1:
+        raise BerError("the CMS ContentInfo's content is not a single SignedData")
+    version, digest_algorithms, encapsulated, *optional, signer_infos = fields(der, signed_data[0], "the SignedData", 4)
+    expect(version, INTEGER, "the SignedData's version")
+    encapsulated_fields = fields(der, encapsulated, "the encapsulated content", 1)
+    content = None
+    if len(encapsulated_fields) > 2:
+        raise BerError("the encapsulated content has more than a type and a content")
+    if len(encapsulated_fields) == 2:
+        explicit = children(der, expect(encapsulated_fields[1], b"\xa0", "the encapsulated content"))
+        if len(explicit) != 1:
+            raise BerError("the encapsulated content is not one OCTET STRING")
+        content = octet_string(der, explicit[0])
+    if [part.identifier for part in optional] not in ([], [b"\xa0"], [b"\xa1"], [b"\xa0", b"\xa1"]):
+        raise BerError("the SignedData has fields other than certificates and CRLs")
+    certificates = ()
+    if optional and optional[0].identifier == b"\xa0":
+        choices = children(der, optional[0])
+        if any(choice.identifier not in _CERTIFICATE_CHOICES for choice in choices):
+            raise BerError("the SignedData holds something other than certificates among its certificates")
+        certificates = tuple(der[choice.start : choice.end] for choice in choices if choice.identifier == SEQUENCE)
+    return StoredSignedData(
+        der=der,
+        version=version,
+        digest_algorithms=digest_algorithms,
+        content_type=object_identifier(der, encapsulated_fields[0]),
+        content=content,
+        certificates=certificates,
+        signers=tuple(children(der, expect(signer_infos, SET, "the SignerInfos"))),
+    )
+
+
+def stored_signer(der: bytes, value: Tlv) -> StoredSigner:
+    """The fields of the SignerInfo ``value`` in ``der``; :class:`~signbridge.crypto.ber.BerError`
+    when one is malformed."""
+    version, sid, digest_algorithm, *rest = fields(der, value, "a SignerInfo", 5)
+    expect(version, INTEGER, "a SignerInfo's version")
+    signed = rest.pop(0) if rest[0].identifier == b"\xa0" else None
+    if len(rest) < 2:
+        raise BerError("a SignerInfo has no signature")
+    signature_algorithm, signature, *rest = rest
+    unsigned = rest.pop(0) if rest and rest[0].identifier == b"\xa1" else None
+    if rest:
+        raise BerError("a SignerInfo has fields after its unsigned attributes")
+    return StoredSigner(
+        version=version,
+        sid=_signer_identifier(der, sid),
+        digest_algorithm=algorithm_identifier(der, digest_algorithm, "a SignerInfo's digest algorithm"),
+        signed_attributes=None if signed is None else b"\x31" + definite(der, signed)[0][1:],
+        signature_algorithm=algorithm_identifier(der, signature_algorithm, "a SignerInfo's signature algorithm"),
+        signature=octet_string(der, signature),
+        unsigned_attributes=unsigned,
+    )
+
+
+def _signer_identifier(der: bytes, value: Tlv) -> SignerIdentifier:
+    if value.identifier == b"\x80":  # [0] IMPLICIT SubjectKeyIdentifier
+        return SignerIdentifier(key_identifier=der[value.content_start : value.content_end])
+    parts = fields(der, value, "the signer's issuer and serial number")
+    if len(parts) != 2:
+        raise BerError("the signer's issuer and serial number are not two fields")
+    issuer = expect(parts[0], SEQUENCE, "the signer's issuer")
+    return SignerIdentifier(issuer=der[issuer.start : issuer.end], serial_number=integer(der, parts[1]))
 
 
 @dataclass(frozen=True)
@@ -260,10 +236,11 @@ class SignedData:
 
     ``signed_attributes`` are the bytes the signature covers (the stored attributes re-tagged as a
     SET, tag 0x31), or None when the signature is directly over the content digest;
-    ``attributes`` their values by OID. ``signature`` is the SignerInfo's signature value (ECDSA in
-    DER), the bytes a timestamp covers; ``timestamp_token`` the DER TimeStampToken stored over it,
-    if any. When the attribute values cannot be read, ``attribute_problem`` says why and they are
-    None; :func:`verify_detached` then fails, after checking whether the signature covers them.
+    ``attributes`` their values by OID, each value's DER. ``signature`` is the SignerInfo's
+    signature value (ECDSA in DER), the bytes a timestamp covers; ``timestamp_token`` the DER
+    TimeStampToken stored over it, if any. When the attribute values cannot be read,
+    ``attribute_problem`` says why and they are None; :func:`verify_detached` then fails, after
+    checking whether the signature covers them.
     """
 
     der: bytes = field(repr=False)
@@ -278,7 +255,7 @@ class SignedData:
     content_type: str | None
     message_digest: bytes | None
     signing_time: datetime | None
-    attributes: dict[str, list[core.Asn1Value]] | None = field(default=None, repr=False, compare=False)
+    attributes: dict[str, list[bytes]] | None = field(default=None, repr=False, compare=False)
     timestamp_token: bytes | None = field(default=None, repr=False)
     pss_salt_length: int | None = None
     attribute_problem: str | None = None  # why the signed attribute values could not be read
@@ -313,42 +290,26 @@ def read_signed_data(data: bytes, *, certificates: Iterable[x509.Certificate] = 
         )
     der = data[: top.end]
     try:
-        return _parse(der, top, tuple(certificates))
+        return _parse(stored_signed_data(der, top), tuple(certificates))
     except BerError as exc:
         raise CmsFormatError(str(exc)) from None
-    except ASN1_ERRORS as exc:
-        raise CmsFormatError(f"the CMS signature is malformed ({exc})") from None
 
 
-def _parse(der: bytes, top: Tlv, extra_certificates: tuple[x509.Certificate, ...]) -> SignedData:
-    content_info = cms.ContentInfo.load(der)
-    if content_info["content_type"].dotted != ID_SIGNED_DATA:
-        raise CmsFormatError(f"the CMS structure is {content_info['content_type'].native}, not SignedData")
-    signed_data = content_info["content"]
-    signer_infos = signed_data["signer_infos"]
-    if len(signer_infos) != 1:
-        raise CmsFormatError(f"the CMS signature has {len(signer_infos)} signers; Apple signatures have one")
-    signer_info = signer_infos[0]
-    raw_fields = raw_signer_info(der, top)
-
-    certificates = _certificates(signed_data)
-    signer = find_signer_certificate(signer_info["sid"], (*certificates, *extra_certificates))
+def _parse(stored: StoredSignedData, extra_certificates: tuple[x509.Certificate, ...]) -> SignedData:
+    der = stored.der
+    if len(stored.signers) != 1:
+        raise CmsFormatError(f"the CMS signature has {len(stored.signers)} signers; Apple signatures have one")
+    signer_info = stored_signer(der, stored.signers[0])
+    certificates = read_certificates(stored.certificates, "the CMS signature", CmsFormatError)
+    signer = find_signer_certificate(signer_info.sid, (*certificates, *extra_certificates))
     if signer is None:
         raise CmsFormatError("the CMS signature does not include the signer's certificate")
 
-    digest_algorithm = hash_algorithm_from_oid(signer_info["digest_algorithm"]["algorithm"].dotted, "digest")
-    scheme, salt_length = _scheme_of(signer_info["signature_algorithm"], digest_algorithm)
+    digest_algorithm = hash_algorithm_from_oid(signer_info.digest_algorithm.oid, "digest")
+    scheme, salt_length = _scheme_of(der, signer_info.signature_algorithm, digest_algorithm)
 
-    encap = signed_data["encap_content_info"]
-    encapsulated_type = encap["content_type"].dotted
-    content = None if isinstance(encap["content"], core.Void) else bytes(encap["content"])
-
-    signed_attrs = None
-    values = _AttributeValues()
-    if not isinstance(signer_info["signed_attrs"], core.Void):
-        raw_attrs = next(child for child in raw_fields[3:] if child.identifier == b"\xa0")
-        signed_attrs = b"\x31" + definite(der, raw_attrs)[0][1:]
-        values = _attribute_values(signer_info["signed_attrs"])
+    signed_attrs = signer_info.signed_attributes
+    values = _AttributeValues() if signed_attrs is None else _attribute_values(signed_attrs)
 
     return SignedData(
         der=der,
@@ -356,54 +317,46 @@ def _parse(der: bytes, top: Tlv, extra_certificates: tuple[x509.Certificate, ...
         signer_certificate=signer,
         digest_algorithm=digest_algorithm,
         scheme=scheme,
-        signature=signer_info["signature"].native,
+        signature=signer_info.signature,
         signed_attributes=signed_attrs,
-        encapsulated_content_type=encapsulated_type,
-        content=content,
+        encapsulated_content_type=stored.content_type,
+        content=stored.content,
         content_type=values.content_type,
         message_digest=values.message_digest,
         signing_time=values.signing_time,
         attributes=values.attributes,
-        timestamp_token=_timestamp_token(der, raw_fields),
+        timestamp_token=_timestamp_token(der, signer_info.unsigned_attributes),
         pss_salt_length=salt_length,
         attribute_problem=values.problem,
     )
 
 
-@dataclass(frozen=True)
-class _AttributeValues:
+class _AttributeValues(NamedTuple):
     content_type: str | None = None
     message_digest: bytes | None = None
     signing_time: datetime | None = None
-    attributes: dict[str, list[core.Asn1Value]] | None = None
+    attributes: dict[str, list[bytes]] | None = None
     problem: str | None = None
 
 
-def _attribute_values(signed_attrs: cms.CMSAttributes) -> _AttributeValues:
+def _attribute_values(signed_attrs: bytes) -> _AttributeValues:
     """The values of the signed attributes. A value that cannot be read is reported as ``problem``
     rather than raised, so that altered attributes are reported as what they are: bytes the
     signature does not cover (:func:`verify_detached` checks the signature first)."""
     try:
-        attributes = _attributes(signed_attrs)
+        attributes = signed_attribute_values(signed_attrs)
         if not attributes:
             raise CmsFormatError("the CMS signature has an empty set of signed attributes")
         return _AttributeValues(
-            content_type=single_attribute(attributes, ATTR_CONTENT_TYPE, "contentType", lambda v: v.dotted),
-            message_digest=single_attribute(attributes, ATTR_MESSAGE_DIGEST, "messageDigest", lambda v: v.native),
-            signing_time=single_attribute(attributes, ATTR_SIGNING_TIME, "signingTime", lambda v: v.chosen.native),
+            content_type=single_attribute(attributes, ATTR_CONTENT_TYPE, "contentType", object_identifier),
+            message_digest=single_attribute(attributes, ATTR_MESSAGE_DIGEST, "messageDigest", octet_string),
+            signing_time=single_attribute(attributes, ATTR_SIGNING_TIME, "signingTime", time_value),
             attributes=attributes,
         )
     except CmsFormatError as exc:
         return _AttributeValues(problem=str(exc))
-    except ASN1_ERRORS as exc:
+    except BerError as exc:
         return _AttributeValues(problem=f"the CMS signature's signed attributes are malformed ({exc})")
-
-
-def _certificates(signed_data: cms.SignedData) -> tuple[x509.Certificate, ...]:
-    if isinstance(signed_data["certificates"], core.Void):
-        return ()
-    ders = [choice.chosen.dump() for choice in signed_data["certificates"] if choice.name == "certificate"]
-    return read_certificates(ders, "the CMS signature", CmsFormatError)
 
 
 def hash_algorithm_from_oid(oid: str, what: str) -> HashAlgorithm:
@@ -415,99 +368,104 @@ def hash_algorithm_from_oid(oid: str, what: str) -> HashAlgorithm:
 
 
 def _scheme_of(
-    algorithm: algos.SignedDigestAlgorithm, digest_algorithm: HashAlgorithm
+    der: bytes, algorithm: AlgorithmIdentifier, digest_algorithm: HashAlgorithm
 ) -> tuple[Scheme, int | None]:
-    oid = algorithm["algorithm"].dotted
-    try:
-        kind = algorithm.signature_algo
-    except ValueError:
-        raise CmsFormatError(f"the CMS signature algorithm {oid} is not supported") from None
-    if kind in ("rsassa_pkcs1v15", "ecdsa"):
-        try:
-            named = algorithm.hash_algo
-        except ValueError:  # rsaEncryption names no hash
-            named = digest_algorithm.hashlib_name
-        if named != digest_algorithm.hashlib_name:
+    known = _SIGNATURE_ALGORITHMS.get(algorithm.oid)
+    if known is None:
+        raise CmsFormatError(f"the CMS signature algorithm {algorithm.oid} is not supported")
+    name, scheme, named = known
+    if scheme is not Scheme.RSA_PSS:
+        if named not in (None, digest_algorithm.hashlib_name):
             raise CmsFormatError(
-                f"the CMS signature algorithm {algorithm['algorithm'].native} names {named}, "
+                f"the CMS signature algorithm {name} names {named}, "
                 f"but the signer's digest algorithm is {digest_algorithm.hashlib_name}"
             )
-        return (Scheme.RSA_PKCS1 if kind == "rsassa_pkcs1v15" else Scheme.ECDSA), None
-    if kind == "rsassa_pss":
-        params = algorithm["parameters"]
-        pss_hash = params["hash_algorithm"]["algorithm"].native
-        mgf_hash = params["mask_gen_algorithm"]["parameters"]["algorithm"].native
-        if pss_hash != digest_algorithm.hashlib_name or mgf_hash != digest_algorithm.hashlib_name:
-            raise CmsFormatError("the CMS signature uses RSA-PSS with a hash other than its digest algorithm")
-        return Scheme.RSA_PSS, params["salt_length"].native
-    raise CmsFormatError(f"the CMS signature algorithm {oid} ({kind}) is not supported")
+        return scheme, None
+    pss_hash, mgf_hash, salt_length = _pss_parameters(der, algorithm.parameters)
+    if pss_hash != digest_algorithm.oid or mgf_hash != digest_algorithm.oid:
+        raise CmsFormatError("the CMS signature uses RSA-PSS with a hash other than its digest algorithm")
+    return Scheme.RSA_PSS, salt_length
 
 
-def _attributes(signed_attrs: cms.CMSAttributes) -> dict[str, list[core.Asn1Value]]:
-    attributes: dict[str, list[core.Asn1Value]] = {}
-    for attribute in signed_attrs:
-        oid = attribute["type"].dotted
+def _pss_parameters(der: bytes, parameters: Tlv | None) -> tuple[str, str, int]:
+    """RSASSA-PSS-params (RFC 4055): the hash's OID, the MGF1 hash's OID and the salt length."""
+    pss_hash = mgf_hash = HashAlgorithm.SHA1.oid
+    salt_length = 20
+    for part in fields(der, parameters, "the RSA-PSS parameters") if parameters is not None else []:
+        explicit = children(der, part)
+        if len(explicit) != 1:
+            raise BerError("an RSA-PSS parameter is not a single value")
+        if part.identifier == b"\xa0":
+            pss_hash = algorithm_identifier(der, explicit[0], "the RSA-PSS hash").oid
+        elif part.identifier == b"\xa1":
+            mask = algorithm_identifier(der, explicit[0], "the RSA-PSS mask generation function")
+            if mask.parameters is None:
+                raise BerError("the RSA-PSS mask generation function names no hash")
+            mgf_hash = algorithm_identifier(der, mask.parameters, "the RSA-PSS mask generation hash").oid
+        elif part.identifier == b"\xa2":
+            salt_length = integer(der, explicit[0])
+            if salt_length < 0:
+                raise BerError("the RSA-PSS salt length is negative")
+    return pss_hash, mgf_hash, salt_length
+
+
+def signed_attribute_values(signed_attrs: bytes) -> dict[str, list[bytes]]:
+    """The values (each one's DER) of the signed attributes ``signed_attrs`` (a SET), by attribute type."""
+    der = signed_attrs
+    attributes: dict[str, list[bytes]] = {}
+    for attribute in children(der, single_value(der)):
+        parts = fields(der, attribute, "a signed attribute")
+        if len(parts) != 2:
+            raise BerError("a signed attribute is not a type and a set of values")
+        oid = object_identifier(der, parts[0])
         if oid in attributes:
             raise CmsFormatError(f"the signed attribute {oid} appears more than once")
-        attributes[oid] = list(attribute["values"])
+        attributes[oid] = [der[value.start : value.end] for value in children(der, expect(parts[1], SET, "an attribute's values"))]
     return attributes
 
 
 def single_attribute(
-    attributes: dict[str, list[core.Asn1Value]], oid: str, name: str, read: Callable[[core.Asn1Value], T]
+    attributes: dict[str, list[bytes]], oid: str, name: str, read: Callable[[bytes, Tlv], T]
 ) -> T | None:
-    """The value of the signed attribute ``oid`` (called ``name`` in messages) as ``read`` reads it,
-    None when absent; an attribute holds exactly one value."""
+    """The value of the signed attribute ``oid`` (called ``name`` in messages) as ``read`` reads it
+    from the value's DER, None when absent; an attribute holds exactly one value."""
     values = attributes.get(oid)
     if values is None:
         return None
     if len(values) != 1:
         raise CmsFormatError(f"the signed attribute {name} must hold exactly one value, not {len(values)}")
-    return read(values[0])
+    return read(values[0], single_value(values[0]))
 
 
-def find_signer_certificate(sid: cms.SignerIdentifier, pool: Iterable[x509.Certificate]) -> x509.Certificate | None:
+def find_signer_certificate(sid: SignerIdentifier, pool: Iterable[x509.Certificate]) -> x509.Certificate | None:
     """The certificate a CMS SignerIdentifier names (issuer and serial number, or subject key identifier)."""
     for certificate in pool:
-        if sid.name == "issuer_and_serial_number":
-            wanted = sid.chosen
-            if certificate.serial_number != wanted["serial_number"].native:
-                continue
-            # The same bytes first: comparing as RFC 5280 does (string preparation) is much slower.
-            if certificate.issuer.public_bytes() == wanted["issuer"].dump():
+        if sid.key_identifier is None:
+            if certificate.serial_number == sid.serial_number and same_name(certificate.issuer, sid.issuer or b""):
                 return certificate
-            if _asn1_name(certificate.issuer) == wanted["issuer"]:
-                return certificate
-        else:
-            try:
-                ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            except x509.ExtensionNotFound:
-                continue
-            if ski.digest == sid.chosen.native:
-                return certificate
+            continue
+        try:
+            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            continue
+        if ski.digest == sid.key_identifier:
+            return certificate
     return None
 
 
-def _asn1_name(name: x509.Name) -> asn1_x509.Name:
-    return asn1_x509.Name.load(name.public_bytes())
-
-
-def _timestamp_token(der: bytes, raw_fields: list[Tlv]) -> bytes | None:
+def _timestamp_token(der: bytes, unsigned: Tlv | None) -> bytes | None:
     """The DER of the id-aa-timeStampToken unsigned attribute's token, if there is one."""
-    unsigned = next((child for child in raw_fields if child.identifier == b"\xa1"), None)
     if unsigned is None:
         return None
-    token_oid = core.ObjectIdentifier(ATTR_TIMESTAMP_TOKEN).dump()
     for attribute in children(der, unsigned):
         parts = children(der, attribute)
-        if len(parts) != 2 or der[parts[0].start : parts[0].end] != token_oid:
+        if len(parts) != 2 or der[parts[0].start : parts[0].end] != _TIMESTAMP_TOKEN_TYPE:
             continue
         values = children(der, parts[1])
         if len(values) != 1:
             raise CmsFormatError("the timestamp attribute must hold exactly one token")
         return definite(der, values[0])[0]
     return None
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,10 +535,13 @@ def _verify_parsed(parsed: SignedData, digest: bytes, message: str) -> None:
         mgf = padding.MGF1(parsed.digest_algorithm.cryptography_hash())
         pss = padding.PSS(mgf=mgf, salt_length=parsed.pss_salt_length)
     request = SignatureRequest(digest, parsed.digest_algorithm, parsed.scheme, EcdsaFormat.ASN1)
-    _verify(parsed.signer_certificate.public_key(), request, parsed.signature, pss, message)
+    check_signature(parsed.signer_certificate.public_key(), request, parsed.signature, message, pss)
 
 
-def _verify(public_key: object, request: SignatureRequest, signature: bytes, pss: padding.PSS | None, message: str) -> None:
+def check_signature(
+    public_key: object, request: SignatureRequest, signature: bytes, message: str, pss: padding.PSS | None = None
+) -> None:
+    """Raise :class:`SignatureMismatch` (saying ``message``) unless ``signature`` verifies."""
     try:
         verify_digest_signature(public_key, request, signature, pss=pss)  # type: ignore[arg-type]
     except SignatureError:
@@ -600,51 +561,50 @@ def check_unsigned_fields(der: bytes, what: str) -> None:
     attribute is one timestamp token. ``what`` names the CMS in messages.
     """
     try:
-        top = read_tlv(der, 0, len(der), 0)
-        fields = children(der, children(der, children(der, top)[1])[0])
-        if fields[1].identifier != b"\x31":
+        stored = stored_signed_data(der, read_tlv(der, 0, len(der), 0))
+        if stored.digest_algorithms.identifier != SET:
             raise CmsFormatError(f"{what}'s list of digest algorithms is not a SET")
-        unsigned = next((child for child in raw_signer_info(der, top) if child.identifier == b"\xa1"), None)
-        token_type = core.ObjectIdentifier(ATTR_TIMESTAMP_TOKEN).dump()
+        if not stored.signers:
+            raise CmsFormatError(f"{what} has no signer")
+        signer_info = stored_signer(der, stored.signers[0])
+        unsigned = signer_info.unsigned_attributes
         attributes = children(der, unsigned) if unsigned is not None else []
         for attribute in attributes:
             parts = children(der, attribute)
             if attribute.identifier != b"\x30" or [part.identifier for part in parts] != [b"\x06", b"\x31"]:
                 raise CmsFormatError(f"an unsigned attribute of {what} is malformed")
-            if der[parts[0].start : parts[0].end] != token_type or len(attributes) > 1:
+            if der[parts[0].start : parts[0].end] != _TIMESTAMP_TOKEN_TYPE or len(attributes) > 1:
                 raise CmsFormatError(f"{what} has unsigned attributes other than one timestamp")
-        signed_data = cms.ContentInfo.load(der)["content"]
-        signer_info = signed_data["signer_infos"][0]
-        digest = signer_info["digest_algorithm"]["algorithm"].dotted
-        by_key_identifier = signer_info["sid"].name == "subject_key_identifier"
-        wanted = "v3" if by_key_identifier else "v1"
-        if signer_info["version"].native != wanted:
-            raise CmsFormatError(f"{what}'s signer version is {signer_info['version'].native}, not {wanted}")
-        data_content = signed_data["encap_content_info"]["content_type"].dotted == ID_DATA
-        wanted = "v1" if data_content and not by_key_identifier else "v3"
-        if signed_data["version"].native != wanted:
-            raise CmsFormatError(f"{what}'s SignedData version is {signed_data['version'].native}, not {wanted}")
-        listed = list(signed_data["digest_algorithms"])
+        digest = signer_info.digest_algorithm.oid
+        by_key_identifier = signer_info.sid.key_identifier is not None
+        wanted = 3 if by_key_identifier else 1
+        version = integer(der, signer_info.version)
+        if version != wanted:
+            raise CmsFormatError(f"{what}'s signer version is v{version}, not v{wanted}")
+        wanted = 1 if stored.content_type == ID_DATA and not by_key_identifier else 3
+        version = integer(der, stored.version)
+        if version != wanted:
+            raise CmsFormatError(f"{what}'s SignedData version is v{version}, not v{wanted}")
+        listed = [
+            algorithm_identifier(der, algorithm, f"a digest algorithm of {what}")
+            for algorithm in children(der, stored.digest_algorithms)
+        ]
         if not listed:
             raise CmsFormatError(f"{what} lists no digest algorithm")
-        for algorithm in [*listed, signer_info["digest_algorithm"]]:
-            if algorithm["algorithm"].dotted != digest:
-                raise CmsFormatError(
-                    f"{what} lists the digest algorithm {algorithm['algorithm'].dotted}, but its signer uses {digest}"
-                )
-            if algorithm["parameters"].native is not None:
+        for algorithm in [*listed, signer_info.digest_algorithm]:
+            if algorithm.oid != digest:
+                raise CmsFormatError(f"{what} lists the digest algorithm {algorithm.oid}, but its signer uses {digest}")
+            if algorithm.has_parameters(der):
                 raise CmsFormatError(f"a digest algorithm in {what} has parameters")
-        signature_algorithm = signer_info["signature_algorithm"]
-        if signature_algorithm.signature_algo != "rsassa_pss":
-            if signature_algorithm["parameters"].native is not None:
+        signature_algorithm = signer_info.signature_algorithm
+        known = _SIGNATURE_ALGORITHMS.get(signature_algorithm.oid)
+        if known is None:
+            raise CmsFormatError(f"the signature algorithm {signature_algorithm.oid} of {what} is not supported")
+        _name, scheme, named = known
+        if scheme is not Scheme.RSA_PSS:
+            if signature_algorithm.has_parameters(der):
                 raise CmsFormatError(f"the signature algorithm of {what} has parameters")
-            try:
-                named = HashAlgorithm.from_name(signature_algorithm.hash_algo).oid
-            except ValueError:  # rsaEncryption names no hash
-                named = digest
-            if named != digest:
+            if named not in (None, hash_algorithm_from_oid(digest, "digest").hashlib_name):
                 raise CmsFormatError(f"the signature algorithm of {what} names another hash than its signer's")
     except BerError as exc:
-        raise CmsFormatError(str(exc)) from None
-    except ASN1_ERRORS as exc:
         raise CmsFormatError(f"{what} is malformed ({exc})") from None

@@ -1,12 +1,30 @@
-"""What a certificate is called where the tools print it: its subject's common name."""
+"""Names of certificates: what the tools print (the subject's common name), and whether a stored
+name is a certificate's."""
 
 from __future__ import annotations
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .der import ASN1_ERRORS
+
 
 def common_name(cert: x509.Certificate) -> str:
     """The subject's first common name, else the whole subject (RFC 4514)."""
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else cert.subject.rfc4514_string()
+
+
+def same_name(name: x509.Name, der: bytes) -> bool:
+    """Whether the DER Name ``der`` is ``name``: the same bytes, or else equal as RFC 5280 compares
+    names (string preparation: case and spaces do not count)."""
+    encoded = name.public_bytes()
+    if encoded == der:
+        return True
+    # Rare (a signer that re-encoded the name), and only asn1crypto prepares strings as RFC 5280 says.
+    from asn1crypto import x509 as asn1_x509
+
+    try:
+        return asn1_x509.Name.load(encoded) == asn1_x509.Name.load(der, strict=True)
+    except ASN1_ERRORS:
+        return False

@@ -37,7 +37,7 @@ from ..crypto.signatures import (
     verify_certificate_signature,
     verify_digest_signature,
 )
-from ..crypto.timestamps import request_timestamp
+from ..crypto.timestamp_requests import request_timestamp
 from ..errors import SignbridgeError
 from ..p11kit import client_module_path
 from ..server.process import ServiceProcess

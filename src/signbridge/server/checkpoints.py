@@ -29,7 +29,8 @@ from sqlalchemy.orm import Session
 
 from ..crypto.hashes import HashAlgorithm
 from ..crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
-from ..crypto.timestamps import build_request, parse_response, parse_token
+from ..crypto.timestamp_requests import build_request, parse_response
+from ..crypto.timestamps import parse_token
 from ..errors import AuditError, SignatureError, SignbridgeError
 from . import directory, pki
 from .keystores import KeyRef, KeySpec, Keystore

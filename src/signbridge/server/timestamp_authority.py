@@ -22,16 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..crypto.cms import encode_attribute, encode_signed_attributes, encode_signed_data
+from ..crypto.cms_builder import encode_attribute, encode_signed_attributes, encode_signed_data
 from ..crypto.der import ASN1_ERRORS
 from ..crypto.hashes import HashAlgorithm
 from ..crypto.signatures import DigestSigner, EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
-from ..crypto.timestamps import (
-    ID_CT_TST_INFO,
-    FailureInfo,
-    TimeStampResp,
-    check_timestamping_certificate,
-)
+from ..crypto.timestamp_requests import FailureInfo, TimeStampResp
+from ..crypto.timestamps import ID_CT_TST_INFO, check_timestamping_certificate
 from ..errors import SignbridgeError, TimestampError
 from .directory import load_chain, load_x509
 from .keystores import KeyRef, Keystore

@@ -20,30 +20,32 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from asn1crypto import core
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ...crypto.ber import BerError, Tlv
 from ...crypto.chains import unique_certificates
 from ...crypto.cms import (
     ID_DATA,
     CmsFormatError,
     CmsVerificationError,
     SignedData,
-    assemble_signed_data,
-    encode_attribute,
-    encode_signed_attributes,
-    encode_signed_data,
     hash_algorithm_from_oid,
     read_signed_data,
-    scheme_for,
-    signed_attributes_digest,
     single_attribute,
 )
 from ...crypto.cms import (
     check_unsigned_fields as check_cms_unsigned_fields,
 )
-from ...crypto.der import ASN1_ERRORS
+from ...crypto.cms_builder import (
+    assemble_signed_data,
+    encode_attribute,
+    encode_signed_attributes,
+    encode_signed_data,
+    scheme_for,
+    signed_attributes_digest,
+)
+from ...crypto.der_decoding import fields, object_identifier, octet_string, single_value
 from ...crypto.der_encoding import encode_octet_string, encode_oid, encode_sequence
 from ...crypto.hashes import HashAlgorithm
 from ...crypto.signatures import DigestSigner, EcdsaFormat, SignatureRequest, curve_size
@@ -219,7 +221,7 @@ def timestamper(
 
     def stamp(signature: bytes) -> TimestampToken:
         digest = hash_algorithm.digest(signature)
-        from ...crypto.timestamps import request_timestamp
+        from ...crypto.timestamp_requests import request_timestamp
 
         return request_timestamp(url, digest, hash_algorithm, timeout=timeout, client=client)
 
@@ -273,12 +275,6 @@ def estimate_size(
     return len(der) + (timestamp_reserve + 32 if with_timestamp else 0)
 
 
-class _AgileHash(core.Sequence):
-    """One value of Apple's CDHashes2 attribute."""
-
-    _fields = [("hash_algorithm", core.ObjectIdentifier), ("digest", core.OctetString)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Parsing
 
@@ -305,7 +301,7 @@ def parse_signed_data(data: bytes) -> ParsedSignature:
             cdhashes2 = _cdhashes2(signed.attributes.get(ATTR_APPLE_CDHASHES2))
         except CmsFormatError as exc:
             problem = str(exc)
-        except ASN1_ERRORS as exc:
+        except BerError as exc:
             problem = f"the CMS signature's signed attributes are malformed ({exc})"
     if problem is not None:  # as for the generic attributes: none of the values is reported
         cdhashes = cdhashes2 = None
@@ -321,26 +317,28 @@ def parse_signed_data(data: bytes) -> ParsedSignature:
     return ParsedSignature(**fields, cdhashes=cdhashes, cdhashes2=cdhashes2, timestamp=timestamp)
 
 
-def _cdhashes_from_plist(value: core.Asn1Value) -> tuple[bytes, ...]:
+def _cdhashes_from_plist(der: bytes, value: Tlv) -> tuple[bytes, ...]:
     try:
-        octets = core.OctetString.load(value.dump()).native
-    except ASN1_ERRORS as exc:
+        octets = octet_string(der, value)
+    except BerError as exc:
         raise CmsFormatError(f"the CDHashes attribute is not an OCTET STRING ({exc})") from None
-    document = load_plist(octets or b"", "the CDHashes attribute", CmsFormatError)
+    document = load_plist(octets, "the CDHashes attribute", CmsFormatError)
     cdhashes = document.get("cdhashes") if isinstance(document, dict) else None
     if not isinstance(cdhashes, list) or not all(isinstance(item, bytes) for item in cdhashes):
         raise CmsFormatError('the CDHashes attribute has no "cdhashes" array of data')
     return tuple(cdhashes)
 
 
-def _cdhashes2(values: list[core.Asn1Value] | None) -> tuple[tuple[HashAlgorithm, bytes], ...] | None:
+def _cdhashes2(values: list[bytes] | None) -> tuple[tuple[HashAlgorithm, bytes], ...] | None:
     if values is None:
         return None
     result = []
     for value in values:
-        item = _AgileHash.load(value.dump())
-        algorithm = hash_algorithm_from_oid(item["hash_algorithm"].dotted, "CDHashes2 hash")
-        digest = item["digest"].native
+        parts = fields(value, single_value(value), "a CDHashes2 value")
+        if len(parts) != 2:
+            raise CmsFormatError("a CDHashes2 value is not a hash algorithm and a digest")
+        algorithm = hash_algorithm_from_oid(object_identifier(value, parts[0]), "CDHashes2 hash")
+        digest = octet_string(value, parts[1])
         if len(digest) != algorithm.digest_size:
             raise CmsFormatError(
                 f"a {algorithm.title} hash in the CDHashes2 attribute is {len(digest)} bytes long"
