@@ -70,7 +70,11 @@ def _primitive(data: bytes, value: Tlv, identifier: bytes, what: str) -> bytes:
 
 def object_identifier(data: bytes, value: Tlv) -> str:
     """The dotted form of the OBJECT IDENTIFIER ``value``."""
-    content = _primitive(data, value, OID, "an object identifier")
+    return oid_from_content(_primitive(data, value, OID, "an object identifier"))
+
+
+def oid_from_content(content: bytes) -> str:
+    """The dotted form of an OBJECT IDENTIFIER's contents octets (as code requirements store them)."""
     if not content or content[-1] & 0x80:
         raise BerError("an object identifier is truncated")
     arcs: list[int] = []

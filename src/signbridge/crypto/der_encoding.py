@@ -18,6 +18,12 @@ NULL = b"\x05\x00"
 @functools.cache
 def encode_oid(dotted: str) -> bytes:
     """An OBJECT IDENTIFIER from its dotted form, e.g. ``1.2.840.113549.1.7.2``."""
+    return encode_tlv(0x06, oid_content(dotted))
+
+
+def oid_content(dotted: str) -> bytes:
+    """The contents octets of an OBJECT IDENTIFIER (without tag and length), as code requirements
+    also store them."""
     try:
         arcs = [int(arc) for arc in dotted.split(".")]
     except ValueError:
@@ -32,7 +38,7 @@ def encode_oid(dotted: str) -> bytes:
             groups.append(0x80 | (arc & 0x7F))
             arc >>= 7
         content += bytes(reversed(groups))
-    return encode_tlv(0x06, bytes(content))
+    return bytes(content)
 
 
 def encode_integer(value: int) -> bytes:

@@ -12,6 +12,9 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ....crypto.ber import BerError
+from ....crypto.der_decoding import oid_from_content
+from ....crypto.der_encoding import oid_content
 from ..blobs import CodeSignatureFormatError, Magic, decode_blob, decode_superblob, encode_blob
 from ..blobs import encode_superblob as _encode_superblob
 
@@ -125,33 +128,17 @@ class Expr:
 
 def oid_to_der(dotted: str) -> bytes:
     """The DER content bytes (no tag/length) of a dotted object identifier."""
-    parts = [int(part) for part in dotted.split(".")]
-    if len(parts) < 2:
-        raise CodeSignatureFormatError(f"{dotted!r} is not an object identifier")
-    out = bytearray()
-    for number in [parts[0] * 40 + parts[1], *parts[2:]]:
-        chunk = [number & 0x7F]
-        number >>= 7
-        while number:
-            chunk.append(0x80 | (number & 0x7F))
-            number >>= 7
-        out += bytes(reversed(chunk))
-    return bytes(out)
+    try:
+        return oid_content(dotted)
+    except ValueError as exc:
+        raise CodeSignatureFormatError(str(exc)) from None
 
 
 def oid_from_der(content: bytes) -> str:
-    numbers: list[int] = []
-    value = 0
-    for byte in content:
-        value = (value << 7) | (byte & 0x7F)
-        if not byte & 0x80:
-            numbers.append(value)
-            value = 0
-    if not numbers or content[-1] & 0x80:
-        raise CodeSignatureFormatError(f"malformed object identifier {content.hex()}")
-    first = numbers[0]
-    head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
-    return ".".join(str(number) for number in head + numbers[1:])
+    try:
+        return oid_from_content(content)
+    except BerError:
+        raise CodeSignatureFormatError(f"malformed object identifier {content.hex()}") from None
 
 
 def identifier(value: str) -> Expr:
