@@ -52,19 +52,18 @@ class HashAlgorithm(enum.Enum):
 
     @classmethod
     def from_oid(cls, oid: str) -> HashAlgorithm:
-        for algorithm in cls:
-            if algorithm.oid == oid:
-                return algorithm
-        raise SignatureError(f"unknown hash algorithm OID {oid!r}")
+        algorithm = _BY_OID.get(oid)
+        if algorithm is None:
+            raise SignatureError(f"unknown hash algorithm OID {oid!r}")
+        return algorithm
 
     @classmethod
     def from_name(cls, name: str) -> HashAlgorithm:
         """Accepts ``sha256``, ``SHA-256``, ``Sha256`` and the like."""
-        key = name.replace("-", "").replace("_", "").lower()
-        for algorithm in cls:
-            if algorithm.hashlib_name == key:
-                return algorithm
-        raise SignatureError(f"unknown hash algorithm {name!r}")
+        algorithm = _BY_NAME.get(name.replace("-", "").replace("_", "").lower())
+        if algorithm is None:
+            raise SignatureError(f"unknown hash algorithm {name!r}")
+        return algorithm
 
     @classmethod
     def from_digest_info(cls, digest_info: bytes) -> tuple[HashAlgorithm, bytes]:
@@ -74,6 +73,9 @@ class HashAlgorithm(enum.Enum):
                 return algorithm, digest_info[len(prefix) :]
         raise SignatureError("the data is not a DigestInfo of a supported hash algorithm")
 
+
+_BY_OID = {algorithm.oid: algorithm for algorithm in HashAlgorithm}
+_BY_NAME = {algorithm.hashlib_name: algorithm for algorithm in HashAlgorithm}
 
 _CRYPTOGRAPHY = {
     HashAlgorithm.MD5: hashes.MD5,

@@ -75,8 +75,9 @@ class RunOptions:
             operations_routes=os.environ.get("SIGNBRIDGE_METRICS_ADDRESS") is None,
         )
 
-Parse = Callable[[], tuple[Any, Callable[[Any], dict]]]
-"""Turns a request read off the wire into (HashSigningRequest, echo); raises Problem."""
+Parse = Callable[[], tuple[Any, Callable[[Any], bytes]]]
+"""Turns a request read off the wire into (HashSigningRequest, echo); raises Problem. Echo turns
+the SignResult into the response's JSON body."""
 
 ReadRequest = Callable[[Scope, dict[bytes, bytes], Receive], Awaitable[Parse]]
 """Reads a signing route's request (scope, headers by lower-case name, body) into its Parse."""
@@ -92,44 +93,45 @@ def _too_large(limit: int) -> Problem:
     return Problem(413, f"The request body is larger than the service accepts ({limit} bytes).")
 
 
-async def read_limited(chunks: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
-    """The body, refused with 413 as soon as its declared or received size exceeds ``limit``."""
+async def read_limited(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The body, read from ASGI messages; refused with 413 as soon as its declared or received size exceeds ``limit``."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     parts, size = [], 0
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    return await read_limited(request.stream(), request.headers.get("content-length"), limit)
-
-
-async def _asgi_chunks(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
-        yield message.get("body", b"")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
         if not message.get("more_body", False):
-            return
+            return b"".join((*parts, chunk)) if parts else chunk
+        parts.append(chunk)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    return await read_limited(request.receive, request.headers.get("content-length"), limit)
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_SIGN_HASH_RESPONSE = b'{"signingRequestId":"%s","hashSigningData":{"hash":"%s"},"hashSigningResult":{"signature":"%s"}}'
+
+
+async def send_body(send: Send, status: int, body: bytes, content_type: bytes = b"application/json",
+                    headers: dict[str, str] | None = None) -> None:
+    raw_headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+    if headers:
+        raw_headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    start: Message = {"type": "http.response.start", "status": status, "headers": raw_headers}
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
 
 
 async def send_json(send: Send, status: int, content: Any, content_type: bytes = b"application/json",
                     headers: dict[str, str] | None = None) -> None:
-    body = _JSON.encode(content).encode()
-    raw_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
-    start: Message = {"type": "http.response.start", "status": status, "headers": raw_headers}
-    await send(start)
-    await send({"type": "http.response.body", "body": body})
+    await send_body(send, status, _JSON.encode(content).encode(), content_type, headers)
 
 
 async def send_problem(send: Send, problem: Problem) -> None:
@@ -322,7 +324,7 @@ class Api:
             log.error("%s; the signature was withheld", exc)
             await send_problem(send, Problem(503, "The audit log is unavailable; the signature was not released."))
             return
-        await send_json(send, 200, body)
+        await send_body(send, 200, body)
 
     def _audited(self, entry: AuditEntry, seq: int) -> None:
         metrics.count_signing_request(entry)
@@ -331,7 +333,7 @@ class Api:
 
     async def _read_signing_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         declared = headers.get(b"content-length")
-        return await read_limited(_asgi_chunks(receive), declared and declared.decode("latin-1"), self.settings.max_body_bytes)
+        return await read_limited(receive, declared and declared.decode("latin-1"), self.settings.max_body_bytes)
 
     async def sign_hash(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def read(_scope: Scope, headers: dict[bytes, bytes], receive: Receive) -> Parse:
@@ -340,12 +342,11 @@ class Api:
             def parse():  # noqa: ANN202
                 parsed = parse_sign_hash(_json(body))
 
-                def echo(result) -> dict:  # noqa: ANN001
-                    return {
-                        "signingRequestId": result.request_id,
-                        "hashSigningData": {"hash": base64.b64encode(parsed.signature.digest).decode()},
-                        "hashSigningResult": {"signature": base64.b64encode(result.signature).decode()},
-                    }
+                def echo(result) -> bytes:  # noqa: ANN001
+                    # What send_json would write: a UUID and base64 need no escaping.
+                    return _SIGN_HASH_RESPONSE % (
+                        result.request_id.encode(), base64.b64encode(parsed.signature.digest), base64.b64encode(result.signature)
+                    )
 
                 return parsed, echo
 
@@ -459,8 +460,8 @@ def _parse_fast_signing_fields(fields: dict):  # noqa: ANN202
     payload = _json(artifact)
     parsed = parse_fast_signing_payload(project, policy, payload)
 
-    def echo(result) -> dict:  # noqa: ANN001
-        return {**payload, "Signature": base64.b64encode(result.signature).decode()}
+    def echo(result) -> bytes:  # noqa: ANN001
+        return _JSON.encode({**payload, "Signature": base64.b64encode(result.signature).decode()}).encode()
 
     return parsed, echo
 

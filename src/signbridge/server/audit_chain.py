@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import BinaryIO
 
 from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy.pool import PoolProxiedConnection
 
 from ..errors import AuditError
 from .database import driver_sql, writing
@@ -102,14 +103,18 @@ def entry_row(entry: AuditEntry) -> tuple:
 class ChainAppender:
     """Appends batches of records to the chain, for the one process that does (the audit writer). It
     keeps its connection and lock file open: checking a connection out of the pool and opening the
-    lock file for every batch cost as much as hashing and inserting its records."""
+    lock file for every batch cost as much as hashing and inserting its records. It talks to the
+    database driver itself: SQLAlchemy's execution and result layers cost as much again."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._lock_path = _lock_path(engine)
         self._lock: BinaryIO | None = None
-        self._connection: Connection | None = None
-        self._head_sql = driver_sql(engine, _HEAD_SQL if engine.dialect.name == "sqlite" else _HEAD_SQL + " FOR UPDATE")
+        self._connection: PoolProxiedConnection | None = None
+        sqlite = engine.dialect.name == "sqlite"
+        # SQLite connections run in autocommit (see .database): a writer takes the lock when it begins.
+        self._begin_sql = "BEGIN IMMEDIATE" if sqlite else None
+        self._head_sql = driver_sql(engine, _HEAD_SQL if sqlite else _HEAD_SQL + " FOR UPDATE")
         self._insert_sql = driver_sql(engine, _INSERT_SQL)
         self._update_sql = driver_sql(engine, _UPDATE_SQL)
 
@@ -119,7 +124,7 @@ class ChainAppender:
             if self._lock is None and self._lock_path is not None:
                 self._lock = open(self._lock_path, "a+b")  # noqa: SIM115 - kept open until close()
             if self._connection is None:
-                self._connection = writing(self._engine.connect())
+                self._connection = self._engine.raw_connection()
             if self._lock is not None:
                 fcntl.flock(self._lock, fcntl.LOCK_EX)
             try:
@@ -128,12 +133,16 @@ class ChainAppender:
                 if self._lock is not None:
                     fcntl.flock(self._lock, fcntl.LOCK_UN)
         except BaseException:
-            self.close()  # the next batch starts on a fresh connection
+            self.close()  # the next batch starts on a fresh connection (the pool rolls this one back)
             raise
 
-    def _append(self, connection: Connection, rows: Sequence[tuple]) -> list[int]:
-        with connection.begin():
-            head = connection.exec_driver_sql(self._head_sql).first()
+    def _append(self, connection: PoolProxiedConnection, rows: Sequence[tuple]) -> list[int]:
+        cursor = connection.cursor()
+        try:
+            if self._begin_sql is not None:
+                cursor.execute(self._begin_sql)
+            cursor.execute(self._head_sql)
+            head = cursor.fetchone()
             if head is None:
                 raise AuditError("the audit log has no head record; was the database initialized?")
             first, prev = head
@@ -146,8 +155,11 @@ class ChainAppender:
                 digest = _canonical_hash(values)  # as record_hash(seq, prev, values), without a second dict
                 records.append((*row, seq, prev, digest))
                 prev = digest
-            connection.exec_driver_sql(self._insert_sql, records)
-            connection.exec_driver_sql(self._update_sql, (seq, prev))
+            cursor.executemany(self._insert_sql, records)
+            cursor.execute(self._update_sql, (seq, prev))
+            connection.commit()
+        finally:
+            cursor.close()
         return list(range(first + 1, seq + 1))
 
     def close(self) -> None:

@@ -9,6 +9,8 @@ transport holds it through the system call, which would keep the signing thread 
 uvicorn waits forever for a request that never finishes arriving. Here a client has
 ``header_timeout`` seconds from connecting (or from the end of its previous response) to send a
 request's head, then ``body_timeout`` seconds to send its body, or it is answered 408 and closed.
+A connection keeps one timer, which finds the deadline moved on when it fires and waits for the new
+one: a request moves the deadline three times, and a timer each time cost as much as the JSON.
 One client address may hold at most ``max_connections_per_ip`` connections in a worker process.
 """
 
@@ -94,7 +96,8 @@ class HttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: ConnectionLimits | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits or ConnectionLimits()
-        self._reading_deadline: asyncio.TimerHandle | None = None
+        self._reading_deadline: float | None = None  # in loop time; None while the client is not sending
+        self._timer: asyncio.TimerHandle | None = None
         self._counted_address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -112,6 +115,9 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         address, self._counted_address = self._counted_address, None
         if address is not None:
             remaining = self._open_by_address.get(address, 1) - 1
@@ -140,15 +146,24 @@ class HttpProtocol(HttpToolsProtocol):
             self._arm(self.limits.header_timeout)
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._reading_deadline = self.loop.call_later(seconds, self._reading_timed_out)
+        self._reading_deadline = deadline = self.loop.time() + seconds
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._deadline_reached)
 
     def _disarm(self) -> None:
-        if self._reading_deadline is not None:
-            self._reading_deadline.cancel()
-            self._reading_deadline = None
+        self._reading_deadline = None
 
-    def _reading_timed_out(self) -> None:
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        deadline = self._reading_deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._deadline_reached)
+            return
         self._reading_deadline = None
         if self.transport.is_closing():
             return

@@ -35,7 +35,10 @@ class SigningThread:
 
     Jobs and results travel in deques; each side wakes the other with a byte on a pipe, written
     with ``os.write``, which lets go of the GIL during the system call (a ``queue.SimpleQueue`` put
-    or ``call_soon_threadsafe`` wakes the other side holding it)."""
+    or ``call_soon_threadsafe`` wakes the other side holding it). A byte is written only when the
+    other side may be asleep: under load the thread finds the next job waiting and the loop has
+    yet to collect the last results, and every system call that lets go of the GIL makes its
+    caller wait to take it back."""
 
     def __init__(self, name: str = "signbridge-signer") -> None:
         self._jobs: collections.deque[_Job | None] = collections.deque()
@@ -44,6 +47,8 @@ class SigningThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous_interval: float | None = None
         self._closed = False
+        self._thread_waiting = False  # set by the thread before it waits for a byte on the jobs pipe
+        self._loop_woken = False  # set by the thread when it writes a byte on the results pipe
         self._jobs_in, self._jobs_out = os.pipe()
         self._results_in, self._results_out = os.pipe()
         os.set_blocking(self._results_in, False)
@@ -61,7 +66,8 @@ class SigningThread:
             self._thread.start()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.append((function, args, future))
-        os.write(self._jobs_out, b"j")
+        if self._thread_waiting:
+            os.write(self._jobs_out, b"j")
         return await future
 
     def close(self) -> None:
@@ -84,7 +90,10 @@ class SigningThread:
 
     def _run(self) -> None:
         while True:
-            os.read(self._jobs_in, 4096)  # one byte per job; jobs already done leave theirs behind
+            self._thread_waiting = True
+            if not self._jobs:  # checked after the flag is set: a job appended before it is seen here
+                os.read(self._jobs_in, 4096)  # bytes of jobs found without waiting are read with a later one
+            self._thread_waiting = False
             while self._jobs:
                 job = self._jobs.popleft()
                 if job is None:
@@ -94,13 +103,16 @@ class SigningThread:
                     self._results.append((future, function(*args), None))
                 except BaseException as exc:  # noqa: BLE001 - raised again in the waiting request
                     self._results.append((future, None, exc))
-                os.write(self._results_out, b"r")
+                if not self._loop_woken:
+                    self._loop_woken = True
+                    os.write(self._results_out, b"r")
 
     def _deliver(self) -> None:
         try:
             os.read(self._results_in, 4096)
         except BlockingIOError:
             return  # a byte for results already delivered
+        self._loop_woken = False  # before the deque is emptied: a result appended later writes a byte
         while self._results:
             future, result, exc = self._results.popleft()
             if future.done():  # the request was cancelled
