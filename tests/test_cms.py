@@ -33,11 +33,13 @@ from signbridge.apple.codesig.cms import (
     ATTR_APPLE_CDHASHES,
     ATTR_APPLE_CDHASHES2,
     TimestampMismatch,
+    check_timestamp,
+    parse_signed_data,
+)
+from signbridge.apple.codesig.cms_signing import (
     build_cdhashes_plist,
     build_signed_attributes,
-    check_timestamp,
     estimate_size,
-    parse_signed_data,
     sign_detached,
     timestamper,
 )

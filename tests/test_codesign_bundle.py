@@ -31,6 +31,7 @@ from signbridge.apple.codesig.options import (
     UnsignedNestedCodeError,
     parse_flags,
 )
+from signbridge.apple.codesig.verdicts import VerifyOptions
 from signbridge.apple.verify_code import verify_code
 from signbridge.crypto.identity import Identity
 from signbridge.errors import SignatureError
@@ -63,8 +64,8 @@ def app(signed_template, tmp_path) -> Path:
     return copy
 
 
-def options(pki) -> vf.VerifyOptions:
-    return vf.VerifyOptions(anchors=(pki.root.certificate,))
+def options(pki) -> VerifyOptions:
+    return VerifyOptions(anchors=(pki.root.certificate,))
 
 
 def test_signed_bundle_binds_info_plist_and_seal(app, pki, tmp_path):
@@ -214,7 +215,7 @@ def test_signed_bundle_needs_force(app, pki):
     reporter = QuietReporter()
     cs.sign_code(app, None, CodesignOptions(deep=True, force=True), reporter)
     assert reporter.notes == [(app, "replacing existing signature")]
-    assert verify_code(app, vf.VerifyOptions()).designated_text.startswith('cdhash H"')
+    assert verify_code(app, VerifyOptions()).designated_text.startswith('cdhash H"')
 
 
 def test_without_deep_nested_code_must_be_signed(fx, tmp_path, pki):

@@ -43,7 +43,7 @@ from codesignkit import (
 from machofixtures import MachOFixtures, sign_file
 from signbridge.apple import codesign as cs
 from signbridge.apple import display
-from signbridge.apple.codesig import cms, signed_code
+from signbridge.apple.codesig import cms_signing, signed_code
 from signbridge.apple.codesig import verification as vf
 from signbridge.apple.codesig.codedirectory import HashType
 from signbridge.apple.codesig.entitlements import signature_entitlements
@@ -59,6 +59,7 @@ from signbridge.apple.codesig.requirements.binary import encode_requirement_set
 from signbridge.apple.codesig.requirements.text import render
 from signbridge.apple.codesig.signed_code import designated_requirement
 from signbridge.apple.codesig.signer import CmsSigner
+from signbridge.apple.codesig.verdicts import VerifyOptions
 from signbridge.apple.macho import parse as mo
 from signbridge.apple.macho.sign import slice_plan
 from signbridge.apple.macho.writer import HeaderPaddingError
@@ -83,8 +84,8 @@ def identity(pki):
     return local_identity(pki)
 
 
-def anchors(pki, *more) -> vf.VerifyOptions:
-    return vf.VerifyOptions(anchors=(pki.root.certificate, *more))
+def anchors(pki, *more) -> VerifyOptions:
+    return VerifyOptions(anchors=(pki.root.certificate, *more))
 
 
 def sign_copy(fx: MachOFixtures, name: str, directory: Path, identity: Identity | None, **options) -> Path:
@@ -332,8 +333,8 @@ def test_timestamp_keeps_an_expired_certificate_valid(fx, tmp_path, identity, pk
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=730)
     with local_tsa() as tsa:
         stamped = sign_copy(fx, "exe.arm64", tmp_path, identity[0], timestamp_url=tsa.url)
-        trusted = vf.VerifyOptions(anchors=(pki.root.certificate, tsa.root), at=later)
-        strict = vf.VerifyOptions(anchors=(pki.root.certificate, tsa.root), at=later, check_expiry=True)
+        trusted = VerifyOptions(anchors=(pki.root.certificate, tsa.root), at=later)
+        strict = VerifyOptions(anchors=(pki.root.certificate, tsa.root), at=later, check_expiry=True)
         # the intermediate and root expire then too; the timestamp vouches for all of them
         for options in (trusted, strict):
             verdict = verify_code(stamped, options)
@@ -455,12 +456,12 @@ def test_option_parsing():
         with pytest.raises(UsageError):
             parse_flags(bad)
     assert parse_digest_algorithms("sha256,sha1") == (HashType.SHA1, HashType.SHA256)
-    assert cms.resolve_timestamp_url(None, "http://x/ts") is None
-    assert cms.resolve_timestamp_url("none", "http://x/ts") is None
-    assert cms.resolve_timestamp_url("", "http://x/ts") == "http://x/ts"
-    assert cms.resolve_timestamp_url("", None, environ={"SIGNBRIDGE_TIMESTAMP_URL": "http://y"}) == "http://y"
-    assert cms.resolve_timestamp_url("", None, environ={}) == "http://timestamp.apple.com/ts01"
-    assert cms.resolve_timestamp_url("http://z/tsa", "http://x/ts") == "http://z/tsa"
+    assert cms_signing.resolve_timestamp_url(None, "http://x/ts") is None
+    assert cms_signing.resolve_timestamp_url("none", "http://x/ts") is None
+    assert cms_signing.resolve_timestamp_url("", "http://x/ts") == "http://x/ts"
+    assert cms_signing.resolve_timestamp_url("", None, environ={"SIGNBRIDGE_TIMESTAMP_URL": "http://y"}) == "http://y"
+    assert cms_signing.resolve_timestamp_url("", None, environ={}) == "http://timestamp.apple.com/ts01"
+    assert cms_signing.resolve_timestamp_url("http://z/tsa", "http://x/ts") == "http://z/tsa"
     assert signed_code.flag_names(0x10002) == "0x10002(adhoc,runtime)"
     assert signed_code.flag_names(0) == "0x0(none)"
 
@@ -549,7 +550,7 @@ def test_one_changed_byte_is_rejected(fx, tmp_path, identity, pki, case):
 def test_untrusted_expired_and_unsigned(fx, tmp_path, pki):
     path = sign_copy(fx, "exe.arm64", tmp_path, local_identity(pki)[0])
     with pytest.raises(vf.CodeVerificationError) as untrusted:
-        verify_code(path, vf.VerifyOptions())
+        verify_code(path, VerifyOptions())
     assert untrusted.value.status == vf.NOT_TRUSTED
     expired_leaf = issue(
         apple_name("Developer ID Application: Test Corp (TEAM123456)", "Test Corp", "TEAM123456"),
@@ -564,7 +565,7 @@ def test_untrusted_expired_and_unsigned(fx, tmp_path, pki):
     old = sign_copy(fx, "exe.arm64", expired, local_identity(pki, expired_leaf)[0])
     assert verify_code(old, anchors(pki)).slices[0].trust.expired == (expired_leaf.certificate,)
     with pytest.raises(vf.CodeVerificationError) as failed:
-        verify_code(old, vf.VerifyOptions(anchors=(pki.root.certificate,), check_expiry=True))
+        verify_code(old, VerifyOptions(anchors=(pki.root.certificate,), check_expiry=True))
     assert failed.value.status == vf.CERT_EXPIRED
     with pytest.raises(vf.NotSignedError):
         verify_code(fx.path("exe.x86_64"), anchors(pki))
@@ -634,16 +635,16 @@ def apple_style_ber(der: bytes) -> bytes:
 
 def reordered_signer(identity: Identity):
     """A CMS signer that stores the signed attributes out of DER order (as some Apple signatures do)."""
-    from signbridge.apple.codesig import cms
+    from signbridge.apple.codesig import cms_signing
     from signbridge.crypto.cms_builder import assemble_signed_data
     from signbridge.crypto.hashes import HashAlgorithm
     from signbridge.crypto.signatures import Scheme, SignatureRequest
 
     def sign(directories):
         primary = directories[0]
-        attrs = cms.build_signed_attributes(
+        attrs = cms_signing.build_signed_attributes(
             hashlib.sha256(primary.blob).digest(),
-            cdhashes_plist=cms.build_cdhashes_plist([d.cdhash() for d in directories]),
+            cdhashes_plist=cms_signing.build_cdhashes_plist([d.cdhash() for d in directories]),
             cdhashes2=[(HashAlgorithm.SHA256, d.full_hash()) for d in directories],
         )
         elements = _children(_content(attrs))

@@ -54,6 +54,7 @@ from signbridge.apple.certificates import team_identifier
 from signbridge.apple.codesig import verification as vf
 from signbridge.apple.codesig.codedirectory import HashType
 from signbridge.apple.codesig.options import CodesignError, CodesignOptions, parse_flags
+from signbridge.apple.codesig.verdicts import VerifyOptions
 from signbridge.apple.verify_code import verify_code
 from tokenkit import apple_pki
 
@@ -73,8 +74,8 @@ def pki():
     return apple_pki()
 
 
-def trusted(pki) -> vf.VerifyOptions:
-    return vf.VerifyOptions(anchors=(pki.root.certificate,), deep=True, strict=True)
+def trusted(pki) -> VerifyOptions:
+    return VerifyOptions(anchors=(pki.root.certificate,), deep=True, strict=True)
 
 
 def sha256(path: Path) -> bytes:
@@ -169,7 +170,7 @@ def test_ios_app_with_a_plugin_signed_ad_hoc(fx, tmp_path):
     assert "Frameworks/libswiftDemo.dylib" in files2
     assert {"Info.plist", "PkgInfo"} <= set(seal["files"])
     assert_executable_binds(app / "Pocket", app / "Info.plist", app / "_CodeSignature/CodeResources", IOS_ID)
-    verdict = verify_code(app, vf.VerifyOptions(deep=True, strict=True))
+    verdict = verify_code(app, VerifyOptions(deep=True, strict=True))
     assert verdict.designated_text.startswith('cdhash H"')
     assert [nested.identifier for nested in verdict.nested] == ["libswiftDemo", SHARE_ID]
 
@@ -197,13 +198,13 @@ def test_executable_less_bundle_ad_hoc(tmp_path):
         assert cd["special"][2] == digest((folder / "CodeRequirements").read_bytes()).digest()
         assert cd["special"][3] == digest((folder / "CodeResources").read_bytes()).digest()
     assert_seal_matches_disk(bundle, bundle / "Contents")
-    assert verify_code(bundle, vf.VerifyOptions(strict=True)).format == "bundle"
+    assert verify_code(bundle, VerifyOptions(strict=True)).format == "bundle"
 
     # Re-signing with SHA-256 alone leaves no stale alternate behind.
     cs.sign_code(bundle, None, CodesignOptions(force=True))
     assert not (folder / "CodeRequirements-1").exists()
     assert cd_fields((folder / "CodeDirectory").read_bytes())["hash_type"] == 2
-    verify_code(bundle, vf.VerifyOptions(strict=True))
+    verify_code(bundle, VerifyOptions(strict=True))
 
 
 def test_executable_less_bundle_refuses_entitlements(tmp_path):
@@ -241,7 +242,7 @@ def test_executable_less_bundle_nested_in_an_app(fx, tmp_path):
     seal = plistlib.loads((app / "Contents/_CodeSignature/CodeResources").read_bytes())
     entry = seal["files2"]["PlugIns/Resources.bundle"]
     assert entry["cdhash"] == hashlib.sha256((plugin / "Contents/_CodeSignature/CodeDirectory").read_bytes()).digest()[:20]
-    verify_code(app, vf.VerifyOptions(deep=True, strict=True))
+    verify_code(app, VerifyOptions(deep=True, strict=True))
 
 
 # --- tampering -----------------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ def test_ipa_signed_verified_and_displayed(fx, pki, tmp_path):
     app = unpacked / "Payload" / "Pocket.app"
     assert os.access(app / "Pocket", os.X_OK)
     assert_seal_matches_disk(app, app)
-    assert verify_code(app, vf.VerifyOptions(deep=True)).identifier == IOS_ID
+    assert verify_code(app, VerifyOptions(deep=True)).identifier == IOS_ID
 
     resigned = codesign("-s", "-", archive)
     assert resigned.returncode == 1 and resigned.stderr == f"{archive}: is already signed\n"

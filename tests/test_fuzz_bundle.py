@@ -59,7 +59,7 @@ from signbridge.apple.codesig.requirements.binary import (
 )
 from signbridge.apple.codesig.requirements.evaluation import RequirementContext, evaluate
 from signbridge.apple.codesig.requirements.text import parse_requirement_text, render
-from signbridge.apple.codesig.verification import VerifyOptions
+from signbridge.apple.codesig.verdicts import VerifyOptions
 from signbridge.apple.macho.parse import parse_file
 from signbridge.apple.plist import load_plist_dict
 from signbridge.apple.verify_code import verify_code

@@ -44,7 +44,7 @@ from signbridge.apple.codesig.signed_code import (
     issuer_chain,
     stored_designated_requirement,
 )
-from signbridge.apple.codesig.verification import VerifyOptions
+from signbridge.apple.codesig.verdicts import VerifyOptions
 from signbridge.apple.macho.constants import FAT_MAGIC, MH_MAGIC, MH_MAGIC_64
 from signbridge.apple.macho.parse import parse_file
 from signbridge.apple.trust import Purpose, classify_certificate, evaluate_chain, load_anchors

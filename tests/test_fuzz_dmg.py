@@ -20,7 +20,7 @@ from dmgkit import make_image
 from fuzzkit import FUZZ_CASES, fuzz, input_file, read_seeds
 from signbridge.apple import display
 from signbridge.apple.codesig.options import CodesignOptions, QuietReporter
-from signbridge.apple.codesig.verification import VerifyOptions
+from signbridge.apple.codesig.verdicts import VerifyOptions
 from signbridge.apple.display import disk_image_information
 from signbridge.apple.dmg.sign import sign_disk_image
 from signbridge.apple.dmg.verify import verify_disk_image

@@ -20,7 +20,7 @@ from signbridge.apple import codesign as engine
 from signbridge.apple import display
 from signbridge.apple.codesig.entitlements import signature_entitlements
 from signbridge.apple.codesig.options import CodesignOptions
-from signbridge.apple.codesig.verification import VerifyOptions
+from signbridge.apple.codesig.verdicts import VerifyOptions
 from signbridge.apple.trust import load_anchors
 from signbridge.apple.verify_code import verify_code
 

@@ -44,12 +44,12 @@ from signbridge.apple.codesig.requirements.binary import (
 )
 from signbridge.apple.codesig.requirements.evaluation import RequirementContext, evaluate
 from signbridge.apple.codesig.requirements.text import RequirementSyntaxError, parse_requirement_text
+from signbridge.apple.codesig.verdicts import VerifyOptions
 from signbridge.apple.codesig.verification import (
     BAD_BUNDLE,
     RESOURCE_DIRECTORY_FAILED,
     CodeVerificationError,
     NotSignedError,
-    VerifyOptions,
 )
 from signbridge.apple.macho.sign import SigningOptions
 from signbridge.apple.plist import MAX_DEPTH, PlistError, load_plist

@@ -45,7 +45,8 @@ from signbridge.apple.codesig.blobs import (
 from signbridge.apple.codesig.embedded_signature import read_signature
 from signbridge.apple.codesig.entitlements import signature_entitlements
 from signbridge.apple.codesig.options import CodesignOptions
-from signbridge.apple.codesig.verification import MODIFIED, CodeVerificationError, VerifyOptions
+from signbridge.apple.codesig.verdicts import VerifyOptions
+from signbridge.apple.codesig.verification import MODIFIED, CodeVerificationError
 from signbridge.apple.macho.parse import LoadCommandError, SignatureLayoutError, parse_file
 from signbridge.apple.notary.errors import PayloadError
 from signbridge.apple.notary.payload import Limits, extract_cpio, extract_zip

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from conftest import require_tool, run
 from signbridge.apple.certificates import Usage, team_identifier, usage
-from signbridge.apple.codesig.cms import sign_detached
+from signbridge.apple.codesig.cms_signing import sign_detached
 from signbridge.crypto.hashes import HashAlgorithm
 from signbridge.crypto.signatures import Scheme, SignatureRequest
 from signbridge.errors import NotFoundError, SignatureError

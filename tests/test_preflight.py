@@ -31,7 +31,7 @@ from corpuskit import APPLE_ROOT, corpus_item
 from pkgkit import identity_of
 from pkikit import marker
 from signbridge.apple import codesign as cs
-from signbridge.apple.codesig import cms
+from signbridge.apple.codesig import cms_signing
 from signbridge.apple.codesig.codedirectory import HashType
 from signbridge.apple.codesig.options import CodesignOptions, parse_flags
 from signbridge.apple.notary import preflight as pf
@@ -216,7 +216,7 @@ def build_package(path: Path, payload: bytes, pki, tsa, *, identity=None) -> Pat
         PackageEntry("Payload", payload, compress=False),
     ]
     write_package(unsigned, entries, toc_checksum="sha1")
-    sign_package(unsigned, path, identity or identity_of(pki), timestamp=cms.timestamper(tsa.url))
+    sign_package(unsigned, path, identity or identity_of(pki), timestamp=cms_signing.timestamper(tsa.url))
     return path
 
 

@@ -34,7 +34,7 @@ from pkgkit import (
     write_pem,
 )
 from signbridge.apple.certificates import EKU_DEVELOPER_ID_INSTALLER
-from signbridge.apple.codesig import cms
+from signbridge.apple.codesig import cms_signing
 from signbridge.apple.pkg.sign import InstallerIdentityError, sign_package
 from signbridge.apple.pkg.verify import PackageStatus, verify_package
 from signbridge.apple.pkg.xar import output
@@ -97,7 +97,7 @@ def test_signed_package_checks_out_with_openssl_and_bsdtar(tmp_path, pki, tsa, s
     identity = identity_of(pki, log=requests)
     out = tmp_path / "signed.pkg"
 
-    signed = sign_package(package, out, identity, toc_checksum=toc_checksum, timestamp=cms.timestamper(tsa.url))
+    signed = sign_package(package, out, identity, toc_checksum=toc_checksum, timestamp=cms_signing.timestamper(tsa.url))
 
     assert package.read_bytes() == before  # the input is never written to
     parts = signed_parts(out)

@@ -29,7 +29,7 @@ from pkgkit import (
     write_pem,
 )
 from servicekit import demo_service
-from signbridge.apple.codesig import cms
+from signbridge.apple.codesig import cms_signing
 from signbridge.apple.pkg.sign import sign_package
 from signbridge.apple.pkg.verify import verify_package
 from signbridge.cli.productsign import render_check_signature
@@ -277,7 +277,7 @@ REPORT = re.compile(
 def signed(pki, tsa, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("signed")
     sign_package(product_archive(directory / "in.pkg"), directory / "signed.pkg", identity_of(pki),
-                 timestamp=cms.timestamper(tsa.url))
+                 timestamp=cms_signing.timestamper(tsa.url))
     return directory / "signed.pkg"
 
 
@@ -382,7 +382,7 @@ def test_expired_certificates_lose_their_expiry_line(tmp_path, pki, tsa):
     leaf = developer_id_installer(pki.intermediate, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
     out = tmp_path / "short.pkg"
     sign_package(product_archive(tmp_path / "in.pkg"), out, identity_of(pki, leaf),
-                 timestamp=cms.timestamper(tsa.url))
+                 timestamp=cms_signing.timestamper(tsa.url))
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
     verdict = verify_package(out, [pki.root.certificate, tsa.root], at=later)
     lines = render_check_signature(verdict, now=later).splitlines()

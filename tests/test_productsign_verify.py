@@ -28,7 +28,7 @@ from pkgkit import (
     write_pem,
 )
 from pkikit import resign
-from signbridge.apple.codesig import cms
+from signbridge.apple.codesig import cms_signing
 from signbridge.apple.pkg.sign import sign_package
 from signbridge.apple.pkg.verify import PackageStatus, verify_package
 from signbridge.apple.pkg.xar.archive import XarArchive
@@ -46,7 +46,7 @@ def signed(pki, tsa, tmp_path_factory) -> Path:
     """A product archive signed by productsign with a timestamp: the package every damage starts from."""
     directory = tmp_path_factory.mktemp("signed")
     package = product_archive(directory / "unsigned.pkg")
-    sign_package(package, directory / "signed.pkg", identity_of(pki), timestamp=cms.timestamper(tsa.url))
+    sign_package(package, directory / "signed.pkg", identity_of(pki), timestamp=cms_signing.timestamper(tsa.url))
     return directory / "signed.pkg"
 
 
@@ -304,7 +304,7 @@ def short_lived(pki, tsa, tmp_path_factory):
     directory = tmp_path_factory.mktemp("expiring")
     leaf = developer_id_installer(pki.intermediate, not_after=NOW + dt.timedelta(days=1))
     package = product_archive(directory / "in.pkg")
-    sign_package(package, directory / "stamped.pkg", identity_of(pki, leaf), timestamp=cms.timestamper(tsa.url))
+    sign_package(package, directory / "stamped.pkg", identity_of(pki, leaf), timestamp=cms_signing.timestamper(tsa.url))
     sign_package(package, directory / "plain.pkg", identity_of(pki, leaf))
     return directory
 

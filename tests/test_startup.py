@@ -22,6 +22,7 @@ NOT_FOR_CODESIGN_CHECKS = (
     "signbridge.api", "signbridge.keychain", "signbridge.pkcs11", "signbridge.provider", "signbridge.config",
     "signbridge.apple.codesign", "signbridge.apple.macho.sign", "signbridge.apple.bundle.layout",
     "signbridge.apple.bundle.resources", "signbridge.apple.dmg.verify", "signbridge.apple.dmg.sign", "zipfile",
+    "signbridge.apple.codesig.cms_signing", "signbridge.crypto.cms_builder", "signbridge.crypto.timestamp_requests",
 )  # fmt: skip
 DYLIB = "macho/htacg_tidy-mac-installer__libtidy.5.6.0.dylib"  # Developer ID, timestamped
 UNTIMESTAMPED = "macho/northpolesec_santa__signed-with-teamid"  # Apple Development, signing time only

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .bundle.ipa import is_ipa
-from .codesig.verification import Verdict, VerifyOptions
+from .codesig.verdicts import Verdict, VerifyOptions
 from .macho.verify import verify_macho_path
 
 if TYPE_CHECKING:

@@ -336,7 +336,7 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _sign_options(arguments: Arguments) -> CodesignOptions:
-    from ..apple.codesig.cms import resolve_timestamp_url
+    from ..apple.codesig.cms_signing import resolve_timestamp_url
     from ..apple.codesig.options import CodesignOptions, parse_digest_algorithms, parse_flags
     from ..apple.settings import load_tool_settings
 
@@ -434,7 +434,8 @@ def anchors_for_verification():  # noqa: ANN201
 
 def _verify(arguments: Arguments, terminal: Terminal) -> int:
     from ..apple.codesig.requirements.text import load_requirement
-    from ..apple.codesig.verification import REQUIREMENT_FAILED, CodeVerificationError, VerifyOptions
+    from ..apple.codesig.verdicts import VerifyOptions
+    from ..apple.codesig.verification import REQUIREMENT_FAILED, CodeVerificationError
     from ..apple.dmg.detect import looks_like_disk_image
     from ..apple.macho.parse import MachOError
     from ..apple.verify_code import verify_code

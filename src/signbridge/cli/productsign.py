@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from ..apple.certificates import DEVELOPER_ID_INSTALLER, Usage, extension_oids
-from ..apple.codesig import cms
+from ..apple.codesig import cms_signing
 from ..apple.pkg.sign import INSTALLER_IDENTITY_REQUIRED, TOC_CHECKSUMS, sign_package
 from ..apple.settings import load_tool_settings
 from ..crypto.certificate_files import read_certificates
@@ -124,7 +124,7 @@ def _productsign(
     extra = [certificate for path in cert_files for certificate in read_certificates(path, error=_ProductsignFailure)]
     if timestamp is None and DEVELOPER_ID_INSTALLER in extension_oids(identity.certificate):
         timestamp = DEFAULT_TIMESTAMP  # Apple timestamps Developer ID signatures unless told not to
-    url = cms.resolve_timestamp_url("" if timestamp == DEFAULT_TIMESTAMP else timestamp, settings.timestamp_url)
+    url = cms_signing.resolve_timestamp_url("" if timestamp == DEFAULT_TIMESTAMP else timestamp, settings.timestamp_url)
 
     if url is not None:
         click.echo("productsign: using timestamp authority for signature")
@@ -141,7 +141,7 @@ def _productsign(
         identity,
         extra_certificates=extra,
         toc_checksum=toc_checksum,
-        timestamp=cms.timestamper(url) if url is not None else None,
+        timestamp=cms_signing.timestamper(url) if url is not None else None,
         check_files=check_files,
     )
     if signed.dropped_ticket:

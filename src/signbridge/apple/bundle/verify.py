@@ -27,6 +27,14 @@ from ..codesig.checks import (
 )
 from ..codesig.requirements.evaluation import evaluate
 from ..codesig.signed_code import preferred_directory
+from ..codesig.verdicts import (
+    BoundFiles,
+    SliceVerdict,
+    Verdict,
+    VerifyOptions,
+    designated_of,
+    requirement_context,
+)
 from ..codesig.verification import (
     BAD_BUNDLE,
     BAD_RESOURCE,
@@ -35,15 +43,9 @@ from ..codesig.verification import (
     MODIFIED,
     RESOURCE_DIRECTORY_FAILED,
     RESOURCES_NOT_FOUND,
-    BoundFiles,
     CodeVerificationError,
     NotSignedError,
-    SliceVerdict,
-    Verdict,
-    VerifyOptions,
-    designated_of,
     read_code_file,
-    requirement_context,
 )
 from ..macho.verify import verify_macho_path
 from .detached import read_detached_signature

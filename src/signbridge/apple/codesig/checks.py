@@ -15,6 +15,7 @@ from . import cms
 from .blobs import Slot
 from .codedirectory import CodeDirectory, CodeDirectoryFlags, HashType, hash_code
 from .embedded_signature import EmbeddedSignature
+from .verdicts import BoundFiles, VerifyOptions
 from .verification import (
     CERT_EXPIRED,
     CERT_NOT_VALID_YET,
@@ -24,9 +25,7 @@ from .verification import (
     RESOURCE_DIRECTORY_FAILED,
     RESOURCES_NOT_FOUND,
     RESOURCES_NOT_SEALED,
-    BoundFiles,
     CodeVerificationError,
-    VerifyOptions,
 )
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from .signed_code import FLAG_NAMES
 
 if TYPE_CHECKING:
     from ...crypto.identity import Identity
-    from .cms import Timestamper
+    from .cms_signing import Timestamper
 
 _SETTABLE_FLAGS = frozenset(name for name, _ in FLAG_NAMES if name not in ("adhoc", "linker-signed"))
 
@@ -102,7 +102,7 @@ class CodesignOptions:
     """What ``codesign -s`` was asked for. ``flags`` are CodeDirectoryFlags (``-o``).
 
     ``timestamp_url`` is the TSA to ask (None: no timestamp); ``timestamp`` overrides it with a
-    ready :data:`signbridge.apple.codesig.cms.Timestamper`. ``entitlements`` are the bytes of the file
+    ready :data:`signbridge.apple.codesig.cms_signing.Timestamper`. ``entitlements`` are the bytes of the file
     given with ``--entitlements`` (XML or binary plist).
     """
 

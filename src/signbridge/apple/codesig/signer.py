@@ -22,7 +22,7 @@ from ...crypto.hashes import HashAlgorithm
 from ...crypto.identity import Identity
 from ...crypto.signatures import EcdsaFormat
 from ..certificates import team_identifier
-from . import cms
+from . import cms_signing
 from .codedirectory import CodeDirectory, HashType
 from .options import CodesignOptions
 from .requirements.binary import EMPTY_REQUIREMENT_SET, Expr, RequirementType, encode_requirement_set
@@ -46,7 +46,7 @@ class CmsSigner:
         self,
         identity: Identity,
         *,
-        timestamp: cms.Timestamper | None = None,
+        timestamp: cms_signing.Timestamper | None = None,
         signing_time: datetime | None = None,
     ) -> None:
         self.identity = identity
@@ -67,7 +67,7 @@ class CmsSigner:
         primary = directories[0]
         cdhashes = [directory.cdhash() for directory in directories]
         agile = [(_CODE_DIRECTORY_ALGORITHMS[d.hash_type], d.full_hash()) for d in directories]
-        return cms.sign_detached(
+        return cms_signing.sign_detached(
             CMS_DIGEST.digest(primary.blob),
             self.identity.sign,
             self.identity.certificate,
@@ -75,7 +75,7 @@ class CmsSigner:
             hash_algorithm=CMS_DIGEST,
             timestamp=self.timestamp,
             signing_time=self.signing_time,
-            cdhashes_plist=cms.build_cdhashes_plist(cdhashes),
+            cdhashes_plist=cms_signing.build_cdhashes_plist(cdhashes),
             cdhashes2=agile,
             ecdsa_format=EcdsaFormat.ASN1,
             signer_name=self.identity.source,
@@ -83,7 +83,7 @@ class CmsSigner:
 
     def reserve(self, hash_types: Sequence[HashType]) -> int:
         """Room for the CMS: an upper bound for this chain, CodeDirectory count and timestamp."""
-        return cms.estimate_size(
+        return cms_signing.estimate_size(
             self.chain,
             with_timestamp=self.timestamp is not None,
             code_directories=[_CODE_DIRECTORY_ALGORITHMS[t] for t in hash_types],
@@ -106,9 +106,9 @@ def requirement_set(signer: CmsSigner | None, identifier: str) -> bytes:
     return encode_requirement_set({RequirementType.DESIGNATED: requirement})
 
 
-def timestamper(options: CodesignOptions) -> cms.Timestamper | None:
+def timestamper(options: CodesignOptions) -> cms_signing.Timestamper | None:
     if options.timestamp is not None:
         return options.timestamp
     if options.timestamp_url:
-        return cms.timestamper(options.timestamp_url, hash_algorithm=CMS_DIGEST)
+        return cms_signing.timestamper(options.timestamp_url, hash_algorithm=CMS_DIGEST)
     return None

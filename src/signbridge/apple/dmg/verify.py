@@ -28,14 +28,8 @@ from ..codesig.codedirectory import CodeDirectory, page_count
 from ..codesig.embedded_signature import EmbeddedSignature
 from ..codesig.requirements.evaluation import RequirementContext, evaluate
 from ..codesig.signed_code import preferred_directory
-from ..codesig.verification import (
-    MODIFIED,
-    CodeVerificationError,
-    NotSignedError,
-    Verdict,
-    VerifyOptions,
-    designated_of,
-)
+from ..codesig.verdicts import Verdict, VerifyOptions, designated_of
+from ..codesig.verification import MODIFIED, CodeVerificationError, NotSignedError
 from ..notary.ticket import Ticket, TicketError, parse_ticket
 from .udif import (
     FORMAT,

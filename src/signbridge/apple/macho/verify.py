@@ -34,19 +34,16 @@ from ..codesig.codedirectory import CodeDirectory, page_count
 from ..codesig.embedded_signature import EmbeddedSignature, read_signature
 from ..codesig.requirements.evaluation import evaluate
 from ..codesig.signed_code import macho_format, preferred_slice
-from ..codesig.verification import (
+from ..codesig.verdicts import (
     LONE_FILE,
-    MODIFIED,
     BoundFiles,
-    CodeVerificationError,
-    NotSignedError,
     SliceVerdict,
     Verdict,
     VerifyOptions,
     designated_of,
-    read_code_file,
     requirement_context,
 )
+from ..codesig.verification import MODIFIED, CodeVerificationError, NotSignedError, read_code_file
 from .parse import MachO, MachOError, MachOFile, parse_file
 
 if TYPE_CHECKING:

@@ -31,13 +31,13 @@ from ..codesig.blobs import CodeSignatureFormatError
 from ..codesig.codedirectory import CodeDirectoryFlags, HashType
 from ..codesig.embedded_signature import EmbeddedSignature, read_signature
 from ..codesig.entitlements import signature_entitlements
+from ..codesig.verdicts import VerifyOptions
 from ..codesig.verification import (
     CERT_EXPIRED,
     CERT_NOT_VALID_YET,
     NOT_TRUSTED,
     CodeVerificationError,
     NotSignedError,
-    VerifyOptions,
 )
 from ..dmg.detect import looks_like_disk_image
 from ..dmg.udif import DiskImageError, read_layout

@@ -40,7 +40,7 @@ from ...crypto.identity import Identity
 from ...crypto.signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
 from ...errors import SignatureError
 from ..certificates import Usage, usage
-from ..codesig import cms
+from ..codesig import cms, cms_signing
 from .xar.archive import XarArchive
 from .xar.header import HEADER_SIZE
 from .xar.signing import PreparedPackage, Signatures, prepare_signed, write_signed
@@ -87,14 +87,14 @@ def sign_package(
     *,
     extra_certificates: Sequence[x509.Certificate] = (),
     toc_checksum: HashAlgorithm | str = DEFAULT_TOC_CHECKSUM,
-    timestamp: cms.Timestamper | None = None,
+    timestamp: cms_signing.Timestamper | None = None,
     signing_time: datetime | None = None,
     check_files: bool = True,
 ) -> SignedPackage:
     """Sign the package at ``input_path`` with ``identity`` and write the result to ``output_path``.
 
     ``extra_certificates`` are embedded after the identity's own chain (``productsign --cert``);
-    ``timestamp`` (see :func:`signbridge.apple.codesig.cms.timestamper`) timestamps the CMS signature.
+    ``timestamp`` (see :func:`signbridge.apple.codesig.cms_signing.timestamper`) timestamps the CMS signature.
     With ``check_files`` (the default) every file's stored data is checked against its archived
     checksum while it is copied, before the signer is asked for anything.
     Raises a :class:`signbridge.apple.pkg.xar.XarError` for a package that cannot be read or written
@@ -119,7 +119,7 @@ def sign_package(
         raise SignatureError(f'the key of "{identity.common_name}" is neither RSA nor ECDSA; packages cannot be signed')
 
     archive = XarArchive.open(input_path)
-    cms_size = cms.estimate_size(certificates, with_timestamp=timestamp is not None, hash_algorithm=CMS_DIGEST)
+    cms_size = cms_signing.estimate_size(certificates, with_timestamp=timestamp is not None, hash_algorithm=CMS_DIGEST)
     signed_at = signing_time or datetime.now(UTC)
     prepared = _prepare_in_phase(
         archive, algorithm, rsa_size, cms_size, [_der(cert) for cert in certificates], signed_at
@@ -139,7 +139,7 @@ def sign_package(
                     f"the RSA signature of the package from {_source(identity)} is wrong: {exc}"
                 ) from None
         chain = [certificate for certificate in certificates if certificate != leaf]
-        cms_der = cms.sign_detached(
+        cms_der = cms_signing.sign_detached(
             CMS_DIGEST.digest(checksum),
             identity.sign,
             leaf,
