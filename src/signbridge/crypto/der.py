@@ -12,7 +12,7 @@ be read anywhere without raising.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -57,8 +57,7 @@ def read_certificates(
 
 
 
-@dataclass(frozen=True)
-class TbsFields:
+class TbsFields(NamedTuple):
     """Fields of a certificate's TBSCertificate (RFC 5280 §4.1), each its DER as issued: what a
     signature or a token names the certificate by must be byte-exact, never a re-encoding."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ...errors import SignbridgeError
 from .constants import (
@@ -80,15 +81,13 @@ def _text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
 
 
-@dataclass(frozen=True)
-class LoadCommand:
+class LoadCommand(NamedTuple):
     cmd: int
     size: int
     offset: int  # from the start of the slice
 
 
-@dataclass(frozen=True)
-class Section:
+class Section(NamedTuple):
     segment_name: str
     name: str
     addr: int
@@ -102,8 +101,7 @@ class Section:
         return (self.flags & SECTION_TYPE) in (S_ZEROFILL, S_GB_ZEROFILL, S_THREAD_LOCAL_ZEROFILL)
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     name: str
     vmaddr: int
     vmsize: int
@@ -120,8 +118,7 @@ class Segment:
         return self.fileoff + self.filesize
 
 
-@dataclass(frozen=True)
-class LinkeditData:
+class LinkeditData(NamedTuple):
     """A ``linkedit_data_command`` such as LC_CODE_SIGNATURE."""
 
     cmd: int
@@ -134,8 +131,7 @@ class LinkeditData:
         return self.dataoff + self.datasize
 
 
-@dataclass(frozen=True)
-class BuildVersion:
+class BuildVersion(NamedTuple):
     """The platform and versions from LC_BUILD_VERSION or LC_VERSION_MIN_*; versions nibble-packed."""
 
     platform: int
@@ -252,8 +248,7 @@ class MachO:
         return self.byteorder + code
 
 
-@dataclass(frozen=True)
-class FatArch:
+class FatArch(NamedTuple):
     cputype: int
     cpusubtype: int
     offset: int

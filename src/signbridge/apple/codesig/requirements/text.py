@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ....errors import UsageError
 from ..blobs import CodeSignatureFormatError
@@ -61,8 +60,7 @@ _TOKEN = re.compile(
 )
 
 
-@dataclass
-class _Token:
+class _Token(NamedTuple):
     kind: str  # "hash", "string", "op", "word", "end"
     value: Any
 
