@@ -389,3 +389,32 @@ def test_restart_keeps_serving_when_the_service_is_down(provider: Provider, serv
     assert after.last_error is not None and "is unavailable" in after.last_error
     assert [token["name"] for token in provider.status()["tokens"]] == [record.name]
     assert "last reload failed" in provider.run("status").stdout
+
+
+def test_a_signal_taken_by_another_thread_wakes_the_token_at_once() -> None:
+    """The kernel may hand SIGTERM or SIGHUP to any thread (the token serves PKCS#11 from others);
+    the main thread must wake for it, not at its next timeout (``signbridge stop`` took 5 s)."""
+    probe = (
+        "import signal, threading, time\n"
+        "from signbridge.provider.daemon import _Signals\n"
+        "signals = _Signals()\n"
+        "signals.install()\n"
+        "signals.busy = False\n"
+        "ready = threading.Event()\n"
+        "def serve():\n"
+        "    ready.set()\n"
+        "    time.sleep(120)\n"
+        "worker = threading.Thread(target=serve, daemon=True)\n"
+        "worker.start()\n"
+        "ready.wait()\n"
+        "for number, flag in ((signal.SIGHUP, signals.reload), (signal.SIGTERM, signals.stop)):\n"
+        "    threading.Timer(0.2, signal.pthread_kill, (worker.ident, number)).start()\n"
+        "    started = time.monotonic()\n"
+        "    while not flag.is_set():\n"
+        "        signals.wait(timeout=60)\n"
+        "    print(signal.Signals(number).name, round(time.monotonic() - started, 1))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=150, check=True)
+    woken = dict(line.split() for line in result.stdout.splitlines())
+    assert set(woken) == {"SIGHUP", "SIGTERM"}, result.stdout
+    assert all(float(seconds) < 30 for seconds in woken.values()), woken  # the signal, not the 60 s timeout

@@ -25,6 +25,7 @@ import datetime
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -256,27 +257,47 @@ class TokenProcess:
 # --- running it ---------------------------------------------------------------------------------
 
 
-@dataclass
 class _Signals:
-    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
-    reload: threading.Event = dataclasses.field(default_factory=threading.Event)
-    wake: threading.Event = dataclasses.field(default_factory=threading.Event)
-    busy: bool = True  # while True, SIGTERM interrupts the main thread instead of setting ``stop``
+    """SIGTERM/SIGINT (stop) and SIGHUP (reload) for the token's main thread.
+
+    The kernel may deliver a signal to any of the process's threads, and Python runs its handler
+    only when the main thread next runs Python code: a main thread asleep in a wait would sleep on.
+    The C-level handler also writes the signal's number to a wake-up pipe, whichever thread took
+    it, and :meth:`wait` sleeps on that pipe."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.busy = True  # while True, SIGTERM interrupts the main thread instead of setting ``stop``
+        self._wake_read, self._wake_write = os.pipe()
+        for descriptor in (self._wake_read, self._wake_write):
+            os.set_blocking(descriptor, False)
 
     def install(self) -> None:
+        signal.set_wakeup_fd(self._wake_write)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
 
+    def wait(self, timeout: float) -> None:
+        """Sleep until a signal arrives or ``timeout`` seconds pass; note what the signals ask."""
+        readable, _, _ = select.select([self._wake_read], [], [], timeout)
+        if not readable:
+            return
+        with contextlib.suppress(BlockingIOError):
+            for number in os.read(self._wake_read, 512):
+                if number in (signal.SIGTERM, signal.SIGINT):
+                    self.stop.set()
+                elif number == signal.SIGHUP:
+                    self.reload.set()
+
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.stop.set()
-        self.wake.set()
         if self.busy:
             raise StopRequested(signal.Signals(signum).name)
 
     def _on_reload(self, _signum: int, _frame: object) -> None:
         self.reload.set()
-        self.wake.set()
 
 
 def run_token(settings: ProviderSettings, name: str, report: Report, *, detach: bool) -> int:
@@ -330,8 +351,7 @@ def run_token(settings: ProviderSettings, name: str, report: Report, *, detach: 
 def _serve_until_stopped(process: TokenProcess, signals: _Signals) -> None:
     signals.busy = False
     while not signals.stop.is_set():
-        signals.wake.wait(timeout=5.0)
-        signals.wake.clear()
+        signals.wait(timeout=5.0)
         if signals.reload.is_set() and not signals.stop.is_set():
             signals.reload.clear()
             signals.busy = True
