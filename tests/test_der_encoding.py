@@ -15,7 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from signbridge.crypto.ber import BerError, encode_tlv
+from signbridge.crypto.cms import CmsFormatError, check_unsigned_fields, read_signed_data
 from signbridge.crypto.der import tbs_fields
+from signbridge.crypto.der_decoding import oid_from_content
 from signbridge.crypto.der_encoding import (
     NULL,
     encode_integer,
@@ -25,6 +28,8 @@ from signbridge.crypto.der_encoding import (
     encode_set_of,
     encode_time,
 )
+from signbridge.crypto.timestamps import parse_token
+from signbridge.errors import TimestampError
 
 UTC = datetime.UTC
 
@@ -112,3 +117,54 @@ def test_certificate_fields_are_the_issued_bytes() -> None:
     assert fields.issuer == independent["issuer"].dump()
     assert fields.subject == independent["subject"].dump()
     assert fields.public_key_info == independent["subject_public_key_info"].dump()
+
+
+def _signed_data_with(content_type: bytes, version: bytes) -> bytes:
+    """A ContentInfo(SignedData) of one signer whose encapsulated content type and SignerInfo
+    version are given."""
+    signer_info = encode_sequence(
+        version,
+        encode_sequence(encode_sequence(), encode_integer(1)),  # issuer and serial number
+        encode_sequence(encode_oid("2.16.840.1.101.3.4.2.1")),
+        encode_sequence(encode_oid("1.2.840.113549.1.1.1"), NULL),
+        encode_octet_string(bytes(256)),
+    )
+    signed_data = encode_sequence(
+        encode_integer(1), encode_set_of([]), encode_sequence(content_type), encode_set_of([signer_info])
+    )
+    return encode_sequence(encode_oid("1.2.840.113549.1.7.2"), encode_tlv(0xA0, signed_data))
+
+
+HUGE_ARC_OID = encode_tlv(0x06, b"\x2a" + b"\xff" * 3000 + b"\x7f")
+NON_MINIMAL_OID = encode_tlv(0x06, b"\x2a\x80\x01")
+HUGE_INTEGER = encode_tlv(0x02, b"\x01" * 2000)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "version", "problem"),
+    [
+        (HUGE_ARC_OID, encode_integer(1), "arc longer than"),
+        (NON_MINIMAL_OID, encode_integer(1), "leading zero octet"),
+        (encode_oid("1.2.840.113549.1.7.1"), HUGE_INTEGER, "INTEGER is longer than"),
+    ],
+    ids=["huge-arc", "non-minimal-arc", "huge-version"],
+)
+def test_hostile_values_are_refused_as_format_errors(content_type: bytes, version: bytes, problem: str) -> None:
+    """A 3,000-octet OID arc or a 2,000-octet INTEGER is refused as a malformed signature or token:
+    never a ValueError from printing a number of over 4,300 digits, nor minutes of decoding."""
+    data = _signed_data_with(content_type, version)
+    with pytest.raises(CmsFormatError, match=problem):
+        check_unsigned_fields(data, "the signature")
+    with pytest.raises(CmsFormatError):
+        read_signed_data(data)
+    with pytest.raises(TimestampError):
+        parse_token(data)
+
+
+def test_object_identifier_arcs_are_minimal_and_bounded() -> None:
+    with pytest.raises(BerError, match="arc longer than 20 octets"):
+        oid_from_content(b"\x2a" + b"\xff" * 3000 + b"\x7f")
+    with pytest.raises(BerError, match="leading zero octet"):
+        oid_from_content(b"\x2a\x80\x01")
+    uuid_arc = "2.25.329800735698586629295641978511506172918"  # a 128-bit arc: 19 octets
+    assert oid_from_content(encode_oid(uuid_arc)[2:]) == uuid_arc

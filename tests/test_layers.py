@@ -106,6 +106,7 @@ WRITERS = (
     "signbridge.keychain",
     "signbridge.provider",
     "signbridge.crypto.cms_builder",
+    "signbridge.crypto.der_encoding",
     "signbridge.crypto.timestamp_requests",
 )
 READERS = (

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from ..errors import SignatureError
 from .ber import BerError, Tlv, children, definite, read_tlv
-from .der import read_certificates
+from .der import read_certificates, tbs_fields
 from .der_decoding import (
     INTEGER,
     SEQUENCE,
@@ -36,7 +36,6 @@ from .der_decoding import (
     single_value,
     time_value,
 )
-from .der_encoding import encode_oid
 from .hashes import HashAlgorithm
 from .names import same_name
 from .signatures import EcdsaFormat, Scheme, SignatureRequest, verify_digest_signature
@@ -84,7 +83,7 @@ _SIGNATURE_ALGORITHMS: dict[str, tuple[str, Scheme, str | None]] = {
     **{oid: (f"{hash.hashlib_name}_ecdsa", Scheme.ECDSA, hash.hashlib_name) for hash, oid in ECDSA_WITH.items()},
     **{oid: (f"{name}_ecdsa", Scheme.ECDSA, name) for oid, name in _ECDSA_WITH_SHA3.items()},
 }
-_TIMESTAMP_TOKEN_TYPE = encode_oid(ATTR_TIMESTAMP_TOKEN)
+_TIMESTAMP_TOKEN_TYPE = bytes.fromhex("060b2a864886f70d010910020e")  # ATTR_TIMESTAMP_TOKEN's DER
 # CertificateChoices: an X.509 certificate, or one of the older kinds, [0] to [3], passed over.
 _CERTIFICATE_CHOICES = (SEQUENCE, b"\xa0", b"\xa1", b"\xa2", b"\xa3")
 
@@ -441,7 +440,7 @@ def find_signer_certificate(sid: SignerIdentifier, pool: Iterable[x509.Certifica
     """The certificate a CMS SignerIdentifier names (issuer and serial number, or subject key identifier)."""
     for certificate in pool:
         if sid.key_identifier is None:
-            if certificate.serial_number == sid.serial_number and same_name(certificate.issuer, sid.issuer or b""):
+            if certificate.serial_number == sid.serial_number and same_name(tbs_fields(certificate).issuer, sid.issuer or b""):
                 return certificate
             continue
         try:

@@ -6,7 +6,8 @@ damaged name, extension or key raises ``ValueError`` or ``UnsupportedAlgorithm``
 whichever code reads that field first (a chain check, ``codesign -d``'s ``Authority=`` lines, a
 designated requirement). :func:`read_certificate` reads every field once, up front, and turns any
 failure into the caller's :class:`~signbridge.errors.SignbridgeError`: a certificate it returns can
-be read anywhere without raising.
+be read anywhere without raising. :func:`tbs_fields` gives the fields a signature or a token names
+a certificate by, as issued.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ def read_certificates(
     return tuple(
         read_certificate(der, f"certificate {number} of {what}", error) for number, der in enumerate(ders, 1)
     )
-
 
 
 class TbsFields(NamedTuple):

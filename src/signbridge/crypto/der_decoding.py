@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import NamedTuple
 
 from .ber import MAX_NESTING, BerError, Tlv, children, read_tlv
-from .der_encoding import NULL
 
 OID = b"\x06"
 INTEGER = b"\x02"
@@ -22,6 +21,11 @@ SEQUENCE = b"\x30"
 SET = b"\x31"
 UTC_TIME = b"\x17"
 GENERALIZED_TIME = b"\x18"
+_NULL = b"\x05\x00"
+# Bounds on what hostile input can make a reader compute or print: a 2.25.<UUID> arc has 19
+# octets; serial numbers and nonces have at most 20 (RFC 5280, RFC 3161).
+MAX_ARC_OCTETS = 20
+MAX_INTEGER_OCTETS = 64
 
 _UTC_TIME = re.compile(rb"(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})?(Z|[+-]\d{4})")
 _GENERALIZED_TIME = re.compile(rb"(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(?:[.,](\d+))?(Z|[+-]\d{4})")
@@ -35,7 +39,7 @@ class AlgorithmIdentifier(NamedTuple):
 
     def has_parameters(self, data: bytes) -> bool:
         """Whether parameters other than an absent or NULL value are given."""
-        return self.parameters is not None and data[self.parameters.start : self.parameters.end] != NULL
+        return self.parameters is not None and data[self.parameters.start : self.parameters.end] != _NULL
 
 
 def single_value(der: bytes) -> Tlv:
@@ -79,11 +83,18 @@ def oid_from_content(content: bytes) -> str:
         raise BerError("an object identifier is truncated")
     arcs: list[int] = []
     arc = 0
+    octets = 0
     for byte in content:
+        if octets == 0 and byte == 0x80:
+            raise BerError("an object identifier has an arc with a leading zero octet")
+        octets += 1
+        if octets > MAX_ARC_OCTETS:
+            raise BerError(f"an object identifier has an arc longer than {MAX_ARC_OCTETS} octets")
         arc = arc << 7 | byte & 0x7F
         if not byte & 0x80:
             arcs.append(arc)
             arc = 0
+            octets = 0
     first = min(arcs[0] // 40, 2)
     return ".".join(str(number) for number in (first, arcs[0] - 40 * first, *arcs[1:]))
 
@@ -93,6 +104,8 @@ def integer(data: bytes, value: Tlv, identifier: bytes = INTEGER) -> int:
     content = _primitive(data, value, identifier, "an INTEGER")
     if not content:
         raise BerError("an INTEGER has no content")
+    if len(content) > MAX_INTEGER_OCTETS:
+        raise BerError(f"an INTEGER is longer than {MAX_INTEGER_OCTETS} octets")
     return int.from_bytes(content, "big", signed=True)
 
 

@@ -15,16 +15,16 @@ def common_name(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else cert.subject.rfc4514_string()
 
 
-def same_name(name: x509.Name, der: bytes) -> bool:
-    """Whether the DER Name ``der`` is ``name``: the same bytes, or else equal as RFC 5280 compares
+def same_name(issued: bytes, der: bytes) -> bool:
+    """Whether the DER Name ``der`` is the name a certificate holds as ``issued`` (its DER, see
+    :func:`signbridge.crypto.der.tbs_fields`): the same bytes, or else equal as RFC 5280 compares
     names (string preparation: case and spaces do not count)."""
-    encoded = name.public_bytes()
-    if encoded == der:
+    if issued == der:
         return True
     # Rare (a signer that re-encoded the name), and only asn1crypto prepares strings as RFC 5280 says.
     from asn1crypto import x509 as asn1_x509
 
     try:
-        return asn1_x509.Name.load(encoded) == asn1_x509.Name.load(der, strict=True)
+        return asn1_x509.Name.load(issued) == asn1_x509.Name.load(der, strict=True)
     except ASN1_ERRORS:
         return False

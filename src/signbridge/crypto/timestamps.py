@@ -35,7 +35,7 @@ from .cms import (
     stored_signer,
     verify_detached,
 )
-from .der import read_certificates
+from .der import read_certificates, tbs_fields
 from .der_decoding import (
     BOOLEAN,
     GENERALIZED_TIME,
@@ -376,7 +376,8 @@ def _check_ess_binding(attributes: dict[str, list[bytes]], signer: x509.Certific
             "the timestamp token's signing-certificate serial number does not match its signer"
         )
     names = [children(der, name) for name in fields(der, issuer_serial[0], "an ESS issuer") if name.identifier == b"\xa4"]
-    if not any(len(name) == 1 and same_name(signer.issuer, der[name[0].start : name[0].end]) for name in names):
+    issuer = tbs_fields(signer).issuer
+    if not any(len(name) == 1 and same_name(issuer, der[name[0].start : name[0].end]) for name in names):
         raise TimestampError("the timestamp token's signing-certificate issuer does not match its signer")
 
 

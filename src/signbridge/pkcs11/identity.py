@@ -20,8 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..crypto.ber import children, read_tlv
-from ..crypto.der import tbs_fields
+from ..crypto.ber import BerError, children, read_tlv
+from ..crypto.der import CertificateFormatError, tbs_fields
 from ..crypto.der_encoding import encode_octet_string, encode_oid
 from ..errors import ConfigError
 from .constants import CATEGORY_AUTHORITY, CATEGORY_TOKEN_USER, CKA, CKC, CKK, CKO
@@ -127,12 +127,15 @@ class _Parsed:
 
     def __init__(self, certificate: x509.Certificate) -> None:
         self.der = certificate.public_bytes(Encoding.DER)
-        fields = tbs_fields(certificate)
+        try:
+            fields = tbs_fields(certificate)
+            spki = children(fields.public_key_info, read_tlv(fields.public_key_info, 0, len(fields.public_key_info), 0))
+        except (CertificateFormatError, BerError) as exc:
+            raise ConfigError(f"the certificate cannot be served: {exc}") from None
         self.serial_number = fields.serial_number
         self.issuer = fields.issuer
         self.subject = fields.subject
         self.public_key_info = fields.public_key_info
-        spki = children(self.public_key_info, read_tlv(self.public_key_info, 0, len(self.public_key_info), 0))
         if len(spki) != 2 or spki[1].identifier != b"\x03":
             raise ConfigError("the certificate's subjectPublicKeyInfo is malformed")
         # The BIT STRING's contents after its unused-bits octet.

@@ -74,7 +74,8 @@ class LoadedCertificate:
     @functools.cached_property
     def policy_fields(self) -> dict[str, Any]:
         """What ``MySigningPolicies`` says of this certificate and its key (the same for every policy
-        using it; built once, as a token of a thousand policies asks for all of them at start)."""
+        using it; built once, as a token of a thousand policies asks for all of them at start).
+        Shared by every answer that lists the certificate: read it, never change it."""
         fields: dict[str, Any] = {"certificateType": "X509", "certificateBytes": base64.b64encode(self.der).decode()}
         key = self.public_key
         if isinstance(key, rsa.RSAPublicKey):
@@ -95,7 +96,7 @@ class LoadedCertificate:
                     key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
                 ).decode(),
             }
-        fields["certificateChain"] = [base64.b64encode(der).decode() for der in self.chain]
+        fields["certificateChain"] = tuple(base64.b64encode(der).decode() for der in self.chain)
         return fields
 
 

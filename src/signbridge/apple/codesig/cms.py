@@ -62,7 +62,7 @@ def parse_signed_data(data: bytes) -> ParsedSignature:
     """Read a CMS ContentInfo(SignedData) with one signer, as stored in a Mach-O BlobWrapper or a
     package's ``x-signature``: BER or DER, optionally followed by zero padding."""
     signed = read_signed_data(data)
-    fields = {field.name: getattr(signed, field.name) for field in dataclasses.fields(SignedData)}
+    values = {field.name: getattr(signed, field.name) for field in dataclasses.fields(SignedData)}
     cdhashes = cdhashes2 = problem = None
     if signed.attributes is not None:
         try:
@@ -74,7 +74,7 @@ def parse_signed_data(data: bytes) -> ParsedSignature:
             problem = f"the CMS signature's signed attributes are malformed ({exc})"
     if problem is not None:  # as for the generic attributes: none of the values is reported
         cdhashes = cdhashes2 = None
-        fields |= {"content_type": None, "message_digest": None, "signing_time": None, "attribute_problem": problem}
+        values |= {"content_type": None, "message_digest": None, "signing_time": None, "attribute_problem": problem}
     timestamp = None
     if signed.timestamp_token is not None:
         try:
@@ -83,7 +83,7 @@ def parse_signed_data(data: bytes) -> ParsedSignature:
             timestamp = parse_token(signed.timestamp_token)
         except TimestampError as exc:
             raise CmsFormatError(f"the signature's timestamp cannot be read: {exc}") from None
-    return ParsedSignature(**fields, cdhashes=cdhashes, cdhashes2=cdhashes2, timestamp=timestamp)
+    return ParsedSignature(**values, cdhashes=cdhashes, cdhashes2=cdhashes2, timestamp=timestamp)
 
 
 def _cdhashes_from_plist(der: bytes, value: Tlv) -> tuple[bytes, ...]:

@@ -12,6 +12,7 @@ import plistlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ...crypto.ber import encode_tlv
 from ...errors import SignbridgeError
 from ..plist import MAX_DEPTH, MAX_ELEMENTS, load_plist
 from .blobs import CodeSignatureFormatError, Magic, decode_blob, encode_blob
@@ -107,28 +108,17 @@ def exec_segment_flags(entitlements: Mapping[str, Any]) -> ExecSegmentFlags:
 # --- DER encoding -----------------------------------------------------------------------------------
 
 
-def _length(size: int) -> bytes:
-    if size < 0x80:
-        return bytes([size])
-    raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    return bytes([tag]) + _length(len(content)) + content
-
-
 def _encode_value(value: Any, path: str) -> bytes:
     if isinstance(value, bool):
-        return _tlv(_TAG_BOOLEAN, b"\xff" if value else b"\x00")
+        return encode_tlv(_TAG_BOOLEAN, b"\xff" if value else b"\x00")
     if isinstance(value, int):
         size = (value + (value < 0)).bit_length() // 8 + 1
-        return _tlv(_TAG_INTEGER, value.to_bytes(size, "big", signed=True))
+        return encode_tlv(_TAG_INTEGER, value.to_bytes(size, "big", signed=True))
     if isinstance(value, str):
-        return _tlv(_TAG_UTF8_STRING, value.encode())
+        return encode_tlv(_TAG_UTF8_STRING, value.encode())
     if isinstance(value, list | tuple):
         items = (_encode_value(item, f"{path}[{n}]") for n, item in enumerate(value))
-        return _tlv(_TAG_SEQUENCE, b"".join(items))
+        return encode_tlv(_TAG_SEQUENCE, b"".join(items))
     if isinstance(value, Mapping):
         entries = []
         for key in sorted(value, key=lambda k: str(k).encode()):
@@ -136,9 +126,9 @@ def _encode_value(value: Any, path: str) -> bytes:
                 raise EntitlementsError(
                     f"entitlement key {key!r} at {path or 'the top level'} is not a string"
                 )
-            entry = _tlv(_TAG_UTF8_STRING, key.encode()) + _encode_value(value[key], f"{path}/{key}")
-            entries.append(_tlv(_TAG_SEQUENCE, entry))
-        return _tlv(_TAG_DICTIONARY, b"".join(entries))
+            entry = encode_tlv(_TAG_UTF8_STRING, key.encode()) + _encode_value(value[key], f"{path}/{key}")
+            entries.append(encode_tlv(_TAG_SEQUENCE, entry))
+        return encode_tlv(_TAG_DICTIONARY, b"".join(entries))
     raise EntitlementsError(
         f"entitlement {path or '/'} is a {type(value).__name__}; the DER entitlements format only holds "
         "dictionaries, arrays, strings, integers and booleans"
@@ -147,7 +137,7 @@ def _encode_value(value: Any, path: str) -> bytes:
 
 def encode_der(entitlements: Mapping[str, Any]) -> bytes:
     """The DER form of an entitlements dictionary."""
-    return _tlv(_TAG_PLIST, _tlv(_TAG_INTEGER, b"\x01") + _encode_value(entitlements, ""))
+    return encode_tlv(_TAG_PLIST, encode_tlv(_TAG_INTEGER, b"\x01") + _encode_value(entitlements, ""))
 
 
 # --- DER decoding -----------------------------------------------------------------------------------

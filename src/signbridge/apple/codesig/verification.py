@@ -1,7 +1,8 @@
 """How verifying code fails, for every verifier (Mach-O, bundle, disk image) and its callers:
 Apple's sentences (Security framework error strings, as codesign prints them after the path) and
 :class:`CodeVerificationError`, whose ``status`` is one of them and whose ``detail`` names exactly
-what failed. What a verification concludes is in :mod:`signbridge.apple.codesig.verdicts`.
+what failed; :func:`read_code_file` reads a file a signature covers with that error. What a
+verification concludes is in :mod:`signbridge.apple.codesig.verdicts`.
 """
 
 from __future__ import annotations
