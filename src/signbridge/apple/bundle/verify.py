@@ -12,6 +12,7 @@ temporary directory and its app verified; messages name the archive, not the tem
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -70,17 +71,7 @@ def verify_ipa(path: Path, options: VerifyOptions, *, executor: Executor) -> Ver
             verdict = verify_bundle(app, options, executor=executor)
         except CodeVerificationError as error:
             raise _relocated(error, prefix, str(path)) from None
-    return Verdict(
-        path=path,
-        identifier=verdict.identifier,
-        format=verdict.format,
-        designated=verdict.designated,
-        satisfies_designated=verdict.satisfies_designated,
-        satisfies_requirement=verdict.satisfies_requirement,
-        cdhash=verdict.cdhash,
-        slices=verdict.slices,
-        nested=verdict.nested,
-    )
+    return dataclasses.replace(verdict, path=path)
 
 
 def _relocated(error: CodeVerificationError, old: str, new: str) -> CodeVerificationError:
