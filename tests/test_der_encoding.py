@@ -15,12 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from signbridge.crypto.ber import BerError, encode_tlv
+from signbridge.crypto.ber import NULL, BerError, encode_tlv
 from signbridge.crypto.cms import CmsFormatError, check_unsigned_fields, read_signed_data
 from signbridge.crypto.der import tbs_fields
 from signbridge.crypto.der_decoding import oid_from_content
 from signbridge.crypto.der_encoding import (
-    NULL,
     encode_integer,
     encode_octet_string,
     encode_oid,

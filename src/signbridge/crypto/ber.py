@@ -12,6 +12,7 @@ from typing import NamedTuple
 from ..errors import SignatureError
 
 MAX_NESTING = 64
+NULL = b"\x05\x00"  # the DER of NULL, as algorithm parameters hold it
 
 
 class BerError(SignatureError):

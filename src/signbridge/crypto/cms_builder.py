@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ..errors import SignatureError
-from .ber import encode_tlv
+from .ber import NULL, encode_tlv
 from .chains import unique_certificates
 from .cms import (
     ATTR_CONTENT_TYPE,
@@ -33,7 +33,6 @@ from .cms import (
 )
 from .der import tbs_fields
 from .der_encoding import (
-    NULL,
     encode_integer,
     encode_octet_string,
     encode_oid,

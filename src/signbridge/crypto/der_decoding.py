@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import NamedTuple
 
-from .ber import MAX_NESTING, BerError, Tlv, children, read_tlv
+from .ber import MAX_NESTING, NULL, BerError, Tlv, children, read_tlv
 
 OID = b"\x06"
 INTEGER = b"\x02"
@@ -21,7 +21,6 @@ SEQUENCE = b"\x30"
 SET = b"\x31"
 UTC_TIME = b"\x17"
 GENERALIZED_TIME = b"\x18"
-_NULL = b"\x05\x00"
 # Bounds on what hostile input can make a reader compute or print: a 2.25.<UUID> arc has 19
 # octets; serial numbers and nonces have at most 20 (RFC 5280, RFC 3161).
 MAX_ARC_OCTETS = 20
@@ -39,7 +38,7 @@ class AlgorithmIdentifier(NamedTuple):
 
     def has_parameters(self, data: bytes) -> bool:
         """Whether parameters other than an absent or NULL value are given."""
-        return self.parameters is not None and data[self.parameters.start : self.parameters.end] != _NULL
+        return self.parameters is not None and data[self.parameters.start : self.parameters.end] != NULL
 
 
 def single_value(der: bytes) -> Tlv:

@@ -12,8 +12,6 @@ from datetime import UTC, datetime
 
 from .ber import encode_tlv
 
-NULL = b"\x05\x00"
-
 
 @functools.cache
 def encode_oid(dotted: str) -> bytes:
