@@ -1,5 +1,6 @@
-"""The audit writer process: it outlives signals sent to the service's group, not the service itself,
-and a writer that dies costs the service one answer, never a signature without its record."""
+"""The service's helper processes, the audit writer and the key signer: they outlive signals sent to
+the service's group, not the service itself; a writer that dies costs the service one answer, never
+a signature without its record, and a key signer that dies is replaced by the next request."""
 
 from __future__ import annotations
 
@@ -27,11 +28,19 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def _writer_pid(service_pid: int) -> int:
+def _child_pid(service_pid: int, module: str) -> int:
     for child in _children(service_pid):
-        if b"signbridge.server.audit_writer" in Path(f"/proc/{child}/cmdline").read_bytes():
+        if f"signbridge.server.{module}".encode() in Path(f"/proc/{child}/cmdline").read_bytes():
             return child
-    raise AssertionError(f"the service (pid {service_pid}) has no audit writer child")
+    raise AssertionError(f"the service (pid {service_pid}) has no {module} child")
+
+
+def _writer_pid(service_pid: int) -> int:
+    return _child_pid(service_pid, "audit_writer")
+
+
+def _signer_pid(service_pid: int) -> int:
+    return _child_pid(service_pid, "key_signer")
 
 
 def _alive(pid: int) -> bool:
@@ -92,6 +101,23 @@ def test_a_killed_writer_costs_one_answer_and_is_replaced(svc: DemoService) -> N
     assert "intact" in svc.admin("audit", "verify").stdout
 
 
+def test_a_killed_key_signer_is_replaced_and_every_answer_is_audited(svc: DemoService) -> None:
+    assert svc.sign_hash("release-signing", RSA).status_code == 200
+    signer = _signer_pid(svc.process.process.pid)  # type: ignore[union-attr]
+    os.kill(signer, signal.SIGKILL)
+    assert _wait_gone(signer)
+
+    after = [svc.sign_hash("release-signing", RSA) for _ in range(4)]
+    statuses = [r.status_code for r in after]
+    # A request sent before the service saw the signer go is answered 503; the next starts a new signer.
+    assert statuses[1:] == [200, 200, 200] and statuses[0] in (200, 503)
+    assert _signer_pid(svc.process.process.pid) != signer  # type: ignore[union-attr]
+    records = _records(svc)
+    assert sum(r["outcome"] == "granted" for r in records) == 1 + statuses.count(200)
+    assert sum(r["outcome"] == "failed" for r in records) == statuses.count(503)
+    assert "intact" in svc.admin("audit", "verify").stdout
+
+
 def test_writer_exits_with_a_killed_service(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     info = init_demo(data_dir)
@@ -104,9 +130,11 @@ def test_writer_exits_with_a_killed_service(tmp_path: Path) -> None:
         )
         assert response.status_code == 200
         writer = _writer_pid(process.process.pid)  # type: ignore[union-attr]
+        signer = _signer_pid(process.process.pid)  # type: ignore[union-attr]
         os.kill(process.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
         process.process.wait(10)  # type: ignore[union-attr]
         assert _wait_gone(writer), "the audit writer outlived its service"
+        assert _wait_gone(signer), "the key signer outlived its service"
     finally:
         process.stop()
     assert "intact" in signbridge("admin", "--data-dir", str(data_dir), "audit", "verify").stdout
@@ -121,11 +149,12 @@ def test_ctrl_c_to_the_process_group_loses_no_record(tmp_path: Path) -> None:
     with SigningLoad(process, info) as load:
         time.sleep(1.5)
         writer = _writer_pid(process.process.pid)  # type: ignore[union-attr]
+        signer = _signer_pid(process.process.pid)  # type: ignore[union-attr]
         os.killpg(process.process.pid, signal.SIGINT)  # type: ignore[union-attr]
         code = process.process.wait(30)  # type: ignore[union-attr]
     granted = load.granted
     assert code == 0
-    assert _wait_gone(writer)
+    assert _wait_gone(writer) and _wait_gone(signer)
     assert len(granted) > 20
     records = json.loads(signbridge("admin", "--data-dir", str(data_dir), "audit", "list", "--json", "--limit", "1000000").stdout)
     assert set(granted) <= {r["request_id"] for r in records if r["outcome"] == "granted"}

@@ -41,6 +41,7 @@ from .audit_chain import GENESIS, AuditEntry
 from .checkpoints import CheckpointSigner, checkpoint_row, write_checkpoint
 from .database import open_engine
 from .jsonlog import ACCESS_LOGGER, AUDIT_LOGGER
+from .key_signer import KeySigner
 from .keystores.factory import open_keystore
 from .openapi import openapi_document
 from .problems import PROBLEM_CONTENT_TYPE, Problem, bad_request
@@ -48,7 +49,6 @@ from .readiness import check_readiness
 from .requests import get, parse_fast_signing_payload, parse_sign_hash
 from .service import Caller, SigningService
 from .settings import ServerSettings
-from .signing_thread import SigningThread
 from .timestamp_authority import TimestampAuthority, load_timestamp_authority
 
 log = logging.getLogger("signbridge.server")
@@ -171,7 +171,7 @@ class Api:
         self.service: SigningService | None = None
         self.tsa: TimestampAuthority | None = None
         self.checkpoints: CheckpointSigner | None = None
-        self.signer: SigningThread | None = None
+        self.signer: KeySigner | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
@@ -186,7 +186,9 @@ class Api:
         with Session(engine) as session:
             self.tsa = load_timestamp_authority(session, keystore)
         self.checkpoints = self._load_checkpoint_signer()
-        self.signer = SigningThread() if self.service.inline else None
+        self.signer = KeySigner(self.settings.data_dir) if self.service.inline else None
+        if self.signer is not None:
+            self.signer.start()
         ticker = asyncio.create_task(self._checkpoint_ticker()) if self.checkpoints else None
         if self.checkpoints is not None:
             self._in_background(self._warm_checkpoints())
@@ -202,7 +204,7 @@ class Api:
             await audit.aclose()
             await self._checkpoint()  # a clean shutdown leaves no record uncovered
             if self.signer is not None:
-                self.signer.close()
+                await self.signer.aclose()
             self.service.close()
             keystore.close()
             engine.dispose()
@@ -280,12 +282,12 @@ class Api:
 
     async def _authorize_and_sign_inline(self, authorization: str | None, organization_id: str, parse: Parse,
                                          entry: AuditEntry):  # noqa: ANN202
-        """Authenticate and parse on the event loop; only the signature itself is made in the signing thread."""
+        """Authenticate and parse on the event loop; only the signature itself is made in the key signer process."""
         service, signer = self.service, self.signer
         assert service is not None and signer is not None
         grant, parsed, echo = self._authorize(authorization, organization_id, parse, entry)
         loaded = service.signing_key(grant, parsed, entry)
-        signature = await signer.call(service.signature, loaded, parsed.signature)
+        signature = await service.signature_from(signer, loaded, parsed.signature)
         return echo(service.granted(entry, signature))
 
     async def _signing_route(self, scope: Scope, receive: Receive, send: Send, read: ReadRequest) -> None:

@@ -3,37 +3,27 @@
 Committing a record costs hashing, SQL and an fsync. In the service process that work would hold the
 GIL between the HTTP requests it serves; in a process of its own it runs on another core, as a
 database server's work would. The service sends batches of records over a socket pair and waits for
-the sequence numbers; the writer exits when the socket closes, so it outlives neither a clean
-shutdown nor a killed parent, and it ignores SIGINT and SIGTERM so that a signal sent to the whole
-process group cannot stop it before the service has handed over its last records.
+the sequence numbers. It is one of the service's helper processes (:mod:`.helper_processes`: how it
+starts and ends, and the frames).
 
-Frames are a 4-byte big-endian length followed by a ``marshal``-encoded tuple:
-``("open", database_url)`` → ``("ready",)``; ``("append", rows)`` → ``("ok", first_seq, last_seq)``;
-either may be answered ``("error", message)``.
+Frames: ``("open", database_url)`` → ``("ready",)``; ``("append", rows)`` → ``("ok", first_seq,
+last_seq)``; either may be answered ``("error", message)``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import marshal
-import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ..errors import AuditError
+from .helper_processes import LENGTH, frame, helper_main, receive, start_helper
 from .sockets import write_now
 
-_LENGTH = struct.Struct(">I")
 _START_TIMEOUT = 60.0
-
-
-def _frame(message: tuple) -> bytes:
-    payload = marshal.dumps(message)
-    return _LENGTH.pack(len(payload)) + payload
 
 
 class AuditWriter:
@@ -65,18 +55,10 @@ class AuditWriter:
         await self._discard()
 
     async def _start(self) -> None:
-        ours, theirs = socket.socketpair()
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "signbridge.server.audit_writer", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+            self._process, ours = start_helper("signbridge.server.audit_writer")
         except OSError as exc:
-            ours.close()
             raise AuditError(f"cannot start the audit writer process: {exc.strerror}") from None
-        finally:
-            theirs.close()
         self._fd = ours.fileno()
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         try:
@@ -90,13 +72,13 @@ class AuditWriter:
 
     async def _exchange(self, message: tuple) -> tuple:
         assert self._reader is not None and self._writer is not None
-        frame = _frame(message)
+        data = frame(message)
         if not self._writer.transport.get_write_buffer_size():
-            frame = frame[write_now(self._fd, frame):]  # without the GIL, see .sockets
-        if frame:
-            self._writer.write(frame)
+            data = data[write_now(self._fd, data):]  # without the GIL, see .sockets
+        if data:
+            self._writer.write(data)
             await self._writer.drain()
-        (length,) = _LENGTH.unpack(await self._reader.readexactly(_LENGTH.size))
+        (length,) = LENGTH.unpack(await self._reader.readexactly(LENGTH.size))
         return marshal.loads(await self._reader.readexactly(length))
 
     async def _discard(self) -> None:
@@ -111,43 +93,24 @@ class AuditWriter:
 # The writer process
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
-    chunks, remaining = [], size
-    while remaining:
-        chunk = sock.recv(remaining)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def _receive(sock: socket.socket) -> Any:
-    header = _read_exactly(sock, _LENGTH.size)
-    if header is None:
-        return None
-    payload = _read_exactly(sock, _LENGTH.unpack(header)[0])
-    return None if payload is None else marshal.loads(payload)
-
-
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, _arguments: list[str]) -> None:
     """Answer frames until the service closes the socket."""
     from .audit_chain import ChainAppender
     from .database import open_engine, redact_url
 
-    opening = _receive(sock)
+    opening = receive(sock)
     if opening is None:
         return
     _, url = opening
     try:
         engine = open_engine(url)
     except Exception as exc:  # noqa: BLE001 - the service reports it
-        sock.sendall(_frame(("error", f"the audit writer cannot open {redact_url(url)}: {exc}")))
+        sock.sendall(frame(("error", f"the audit writer cannot open {redact_url(url)}: {exc}")))
         return
-    sock.sendall(_frame(("ready",)))
+    sock.sendall(frame(("ready",)))
     appender = ChainAppender(engine)
     try:
-        while (message := _receive(sock)) is not None:
+        while (message := receive(sock)) is not None:
             _, rows = message
             try:
                 seqs = appender.append(rows)
@@ -155,22 +118,11 @@ def serve(sock: socket.socket) -> None:
                 reply: tuple = ("error", f"the audit record could not be written: {exc}")
             else:
                 reply = ("ok", seqs[0], seqs[-1])
-            sock.sendall(_frame(reply))
+            sock.sendall(frame(reply))
     finally:
         appender.close()
         engine.dispose()
 
 
-def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with socket.socket(fileno=int(argv[1])) as sock:
-        try:
-            serve(sock)
-        except (BrokenPipeError, ConnectionResetError):
-            return 0
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(helper_main(sys.argv, serve))

@@ -3,8 +3,7 @@
 uvicorn writes a response's status line and headers, then its body, as two socket writes. On
 loopback each write runs the receiver's TCP path and may wake it, so a small JSON answer costs two
 of both. Here writes made during one turn of the event loop are joined and sent at its end, and on
-a plain TCP connection with nothing queued they are written without holding the GIL (uvloop's
-transport holds it through the system call, which would keep the signing thread waiting).
+a plain TCP connection with nothing queued they are written to the socket directly (see .sockets).
 
 uvicorn waits forever for a request that never finishes arriving. Here a client has
 ``header_timeout`` seconds from connecting (or from the end of its previous response) to send a

@@ -7,14 +7,15 @@ HTTP-free: the routes in :mod:`.app` parse requests and call these methods, whic
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import functools
 import logging
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -39,6 +40,9 @@ from .models import Certificate, GroupMember, Project, SigningPolicy, Submitter
 from .problems import Problem
 from .ratelimit import RateLimiter
 from .requests import HashSigningRequest
+
+if TYPE_CHECKING:
+    from .key_signer import KeySigner
 
 log = logging.getLogger("signbridge.server")
 
@@ -136,7 +140,7 @@ class SigningService:
         self._lock = threading.Lock()
         # With an embedded database and in-process keys a request is a few hundred microseconds of CPU:
         # the event loop authorizes it itself, on a database connection of its own, and hands only the
-        # signature to a thread (see .signing_thread); a thread per request would wait for the GIL.
+        # signature to the key signer process (see .key_signer); a thread per request would wait for the GIL.
         self.inline = engine.dialect.name == "sqlite" and keystore.signs_in_process
         self._loop_connection = engine.raw_connection() if self.inline else None
         self._authorize_sql = driver_sql(engine, _AUTHORIZE)
@@ -319,22 +323,31 @@ class SigningService:
         return loaded
 
     def signature(self, loaded: LoadedCertificate, wanted: SignatureRequest) -> bytes:
-        """The keystore's signature, in the format ``wanted`` asks for (thread-safe: see :mod:`.signing_thread`)."""
-        key = loaded.public_key
-        try:
+        """The keystore's signature, made in this thread, in the format ``wanted`` asks for."""
+        with self._keystore_failures(loaded):
             signature = self.keystore.sign(loaded.key_ref, wanted)
             # A device can fail in ways that leak the key (a faulty RSA-CRT result) or sign with the wrong
             # key; OpenSSL already checks its own CRT results, so in-process keys skip the second check.
             if not self.keystore.signs_in_process:
                 as_der = SignatureRequest(wanted.digest, wanted.hash_algorithm, wanted.scheme, EcdsaFormat.ASN1)
-                verify_digest_signature(key, as_der, signature)
+                verify_digest_signature(loaded.public_key, as_der, signature)
+        return _in_format(loaded.public_key, wanted, signature)
+
+    async def signature_from(self, signer: KeySigner, loaded: LoadedCertificate, wanted: SignatureRequest) -> bytes:
+        """The same signature, made by the key signer process (in-process keys only)."""
+        with self._keystore_failures(loaded):
+            signature = await signer.sign(loaded.key_ref, wanted)
+        return _in_format(loaded.public_key, wanted, signature)
+
+    @contextlib.contextmanager
+    def _keystore_failures(self, loaded: LoadedCertificate) -> Iterator[None]:
+        """A keystore that cannot sign is logged, counted, and answered 503."""
+        try:
+            yield
         except (KeystoreError, SignatureError) as exc:
             log.error("signing with %s failed: %s", loaded.key_ref, exc)
             self.observer.keystore_failed(self.keystore.backend)
             raise Problem(503, "The keystore could not sign; try again later.", audit_outcome="failed") from None
-        if isinstance(key, ec.EllipticCurvePublicKey) and wanted.ecdsa_format is EcdsaFormat.IEEE:
-            signature = ecdsa_der_to_ieee(signature, key.curve)
-        return signature
 
     def granted(self, entry: AuditEntry, signature: bytes) -> SignResult:
         """Complete ``entry`` as the record of a signature made."""
@@ -357,6 +370,13 @@ def _loaded_certificate(row: Mapping[str, Any]) -> LoadedCertificate:
         key_ref=KeyRef.parse(row["key_ref"]),
         sha256=row["sha256"],
     )
+
+
+def _in_format(key: PublicKeyTypes, wanted: SignatureRequest, signature: bytes) -> bytes:
+    """A keystore's signature (ECDSA in DER) in the format ``wanted`` asks for."""
+    if isinstance(key, ec.EllipticCurvePublicKey) and wanted.ecdsa_format is EcdsaFormat.IEEE:
+        return ecdsa_der_to_ieee(signature, key.curve)
+    return signature
 
 
 def _b64_int(value: int) -> str:
