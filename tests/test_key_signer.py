@@ -165,3 +165,21 @@ def test_the_signer_outlasts_sigterm_and_sigint_and_exits_with_its_socket(keys) 
     while Path(f"/proc/{pid}").exists() and b"key_signer" in _cmdline(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists() or b"key_signer" not in _cmdline(pid)
+
+
+def test_a_signer_that_does_not_exit_is_killed_when_the_service_closes(keys) -> None:
+    data_dir, rsa_ref, _ = keys
+
+    async def main() -> tuple[int, float]:
+        signer = KeySigner(data_dir)
+        await signer.sign(rsa_ref, _request(0, Scheme.RSA_PKCS1))
+        pid = signer.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # it cannot see its socket close
+        started = time.monotonic()
+        await signer.aclose(timeout=0.5)
+        return pid, time.monotonic() - started
+
+    pid, seconds = asyncio.run(main())
+    assert 0.5 <= seconds < 5
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped

@@ -35,7 +35,7 @@ def split_frames(buffer: bytearray) -> list[Any]:
         end = start + LENGTH.size + length
         if end > size:
             break
-        messages.append(marshal.loads(memoryview(buffer)[start + LENGTH.size : end]))
+        messages.append(marshal.loads(buffer[start + LENGTH.size : end]))
         start = end
     del buffer[:start]
     return messages

@@ -77,10 +77,19 @@ class KeySigner:
         )))  # fmt: skip
         return await future
 
-    async def aclose(self) -> None:
-        """Close the socket (the signer exits) and wait for the process."""
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Close the socket, and wait for the process to exit (it finishes the signature it is making);
+        after ``timeout`` seconds it is killed."""
+        process = self._process
         self._stop()
-        if self._exits is not None:
+        if self._exits is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exits), timeout)
+        except TimeoutError:
+            if process is not None:
+                log.warning("the key signer (pid %d) did not exit within %g s; it is killed", process.pid, timeout)
+                process.kill()
             await self._exits
 
     def _send(self, data: bytes) -> None:
